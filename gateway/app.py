@@ -1,0 +1,104 @@
+"""The Gateway: start order, the main wait, and a two-phase stop.
+
+Start:  spool directories -> queue database -> reconcile -> DIMSE listener.
+Stop (SIGTERM/SIGINT): close the listener and refuse new C-STOREs, let in-flight
+C-STOREs finish for at most ``dimse.drain_seconds``, abort what is left, then close
+the database once every submitted write has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from . import __version__
+from .config import Config
+from .receive import Receiver
+from .reconcile import reconcile
+from .spool import Spool
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+#: Exit status when a component dies under us (systemd restarts the service).
+EXIT_COMPONENT_FAILED = 70
+_MONITOR_INTERVAL_S = 1.0
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.spool = Spool(config.spool.dir, config.spool.min_free_bytes)
+        self.store = Store(config.database.path)
+        self.receiver = Receiver(config.dimse, self.spool, self.store)
+        self.started_at = time.time()
+        self._stop = asyncio.Event()
+        self._failure: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        if not self._stop.is_set():
+            log.info("stopping: %s", reason)
+            self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+        try:
+            await asyncio.to_thread(self._start)
+            host, port = self.receiver.address
+            log.info(
+                "dicom-gateway %s ready: AE %r listening on %s:%d, spool %s",
+                __version__,
+                self.config.dimse.ae_title,
+                host,
+                port,
+                self.spool.root,
+            )
+            async with asyncio.TaskGroup() as tg:
+                monitor = tg.create_task(self._monitor(), name="monitor")
+                await self._stop.wait()
+                monitor.cancel()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await asyncio.to_thread(self._shutdown)
+        if self._failure:
+            log.critical("exiting after component failure: %s", self._failure)
+            return EXIT_COMPONENT_FAILED
+        return 0
+
+    def _start(self) -> None:
+        self.spool.prepare()
+        self.store.open()
+        reconcile(self.spool, self.store)
+        self.receiver.start()
+
+    async def _monitor(self) -> None:
+        """Turn a dead thread into a logged, visible failure instead of a silent hang."""
+        while True:
+            await asyncio.sleep(_MONITOR_INTERVAL_S)
+            for name, alive in (
+                ("DIMSE acceptor", self.receiver.alive),
+                ("queue database writer", self.store.alive),
+            ):
+                if not alive:
+                    self._failure = f"{name} thread died"
+                    log.critical("%s thread is no longer running", name)
+                    self.request_stop(self._failure)
+                    return
+
+    def _shutdown(self) -> None:
+        started = time.monotonic()
+        self.receiver.stop_accepting()
+        drained = self.receiver.drain(self.config.dimse.drain_seconds)
+        if not drained:
+            log.warning(
+                "in-flight C-STOREs did not finish within %.0f s; their associations "
+                "were aborted (not acknowledged, so the modality will resend)",
+                self.config.dimse.drain_seconds,
+            )
+        self.store.close()
+        log.info("stopped cleanly in %.1f s", time.monotonic() - started)

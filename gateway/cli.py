@@ -1,0 +1,112 @@
+"""Command line: the only place that prints to the terminal and picks exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import EXIT_CONFIG, Config, ConfigError, load
+from .store import STATES, Store
+
+#: The gateway could not start for a reason outside its config (port taken, disk).
+EXIT_START_FAILED = 71
+
+
+def _setup_logging(config: Config) -> None:
+    logging.basicConfig(
+        level=config.logging.level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom narrates every PDU at INFO; the gateway logs what matters itself.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _load_or_exit(path: str | None) -> Config:
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"dicom-gateway: config error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .app import Gateway
+
+    config = _load_or_exit(args.config)
+    _setup_logging(config)
+    try:
+        return asyncio.run(Gateway(config).run())
+    except OSError as exc:
+        logging.getLogger("gateway").critical("cannot start: %s", exc)
+        return EXIT_START_FAILED
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.file)
+    print(f"{config.source}: ok")
+    return 0
+
+
+def cmd_queue_ls(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.config)
+    db_path: Path = config.database.path
+    if not db_path.exists():
+        print(f"dicom-gateway: no queue database at {db_path}", file=sys.stderr)
+        return 1
+    store = Store(db_path)
+    where, params = ("WHERE state = ?", (args.state,)) if args.state else ("", ())
+    rows = store.rows(
+        "SELECT sop_instance_uid, study_instance_uid, calling_ae, state, attempts, size,"
+        f" received_at, last_error FROM instances {where} ORDER BY received_at LIMIT ?",
+        (*params, args.limit),
+    )
+    store.close()
+    if args.json:
+        print(json.dumps([dict(r) for r in rows], indent=2))
+        return 0
+    for r in rows:
+        error = f"  {r['last_error']}" if r["last_error"] else ""
+        print(
+            f"{r['received_at']}  {r['state']:<11} {r['attempts']:>3}  {r['calling_ae']:<16}"
+            f"  {r['sop_instance_uid']}  {r['size']}{error}"
+        )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dicom-gateway", description="DICOM edge gateway for imaging sites."
+    )
+    parser.add_argument("--version", action="version", version=f"dicom-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the gateway in the foreground")
+    run.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=cmd_check_config)
+
+    queue = sub.add_parser("queue", help="inspect the upload queue")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
+    ls = queue_sub.add_parser("ls", help="list queued instances")
+    ls.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
+    ls.add_argument("--state", choices=STATES)
+    ls.add_argument("--limit", type=int, default=100)
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(func=cmd_queue_ls)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,268 @@
+"""Gateway configuration: one TOML file loaded and validated once into a frozen object.
+
+Every key has an embedded default, so ``dicom-gateway run`` with no file starts a
+working gateway (state under ``./var``).  Unknown keys and wrong types are refused
+with one line naming the file, the key and the problem (:class:`ConfigError`).
+Relative paths are taken relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Exit status for a configuration error (sysexits.h EX_CONFIG).  The systemd unit
+#: lists it in ``RestartPreventExitStatus=`` so a broken file is not restarted in a loop.
+EXIT_CONFIG = 78
+
+AE_TITLE_MAX = 16
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used; ``str()`` is the one-line message."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source = source
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{source}: {key}: {problem}")
+
+
+@dataclass(frozen=True)
+class DimseConfig:
+    ae_title: str = "DICOMGW"
+    bind: str = "0.0.0.0"
+    port: int = 11112
+    allowed_aets: tuple[str, ...] = ()
+    max_associations: int = 16
+    max_pdu_size: int = 0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    drain_seconds: float = 20.0
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    dir: Path = Path("var/spool")
+    min_free_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    path: Path = Path("var/gateway.sqlite3")
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    dicomweb_url: str = ""
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    compression: str = "j2k-lossless"
+
+
+@dataclass(frozen=True)
+class WorklistConfig:
+    upstream_host: str = ""
+    upstream_port: int = 104
+    upstream_ae: str = ""
+    refresh_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    bind: str = "127.0.0.1"
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str = "<defaults>"
+    dimse: DimseConfig = field(default_factory=DimseConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    upload: UploadConfig = field(default_factory=UploadConfig)
+    worklist: WorklistConfig = field(default_factory=WorklistConfig)
+    web: WebConfig = field(default_factory=WebConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+SECTIONS: dict[str, type] = {
+    f.name: typing.get_type_hints(Config)[f.name]
+    for f in dataclasses.fields(Config)
+    if f.name != "source"
+}
+
+
+def documented_keys() -> list[str]:
+    """Every ``section.key`` the file accepts (the README must document each one)."""
+    return [
+        f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+    ]
+
+
+def load(path: str | Path | None) -> Config:
+    """Read and validate *path*, or return the embedded defaults when it is None."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(source, "-", "file not found") from None
+    except OSError as exc:
+        raise ConfigError(source, "-", f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "-", f"not valid TOML: {exc}") from None
+    return from_dict(raw, source)
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(source, name, f"unknown section (known: {', '.join(SECTIONS)})")
+        if not isinstance(value, dict):
+            raise ConfigError(source, name, "must be a table, e.g. [" + name + "]")
+        sections[name] = _build_section(SECTIONS[name], name, value, source)
+    config = Config(source=source, **sections)
+    _check(config)
+    return config
+
+
+def _build_section(cls: type, section: str, raw: dict[str, Any], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise ConfigError(
+                source, f"{section}.{key}", f"unknown key (known: {', '.join(sorted(known))})"
+            )
+        values[key] = _coerce(hints[key], value, source, f"{section}.{key}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(source, key, f"expected {expected}, got {value!r}")
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        # Only ``X | None`` is used: an empty string means "not set".
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value == "":
+            return None
+        return _coerce(inner, value, source, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise wrong("a string")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise wrong("a path string")
+        return Path(value)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise wrong("a list of strings")
+        return tuple(value)
+    raise AssertionError(f"unsupported config type {hint!r} for {key}")
+
+
+def _valid_ae_title(title: str) -> bool:
+    # PS3.5 6.2: AE is 16 chars of the default repertoire, no backslash or control
+    # characters; leading/trailing spaces are not significant, all-space is invalid.
+    return (
+        0 < len(title.strip()) <= AE_TITLE_MAX
+        and title.isascii()
+        and all(ch.isprintable() and ch != "\\" for ch in title)
+    )
+
+
+def _check_port(source: str, key: str, port: int, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ConfigError(source, key, f"must be between {low} and 65535, got {port}")
+
+
+def _check_bind(source: str, key: str, bind: str) -> None:
+    if bind == "localhost":
+        return
+    try:
+        ipaddress.ip_address(bind)
+    except ValueError:
+        raise ConfigError(source, key, f"must be an IP address, got {bind!r}") from None
+
+
+def _check(c: Config) -> None:
+    s = c.source
+    if not _valid_ae_title(c.dimse.ae_title):
+        raise ConfigError(s, "dimse.ae_title", f"not a valid AE title: {c.dimse.ae_title!r}")
+    for aet in c.dimse.allowed_aets:
+        if not _valid_ae_title(aet):
+            raise ConfigError(s, "dimse.allowed_aets", f"not a valid AE title: {aet!r}")
+    _check_bind(s, "dimse.bind", c.dimse.bind)
+    # Port 0 lets the OS pick (tests); the chosen port is logged at start.
+    _check_port(s, "dimse.port", c.dimse.port, allow_zero=True)
+    if c.dimse.max_associations < 1:
+        raise ConfigError(s, "dimse.max_associations", "must be at least 1")
+    if c.dimse.max_pdu_size != 0 and not 4096 <= c.dimse.max_pdu_size <= 2**32 - 1:
+        raise ConfigError(
+            s, "dimse.max_pdu_size", "must be 0 (unlimited) or between 4096 and 4294967295"
+        )
+    for key in ("acse_timeout", "dimse_timeout", "network_timeout", "drain_seconds"):
+        if getattr(c.dimse, key) <= 0:
+            raise ConfigError(s, f"dimse.{key}", "must be a positive number of seconds")
+    if c.spool.min_free_bytes < 0:
+        raise ConfigError(s, "spool.min_free_bytes", "must not be negative")
+    url = c.upload.dicomweb_url
+    if url and not url.startswith("https://"):
+        # There is no plaintext mode: patient data only leaves the box over verified TLS.
+        raise ConfigError(s, "upload.dicomweb_url", f"must be an https:// URL, got {url!r}")
+    if url and (c.upload.client_cert is None) != (c.upload.client_key is None):
+        raise ConfigError(s, "upload.client_key", "client_cert and client_key go together")
+    if c.upload.compression not in ("j2k-lossless", "none"):
+        raise ConfigError(
+            s,
+            "upload.compression",
+            f'must be "j2k-lossless" or "none", got {c.upload.compression!r}',
+        )
+    if c.worklist.upstream_host:
+        _check_port(s, "worklist.upstream_port", c.worklist.upstream_port)
+        if not _valid_ae_title(c.worklist.upstream_ae):
+            raise ConfigError(
+                s, "worklist.upstream_ae", "required (a valid AE title) when upstream_host is set"
+            )
+    if c.worklist.refresh_seconds < 1:
+        raise ConfigError(s, "worklist.refresh_seconds", "must be at least 1")
+    _check_bind(s, "web.bind", c.web.bind)
+    _check_port(s, "web.port", c.web.port, allow_zero=True)
+    if c.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(
+            s, "logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {c.logging.level!r}"
+        )

@@ -1,0 +1,325 @@
+"""DIMSE SCP: C-ECHO and C-STORE of every storage SOP class and transfer syntax.
+
+pynetdicom runs one thread per association.  Each C-STORE data set is streamed by
+pynetdicom to a temp file inside the spool (``STORE_RECV_CHUNKED_DATASET`` with
+``tempfile.tempdir`` pointed at ``spool/tmp``), so a large instance costs disk, not
+memory.  The handler validates it, makes it durable (:meth:`Spool.commit_file`), waits
+for its queue row to commit, and only then answers 0x0000.  Every way that can fail
+maps to a failure status; nothing is acknowledged that is not on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import AllTransferSyntaxes
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts, build_context
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from .config import DimseConfig
+from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull
+from .store import ReceivedInstance, Store, StoreClosed
+
+log = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 B.2.3).  Each failure the handler can meet has its own.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # spool below watermark, disk full, or shutting down
+DATASET_MISMATCH = 0xA900  # data set does not match the command or lacks Type 1 UIDs
+CANNOT_UNDERSTAND = 0xC000  # a UID in the command that is not a UID
+UNDECODABLE = 0xC210  # the data set cannot be parsed
+PROCESSING_FAILURE = 0xC001  # an I/O or database error other than "no space"
+
+#: How long a C-STORE waits for its queue row to commit before answering failure.
+COMMIT_TIMEOUT_S = 60.0
+
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+_HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
+
+
+def is_valid_uid(value: object) -> bool:
+    """PS3.5 9.1: digits and dots, no leading zeros in a component, at most 64 chars."""
+    return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: int
+    comment: str = ""
+
+    def as_status(self) -> Dataset | int:
+        if not self.comment:
+            return self.status
+        ds = Dataset()
+        ds.Status = self.status
+        # ErrorComment is LO: 64 characters at most.
+        ds.ErrorComment = self.comment[:64]
+        return ds
+
+
+class _NoDelayServer(ThreadedAssociationServer):
+    """Sets TCP_NODELAY on every accepted socket: DIMSE is request/response, and
+    Nagle plus delayed ACK otherwise adds ~40 ms to each small PDU."""
+
+    daemon_threads = True
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        sock, address = super().get_request()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock, address
+
+
+def _check_dataset(path: Path, sop_class: str, sop_instance: str) -> tuple[str, str]:
+    """Parse the received data set far enough to trust it; return (study, series) UID.
+
+    Raises :class:`_Refusal` with the status to answer.
+    """
+    try:
+        size = os.path.getsize(path)
+        # Values over the defer size are not read, only skipped: a 300 MB pixel data
+        # element is checked for fitting in the file without being loaded.
+        ds = pydicom.dcmread(path, defer_size=64 * 1024)
+        elements = [ds.get_item(tag) for tag in ds.keys()]
+        for raw in elements:
+            value_tell = getattr(raw, "value_tell", None)
+            length = getattr(raw, "length", None)
+            if value_tell is None or length is None or length == 0xFFFFFFFF:
+                continue
+            if value_tell + length > size:
+                raise _Refusal(UNDECODABLE, f"element {raw.tag} runs past the end of the data")
+        found = {kw: ds.get(kw) for kw in _HEADER_TAGS}
+    except _Refusal:
+        raise
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
+        raise _Refusal(UNDECODABLE, f"data set cannot be decoded: {exc}") from exc
+    except OSError:
+        raise
+    except Exception as exc:  # pydicom raises a wide range on malformed input
+        raise _Refusal(UNDECODABLE, f"data set cannot be decoded: {exc!r}") from exc
+    if found["SOPInstanceUID"] != sop_instance:
+        raise _Refusal(DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE command")
+    if found["SOPClassUID"] != sop_class:
+        raise _Refusal(DATASET_MISMATCH, "SOP Class UID differs from the C-STORE command")
+    for kw in ("StudyInstanceUID", "SeriesInstanceUID"):
+        # Type 1 in every image IOD, but some devices omit them: keep the image (the
+        # archive has the last word and its refusal shows in the queue), refuse only
+        # a value that is present and not a UID.
+        if found[kw] is None:
+            log.warning("sop=%s has no %s; accepted", sop_instance, kw)
+        elif not is_valid_uid(found[kw]):
+            raise _Refusal(DATASET_MISMATCH, f"{kw} is not a valid UID")
+    return str(found["StudyInstanceUID"] or ""), str(found["SeriesInstanceUID"] or "")
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.outcome = StoreOutcome(status, comment)
+
+
+class Receiver:
+    """The DIMSE listener and its C-ECHO / C-STORE handlers."""
+
+    def __init__(
+        self,
+        config: DimseConfig,
+        spool: Spool,
+        store: Store,
+        on_stored: Callable[[ReceivedInstance], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.spool = spool
+        self.store = store
+        self.on_stored = on_stored
+        self._server: _NoDelayServer | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._inflight = 0
+        self._inflight_cond = threading.Condition()
+        self.address: tuple[str, int] = ("", 0)
+
+    # -- lifecycle ------------------------------------------------------------------
+    def start(self) -> tuple[str, int]:
+        # Stream each data set to a temp file on the spool filesystem, so the final
+        # rename is atomic and a big instance never sits whole in memory.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.spool.tmp_dir)
+
+        c = self.config
+        ae = AE(ae_title=c.ae_title)
+        ae.maximum_associations = c.max_associations
+        ae.maximum_pdu_size = c.max_pdu_size
+        ae.acse_timeout = c.acse_timeout
+        ae.dimse_timeout = c.dimse_timeout
+        ae.network_timeout = c.network_timeout
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(c.allowed_aets)
+        contexts = [build_context(Verification, AllTransferSyntaxes)]
+        contexts += [
+            build_context(cx.abstract_syntax, AllTransferSyntaxes)
+            for cx in AllStoragePresentationContexts
+        ]
+        for cx in contexts:
+            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_ESTABLISHED, self._on_established),
+        ]
+        server = ae.make_server(
+            (c.bind, c.port), evt_handlers=handlers, server_class=_NoDelayServer
+        )
+        # start_server() would register it; shutdown() expects to find it there.
+        ae._servers.append(server)
+        self._server = server
+        self.address = server.server_address[:2]  # type: ignore[assignment]
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="dimse-acceptor", daemon=True
+        )
+        self._thread.start()
+        return self.address
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def active_associations(self) -> int:
+        return len(self._server.active_associations) if self._server else 0
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; C-STOREs that arrive from now on are refused."""
+        self._stopping.set()
+        if self._server is not None:
+            self._server.shutdown()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to *timeout* for in-flight C-STOREs, then abort what is left."""
+        deadline = time.monotonic() + timeout
+        with self._inflight_cond:
+            while self._inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._inflight_cond.wait(left)
+            finished = self._inflight == 0
+        if self._server is not None:
+            for assoc in self._server.active_associations:
+                assoc.abort()
+        return finished
+
+    # -- handlers -------------------------------------------------------------------
+    def _on_established(self, event: evt.Event) -> None:
+        r = event.assoc.requestor
+        log.info(
+            "association from %s:%s calling AE %r accepted", r.address, r.port, r.ae_title
+        )
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        r = event.assoc.requestor
+        log.warning(
+            "association from %s:%s calling AE %r called AE %r rejected",
+            r.address,
+            r.port,
+            r.ae_title,
+            event.assoc.acceptor.ae_title,
+        )
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _on_store(self, event: evt.Event) -> Dataset | int:
+        with self._inflight_cond:
+            self._inflight += 1
+        try:
+            outcome = self._store(event)
+        finally:
+            with self._inflight_cond:
+                self._inflight -= 1
+                self._inflight_cond.notify_all()
+        return outcome.as_status()
+
+    def _store(self, event: evt.Event) -> StoreOutcome:
+        req = event.request
+        sop_class = req.AffectedSOPClassUID
+        sop_instance = req.AffectedSOPInstanceUID
+        requestor = event.assoc.requestor
+        where = f"from {requestor.ae_title!r} at {requestor.address}"
+        if self._stopping.is_set():
+            log.warning("C-STORE %s refused: shutting down", where)
+            return StoreOutcome(OUT_OF_RESOURCES, "gateway is shutting down, send again later")
+        if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
+            log.warning("C-STORE %s refused: invalid UID in command %r", where, sop_instance)
+            return StoreOutcome(CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID is invalid")
+        tmp_path = Path(event.dataset_path)
+        try:
+            self.spool.check_room()
+            study, series = _check_dataset(tmp_path, sop_class, sop_instance)
+            spooled = self.spool.commit_file(tmp_path)
+        except SpoolFull as exc:
+            log.error("C-STORE %s sop=%s refused: %s", where, sop_instance, exc)
+            return StoreOutcome(OUT_OF_RESOURCES, "spool is full")
+        except _Refusal as exc:
+            log.warning("C-STORE %s sop=%s refused: %s", where, sop_instance, exc)
+            return exc.outcome
+        except OSError as exc:
+            log.error("C-STORE %s sop=%s failed writing the spool: %s", where, sop_instance, exc)
+            if exc.errno in NO_SPACE_ERRNOS:
+                return StoreOutcome(OUT_OF_RESOURCES, "spool disk is full")
+            return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
+
+        instance = ReceivedInstance(
+            sop_instance_uid=sop_instance,
+            sop_class_uid=sop_class,
+            study_instance_uid=study,
+            series_instance_uid=series,
+            calling_ae=requestor.ae_title,
+            peer_address=f"{requestor.address}:{requestor.port}",
+            transfer_syntax=str(event.context.transfer_syntax),
+            size=spooled.size,
+            sha256=spooled.sha256,
+            path=spooled.relpath,
+        )
+        try:
+            replaced = self.store.record_instance(instance).result(timeout=COMMIT_TIMEOUT_S)
+        except (StoreClosed, FutureTimeout, Exception) as exc:
+            # The file is durable but unacknowledged and has no row: remove it now; if
+            # that fails too, the reconciler removes it at the next start as an orphan.
+            log.error(
+                "C-STORE %s sop=%s failed committing the queue row: %r", where, sop_instance, exc
+            )
+            if not isinstance(exc, FutureTimeout):
+                self.spool.remove(spooled.relpath)
+            return StoreOutcome(PROCESSING_FAILURE, "queue database error")
+        if replaced:
+            self.spool.remove(replaced)
+        log.info(
+            "stored sop=%s class=%s %s ts=%s bytes=%d",
+            sop_instance,
+            sop_class,
+            where,
+            instance.transfer_syntax,
+            spooled.size,
+        )
+        if self.on_stored is not None:
+            self.on_stored(instance)
+        return StoreOutcome(SUCCESS)

@@ -1,0 +1,312 @@
+"""SQLite queue: schema, migrations and its single writer.
+
+One thread owns the write connection and is fed by a queue; every caller gets a
+:class:`concurrent.futures.Future` back.  The writer takes everything waiting, runs it
+inside one ``BEGIN IMMEDIATE`` transaction (a savepoint each, so one failing write does
+not undo its neighbours) and commits once: with ``synchronous=FULL`` that commit is the
+fsync that makes a queue row durable, and concurrent C-STOREs share it (group commit).
+Reads use a connection per thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+WriteFn = Callable[[sqlite3.Connection], T]
+
+# Queue states.  RECEIVED is where the receiver leaves a row; the transient states
+# are leases that a crash can leave behind, and the reconciler hands them back.
+RECEIVED = "received"
+COMPRESSING = "compressing"
+COMPRESSED = "compressed"
+UPLOADING = "uploading"
+UPLOADED = "uploaded"
+FAILED = "failed"
+STATES = (RECEIVED, COMPRESSING, COMPRESSED, UPLOADING, UPLOADED, FAILED)
+TRANSIENT_STATES = {COMPRESSING: RECEIVED, UPLOADING: RECEIVED}
+
+_BATCH_MAX = 256
+
+
+class StoreClosed(Exception):
+    """The store is shutting down and takes no more writes."""
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class ReceivedInstance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    calling_ae: str
+    peer_address: str
+    transfer_syntax: str
+    size: int
+    sha256: str
+    path: str
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # Each connection is used by one thread only; False just lets close() run elsewhere.
+    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db["instances"].create(  # type: ignore[union-attr]
+        {
+            "sop_instance_uid": str,
+            "sop_class_uid": str,
+            "study_instance_uid": str,
+            "series_instance_uid": str,
+            "calling_ae": str,
+            "peer_address": str,
+            "transfer_syntax": str,
+            "size": int,
+            "sha256": str,
+            "path": str,
+            "received_at": str,
+            "state": str,
+            "attempts": int,
+            "next_attempt_at": str,
+            "last_error": str,
+            "updated_at": str,
+        },
+        pk="sop_instance_uid",
+        not_null={
+            "sop_class_uid",
+            "study_instance_uid",
+            "series_instance_uid",
+            "size",
+            "sha256",
+            "received_at",
+            "state",
+            "attempts",
+            "updated_at",
+        },
+        defaults={"attempts": 0},
+    )
+    db["instances"].create_index(["state", "next_attempt_at"])  # type: ignore[union-attr]
+    db["instances"].create_index(["study_instance_uid"])  # type: ignore[union-attr]
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+
+
+def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[str | None]:
+    def write(conn: sqlite3.Connection) -> str | None:
+        row = conn.execute(
+            "SELECT path FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,)
+        ).fetchone()
+        conn.execute(
+            """
+            INSERT INTO instances (
+                sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,
+                calling_ae, peer_address, transfer_syntax, size, sha256, path,
+                received_at, state, attempts, next_attempt_at, last_error, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, NULL, ?)
+            ON CONFLICT (sop_instance_uid) DO UPDATE SET
+                sop_class_uid = excluded.sop_class_uid,
+                study_instance_uid = excluded.study_instance_uid,
+                series_instance_uid = excluded.series_instance_uid,
+                calling_ae = excluded.calling_ae,
+                peer_address = excluded.peer_address,
+                transfer_syntax = excluded.transfer_syntax,
+                size = excluded.size,
+                sha256 = excluded.sha256,
+                path = excluded.path,
+                received_at = excluded.received_at,
+                state = excluded.state,
+                attempts = 0,
+                next_attempt_at = excluded.next_attempt_at,
+                last_error = NULL,
+                updated_at = excluded.updated_at
+            """,
+            (
+                inst.sop_instance_uid,
+                inst.sop_class_uid,
+                inst.study_instance_uid,
+                inst.series_instance_uid,
+                inst.calling_ae,
+                inst.peer_address,
+                inst.transfer_syntax,
+                inst.size,
+                inst.sha256,
+                inst.path,
+                now,
+                RECEIVED,
+                now,
+                now,
+            ),
+        )
+        previous = row["path"] if row is not None else None
+        return previous if previous != inst.path else None
+
+    return write
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._queue: queue.SimpleQueue[tuple[WriteFn[Any], Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+
+    # -- lifecycle ------------------------------------------------------------------
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect(self.path)
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise RuntimeError(f"{self.path}: could not enable WAL (journal_mode={mode})")
+        self._migrate(conn)
+        self._thread = threading.Thread(
+            target=self._writer, args=(conn,), name="store-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"{self.path}: schema version {version} is newer than this gateway "
+                f"understands ({len(MIGRATIONS)}); refusing to touch it"
+            )
+        db = sqlite_utils.Database(conn)
+        for number, migrate in enumerate(MIGRATIONS[version:], start=version + 1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                migrate(db)
+                conn.execute(f"PRAGMA user_version = {number}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            log.info("database %s migrated to schema version %d", self.path, number)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self) -> None:
+        """Finish every write already submitted, then stop the writer."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join()
+        for conn in self._readers:
+            conn.close()
+        self._readers.clear()
+
+    # -- writes ---------------------------------------------------------------------
+    def submit(self, fn: WriteFn[T]) -> Future[T]:
+        fut: Future[T] = Future()
+        with self._lock:
+            if self._closing:
+                raise StoreClosed("the queue database is closing")
+            self._queue.put((fn, fut))
+        return fut
+
+    def record_instance(self, inst: ReceivedInstance) -> Future[str | None]:
+        """Insert or replace the queue row; the future gives the replaced file's path."""
+        return self.submit(_record_instance(inst, utcnow()))
+
+    def _writer(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                item = self._queue.get()
+                batch = []
+                stop = item is None
+                if item is not None:
+                    batch.append(item)
+                while not stop and len(batch) < _BATCH_MAX:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stop = True
+                    else:
+                        batch.append(more)
+                if batch:
+                    self._run_batch(conn, batch)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _run_batch(
+        self, conn: sqlite3.Connection, batch: list[tuple[WriteFn[Any], Future[Any]]]
+    ) -> None:
+        results: list[tuple[Future[Any], bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for i, (fn, fut) in enumerate(batch):
+                conn.execute(f"SAVEPOINT w{i}")
+                try:
+                    value = fn(conn)
+                except Exception as exc:  # handed to the caller through its future
+                    conn.execute(f"ROLLBACK TO w{i}")
+                    results.append((fut, False, exc))
+                else:
+                    results.append((fut, True, value))
+                conn.execute(f"RELEASE w{i}")
+            conn.execute("COMMIT")
+        except Exception as exc:
+            log.error("queue database commit failed: %s", exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for _, fut in batch:
+                fut.set_exception(exc)
+            return
+        for fut, ok, value in results:
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    # -- reads ----------------------------------------------------------------------
+    @contextmanager
+    def reader(self) -> Iterator[sqlite3.Connection]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _connect(self.path)
+            self._local.conn = conn
+            with self._lock:
+                self._readers.append(conn)
+        yield conn
+
+    def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self.reader() as conn:
+            return conn.execute(sql, params).fetchall()

@@ -1,0 +1,110 @@
+"""Run the real gateway as a child process (``python -m gateway run``) for the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .peers import free_port
+
+READY_MARK = " ready: "
+
+
+def write_config(path: Path, root: Path, port: int, **sections: dict[str, Any]) -> Path:
+    """A config with state under *root*; *sections* override or add keys."""
+    base: dict[str, dict[str, Any]] = {
+        "dimse": {"ae_title": "DICOMGW", "bind": "127.0.0.1", "port": port, "drain_seconds": 10},
+        "spool": {"dir": str(root / "spool"), "min_free_bytes": 0},
+        "database": {"path": str(root / "gateway.sqlite3")},
+        "web": {"port": free_port()},
+        "logging": {"level": "INFO"},
+    }
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class GatewayProcess:
+    def __init__(self, root: Path, **sections: dict[str, Any]) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.config_path = write_config(root / "gateway.toml", root, self.port, **sections)
+        self.spool = root / "spool"
+        self.db_path = root / "gateway.sqlite3"
+        self.log_path = root / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        self.starts += 1
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        offset = log.tell()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
+            if READY_MARK in text:
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{text}")
+            time.sleep(0.05)
+        raise TimeoutError(f"gateway not ready after {timeout} s:\n{self.log}")
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def rows(self, sql: str = "SELECT * FROM instances", params: tuple[Any, ...] = ()) -> list[Any]:
+        conn = sqlite3.connect(self.db_path)
+        conn.row_factory = sqlite3.Row
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def spool_files(self) -> list[Path]:
+        return sorted(p for p in (self.spool / "objects").rglob("*") if p.is_file())
+
+    def temp_files(self) -> list[Path]:
+        return sorted(p for p in (self.spool / "tmp").iterdir())
