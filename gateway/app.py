@@ -15,7 +15,7 @@ import time
 
 from . import __version__
 from .config import Config
-from .receive import Receiver
+from .receive import COMMIT_TIMEOUT_S, Receiver
 from .reconcile import reconcile
 from .spool import Spool
 from .store import Store
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 #: Exit status when a component dies under us (systemd restarts the service).
 EXIT_COMPONENT_FAILED = 70
 _MONITOR_INTERVAL_S = 1.0
+_SWEEP_INTERVAL_S = 60.0
 
 
 class Gateway:
@@ -58,9 +59,13 @@ class Gateway:
                 self.spool.root,
             )
             async with asyncio.TaskGroup() as tg:
-                monitor = tg.create_task(self._monitor(), name="monitor")
+                tasks = [
+                    tg.create_task(self._monitor(), name="monitor"),
+                    tg.create_task(self._sweep_tmp(), name="sweep-tmp"),
+                ]
                 await self._stop.wait()
-                monitor.cancel()
+                for task in tasks:
+                    task.cancel()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -89,6 +94,17 @@ class Gateway:
                     log.critical("%s thread is no longer running", name)
                     self.request_stop(self._failure)
                     return
+
+    async def _sweep_tmp(self) -> None:
+        # A live C-STORE writes at least every network_timeout, and then waits at most
+        # COMMIT_TIMEOUT_S in its handler: a temp file older than that is debris.
+        c = self.config.dimse
+        stale_after = c.network_timeout + c.dimse_timeout + COMMIT_TIMEOUT_S + 60
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL_S)
+            removed = await asyncio.to_thread(self.spool.sweep_tmp, stale_after)
+            if removed:
+                log.warning("removed %d abandoned temp files from the spool", removed)
 
     def _shutdown(self) -> None:
         started = time.monotonic()

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _setup_logging(config)
     try:
         return asyncio.run(Gateway(config).run())
-    except OSError as exc:
+    except (OSError, sqlite3.Error) as exc:
         logging.getLogger("gateway").critical("cannot start: %s", exc)
         return EXIT_START_FAILED
 

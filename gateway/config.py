@@ -108,9 +108,7 @@ SECTIONS: dict[str, type] = {
 
 def documented_keys() -> list[str]:
     """Every ``section.key`` the file accepts (the README must document each one)."""
-    return [
-        f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)
-    ]
+    return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
 
 
 def load(path: str | Path | None) -> Config:

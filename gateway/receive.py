@@ -1,8 +1,8 @@
 """DIMSE SCP: C-ECHO and C-STORE of every storage SOP class and transfer syntax.
 
 pynetdicom runs one thread per association.  Each C-STORE data set is streamed by
-pynetdicom to a temp file inside the spool (``STORE_RECV_CHUNKED_DATASET`` with
-``tempfile.tempdir`` pointed at ``spool/tmp``), so a large instance costs disk, not
+pynetdicom to a temp file inside the spool (``STORE_RECV_CHUNKED_DATASET``, into a
+:class:`SpoolTempFile` in ``spool/tmp``), so a large instance costs disk, not
 memory.  The handler validates it, makes it durable (:meth:`Spool.commit_file`), waits
 for its queue row to commit, and only then answers 0x0000.  Every way that can fail
 maps to a failure status; nothing is acknowledged that is not on disk.
@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -27,13 +26,14 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import AllTransferSyntaxes
-from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import AllStoragePresentationContexts, build_context
+from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from .config import DimseConfig
-from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull
+from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolTempFile
 from .store import ReceivedInstance, Store, StoreClosed
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,8 @@ def _check_dataset(path: Path, sop_class: str, sop_instance: str) -> tuple[str, 
         # Values over the defer size are not read, only skipped: a 300 MB pixel data
         # element is checked for fitting in the file without being loaded.
         ds = pydicom.dcmread(path, defer_size=64 * 1024)
-        elements = [ds.get_item(tag) for tag in ds.keys()]
+        # keys(), not iteration: iterating a Dataset would convert (and read) values.
+        elements = [ds.get_item(tag) for tag in ds.keys()]  # noqa: SIM118
         for raw in elements:
             value_tell = getattr(raw, "value_tell", None)
             length = getattr(raw, "length", None)
@@ -157,9 +158,11 @@ class Receiver:
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
         # Stream each data set to a temp file on the spool filesystem, so the final
-        # rename is atomic and a big instance never sits whole in memory.
+        # rename is atomic and a big instance never sits whole in memory.  pynetdicom
+        # has no hook for where that file goes, so its module-level
+        # NamedTemporaryFile is replaced (one Receiver per process).
         _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self.spool.tmp_dir)
+        dimse_messages.NamedTemporaryFile = self.spool.temp_file_factory  # type: ignore[attr-defined,assignment]
 
         c = self.config
         ae = AE(ae_title=c.ae_title)
@@ -170,26 +173,29 @@ class Receiver:
         ae.network_timeout = c.network_timeout
         ae.require_called_aet = True
         ae.require_calling_aet = list(c.allowed_aets)
-        contexts = [build_context(Verification, AllTransferSyntaxes)]
-        contexts += [
-            build_context(cx.abstract_syntax, AllTransferSyntaxes)
-            for cx in AllStoragePresentationContexts
-        ]
-        for cx in contexts:
-            ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax)
+        # Every transfer syntax is accepted as sent: compressed data is never
+        # recompressed or decoded on the receive path.
+        every_syntax: list[str] = list(AllTransferSyntaxes)
+        ae.add_supported_context(Verification, every_syntax)
+        for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
+            ae.add_supported_context(cx.abstract_syntax, every_syntax)
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
         server = ae.make_server(
             (c.bind, c.port), evt_handlers=handlers, server_class=_NoDelayServer
         )
+        assert isinstance(server, _NoDelayServer)
         # start_server() would register it; shutdown() expects to find it there.
         ae._servers.append(server)
         self._server = server
-        self.address = server.server_address[:2]  # type: ignore[assignment]
+        host, port = server.server_address[:2]
+        self.address = (str(host), int(port))
         self._thread = threading.Thread(
             target=server.serve_forever, name="dimse-acceptor", daemon=True
         )
@@ -230,9 +236,7 @@ class Receiver:
     # -- handlers -------------------------------------------------------------------
     def _on_established(self, event: evt.Event) -> None:
         r = event.assoc.requestor
-        log.info(
-            "association from %s:%s calling AE %r accepted", r.address, r.port, r.ae_title
-        )
+        log.info("association from %s:%s calling AE %r accepted", r.address, r.port, r.ae_title)
 
     def _on_rejected(self, event: evt.Event) -> None:
         r = event.assoc.requestor
@@ -243,6 +247,15 @@ class Receiver:
             r.ae_title,
             event.assoc.acceptor.ae_title,
         )
+
+    def _on_conn_close(self, event: evt.Event) -> None:
+        # A connection that closes halfway through a data set (abort, timeout, peer
+        # gone) leaves pynetdicom's partial message behind: drop its temp file now.
+        message = event.assoc.dimse.message
+        partial = getattr(message, "_data_set_file", None)
+        if isinstance(partial, SpoolTempFile) and not partial.closed:
+            log.warning("connection closed during a C-STORE; partial data discarded")
+            partial.discard()
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -260,8 +273,9 @@ class Receiver:
 
     def _store(self, event: evt.Event) -> StoreOutcome:
         req = event.request
-        sop_class = req.AffectedSOPClassUID
-        sop_instance = req.AffectedSOPInstanceUID
+        assert isinstance(req, C_STORE)
+        sop_class = str(req.AffectedSOPClassUID or "")
+        sop_instance = str(req.AffectedSOPInstanceUID or "")
         requestor = event.assoc.requestor
         where = f"from {requestor.ae_title!r} at {requestor.address}"
         if self._stopping.is_set():
@@ -271,6 +285,13 @@ class Receiver:
             log.warning("C-STORE %s refused: invalid UID in command %r", where, sop_instance)
             return StoreOutcome(CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID is invalid")
         tmp_path = Path(event.dataset_path)
+        received = getattr(req, "_dataset_file", None)
+        if isinstance(received, SpoolTempFile) and received.error is not None:
+            exc = received.error
+            log.error("C-STORE %s sop=%s failed writing the spool: %s", where, sop_instance, exc)
+            if exc.errno in NO_SPACE_ERRNOS:
+                return StoreOutcome(OUT_OF_RESOURCES, "spool disk is full")
+            return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
         try:
             self.spool.check_room()
             study, series = _check_dataset(tmp_path, sop_class, sop_instance)

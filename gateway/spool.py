@@ -9,13 +9,18 @@ the reconciler can recognise and remove.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import shutil
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,74 @@ class SpooledFile:
     size: int
 
 
+class SpoolTempFile:
+    """The file pynetdicom streams one C-STORE data set into.
+
+    It stands in for the ``NamedTemporaryFile`` pynetdicom would create (see
+    :meth:`Spool.temp_file_factory`), with two differences: it is created in the
+    spool's ``tmp/`` (same filesystem, so the final rename is atomic), and a write
+    error does not escape into pynetdicom's network thread, which would abort the
+    association and leave a partial file behind.  The error is kept instead, the
+    partial data is dropped to give the space back, the rest of the data set is
+    discarded as it arrives, and the C-STORE handler answers with a failure status.
+    """
+
+    def __init__(self, directory: Path, registry: dict[str, SpoolTempFile]) -> None:
+        fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory)
+        self.name = name
+        self.error: OSError | None = None
+        self.closed = False
+        self._f = os.fdopen(fd, "wb")
+        self._registry = registry
+        registry[name] = self
+        # pynetdicom calls ``tmp.file.flush()`` after each fragment.
+        self.file = self
+
+    def write(self, data: bytes) -> int:
+        if self.error is None:
+            try:
+                self._f.write(data)
+            except OSError as exc:
+                self._fail(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if self.error is None:
+            try:
+                self._f.flush()
+            except OSError as exc:
+                self._fail(exc)
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def _fail(self, exc: OSError) -> None:
+        self.error = exc
+        log.error("writing C-STORE data to %s failed: %s", self.name, exc)
+        # close() flushes and may fail again; it closes the descriptor regardless.
+        with contextlib.suppress(OSError):
+            self._f.close()
+        with contextlib.suppress(OSError):
+            os.truncate(self.name, 0)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._registry.pop(self.name, None)
+        try:
+            self._f.close()
+        except OSError as exc:
+            if self.error is None:
+                self._fail(exc)
+
+    def discard(self) -> None:
+        """Close and delete: the C-STORE it belonged to will never complete."""
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.name)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -50,6 +123,13 @@ class Spool:
         self.min_free_bytes = min_free_bytes
         self.tmp_dir = root / "tmp"
         self.objects_dir = root / "objects"
+        self._open_temp: dict[str, SpoolTempFile] = {}
+        self._open_lock = threading.Lock()
+
+    def temp_file_factory(self, *_args: Any, **_kwargs: Any) -> SpoolTempFile:
+        """Called by pynetdicom where it would call ``NamedTemporaryFile``."""
+        with self._open_lock:
+            return SpoolTempFile(self.tmp_dir, self._open_temp)
 
     def prepare(self) -> None:
         """Create the directory tree (idempotent) and make it durable."""
@@ -94,10 +174,8 @@ class Spool:
         return SpooledFile(relpath=relpath, sha256=sha, size=size)
 
     def remove(self, relpath: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.root / relpath)
-        except FileNotFoundError:
-            pass
 
     def clean_tmp(self) -> int:
         """Remove every temp file: at start none of them belongs to a live C-STORE."""
@@ -105,6 +183,30 @@ class Spool:
         for entry in os.scandir(self.tmp_dir):
             if entry.is_file(follow_symlinks=False):
                 os.unlink(entry.path)
+                removed += 1
+        return removed
+
+    def sweep_tmp(self, older_than_s: float) -> int:
+        """Remove temp files nothing has written to for *older_than_s* seconds.
+
+        Aborted associations normally clean up after themselves; this catches what
+        they miss, so that a box running for months does not fill up with fragments.
+        """
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for entry in os.scandir(self.tmp_dir):
+            try:
+                stale = entry.stat(follow_symlinks=False).st_mtime < cutoff
+            except FileNotFoundError:
+                continue
+            if stale:
+                with self._open_lock:
+                    open_file = self._open_temp.get(entry.path)
+                if open_file is not None:
+                    open_file.discard()
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
                 removed += 1
         return removed
 

@@ -52,7 +52,7 @@ class GatewayProcess:
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.config_path = write_config(root / "gateway.toml", root, self.port, **sections)
-        self.spool = root / "spool"
+        self.spool = Path(sections.get("spool", {}).get("dir", root / "spool"))
         self.db_path = root / "gateway.sqlite3"
         self.log_path = root / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None

@@ -18,9 +18,7 @@ from .conftest import GatewayFactory
 from .gateway_proc import GatewayProcess
 from .peers import Storescp, dataset_bytes, echoscu, store_one, storescu, transfer_syntax_of
 
-TS_CASES = [
-    (ts, name) for ts, names in corpus.BY_TRANSFER_SYNTAX.items() for name in names
-]
+TS_CASES = [(ts, name) for ts, names in corpus.BY_TRANSFER_SYNTAX.items() for name in names]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +57,9 @@ def _assert_same_as_sent(
 
     ref = store_one(reference.port, path)
     assert ref.statuses == ["Success"], ref.output
-    (ref_file,) = [p for p in reference.directory.iterdir() if sop_uid in p.name or
-                   _sop_of(p) == sop_uid]
+    (ref_file,) = [
+        p for p in reference.directory.iterdir() if sop_uid in p.name or _sop_of(p) == sop_uid
+    ]
     assert dataset_bytes(stored) == dataset_bytes(ref_file)
     ref_file.unlink()
     return row
@@ -104,9 +103,7 @@ def test_non_ascii_character_sets(
     assert stored["PatientName"].value == sent["PatientName"].value
 
 
-def test_private_tags(
-    shared_gateway: GatewayProcess, reference: Storescp, tmp_path: Path
-) -> None:
+def test_private_tags(shared_gateway: GatewayProcess, reference: Storescp, tmp_path: Path) -> None:
     for name in corpus.VENDOR_PRIVATE:
         _assert_same_as_sent(shared_gateway, reference, corpus.testdata(name), tmp_path)
     path = tmp_path / "private.dcm"

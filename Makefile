@@ -1,0 +1,50 @@
+# `make run` and `make test` are the two commands of the README: each installs what is
+# missing (Debian packages, the .venv) and then does its job.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?=
+
+# systemd-python builds from source: it needs the headers and a compiler.
+RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
+# The real peers the tests talk to.
+TEST_PACKAGES := $(RUN_PACKAGES) dcmtk
+
+.PHONY: run test test-slow bench lint check-config clean
+
+run: $(VENV)/.run-installed
+	$(BIN)/dicom-gateway run $(if $(CONFIG),--config $(CONFIG))
+
+test: $(VENV)/.test-installed
+	$(MAKE) --no-print-directory lint
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -m slow
+
+bench: $(VENV)/.test-installed
+	$(BIN)/python tests/bench/ingest.py
+	$(BIN)/python tests/bench/crash_run.py --kills 200
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check gateway tests
+	$(BIN)/ruff format --check gateway tests
+	$(BIN)/mypy
+
+$(VENV)/.run-installed: pyproject.toml
+	scripts/ensure-packages $(RUN_PACKAGES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[systemd]'
+	touch $@
+
+$(VENV)/.test-installed: pyproject.toml
+	scripts/ensure-packages $(TEST_PACKAGES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[systemd,test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

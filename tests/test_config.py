@@ -1,0 +1,169 @@
+"""Config: embedded defaults, strict validation, one-line errors, documented keys."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+from gateway.config import EXIT_CONFIG, ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_defaults_match_the_documented_contract() -> None:
+    c = config.load(None)
+    assert c.dimse.port == 11112
+    assert c.web.bind == "127.0.0.1" and c.web.port == 8080
+    assert c.spool.dir == Path("var/spool")
+    assert c.database.path.parent == Path("var")
+    assert c.dimse.allowed_aets == ()
+    assert c.upload.compression == "j2k-lossless"
+
+
+def test_public_keys_exist() -> None:
+    keys = set(config.documented_keys())
+    required = {
+        "dimse.ae_title", "dimse.bind", "dimse.port", "dimse.allowed_aets",
+        "dimse.max_associations", "spool.dir", "spool.min_free_bytes",
+        "upload.dicomweb_url", "upload.ca_file", "upload.client_cert", "upload.client_key",
+        "upload.compression", "worklist.upstream_host", "worklist.upstream_port",
+        "worklist.upstream_ae", "worklist.refresh_seconds", "web.bind", "web.port",
+    }  # fmt: skip
+    assert required <= keys
+
+
+def test_every_key_is_documented_in_the_readme() -> None:
+    readme = (REPO / "README.md").read_text()
+    undocumented = [k for k in config.documented_keys() if f"`{k}`" not in readme]
+    assert not undocumented, f"keys missing from README.md's config table: {undocumented}"
+
+
+def test_every_cli_command_is_documented_in_the_readme() -> None:
+    from gateway.cli import build_parser
+
+    readme = (REPO / "README.md").read_text()
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    for name in sub.choices:  # type: ignore[union-attr]
+        assert f"dicom-gateway {name}" in readme, f"`dicom-gateway {name}` not in README"
+
+
+def test_full_file_loads(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(
+        """
+[dimse]
+ae_title = "EDGE1"
+port = 104
+allowed_aets = ["CT1", "MR_2"]
+max_associations = 4
+[spool]
+dir = "/srv/spool"
+min_free_bytes = 1000
+[upload]
+dicomweb_url = "https://archive.example/dicomweb"
+ca_file = "/etc/gw/ca.pem"
+client_cert = "/etc/gw/box.pem"
+client_key = "/etc/gw/box.key"
+compression = "none"
+[worklist]
+upstream_host = "ris.local"
+upstream_port = 4242
+upstream_ae = "RIS"
+refresh_seconds = 60
+[web]
+bind = "0.0.0.0"
+port = 9000
+"""
+    )
+    c = config.load(path)
+    assert c.dimse.allowed_aets == ("CT1", "MR_2")
+    assert c.upload.client_key == Path("/etc/gw/box.key")
+    assert c.worklist.upstream_port == 4242
+    assert c.source == str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "problem"),
+    [
+        ("[dimse]\nport = 'abc'\n", "dimse.port", "expected an integer"),
+        ("[dimse]\nport = true\n", "dimse.port", "expected an integer"),
+        ("[dimse]\nport = 70000\n", "dimse.port", "between"),
+        ("[dimse]\nprot = 104\n", "dimse.prot", "unknown key"),
+        ("[dimze]\nport = 104\n", "dimze", "unknown section"),
+        ("dimse = 3\n", "dimse", "must be a table"),
+        ("[dimse]\nae_title = 'A_TITLE_THAT_IS_TOO_LONG'\n", "dimse.ae_title", "AE title"),
+        ("[dimse]\nallowed_aets = 'CT1'\n", "dimse.allowed_aets", "list of strings"),
+        ("[dimse]\nbind = 'my host'\n", "dimse.bind", "IP address"),
+        ("[spool]\nmin_free_bytes = -1\n", "spool.min_free_bytes", "negative"),
+        ("[upload]\ncompression = 'jpeg'\n", "upload.compression", "j2k-lossless"),
+        ("[upload]\ndicomweb_url = 'http://x'\n", "upload.dicomweb_url", "https://"),
+        ("[worklist]\nupstream_host = 'ris'\n", "worklist.upstream_ae", "required"),
+        ("[logging]\nlevel = 'LOUD'\n", "logging.level", "DEBUG"),
+        ("[dimse\nport = 1\n", "-", "not valid TOML"),
+    ],
+)
+def test_bad_values_name_file_key_and_problem(
+    tmp_path: Path, text: str, key: str, problem: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(path)
+    assert info.value.key == key
+    assert problem in info.value.problem
+    assert str(info.value).startswith(f"{path}: {key}: ")
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text("[dimse]\nport = 11113\n")
+    ok = _cli("check-config", str(good))
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dimse]\nport = 'eleven'\n")
+    result = _cli("check-config", str(bad))
+    assert result.returncode == EXIT_CONFIG
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(bad) in lines[0] and "dimse.port" in lines[0]
+
+    missing = _cli("check-config", str(tmp_path / "nope.toml"))
+    assert missing.returncode == EXIT_CONFIG
+    assert "file not found" in missing.stderr
+
+
+def test_run_refuses_a_broken_config_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[spool]\ndirectory = '/tmp/x'\n")
+    result = _cli("run", "--config", str(bad))
+    assert result.returncode == EXIT_CONFIG
+    assert re.fullmatch(
+        rf"dicom-gateway: config error: {re.escape(str(bad))}: spool\.directory: unknown key.*\n",
+        result.stderr,
+    ), result.stderr
+
+
+def test_version() -> None:
+    from gateway import __version__
+
+    result = _cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"dicom-gateway {__version__}"

@@ -1,0 +1,199 @@
+"""The SQLite queue and the spool, exercised directly with a real database file."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydicom.uid import generate_uid
+
+from gateway.receive import is_valid_uid
+from gateway.reconcile import reconcile
+from gateway.spool import Spool
+from gateway.store import COMPRESSING, FAILED, RECEIVED, UPLOADING, ReceivedInstance, Store
+
+
+def _instance(uid: str, path: str = "objects/00/x.dcm", sha: str = "0" * 64) -> ReceivedInstance:
+    return ReceivedInstance(
+        sop_instance_uid=uid,
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+        calling_ae="CT1",
+        peer_address="127.0.0.1:1234",
+        transfer_syntax="1.2.840.10008.1.2.1",
+        size=10,
+        sha256=sha,
+        path=path,
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "q.sqlite3")
+    s.open()
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_pragmas_and_schema(store: Store) -> None:
+    with store.reader() as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        columns = {r["name"] for r in conn.execute("PRAGMA table_info(instances)")}
+    assert {
+        "sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
+        "calling_ae", "peer_address", "transfer_syntax", "size", "sha256", "received_at",
+        "state", "attempts", "next_attempt_at", "last_error",
+    } <= columns  # fmt: skip
+
+
+def test_concurrent_writers_all_commit(store: Store) -> None:
+    # 8 threads x 50 rows, like 8 associations storing at once: no "database is
+    # locked", every row committed once.
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(50):
+                store.record_instance(_instance(f"1.2.{n}.{i}")).result(timeout=30)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert store.rows("SELECT count(*) AS n FROM instances")[0]["n"] == 400
+
+
+def test_resend_keeps_one_row_and_reports_the_replaced_file(store: Store) -> None:
+    assert store.record_instance(_instance("1.2.3", "objects/aa/a.dcm")).result() is None
+    store.submit(
+        lambda c: c.execute("UPDATE instances SET state = ?, attempts = 3", (FAILED,))
+    ).result()
+    replaced = store.record_instance(_instance("1.2.3", "objects/bb/b.dcm", "1" * 64)).result()
+    assert replaced == "objects/aa/a.dcm"
+    (row,) = store.rows("SELECT * FROM instances")
+    assert (row["path"], row["state"], row["attempts"]) == ("objects/bb/b.dcm", RECEIVED, 0)
+    # Same content again: nothing to remove.
+    assert store.record_instance(_instance("1.2.3", "objects/bb/b.dcm", "1" * 64)).result() is None
+
+
+def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
+    def boom(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO instances (sop_instance_uid) VALUES ('x')")  # NOT NULLs
+
+    futures = [store.record_instance(_instance("1.1")), store.submit(boom),
+               store.record_instance(_instance("1.2"))]  # fmt: skip
+    assert futures[0].result() is None
+    with pytest.raises(sqlite3.IntegrityError):
+        futures[1].result()
+    assert futures[2].result() is None
+    assert {r["sop_instance_uid"] for r in store.rows("SELECT * FROM instances")} == {"1.1", "1.2"}
+
+
+def test_closed_store_refuses_writes(tmp_path: Path) -> None:
+    from gateway.store import StoreClosed
+
+    s = Store(tmp_path / "q.sqlite3")
+    s.open()
+    s.close()
+    with pytest.raises(StoreClosed):
+        s.record_instance(_instance("1.2"))
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "q.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(RuntimeError, match="newer"):
+        Store(path).open()
+
+
+def test_reopen_keeps_rows_and_does_not_migrate_again(tmp_path: Path) -> None:
+    s = Store(tmp_path / "q.sqlite3")
+    s.open()
+    s.record_instance(_instance("1.2")).result()
+    s.close()
+    s2 = Store(tmp_path / "q.sqlite3")
+    s2.open()
+    assert len(s2.rows("SELECT * FROM instances")) == 1
+    s2.close()
+
+
+def test_reconcile(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    spool.prepare()
+    store = Store(tmp_path / "q.sqlite3")
+    store.open()
+    # A committed instance, a leased one, a row whose file vanished, an orphan file,
+    # and a temp file of an interrupted C-STORE.
+    kept = spool.commit_file(_write(spool.tmp_dir / "a", b"kept"))
+    leased = spool.commit_file(_write(spool.tmp_dir / "b", b"leased"))
+    orphan = spool.commit_file(_write(spool.tmp_dir / "c", b"orphan"))
+    _write(spool.tmp_dir / "partial.dcm", b"half")
+    store.record_instance(_instance("1.1", kept.relpath, kept.sha256)).result()
+    store.record_instance(_instance("1.2", leased.relpath, leased.sha256)).result()
+    store.record_instance(_instance("1.3", "objects/ff/gone.dcm")).result()
+    store.submit(
+        lambda c: c.execute(
+            "UPDATE instances SET state = ? WHERE sop_instance_uid = '1.2'", (UPLOADING,)
+        )
+    ).result()
+
+    result = reconcile(spool, store)
+    assert (result.temp_files_removed, result.orphans_removed) == (1, 1)
+    assert (result.requeued, result.missing_files) == (1, 1)
+    assert not spool.path_of(orphan.relpath).exists()
+    assert spool.path_of(kept.relpath).exists()
+    states = {r["sop_instance_uid"]: r["state"] for r in store.rows("SELECT * FROM instances")}
+    assert states == {"1.1": RECEIVED, "1.2": RECEIVED, "1.3": FAILED}
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert COMPRESSING not in states.values()
+    store.close()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def test_spool_file_name_is_the_content_hash(tmp_path: Path) -> None:
+    import hashlib
+
+    spool = Spool(tmp_path / "spool", 0)
+    spool.prepare()
+    data = b"DICM" * 1000
+    f = spool.commit_file(_write(spool.tmp_dir / "t", data))
+    sha = hashlib.sha256(data).hexdigest()
+    assert f.relpath == f"objects/{sha[:2]}/{sha}.dcm"
+    assert (f.sha256, f.size) == (sha, len(data))
+    assert spool.path_of(f.relpath).read_bytes() == data
+
+
+@given(st.text(max_size=80))
+def test_only_digits_and_dots_pass_as_uids(value: str) -> None:
+    if is_valid_uid(value):
+        assert set(value) <= set("0123456789.")
+        assert "/" not in value and ".." not in value and len(value) <= 64
+
+
+@given(st.integers(min_value=0, max_value=2**64))
+def test_generated_uids_are_valid(seed: int) -> None:
+    assert is_valid_uid(generate_uid(entropy_srcs=[str(seed)]))
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "../../x", "1.2/../3", "1.02.3", "1..2", ".1.2", "1.2.", "1" * 65, "1.2 ", "a.b"]
+)
+def test_bad_uids_rejected(bad: str) -> None:
+    assert not is_valid_uid(bad)
