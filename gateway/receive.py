@@ -96,7 +96,7 @@ def _check_dataset(path: Path, sop_class: str, sop_instance: str) -> tuple[str, 
         # element is checked for fitting in the file without being loaded.
         ds = pydicom.dcmread(path, defer_size=64 * 1024)
         # keys(), not iteration: iterating a Dataset would convert (and read) values.
-        elements = [ds.get_item(tag) for tag in ds.keys()]  # noqa: SIM118
+        elements = [ds.get_item(tag, keep_deferred=True) for tag in ds.keys()]  # noqa: SIM118
         for raw in elements:
             value_tell = getattr(raw, "value_tell", None)
             length = getattr(raw, "length", None)
@@ -331,8 +331,8 @@ class Receiver:
             if not isinstance(exc, FutureTimeout):
                 self.spool.remove(spooled.relpath)
             return StoreOutcome(PROCESSING_FAILURE, "queue database error")
-        if replaced:
-            self.spool.remove(replaced)
+        for relpath in replaced:
+            self.spool.remove(relpath)
         log.info(
             "stored sop=%s class=%s %s ts=%s bytes=%d",
             sop_instance,
