@@ -1,0 +1,528 @@
+"""JPEG 2000 lossless transcoding of one spooled instance, verified before it is used.
+
+:func:`transcode` is a pure function of its two paths, run in a worker process by the
+pipeline.  It either writes a complete JPEG 2000 Lossless (1.2.840.10008.1.2.4.90)
+copy of *src* to *dst* and returns outcome ``"compressed"``, or leaves no *dst* and
+says why the original should be uploaded as it is:
+
+* ``"passthrough"``: by policy, before any encoding: already compressed, no pixel
+  data, a pixel format J2K lossless cannot hold exactly.
+* ``"fallback"``: the input is malformed, a codec or write failed, or the result did
+  not verify.  Bad input never raises; every such case ends here with a reason.
+
+**Verification.**  The written file is read back and must equal the original in
+every respect compression is not meant to change: each frame decodes to the same
+integers as the original's stored pixel cells (compared as stored, *without* masking
+the bits above Bits Stored, so noise or overlays in those bits are never silently
+dropped), each frame is one codestream with the original's precision and
+signedness, and every other data element, at every sequence depth, has the same
+value bytes as received (byte-swapped where a big endian original requires it).
+What may change is listed in :data:`_CHANGED_BY_COMPRESSION` and the File Meta
+Information's Transfer Syntax and Implementation identifiers.
+
+**What is compressed.**  Native (Implicit/Explicit VR Little Endian, Explicit VR Big
+Endian) data sets whose top-level Pixel Data has Bits Allocated 8 or 16, Bits Stored
+2..Bits Allocated with High Bit = Bits Stored - 1, at least 32x32 pixels, and one of
+MONOCHROME1/2 (signed or unsigned), PALETTE COLOR, RGB or YBR_FULL (unsigned): the
+combinations PS3.5 Table 8.2.4-1 allows for 1.2.840.10008.1.2.4.90.  RGB is stored as
+YBR_RCT (the reversible colour transform: ultrasound comes out at less than half the
+size it has with RGB kept); colour is written with Planar Configuration 0 as PS3.5
+8.2.4 requires; PALETTE COLOR is one component and its LUTs stay as they are.
+
+Everything else passes through:
+
+* encapsulated transfer syntaxes: never decoded and re-encoded, lossy or not;
+* Deflated Explicit VR Little Endian: the data set is compressed as a whole already,
+  images in it are rare, and recompressing would mean inflating and rewriting it;
+* no Pixel Data (SR, PDF, RT Plan...), Float or Double Float Pixel Data;
+* Bits Allocated 1 (packed bits) or more than 16, and Bits Stored 1:
+  pylibjpeg-openjpeg 2.6 fails on some 1-bit images and silently mis-encodes others;
+* YBR_FULL_422 and other colour models J2K lossless does not allow, signed colour;
+* sides under 32 pixels: the encoder always uses 6 resolution levels;
+* Pixel Data nested in a sequence (icon images; whether those must be encapsulated
+  too is unclear in PS3.5, so such instances are not touched);
+* pixel cells with bits set above Bits Stored (overlays, noise), which J2K drops.
+
+**Memory.**  The worker holds the original Pixel Data once (the reference array is
+a view on it; big endian input adds one byte-swapped copy), the encoded frames twice
+(the frame list and the encapsulated value built from it), the written file once
+more when it is read back, and one decoded frame at a time, plus OpenJPEG's own
+per-frame buffers, which dominate for a single large frame: the 7.2 MB RG1_UNCR CR
+peaks about 60 MB above the interpreter's baseline (~8x its pixel data).  So the
+peak is about input + 3x output + 8x one frame; a 500 MB multi-frame needs about
+1 GB.  Nothing is cached between calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import generate_frames
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.tag import BaseTag
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+)
+
+COMPRESSED = "compressed"
+PASSTHROUGH = "passthrough"
+FALLBACK = "fallback"
+
+_NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
+# Transfer syntaxes that are lossy by definition; the other encapsulated ones may be
+# lossless (or, like 1.2.840.10008.1.2.4.91, either), so they are only "compressed".
+_LOSSY = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless}
+_LOSSY_PREFIXES = ("1.2.840.10008.1.2.4.10",)  # MPEG-2, MPEG-4 AVC/H.264, HEVC/H.265
+
+# (Photometric Interpretation, Samples per Pixel) -> signed allowed (PS3.5 8.2.4-1).
+_PHOTOMETRIC = {
+    ("MONOCHROME1", 1): True,
+    ("MONOCHROME2", 1): True,
+    ("PALETTE COLOR", 1): False,
+    ("RGB", 3): False,
+    ("YBR_FULL", 3): False,
+}
+
+_MIN_SIDE = 32
+_PIXEL_DATA = 0x7FE00010
+_FLOAT_PIXEL_DATA = {0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Data"}
+_EXTENDED_OFFSETS = {0x7FE00001, 0x7FE00002}
+_PHOTOMETRIC_TAG = 0x00280004
+_PLANAR_TAG = 0x00280006
+#: Top-level elements compression rewrites; each is checked on its own instead.
+_CHANGED_BY_COMPRESSION = frozenset(
+    {_PIXEL_DATA, _PHOTOMETRIC_TAG, _PLANAR_TAG, *_EXTENDED_OFFSETS}
+)
+#: File Meta elements rewritten for the new file (PS3.10 7.1: the implementation
+#: identifiers name the writer of the file, which is now this gateway's pydicom).
+_META_CHANGED = {0x00020000, 0x00020010, 0x00020012, 0x00020013}
+
+# Value sizes of the VRs whose bytes depend on the byte order.
+_SWAP_SIZE = {
+    "US": 2, "SS": 2, "OW": 2, "AT": 2,
+    "UL": 4, "SL": 4, "FL": 4, "OL": 4, "OF": 4,
+    "FD": 8, "OD": 8, "SV": 8, "UV": 8, "OV": 8,
+}  # fmt: skip
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+# Large values of the original are read from the file only when they are compared,
+# so the verification pass does not hold a second copy of the Pixel Data.
+_DEFER_BYTES = 64 * 1024
+_REASON_MAX = 300
+
+
+@dataclass(frozen=True)
+class TranscodeResult:
+    outcome: str  # "compressed" | "passthrough" | "fallback"
+    reason: str  # why not compressed; "" when compressed
+    transfer_syntax: str  # of the file to upload
+    size_in: int
+    size_out: int  # == size_in unless compressed
+    seconds: float
+
+
+class _NotCompressed(Exception):
+    def __init__(self, outcome: str, reason: str) -> None:
+        super().__init__(reason)
+        self.outcome = outcome
+        self.reason = reason
+
+
+def _passthrough(reason: str) -> _NotCompressed:
+    return _NotCompressed(PASSTHROUGH, reason)
+
+
+def _fallback(reason: str) -> _NotCompressed:
+    return _NotCompressed(FALLBACK, reason)
+
+
+@contextlib.contextmanager
+def _stage(what: str) -> Iterator[None]:
+    """Turn anything pydicom, NumPy or OpenJPEG raise on bad data into a fallback.
+
+    Malformed input surfaces as almost any exception type (KeyError, struct.error,
+    RuntimeError from the codec, MemoryError for absurd dimensions...), and one bad
+    instance must not take the compression stage down with it.
+    """
+    try:
+        yield
+    except _NotCompressed:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:_REASON_MAX]  # pydicom's are multi-line
+        raise _fallback(f"{what}: {type(exc).__name__}: {detail}".rstrip(": ")) from exc
+
+
+def transcode(src: Path, dst: Path) -> TranscodeResult:
+    """Write a verified JPEG 2000 Lossless copy of *src* to *dst*, or say why not.
+
+    *dst* exists afterwards only when the outcome is ``"compressed"``; it is complete
+    and closed, and the caller fsyncs and renames it.  Raises only for an unreadable
+    *src* path (OSError) and programming errors.
+    """
+    start = time.perf_counter()
+    size_in = src.stat().st_size
+    ts_in = ""
+    try:
+        # pydicom reports odd but readable data as warnings; verification decides what
+        # matters, and the worker's stderr should not fill up with them.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _stage("cannot read data set"):
+                ds = pydicom.dcmread(src)
+                ts_in = str(ds.file_meta.get("TransferSyntaxUID", ""))
+            _compress(ds, src, dst)
+        size_out = dst.stat().st_size
+        return TranscodeResult(
+            COMPRESSED, "", JPEG2000Lossless, size_in, size_out, time.perf_counter() - start
+        )
+    except _NotCompressed as nc:
+        dst.unlink(missing_ok=True)
+        return TranscodeResult(
+            nc.outcome, nc.reason, ts_in, size_in, size_in, time.perf_counter() - start
+        )
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+
+
+def _compress(ds: Dataset, src: Path, dst: Path) -> None:
+    ts = _check_transfer_syntax(ds)
+    with _stage("invalid Image Pixel module"):
+        _check_pixel_module(ds)
+    with _stage("cannot decode original pixels"):
+        original = _stored_pixels(ds, ts)
+    _check_unused_bits(ds, original)
+
+    rgb = ds.PhotometricInterpretation == "RGB"
+    with _stage("encoder error"):
+        if rgb:
+            # openjpeg applies the reversible colour transform only when told the
+            # target is YBR_RCT; pydicom turns it off for "RGB" (use_mct=False).
+            ds.PhotometricInterpretation = "YBR_RCT"
+        if ds.SamplesPerPixel == 3:
+            # The reference array is colour-by-pixel whatever the original layout.
+            ds.PlanarConfiguration = 0
+        # From the array, not the data set's buffer: pydicom 3.0 hands a big endian
+        # buffer to the encoder as if it were little endian, and ignores Planar
+        # Configuration 1 for JPEG 2000.
+        ds.compress(
+            JPEG2000Lossless,
+            original,
+            encoding_plugin="pylibjpeg",
+            generate_instance_uid=False,
+        )
+    meta: FileMetaDataset = ds.file_meta
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
+
+    with _stage("cannot write output"), open(dst, "wb") as f:
+        # save_as() refuses to change byte order; dcmwrite() does it when asked.
+        pydicom.dcmwrite(f, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
+
+    with _stage("cannot read result"):
+        out = pydicom.dcmread(dst)
+    _verify_pixels(out, original, rgb=rgb)
+    # The original pixels (viewed by ``original``) and the result are not needed to
+    # compare the other elements: let them go before both files are read again.
+    del out, original
+    _verify_elements(src, dst, was_rgb=rgb)
+
+
+# -- policy ----------------------------------------------------------------------------
+def _check_transfer_syntax(ds: Dataset) -> UID:
+    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    if ts in _NATIVE:
+        return ts
+    if not ts:
+        raise _fallback("no Transfer Syntax UID in the File Meta Information")
+    if ts == DeflatedExplicitVRLittleEndian:
+        raise _passthrough(f"deflated data set, not recompressed ({ts})")
+    if ts in _LOSSY or ts.startswith(_LOSSY_PREFIXES):
+        raise _passthrough(f"already lossy ({ts})")
+    if ts.is_transfer_syntax:
+        raise _passthrough(f"already compressed ({ts})")
+    raise _passthrough(f"unknown transfer syntax ({ts})")
+
+
+def _check_pixel_module(ds: Dataset) -> None:
+    for tag, name in _FLOAT_PIXEL_DATA.items():
+        if tag in ds:
+            raise _passthrough(f"{name.lower()}")
+    if _PIXEL_DATA not in ds:
+        raise _passthrough("no pixel data")
+    if _EXTENDED_OFFSETS & set(_tags(ds)):
+        raise _passthrough("Extended Offset Table with native pixel data")
+    if _nested_pixel_data(ds):
+        raise _passthrough("pixel data inside a sequence (icon image)")
+
+    pi = str(ds.PhotometricInterpretation).strip()
+    spp = int(ds.SamplesPerPixel)
+    bits_allocated = int(ds.BitsAllocated)
+    bits_stored = int(ds.BitsStored)
+    signed = int(ds.PixelRepresentation)
+    if (pi, spp) not in _PHOTOMETRIC:
+        raise _passthrough(f"photometric interpretation {pi} with {spp} samples")
+    if bits_allocated not in (8, 16):
+        raise _passthrough(f"Bits Allocated {bits_allocated}")
+    if not 1 <= bits_stored <= bits_allocated:
+        raise _fallback(f"Bits Stored {bits_stored} with Bits Allocated {bits_allocated}")
+    if bits_stored == 1:
+        # pylibjpeg-openjpeg 2.6 fails on, or worse silently mis-encodes, some 1-bit
+        # images (noise-like masks): verification would catch it, but it is known.
+        raise _passthrough("Bits Stored 1, not reliably lossless in the encoder")
+    high_bit = ds.get("HighBit")
+    if high_bit is not None and int(high_bit) != bits_stored - 1:
+        # Pixel cells not aligned to bit 0: J2K would keep only the low bits.
+        raise _passthrough(f"High Bit {high_bit} with Bits Stored {bits_stored}")
+    if signed not in (0, 1):
+        raise _fallback(f"Pixel Representation {signed}")
+    if signed and not _PHOTOMETRIC[(pi, spp)]:
+        raise _passthrough(f"signed {pi}")
+    if spp == 3 and ds.get("PlanarConfiguration") not in (0, 1):
+        raise _fallback(f"Planar Configuration {ds.get('PlanarConfiguration')}")
+
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    # pydicom would take a 0 or empty Number of Frames as 1; that is not ours to fix.
+    frames = int(ds.NumberOfFrames) if "NumberOfFrames" in ds else 1
+    if rows < 1 or columns < 1 or frames < 1:
+        raise _fallback(f"{rows}x{columns} pixels, {frames} frames")
+    if rows < _MIN_SIDE or columns < _MIN_SIDE:
+        # pylibjpeg-openjpeg always uses 6 DWT resolutions, which OpenJPEG refuses for
+        # a side under 2**5 pixels ("Number of resolutions is too high").
+        raise _passthrough(f"{rows}x{columns} pixels, smaller than the encoder's minimum")
+    expected = rows * columns * spp * frames * bits_allocated // 8
+    actual = len(ds.PixelData)
+    if actual not in (expected, expected + expected % 2):
+        raise _fallback(f"pixel data is {actual} bytes, {expected} expected")
+
+
+def _tags(ds: Dataset) -> list[BaseTag]:
+    # Not ``for elem in ds``: iterating a Dataset converts every raw element.
+    return list(ds.keys())
+
+
+def _nested_pixel_data(ds: Dataset) -> bool:
+    for tag in _tags(ds):
+        if _is_sequence(ds, tag):
+            for item in ds[tag].value:
+                if _PIXEL_DATA in item or _nested_pixel_data(item):
+                    return True
+    return False
+
+
+def _is_sequence(ds: Dataset, tag: Any) -> bool:
+    """Whether *tag* holds a sequence, without converting any other raw element.
+
+    Converting a raw element decodes its value, and a converted element is written
+    re-encoded instead of byte for byte, so only sequences are touched.
+    """
+    elem = ds.get_item(tag, keep_deferred=True)
+    if elem is None:
+        return False
+    vr = elem.VR
+    if vr is None and isinstance(elem, RawDataElement):  # implicit VR
+        try:
+            vr = dictionary_VR(elem.tag)
+        except KeyError:
+            vr = "SQ" if elem.length == _UNDEFINED_LENGTH else "UN"
+    if vr == "UN" and elem.length == _UNDEFINED_LENGTH:
+        return True  # PS3.5 6.2.2: undefined-length UN is a sequence
+    return bool(vr == "SQ")
+
+
+def _stored_pixels(ds: Dataset, ts: UID) -> np.ndarray[Any, Any]:
+    """The stored pixel cells as integers, unmasked and without colour conversion."""
+    options: dict[str, Any] = {"view_only": True, "correct_unused_bits": False}
+    arr, _ = get_decoder(ts).as_array(ds, raw=True, **options)
+    return arr
+
+
+def _check_unused_bits(ds: Dataset, original: np.ndarray[Any, Any]) -> None:
+    bits_stored = int(ds.BitsStored)
+    if bits_stored == int(ds.BitsAllocated):
+        return
+    if ds.PixelRepresentation:
+        low, high = -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
+    else:
+        low, high = 0, (1 << bits_stored) - 1
+    if original.size and (original.min() < low or original.max() > high):
+        raise _passthrough(
+            f"pixel cells use bits above Bits Stored {bits_stored} "
+            "(overlay or noise J2K cannot keep)"
+        )
+
+
+# -- verification ----------------------------------------------------------------------
+def _verify_pixels(out: Dataset, original: np.ndarray[Any, Any], *, rgb: bool) -> None:
+    frames = int(out.get("NumberOfFrames") or 1)
+    reference = original if frames > 1 else original[np.newaxis]
+    signed = bool(out.PixelRepresentation)
+    with _stage("cannot parse result"):
+        codestreams = list(generate_frames(out.PixelData, number_of_frames=frames))
+    if len(codestreams) != frames:
+        raise _fallback(f"result has {len(codestreams)} codestreams for {frames} frames")
+    for cs in codestreams:
+        _check_codestream(cs, int(out.BitsStored), signed=signed, mct=rgb)
+
+    decoder = get_decoder(JPEG2000Lossless)
+    count = 0
+    with _stage("cannot decode result"):
+        # raw=True: a YBR_RCT codestream decodes to RGB inside OpenJPEG already, and
+        # YBR_FULL must be compared as stored, not converted to RGB.
+        for index, (frame, _) in enumerate(decoder.iter_array(out, raw=True)):
+            if index >= frames or not np.array_equal(frame, reference[index]):
+                raise _fallback("decoded pixels differ from the original")
+            count += 1
+    if count != frames:
+        raise _fallback(f"result decodes to {count} frames, {frames} expected")
+
+
+def _check_codestream(cs: bytes, bits_stored: int, *, signed: bool, mct: bool) -> None:
+    """Check the J2K main header: precision, signedness, and the colour transform.
+
+    Other decoders trust these over the data set (PS3.5 8.2.4), so a codestream that
+    decodes right here but says e.g. 16 bits for Bits Stored 12 is not accepted.
+    """
+    if cs[:4] != b"\xff\x4f\xff\x51":
+        raise _fallback("result is not a JPEG 2000 codestream")
+    siz_len = int.from_bytes(cs[4:6], "big")
+    components = int.from_bytes(cs[40:42], "big")
+    ssiz = cs[42 : 42 + 3 * components : 3]
+    if len(ssiz) != components:
+        raise _fallback("truncated JPEG 2000 header")
+    for s in ssiz:
+        if (s & 0x7F) + 1 != bits_stored or bool(s & 0x80) != signed:
+            raise _fallback(
+                f"codestream precision {(s & 0x7F) + 1} signed={bool(s & 0x80)}, "
+                f"data set has Bits Stored {bits_stored} signed={signed}"
+            )
+    pos = 4 + siz_len
+    while pos + 4 <= len(cs) and cs[pos] == 0xFF:
+        marker = cs[pos + 1]
+        if marker == 0x52:  # COD; SGcod's last byte is the multiple component transform
+            if pos + 9 >= len(cs):
+                break
+            if bool(cs[pos + 8]) != mct:
+                raise _fallback(f"codestream colour transform {bool(cs[pos + 8])}, expected {mct}")
+            return
+        if marker == 0x90:  # SOT: tile data starts, main header is over
+            break
+        pos += 2 + int.from_bytes(cs[pos + 2 : pos + 4], "big")
+    raise _fallback("no COD marker in the JPEG 2000 main header")
+
+
+def _verify_elements(src: Path, dst: Path, *, was_rgb: bool) -> None:
+    with _stage("cannot read data sets to compare"):
+        orig = pydicom.dcmread(src, defer_size=_DEFER_BYTES)
+        out = pydicom.dcmread(dst, defer_size=_DEFER_BYTES)
+    swap = not orig.original_encoding[1]  # big endian original
+
+    for tag in _tags(orig.file_meta):
+        if tag not in _META_CHANGED and out.file_meta.get(tag) != orig.file_meta[tag]:
+            raise _fallback(f"File Meta element {tag} changed")
+    # dcmwrite(enforce_file_format=True) adds a missing File Meta Information Version.
+    added = set(_tags(out.file_meta)) - set(_tags(orig.file_meta)) - {0x00020001}
+    if extra := added - _META_CHANGED:
+        raise _fallback(f"File Meta elements added: {sorted(extra)}")
+
+    expected_pi = "YBR_RCT" if was_rgb else str(orig.PhotometricInterpretation)
+    if out.PhotometricInterpretation != expected_pi:
+        raise _fallback(f"Photometric Interpretation {out.PhotometricInterpretation}")
+    expected_planar = 0 if orig.SamplesPerPixel == 3 else orig.get("PlanarConfiguration")
+    if out.get("PlanarConfiguration") != expected_planar:
+        raise _fallback(f"Planar Configuration {out.get('PlanarConfiguration')}")
+
+    with _stage("cannot compare data elements"):
+        diff = _diff_datasets(
+            orig, out, src=(src, dst), swap=swap, path="", skip=_CHANGED_BY_COMPRESSION
+        )
+    if diff:
+        raise _fallback(f"data element {diff} changed")
+
+
+def _diff_datasets(
+    a: Dataset,
+    b: Dataset,
+    *,
+    src: tuple[Path, Path],
+    swap: bool,
+    path: str,
+    skip: frozenset[int] = frozenset(),
+) -> str:
+    """The first element whose value differs between *a* (original) and *b*, or "".
+
+    Group lengths are not compared: pydicom does not write them (retired, PS3.5 7.2).
+    """
+    tags_a = {t for t in _tags(a) if t.element != 0 and t not in skip}
+    tags_b = {t for t in _tags(b) if t.element != 0 and t not in skip}
+    if tags_a != tags_b:
+        return f"{path}{sorted(tags_a ^ tags_b)[0]} (present in one only)"
+    for tag in sorted(tags_a):
+        where = f"{path}{tag}"
+        if _is_sequence(b, tag) or _is_sequence(a, tag):
+            seq_a, seq_b = a[tag].value, b[tag].value
+            if len(seq_a) != len(seq_b):
+                return f"{where} ({len(seq_a)} vs {len(seq_b)} items)"
+            for i, (item_a, item_b) in enumerate(zip(seq_a, seq_b, strict=True)):
+                if d := _diff_datasets(item_a, item_b, src=src, swap=swap, path=f"{where}[{i}]"):
+                    return d
+            continue
+        elem_a = a.get_item(tag, keep_deferred=True)
+        elem_b = b.get_item(tag, keep_deferred=True)
+        if isinstance(elem_a, RawDataElement) and isinstance(elem_b, RawDataElement):
+            bytes_a = _raw_bytes(elem_a, src[0])
+            bytes_b = _raw_bytes(elem_b, src[1])
+            vr = elem_b.VR or ""
+            if swap and vr in _SWAP_SIZE:
+                bytes_a = _byteswap(bytes_a, _SWAP_SIZE[vr])
+            # pydicom pads an odd-length value to even length; nothing else may change.
+            if bytes_a != bytes_b and not (
+                len(bytes_a) % 2 and bytes_b[:-1] == bytes_a and bytes_b[-1:] in (b" ", b"\0")
+            ):
+                return where
+        elif a[tag] != b[tag]:
+            return where
+    return ""
+
+
+def _raw_bytes(elem: RawDataElement, path: Path) -> bytes:
+    if elem.value is not None:
+        return bytes(elem.value)
+    if elem.length == 0:
+        return b""
+    if elem.length == _UNDEFINED_LENGTH:
+        raise _fallback(f"{elem.tag}: deferred value of undefined length")
+    # A deferred top-level value: read exactly the stored bytes, unconverted.
+    with open(path, "rb") as f:
+        f.seek(elem.value_tell)
+        data = f.read(elem.length)
+    if len(data) != elem.length:
+        raise _fallback(f"{elem.tag}: truncated value in {os.fspath(path)}")
+    return data
+
+
+def _byteswap(data: bytes, size: int) -> bytes:
+    if len(data) % size:
+        return data  # cannot be a valid value; the comparison will say so
+    return np.frombuffer(data, dtype=f">u{size}").astype(f"<u{size}").tobytes()
