@@ -8,8 +8,9 @@ CONFIG ?=
 
 # systemd-python builds from source: it needs the headers and a compiler.
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
-# The real peers the tests talk to.
-TEST_PACKAGES := $(RUN_PACKAGES) dcmtk
+# The real peers the tests talk to: DCMTK as modality, Orthanc + DICOMweb behind
+# nginx (mutual TLS) as the cloud archive.
+TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light
 
 .PHONY: run test test-slow bench lint check-config clean
 

@@ -1,9 +1,11 @@
 """The Gateway: start order, the main wait, and a two-phase stop.
 
-Start:  spool directories -> queue database -> reconcile -> DIMSE listener.
+Start:  spool directories -> queue database -> reconcile -> DIMSE listener, then the
+compress/upload pipeline.
 Stop (SIGTERM/SIGINT): close the listener and refuse new C-STOREs, let in-flight
-C-STOREs finish for at most ``dimse.drain_seconds``, abort what is left, then close
-the database once every submitted write has committed.
+C-STOREs finish for at most ``dimse.drain_seconds``, abort what is left; the pipeline
+is cancelled (an interrupted upload is re-sent after restart); then close the
+database once every submitted write has committed.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from . import __version__
 from .config import Config
+from .jobs import Pipeline
 from .receive import COMMIT_TIMEOUT_S, Receiver
 from .reconcile import reconcile
 from .spool import Spool
@@ -33,7 +38,10 @@ class Gateway:
         self.config = config
         self.spool = Spool(config.spool.dir, config.spool.min_free_bytes)
         self.store = Store(config.database.path)
-        self.receiver = Receiver(config.dimse, self.spool, self.store)
+        self.pipeline = Pipeline(config, self.spool, self.store)
+        self.receiver = Receiver(
+            config.dimse, self.spool, self.store, on_stored=lambda _: self.pipeline.wake()
+        )
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._failure: str | None = None
@@ -62,6 +70,7 @@ class Gateway:
                 tasks = [
                     tg.create_task(self._monitor(), name="monitor"),
                     tg.create_task(self._sweep_tmp(), name="sweep-tmp"),
+                    tg.create_task(self._supervise("pipeline", self.pipeline.run())),
                 ]
                 await self._stop.wait()
                 for task in tasks:
@@ -80,6 +89,18 @@ class Gateway:
         self.store.open()
         reconcile(self.spool, self.store)
         self.receiver.start()
+
+    async def _supervise(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run one component; if it dies, say so loudly and stop the gateway (systemd
+        restarts it) rather than carry on half-working."""
+        try:
+            await work
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.critical("%s crashed", name, exc_info=True)
+            self._failure = f"{name} crashed"
+            self.request_stop(self._failure)
 
     async def _monitor(self) -> None:
         """Turn a dead thread into a logged, visible failure instead of a silent hang."""

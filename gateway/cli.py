@@ -81,6 +81,27 @@ def cmd_queue_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_queue_retry(args: argparse.Namespace) -> int:
+    from .jobs import retry_failed
+
+    config = _load_or_exit(args.config)
+    if not args.all and not args.sop_instance_uids:
+        print("dicom-gateway: name SOP Instance UIDs to retry, or --all", file=sys.stderr)
+        return 2
+    if not config.database.path.exists():
+        print(f"dicom-gateway: no queue database at {config.database.path}", file=sys.stderr)
+        return 1
+    store = Store(config.database.path)
+    store.open()
+    try:
+        uids = None if args.all else list(args.sop_instance_uids)
+        count = store.submit(lambda conn: retry_failed(conn, uids)).result()
+    finally:
+        store.close()
+    print(f"{count} failed instance(s) queued again")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-gateway", description="DICOM edge gateway for imaging sites."
@@ -104,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=cmd_queue_ls)
+    retry = queue_sub.add_parser("retry", help="send failed instances again")
+    retry.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
+    retry.add_argument("--all", action="store_true", help="every failed instance")
+    retry.add_argument("sop_instance_uids", nargs="*", metavar="SOP_INSTANCE_UID")
+    retry.set_defaults(func=cmd_queue_retry)
     return parser
 
 

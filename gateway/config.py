@@ -66,6 +66,19 @@ class UploadConfig:
     client_cert: Path | None = None
     client_key: Path | None = None
     compression: str = "j2k-lossless"
+    compress_workers: int = 1
+    batch_max_instances: int = 50
+    batch_max_bytes: int = 64 * 1024 * 1024
+    concurrent_requests: int = 2
+    request_timeout_seconds: float = 300.0
+    backoff_initial_seconds: float = 5.0
+    backoff_max_seconds: float = 900.0
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    keep_bytes: int = 0
+    keep_hours: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     upload: UploadConfig = field(default_factory=UploadConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
     web: WebConfig = field(default_factory=WebConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -250,6 +264,24 @@ def _check(c: Config) -> None:
             "upload.compression",
             f'must be "j2k-lossless" or "none", got {c.upload.compression!r}',
         )
+    for key in (
+        "compress_workers",
+        "batch_max_instances",
+        "batch_max_bytes",
+        "concurrent_requests",
+    ):
+        if getattr(c.upload, key) < 1:
+            raise ConfigError(s, f"upload.{key}", "must be at least 1")
+    for key in ("request_timeout_seconds", "backoff_initial_seconds", "backoff_max_seconds"):
+        if getattr(c.upload, key) <= 0:
+            raise ConfigError(s, f"upload.{key}", "must be a positive number of seconds")
+    if c.upload.backoff_max_seconds < c.upload.backoff_initial_seconds:
+        raise ConfigError(
+            s, "upload.backoff_max_seconds", "must not be less than backoff_initial_seconds"
+        )
+    for key in ("keep_bytes", "keep_hours"):
+        if getattr(c.retention, key) < 0:
+            raise ConfigError(s, f"retention.{key}", "must not be negative")
     if c.worklist.upstream_host:
         _check_port(s, "worklist.upstream_port", c.worklist.upstream_port)
         if not _valid_ae_title(c.worklist.upstream_ae):

@@ -16,6 +16,7 @@ import re
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -25,9 +26,10 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -91,10 +93,10 @@ def _check_dataset(path: Path, sop_class: str, sop_instance: str) -> tuple[str, 
     Raises :class:`_Refusal` with the status to answer.
     """
     try:
-        size = os.path.getsize(path)
         # Values over the defer size are not read, only skipped: a 300 MB pixel data
         # element is checked for fitting in the file without being loaded.
         ds = pydicom.dcmread(path, defer_size=64 * 1024)
+        size = _data_set_size(path, ds)
         # keys(), not iteration: iterating a Dataset would convert (and read) values.
         elements = [ds.get_item(tag, keep_deferred=True) for tag in ds.keys()]  # noqa: SIM118
         for raw in elements:
@@ -107,7 +109,15 @@ def _check_dataset(path: Path, sop_class: str, sop_instance: str) -> tuple[str, 
         found = {kw: ds.get(kw) for kw in _HEADER_TAGS}
     except _Refusal:
         raise
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError) as exc:
+    except (
+        InvalidDicomError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        OverflowError,
+        zlib.error,
+    ) as exc:
         raise _Refusal(UNDECODABLE, f"data set cannot be decoded: {exc}") from exc
     except OSError:
         raise
@@ -126,6 +136,21 @@ def _check_dataset(path: Path, sop_class: str, sop_instance: str) -> tuple[str, 
         elif not is_valid_uid(found[kw]):
             raise _Refusal(DATASET_MISMATCH, f"{kw} is not a valid UID")
     return str(found["StudyInstanceUID"] or ""), str(found["SeriesInstanceUID"] or "")
+
+
+def _data_set_size(path: Path, ds: Dataset) -> int:
+    """The length of the stream pydicom parsed, which element offsets refer to: the
+    file itself, or for deflated data the inflated data set (counted, not held)."""
+    if ds.file_meta.TransferSyntaxUID != DeflatedExplicitVRLittleEndian:
+        return os.path.getsize(path)
+    _, offset = split_dataset(path)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(1024 * 1024):
+            total += len(inflater.decompress(chunk))
+    return total + len(inflater.flush())
 
 
 class _Refusal(Exception):

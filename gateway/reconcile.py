@@ -29,7 +29,10 @@ def reconcile(spool: Spool, store: Store) -> Reconciliation:
     temp_removed = spool.clean_tmp()
 
     referenced = {
-        row["path"] for row in store.rows("SELECT path FROM instances WHERE path IS NOT NULL")
+        relpath
+        for row in store.rows("SELECT path, upload_path FROM instances")
+        for relpath in (row["path"], row["upload_path"])
+        if relpath
     }
     on_disk = spool.stored_relpaths()
     orphans = on_disk - referenced

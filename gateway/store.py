@@ -38,7 +38,7 @@ UPLOADING = "uploading"
 UPLOADED = "uploaded"
 FAILED = "failed"
 STATES = (RECEIVED, COMPRESSING, COMPRESSED, UPLOADING, UPLOADED, FAILED)
-TRANSIENT_STATES = {COMPRESSING: RECEIVED, UPLOADING: RECEIVED}
+TRANSIENT_STATES = {COMPRESSING: RECEIVED, UPLOADING: COMPRESSED}
 
 _BATCH_MAX = 256
 
@@ -113,13 +113,26 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db["instances"].create_index(["study_instance_uid"])  # type: ignore[union-attr]
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+def _migration_2(db: sqlite_utils.Database) -> None:
+    # What the upload stage sends (the J2K file, or the original), and its outcome.
+    table = db["instances"]
+    table.add_column("upload_path", str)  # type: ignore[union-attr]
+    table.add_column("upload_size", int)  # type: ignore[union-attr]
+    table.add_column("upload_transfer_syntax", str)  # type: ignore[union-attr]
+    table.add_column("transcode_outcome", str)  # type: ignore[union-attr]
+    table.add_column("transcode_reason", str)  # type: ignore[union-attr]
+    table.add_column("uploaded_at", str)  # type: ignore[union-attr]
+    table.create_index(["state", "uploaded_at"])  # type: ignore[union-attr]
 
 
-def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[str | None]:
-    def write(conn: sqlite3.Connection) -> str | None:
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+
+
+def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[list[str]]:
+    def write(conn: sqlite3.Connection) -> list[str]:
         row = conn.execute(
-            "SELECT path FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,)
+            "SELECT path, upload_path FROM instances WHERE sop_instance_uid = ?",
+            (inst.sop_instance_uid,),
         ).fetchone()
         conn.execute(
             """
@@ -143,6 +156,12 @@ def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[str | None]:
                 attempts = 0,
                 next_attempt_at = excluded.next_attempt_at,
                 last_error = NULL,
+                upload_path = NULL,
+                upload_size = NULL,
+                upload_transfer_syntax = NULL,
+                transcode_outcome = NULL,
+                transcode_reason = NULL,
+                uploaded_at = NULL,
                 updated_at = excluded.updated_at
             """,
             (
@@ -162,8 +181,9 @@ def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[str | None]:
                 now,
             ),
         )
-        previous = row["path"] if row is not None else None
-        return previous if previous != inst.path else None
+        if row is None:
+            return []
+        return [p for p in {row["path"], row["upload_path"]} if p and p != inst.path]
 
     return write
 
@@ -238,8 +258,8 @@ class Store:
             self._queue.put((fn, fut))
         return fut
 
-    def record_instance(self, inst: ReceivedInstance) -> Future[str | None]:
-        """Insert or replace the queue row; the future gives the replaced file's path."""
+    def record_instance(self, inst: ReceivedInstance) -> Future[list[str]]:
+        """Insert or replace the queue row; the future gives the replaced files' paths."""
         return self.submit(_record_instance(inst, utcnow()))
 
     def _writer(self, conn: sqlite3.Connection) -> None:

@@ -19,7 +19,7 @@ from .peers import echoscu, tool
 def test_stop_during_a_transfer(
     gateway_factory: GatewayFactory, tmp_path: Path, sig: signal.Signals
 ) -> None:
-    gw = gateway_factory()
+    gw = gateway_factory(upload={"compression": "none"})
     files = []
     for i in range(40):
         path = tmp_path / f"mr{i}.dcm"

@@ -14,7 +14,16 @@ from pydicom.uid import generate_uid
 from gateway.receive import is_valid_uid
 from gateway.reconcile import reconcile
 from gateway.spool import Spool
-from gateway.store import COMPRESSING, FAILED, RECEIVED, UPLOADING, ReceivedInstance, Store
+from gateway.store import (
+    COMPRESSED,
+    COMPRESSING,
+    FAILED,
+    MIGRATIONS,
+    RECEIVED,
+    UPLOADING,
+    ReceivedInstance,
+    Store,
+)
 
 
 def _instance(uid: str, path: str = "objects/00/x.dcm", sha: str = "0" * 64) -> ReceivedInstance:
@@ -44,7 +53,7 @@ def test_pragmas_and_schema(store: Store) -> None:
     with store.reader() as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
         columns = {r["name"] for r in conn.execute("PRAGMA table_info(instances)")}
     assert {
         "sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
@@ -75,16 +84,16 @@ def test_concurrent_writers_all_commit(store: Store) -> None:
 
 
 def test_resend_keeps_one_row_and_reports_the_replaced_file(store: Store) -> None:
-    assert store.record_instance(_instance("1.2.3", "objects/aa/a.dcm")).result() is None
+    assert store.record_instance(_instance("1.2.3", "objects/aa/a.dcm")).result() == []
     store.submit(
         lambda c: c.execute("UPDATE instances SET state = ?, attempts = 3", (FAILED,))
     ).result()
     replaced = store.record_instance(_instance("1.2.3", "objects/bb/b.dcm", "1" * 64)).result()
-    assert replaced == "objects/aa/a.dcm"
+    assert replaced == ["objects/aa/a.dcm"]
     (row,) = store.rows("SELECT * FROM instances")
     assert (row["path"], row["state"], row["attempts"]) == ("objects/bb/b.dcm", RECEIVED, 0)
     # Same content again: nothing to remove.
-    assert store.record_instance(_instance("1.2.3", "objects/bb/b.dcm", "1" * 64)).result() is None
+    assert store.record_instance(_instance("1.2.3", "objects/bb/b.dcm", "1" * 64)).result() == []
 
 
 def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
@@ -93,10 +102,10 @@ def test_one_failing_write_does_not_undo_its_batch(store: Store) -> None:
 
     futures = [store.record_instance(_instance("1.1")), store.submit(boom),
                store.record_instance(_instance("1.2"))]  # fmt: skip
-    assert futures[0].result() is None
+    assert futures[0].result() == []
     with pytest.raises(sqlite3.IntegrityError):
         futures[1].result()
-    assert futures[2].result() is None
+    assert futures[2].result() == []
     assert {r["sop_instance_uid"] for r in store.rows("SELECT * FROM instances")} == {"1.1", "1.2"}
 
 
@@ -156,7 +165,7 @@ def test_reconcile(tmp_path: Path) -> None:
     assert not spool.path_of(orphan.relpath).exists()
     assert spool.path_of(kept.relpath).exists()
     states = {r["sop_instance_uid"]: r["state"] for r in store.rows("SELECT * FROM instances")}
-    assert states == {"1.1": RECEIVED, "1.2": RECEIVED, "1.3": FAILED}
+    assert states == {"1.1": RECEIVED, "1.2": COMPRESSED, "1.3": FAILED}
     assert list(spool.tmp_dir.iterdir()) == []
     assert COMPRESSING not in states.values()
     store.close()

@@ -1,0 +1,189 @@
+"""DICOMweb STOW-RS client: one aiohttp session over verified, mutual TLS.
+
+There is no plaintext or unverified mode.  The archive is checked against
+``upload.ca_file`` (or the system CAs when that is empty) with hostname verification;
+this box authenticates with ``upload.client_cert``/``client_key``.
+
+A request stores one batch of instances of one study as
+``multipart/related; type="application/dicom"``, streamed from the spool files.  The
+answer is read per instance (PS3.18 10.5.3): ReferencedSOPSequence items are stored;
+FailedSOPSequence items carry the archive's FailureReason.  What went wrong with the
+request as a whole (connection, TLS, HTTP 5xx/429, no parsable answer) is a
+:class:`RequestFailed`, and the whole batch is retried later.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pydicom.dataset import Dataset
+
+from .config import UploadConfig
+
+log = logging.getLogger(__name__)
+
+# PS3.18 / PS3.4 failure reasons worth retrying: the archive was short of resources
+# or failed to process, not a verdict on the instance itself.
+_RETRYABLE_REASONS = {0x0110, 0x0212, 0x0213} | set(range(0xA700, 0xA800))
+
+
+class RequestFailed(Exception):
+    """The request as a whole failed; nothing in it is known to be stored."""
+
+
+@dataclass(frozen=True)
+class Item:
+    sop_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class InstanceOutcome:
+    stored: bool
+    retryable: bool = False
+    reason: str = ""
+
+
+def ssl_context(config: UploadConfig) -> ssl.SSLContext:
+    """Verified TLS >= 1.2 with our client certificate.  Raises on unreadable files."""
+    ctx = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(config.ca_file) if config.ca_file else None
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # create_default_context already sets these; stated so no edit can loosen them.
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if config.client_cert is not None and config.client_key is not None:
+        ctx.load_cert_chain(str(config.client_cert), str(config.client_key))
+    return ctx
+
+
+def describe_failure(code: int | None) -> str:
+    names = {
+        0x0110: "processing failure",
+        0x0122: "SOP class not supported",
+        0x0124: "not authorized",
+        0xA700: "out of resources",
+        0xA900: "data set does not match SOP class",
+        0xC000: "cannot understand",
+        0xC122: "referenced transfer syntax not supported",
+    }
+    if code is None:
+        return "archive gave no failure reason"
+    name = names.get(code) or ("out of resources" if 0xA700 <= code <= 0xA7FF else "failure")
+    return f"archive refused: {name} (0x{code:04X})"
+
+
+def parse_response(status: int, body: bytes, items: Sequence[Item]) -> dict[str, InstanceOutcome]:
+    """Map the archive's STOW-RS answer to an outcome for each instance sent."""
+    try:
+        ds = Dataset.from_json(json.loads(body)) if body.strip() else Dataset()
+    except (ValueError, TypeError, KeyError) as exc:
+        raise RequestFailed(f"HTTP {status} with an unparsable STOW-RS answer: {exc}") from exc
+    outcomes: dict[str, InstanceOutcome] = {}
+    for ref in ds.get("ReferencedSOPSequence", []):
+        uid = str(ref.get("ReferencedSOPInstanceUID", ""))
+        outcomes[uid] = InstanceOutcome(stored=True)
+    for failed in ds.get("FailedSOPSequence", []):
+        uid = str(failed.get("ReferencedSOPInstanceUID", ""))
+        code = failed.get("FailureReason")
+        code = int(code) if code is not None else None
+        outcomes[uid] = InstanceOutcome(
+            stored=False, retryable=code is None or code in _RETRYABLE_REASONS,
+            reason=describe_failure(code),
+        )  # fmt: skip
+    result: dict[str, InstanceOutcome] = {}
+    for item in items:
+        outcome = outcomes.get(item.sop_instance_uid)
+        if outcome is None:
+            # Neither stored nor refused: no proof it arrived, so send it again.
+            outcome = InstanceOutcome(
+                stored=False, retryable=True, reason=f"HTTP {status}: archive did not confirm it"
+            )
+        result[item.sop_instance_uid] = outcome
+    return result
+
+
+def _hint_for_http(status: int, body: bytes) -> str:
+    text = body[:300].decode("utf-8", "replace")
+    if status == 400 and "SSL certificate" in text:
+        return (
+            "archive refused our client certificate (HTTP 400 'SSL certificate error'): "
+            "check upload.client_cert is signed by a CA the archive trusts"
+        )
+    if status in (401, 403):
+        return f"archive refused access (HTTP {status}): check this box's certificate/enrolment"
+    snippet = " ".join(text.split())[:120]
+    return f"archive answered HTTP {status}: {snippet}"
+
+
+class StowClient:
+    def __init__(self, config: UploadConfig) -> None:
+        self.config = config
+        self.url = config.dicomweb_url.rstrip("/") + "/studies"
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> StowClient:
+        connector = aiohttp.TCPConnector(ssl=ssl_context(self.config), limit=16)
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_seconds, sock_connect=30)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def store(self, items: Sequence[Item]) -> dict[str, InstanceOutcome]:
+        assert self._session is not None, "use StowClient as an async context manager"
+        files = []
+        try:
+            with aiohttp.MultipartWriter('related; type="application/dicom"') as body:
+                for item in items:
+                    f = open(item.path, "rb")  # noqa: SIM115 - closed in finally
+                    files.append(f)
+                    body.append(f, {"Content-Type": "application/dicom"})
+            return await self._post(body, items)
+        finally:
+            for f in files:
+                f.close()
+
+    async def _post(
+        self, body: aiohttp.MultipartWriter, items: Sequence[Item]
+    ) -> dict[str, InstanceOutcome]:
+        assert self._session is not None
+        headers = {"Accept": "application/dicom+json"}
+        try:
+            async with self._session.post(self.url, data=body, headers=headers) as resp:
+                payload = await resp.read()
+                status = resp.status
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise RequestFailed(
+                f"TLS: the archive's certificate is not trusted ({exc.certificate_error}); "
+                "check upload.ca_file"
+            ) from exc
+        except aiohttp.ClientSSLError as exc:
+            raise RequestFailed(f"TLS handshake with the archive failed: {exc}") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise RequestFailed(f"cannot connect to the archive: {exc.os_error}") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise RequestFailed(f"request to the archive failed: {exc!r}") from exc
+        if status in (200, 202, 409) or (400 <= status < 500 and _is_dicom_json(payload)):
+            return parse_response(status, payload, items)
+        # Anything else (5xx, 429, a proxy's error page, a refused client certificate)
+        # says nothing about the instances: the batch is retried with backoff.
+        raise RequestFailed(_hint_for_http(status, payload))
+
+
+def _is_dicom_json(payload: bytes) -> bool:
+    try:
+        value: Any = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and bool(value)
