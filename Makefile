@@ -12,7 +12,7 @@ RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
 # nginx (mutual TLS) as the cloud archive.
 TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light
 
-.PHONY: run test test-slow bench lint check-config clean
+.PHONY: run test test-slow bench lint clean
 
 run: $(VENV)/.run-installed
 	$(BIN)/dicom-gateway run $(if $(CONFIG),--config $(CONFIG))
@@ -26,6 +26,7 @@ test-slow: $(VENV)/.test-installed
 
 bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/ingest.py
+	$(BIN)/python tests/bench/transcode.py
 	$(BIN)/python tests/bench/crash_run.py --kills 200
 
 lint: $(VENV)/.test-installed
