@@ -26,7 +26,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
@@ -34,6 +34,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from . import dul_guard
 from .config import DimseConfig
 from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolTempFile
 from .store import ReceivedInstance, Store, StoreClosed
@@ -84,14 +85,22 @@ class _NoDelayServer(ThreadedAssociationServer):
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = super().get_request()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # accept() returns a socket without the listener's timeout: without this, a
+        # peer that sends half a PDU holds the connection's thread in recv() forever.
+        sock.settimeout(self.ae.network_timeout)
         return sock, address
 
 
-def _check_dataset(path: Path, sop_class: str, sop_instance: str) -> tuple[str, str]:
+def _check_dataset(
+    path: Path, sop_class: str, sop_instance: str, transfer_syntax: UID
+) -> tuple[str, str]:
     """Parse the received data set far enough to trust it; return (study, series) UID.
 
-    Raises :class:`_Refusal` with the status to answer.
+    Raises :class:`_Refusal` with the status to answer, or OSError if the file itself
+    cannot be read.
     """
+    with open(path, "rb"):
+        pass  # an unreadable file is an I/O error, not a malformed data set
     try:
         # Values over the defer size are not read, only skipped: a 300 MB pixel data
         # element is checked for fitting in the file without being loaded.
@@ -106,6 +115,17 @@ def _check_dataset(path: Path, sop_class: str, sop_instance: str) -> tuple[str, 
                 continue
             if value_tell + length > size:
                 raise _Refusal(UNDECODABLE, f"element {raw.tag} runs past the end of the data")
+        if not transfer_syntax.is_deflated:
+            for raw in elements:
+                implicit = getattr(raw, "is_implicit_VR", None)
+                if implicit is not None and implicit != transfer_syntax.is_implicit_VR:
+                    raise _Refusal(UNDECODABLE, "data set not in the negotiated transfer syntax")
+        # pydicom stops quietly when fewer than a header's bytes remain: a data set cut
+        # inside an element header shows as bytes after the last whole element.
+        last = elements[-1] if elements else None
+        tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
+        if tell is not None and length not in (None, 0xFFFFFFFF) and tell + length != size:
+            raise _Refusal(UNDECODABLE, "data set ends inside an element header")
         found = {kw: ds.get(kw) for kw in _HEADER_TAGS}
     except _Refusal:
         raise
@@ -119,9 +139,7 @@ def _check_dataset(path: Path, sop_class: str, sop_instance: str) -> tuple[str, 
         zlib.error,
     ) as exc:
         raise _Refusal(UNDECODABLE, f"data set cannot be decoded: {exc}") from exc
-    except OSError:
-        raise
-    except Exception as exc:  # pydicom raises a wide range on malformed input
+    except Exception as exc:  # pydicom raises a wide range (OSError too) on malformed input
         raise _Refusal(UNDECODABLE, f"data set cannot be decoded: {exc!r}") from exc
     if found["SOPInstanceUID"] != sop_instance:
         raise _Refusal(DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE command")
@@ -190,6 +208,7 @@ class Receiver:
         dimse_messages.NamedTemporaryFile = self.spool.temp_file_factory  # type: ignore[attr-defined,assignment]
 
         c = self.config
+        dul_guard.install(c.max_pdu_size)
         ae = AE(ae_title=c.ae_title)
         ae.maximum_associations = c.max_associations
         ae.maximum_pdu_size = c.max_pdu_size
@@ -265,13 +284,12 @@ class Receiver:
 
     def _on_rejected(self, event: evt.Event) -> None:
         r = event.assoc.requestor
+        request = r.primitive
+        called = request.called_ae_title if request is not None else "?"
         log.warning(
             "association from %s:%s calling AE %r called AE %r rejected",
-            r.address,
-            r.port,
-            r.ae_title,
-            event.assoc.acceptor.ae_title,
-        )
+            r.address, r.port, r.ae_title, called,
+        )  # fmt: skip
 
     def _on_conn_close(self, event: evt.Event) -> None:
         # A connection that closes halfway through a data set (abort, timeout, peer
@@ -319,7 +337,9 @@ class Receiver:
             return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
         try:
             self.spool.check_room()
-            study, series = _check_dataset(tmp_path, sop_class, sop_instance)
+            study, series = _check_dataset(
+                tmp_path, sop_class, sop_instance, event.context.transfer_syntax
+            )
             spooled = self.spool.commit_file(tmp_path)
         except SpoolFull as exc:
             log.error("C-STORE %s sop=%s refused: %s", where, sop_instance, exc)
