@@ -292,8 +292,9 @@ class Pipeline:
             with contextlib.suppress(RuntimeError):  # loop closing: the next start sees it
                 loop.call_soon_threadsafe(self._compress_wake.set)
 
-    async def _db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await asyncio.wrap_future(self.store.submit(fn))
+    async def _db(self, fn: Callable[[sqlite3.Connection], T], durable: bool = False) -> T:
+        # Pipeline transitions are redone if lost (see Store.submit); deletions are not.
+        return await asyncio.wrap_future(self.store.submit(fn, durable=durable))
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -436,7 +437,8 @@ class Pipeline:
     async def _retention_loop(self) -> None:
         r = self.config.retention
         while True:
-            files = await self._db(_prune(r.keep_bytes, r.keep_hours))
+            # Durable before any file goes: a row must never point at a deleted file.
+            files = await self._db(_prune(r.keep_bytes, r.keep_hours), durable=True)
             for relpath in files:
                 await asyncio.to_thread(self.spool.remove, relpath)
             await _wait(self._prune_wake, _RETENTION_INTERVAL_S)

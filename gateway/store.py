@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import sqlite_utils
 
@@ -188,17 +188,22 @@ def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[list[str]]:
     return write
 
 
+class _Write(NamedTuple):
+    fn: WriteFn[Any]
+    future: Future[Any]
+    durable: bool
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._queue: queue.SimpleQueue[tuple[WriteFn[Any], Future[Any]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closing = False
         self._lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
+        self._synchronous = "FULL"
 
     # -- lifecycle ------------------------------------------------------------------
     def open(self) -> None:
@@ -250,12 +255,19 @@ class Store:
         self._readers.clear()
 
     # -- writes ---------------------------------------------------------------------
-    def submit(self, fn: WriteFn[T]) -> Future[T]:
+    def submit(self, fn: WriteFn[T], durable: bool = True) -> Future[T]:
+        """Run *fn* in the writer's next transaction.
+
+        ``durable=False`` is for queue transitions that are safe to lose and redo (a
+        claim, a compression or upload outcome): they commit without waiting for the
+        disk, and become durable with the next durable commit, which fsyncs the WAL
+        and everything before it.  Whatever acknowledges or deletes data is durable.
+        """
         fut: Future[T] = Future()
         with self._lock:
             if self._closing:
                 raise StoreClosed("the queue database is closing")
-            self._queue.put((fn, fut))
+            self._queue.put(_Write(fn, fut, durable))
         return fut
 
     def record_instance(self, inst: ReceivedInstance) -> Future[list[str]]:
@@ -286,13 +298,15 @@ class Store:
         finally:
             conn.close()
 
-    def _run_batch(
-        self, conn: sqlite3.Connection, batch: list[tuple[WriteFn[Any], Future[Any]]]
-    ) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
         results: list[tuple[Future[Any], bool, Any]] = []
+        synchronous = "FULL" if any(w.durable for w in batch) else "NORMAL"
         try:
+            if synchronous != self._synchronous:
+                conn.execute(f"PRAGMA synchronous = {synchronous}")
+                self._synchronous = synchronous
             conn.execute("BEGIN IMMEDIATE")
-            for i, (fn, fut) in enumerate(batch):
+            for i, (fn, fut, _) in enumerate(batch):
                 conn.execute(f"SAVEPOINT w{i}")
                 try:
                     value = fn(conn)
@@ -307,7 +321,7 @@ class Store:
             log.error("queue database commit failed: %s", exc)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
-            for _, fut in batch:
+            for _, fut, _ in batch:
                 fut.set_exception(exc)
             return
         for fut, ok, value in results:
