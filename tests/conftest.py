@@ -6,7 +6,10 @@ from typing import Any
 
 import pytest
 
+from .archive import archive_lab
 from .gateway_proc import GatewayProcess
+
+__all__ = ["archive_lab", "gateway", "gateway_factory"]
 
 GatewayFactory = Callable[..., GatewayProcess]
 
