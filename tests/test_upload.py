@@ -188,10 +188,19 @@ def test_kill_during_uploads_everything_arrives_once(
     paths, sent = _study(tmp_path, ["MR2_UNCR.dcm"] * 10 + ["CT_small.dcm"] * 20)
     assert storescu(gw.port, paths).acknowledged == len(paths)
     rng = random.Random(7)
+    kills_mid_upload = 0
     for _ in range(4):
-        time.sleep(rng.uniform(0.2, 1.0))
+        # Kill right after an upload completes, at a random small delay: the next
+        # batch is then usually in flight.
+        before = _states(gw).get("uploaded", 0)
+        wait_until("an upload", lambda: _states(gw).get("uploaded", 0) > before, timeout=60)
+        time.sleep(rng.uniform(0, 0.05))
+        states = _states(gw)
         gw.kill()
+        if states.get("uploaded", 0) < len(paths):
+            kills_mid_upload += 1
         gw.start()
+    assert kills_mid_upload >= 3, "the kills did not land while uploads were under way"
     wait_until("queue drained after kills", _all_uploaded(gw, len(paths)), timeout=120)
     assert archive_lab.sop_instance_uids() == {str(ds.SOPInstanceUID) for ds in sent}
     assert archive_lab.instance_count() == len(paths)

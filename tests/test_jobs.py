@@ -1,0 +1,142 @@
+"""Queue transitions, retention, backoff and STOW-RS answer parsing, on a real database."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.config import UploadConfig
+from gateway.jobs import _prune, backoff_seconds, retry_failed
+from gateway.store import COMPRESSED, FAILED, RECEIVED, UPLOADED, ReceivedInstance, Store
+from gateway.upload import Item, RequestFailed, parse_response, ssl_context
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "q.sqlite3")
+    s.open()
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def _add(store: Store, uid: str, size: int, state: str, hours_ago: float = 0.0) -> None:
+    inst = ReceivedInstance(
+        uid, "1.2.840.10008.5.1.4.1.1.2", "1.2", "1.2.1", "CT", "127.0.0.1:1",
+        "1.2.840.10008.1.2.1", size, uid.replace(".", "") * 4, f"objects/00/{uid}.dcm",
+    )  # fmt: skip
+    store.record_instance(inst).result()
+    when = (datetime.now(UTC) - timedelta(hours=hours_ago)).isoformat()
+    store.submit(
+        lambda c: c.execute(
+            "UPDATE instances SET state = ?, uploaded_at = ?, upload_path = ?, upload_size = ?"
+            " WHERE sop_instance_uid = ?",
+            (state, when, f"objects/01/{uid}.j2k", size // 2, uid),
+        )
+    ).result()
+
+
+def _paths(store: Store) -> dict[str, str | None]:
+    return {r["sop_instance_uid"]: r["path"] for r in store.rows("SELECT * FROM instances")}
+
+
+def test_prune_without_cache_deletes_every_confirmed_file(store: Store) -> None:
+    _add(store, "1.1", 1000, UPLOADED)
+    _add(store, "1.2", 1000, COMPRESSED)  # not confirmed: never deleted
+    _add(store, "1.3", 1000, FAILED)  # kept for the operator
+    files = store.submit(_prune(0, 0)).result()
+    assert sorted(files) == ["objects/00/1.1.dcm", "objects/01/1.1.j2k"]
+    assert _paths(store) == {"1.1": None, "1.2": "objects/00/1.2.dcm", "1.3": "objects/00/1.3.dcm"}
+
+
+def test_prune_keeps_the_newest_within_the_cache_size(store: Store) -> None:
+    for i, age in enumerate([5, 4, 3, 2, 1]):  # 1.0 oldest ... 1.4 newest
+        _add(store, f"1.{i}", 1000, UPLOADED, hours_ago=age)
+    # Each instance counts 1000 + 500 (its J2K copy): 3000 bytes keep the newest two.
+    store.submit(_prune(3000, 0)).result()
+    kept = {uid for uid, path in _paths(store).items() if path}
+    assert kept == {"1.3", "1.4"}
+
+
+def test_prune_age_limit_applies_within_the_cache(store: Store) -> None:
+    _add(store, "1.1", 10, UPLOADED, hours_ago=30)
+    _add(store, "1.2", 10, UPLOADED, hours_ago=1)
+    store.submit(_prune(10**9, 24)).result()
+    assert _paths(store) == {"1.1": None, "1.2": "objects/00/1.2.dcm"}
+
+
+def test_retry_failed(store: Store) -> None:
+    _add(store, "1.1", 10, FAILED)
+    _add(store, "1.2", 10, FAILED)
+    store.submit(lambda c: c.execute("UPDATE instances SET upload_path = NULL WHERE "
+                                     "sop_instance_uid = '1.2'")).result()  # fmt: skip
+    assert store.submit(lambda c: retry_failed(c, ["1.1"])).result() == 1
+    assert store.submit(lambda c: retry_failed(c, None)).result() == 1
+    states = {r["sop_instance_uid"]: r["state"] for r in store.rows("SELECT * FROM instances")}
+    # With its J2K file it goes straight back to upload; without, to compression.
+    assert states == {"1.1": COMPRESSED, "1.2": RECEIVED}
+    assert store.submit(lambda c: retry_failed(c, None)).result() == 0
+
+
+@given(st.integers(min_value=1, max_value=60))
+def test_backoff_grows_is_capped_and_jittered(attempts: int) -> None:
+    delay = backoff_seconds(attempts, initial=5, maximum=900)
+    ceiling = min(900, 5 * 2 ** (attempts - 1))
+    assert ceiling / 2 <= delay <= ceiling
+
+
+def _answer(stored: list[str], failed: list[tuple[str, int]]) -> bytes:
+    def ref(uid: str) -> dict[str, object]:
+        return {"00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+                "00081155": {"vr": "UI", "Value": [uid]}}  # fmt: skip
+
+    body: dict[str, object] = {}
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": [ref(u) for u in stored]}
+    if failed:
+        body["00081198"] = {
+            "vr": "SQ",
+            "Value": [{**ref(u), "00081197": {"vr": "US", "Value": [code]}} for u, code in failed],
+        }
+    return json.dumps(body).encode()
+
+
+def test_parse_response_per_instance() -> None:
+    items = [Item(uid, Path("/x")) for uid in ("1.1", "1.2", "1.3", "1.4")]
+    out = parse_response(202, _answer(["1.1"], [("1.2", 0xC000), ("1.3", 0xA700)]), items)
+    assert out["1.1"].stored
+    assert not out["1.2"].stored and not out["1.2"].retryable
+    assert out["1.2"].reason == "archive refused: cannot understand (0xC000)"
+    assert not out["1.3"].stored and out["1.3"].retryable  # out of resources: transient
+    assert not out["1.4"].stored and out["1.4"].retryable  # not mentioned: send again
+
+
+def test_unparsable_answer_is_a_request_failure() -> None:
+    with pytest.raises(RequestFailed, match="unparsable"):
+        parse_response(200, b"<html>oops</html>", [Item("1.1", Path("/x"))])
+
+
+def test_tls_context_always_verifies(tmp_path: Path) -> None:
+    import trustme
+
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client = ca.issue_cert("box")
+    client.cert_chain_pems[0].write_to_path(str(tmp_path / "c.pem"))
+    client.private_key_pem.write_to_path(str(tmp_path / "c.key"))
+    ctx = ssl_context(
+        UploadConfig(
+            dicomweb_url="https://archive.example/dicom-web",
+            ca_file=tmp_path / "ca.pem",
+            client_cert=tmp_path / "c.pem",
+            client_key=tmp_path / "c.key",
+        )
+    )
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+    assert ctx.check_hostname
+    assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
