@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?=
+comma := ,
 
 # systemd-python builds from source: it needs the headers and a compiler.
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
@@ -34,19 +35,20 @@ lint: $(VENV)/.test-installed
 	$(BIN)/ruff format --check gateway tests
 	$(BIN)/mypy
 
-$(VENV)/.run-installed: pyproject.toml
-	scripts/ensure-packages $(RUN_PACKAGES)
+# $(call venv_with,EXTRAS,DEBIAN PACKAGES)
+define venv_with
+	scripts/ensure-packages $(2)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[systemd]'
+	$(BIN)/python -m pip install -q -e '.[$(1)]'
 	touch $@
+endef
+
+$(VENV)/.run-installed: pyproject.toml
+	$(call venv_with,systemd,$(RUN_PACKAGES))
 
 $(VENV)/.test-installed: pyproject.toml
-	scripts/ensure-packages $(TEST_PACKAGES)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[systemd,test]'
-	touch $@
+	$(call venv_with,systemd$(comma)test,$(TEST_PACKAGES))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

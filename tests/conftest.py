@@ -6,10 +6,12 @@ from typing import Any
 
 import pytest
 
+from gateway.store import Store
+
 from .archive import archive_lab
 from .gateway_proc import GatewayProcess
 
-__all__ = ["archive_lab", "gateway", "gateway_factory"]
+__all__ = ["archive_lab", "gateway", "gateway_factory", "store"]
 
 GatewayFactory = Callable[..., GatewayProcess]
 
@@ -33,3 +35,12 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
 @pytest.fixture
 def gateway(gateway_factory: GatewayFactory) -> GatewayProcess:
     return gateway_factory()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """An open queue database in a real file."""
+    s = Store(tmp_path / "q.sqlite3")
+    s.open()
+    yield s
+    s.close()

@@ -74,6 +74,18 @@ HANG_BOUND_S = 12.0
 #: An oversized PDU must be refused before this much of it has been accepted.
 STREAM_LIMIT = 32 * 1024 * 1024
 
+
+def _stream_until_refused(sock: socket.socket) -> int:
+    """Send zeros until the gateway stops taking them (or STREAM_LIMIT); return bytes sent."""
+    chunk = bytes(64 * 1024)
+    accepted = 0
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
+        while accepted < STREAM_LIMIT:
+            sock.sendall(chunk)
+            accepted += len(chunk)
+    return accepted
+
+
 # C-STORE failure statuses of gateway/receive.py that bad input must get.  (0xC001,
 # "I/O error writing the spool", is not one of them: it sends an operator to the disk.)
 DATASET_MISMATCH = 0xA900
@@ -332,16 +344,9 @@ def test_oversized_associate_rq_length(bad_gw: GatewayProcess, length: int) -> N
 def test_oversized_associate_rq_is_not_buffered(bad_gw: GatewayProcess) -> None:
     """An A-ASSOCIATE-RQ claiming 4 GiB must be refused, not read into memory."""
     before = Snapshot.of(bad_gw)
-    chunk = bytes(64 * 1024)
-    accepted = 0
     with connect(bad_gw.port) as sock:
         sock.sendall(pdu_header(0x01, 0xFFFFFFF0) + associate_rq()[6:])
-        try:
-            while accepted < STREAM_LIMIT:
-                sock.sendall(chunk)
-                accepted += len(chunk)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            pass
+        accepted = _stream_until_refused(sock)
         assert accepted < STREAM_LIMIT, (
             f"the gateway read {STREAM_LIMIT} bytes of an A-ASSOCIATE-RQ that claims "
             "0xFFFFFFF0 bytes instead of refusing it: a peer can make it buffer 4 GiB per "
@@ -366,16 +371,9 @@ def test_oversized_p_data_length(bad_gw: GatewayProcess, length: int) -> None:
 def test_oversized_p_data_is_not_buffered(bad_gw: GatewayProcess) -> None:
     """A P-DATA-TF beyond the max PDU size the gateway announced is a protocol violation."""
     before = Snapshot.of(bad_gw)
-    chunk = bytes(64 * 1024)
-    accepted = 0
     with associated(bad_gw.port) as sock:
         sock.sendall(pdu_header(P_DATA_TF, 0xFFFFFFF0) + struct.pack(">LBB", 0xFFFFFFEC, 3, 0))
-        try:
-            while accepted < STREAM_LIMIT:
-                sock.sendall(chunk)
-                accepted += len(chunk)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            pass
+        accepted = _stream_until_refused(sock)
         assert accepted < STREAM_LIMIT, (
             f"the gateway read {STREAM_LIMIT} bytes of a P-DATA-TF PDU claiming 0xFFFFFFF0 "
             f"bytes though it announced a maximum PDU length of {MAX_PDU}"

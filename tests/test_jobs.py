@@ -17,14 +17,6 @@ from gateway.store import COMPRESSED, FAILED, RECEIVED, UPLOADED, ReceivedInstan
 from gateway.upload import Item, RequestFailed, parse_response, ssl_context
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "q.sqlite3")
-    s.open()
-    yield s  # type: ignore[misc]
-    s.close()
-
-
 def _add(store: Store, uid: str, size: int, state: str, hours_ago: float = 0.0) -> None:
     inst = ReceivedInstance(
         uid, "1.2.840.10008.5.1.4.1.1.2", "1.2", "1.2.1", "CT", "127.0.0.1:1",

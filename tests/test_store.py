@@ -41,14 +41,6 @@ def _instance(uid: str, path: str = "objects/00/x.dcm", sha: str = "0" * 64) -> 
     )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "q.sqlite3")
-    s.open()
-    yield s  # type: ignore[misc]
-    s.close()
-
-
 def test_pragmas_and_schema(store: Store) -> None:
     with store.reader() as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -193,7 +193,9 @@ def test_kill_during_uploads_everything_arrives_once(
         # Kill right after an upload completes, at a random small delay: the next
         # batch is then usually in flight.
         before = _states(gw).get("uploaded", 0)
-        wait_until("an upload", lambda: _states(gw).get("uploaded", 0) > before, timeout=60)
+        wait_until(
+            "an upload", lambda before=before: _states(gw).get("uploaded", 0) > before, timeout=60
+        )
         time.sleep(rng.uniform(0, 0.05))
         states = _states(gw)
         gw.kill()
