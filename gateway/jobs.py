@@ -370,6 +370,18 @@ class Pipeline:
                 "fallback", "encoder process crashed", claimed.transfer_syntax,
                 claimed.size, claimed.size, 0.0,
             )  # fmt: skip
+        except (OSError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
+            # Caught after BrokenProcessPool, itself a RuntimeError.  transcode() turns
+            # bad data into a fallback itself, so this is a bug in it: logged in full,
+            # and the instance goes up as received instead of taking the pipeline
+            # down (and, after the restart, down again).
+            log.exception("transcode of sop=%s raised", claimed.sop_instance_uid)
+            with contextlib.suppress(FileNotFoundError):
+                dst.unlink()
+            return TranscodeResult(
+                "fallback", f"transcode error: {exc!r}", claimed.transfer_syntax,
+                claimed.size, claimed.size, 0.0,
+            )  # fmt: skip
 
     # -- upload -------------------------------------------------------------------------
     def _backoff(self, attempts: int) -> float:

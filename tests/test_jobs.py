@@ -132,3 +132,68 @@ def test_tls_context_always_verifies(tmp_path: Path) -> None:
     assert ctx.verify_mode == ssl.CERT_REQUIRED
     assert ctx.check_hostname
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+
+
+def _buggy_transcode(src: Path, dst: Path) -> object:
+    """Stands in for a bug inside transcode() (module level: the pool pickles it)."""
+    raise ValueError("bug in the encoder glue")
+
+
+@pytest.mark.asyncio
+async def test_a_transcode_bug_falls_back_to_the_original(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from gateway import jobs
+    from gateway.config import from_dict
+    from gateway.spool import Spool
+
+    from . import corpus
+
+    config = from_dict(
+        {
+            "spool": {"dir": str(tmp_path / "spool"), "min_free_bytes": 0},
+            "database": {"path": str(tmp_path / "q.sqlite3")},
+        }
+    )
+    spool = Spool(config.spool.dir, 0)
+    spool.prepare()
+    store = Store(config.database.path)
+    store.open()
+    tmp = spool.tmp_dir / "in.dcm"
+    tmp.write_bytes(corpus.testdata("CT_small.dcm").read_bytes())
+    f = spool.commit_file(tmp)
+    store.record_instance(
+        ReceivedInstance(
+            "1.2.3",
+            "1.2.840.10008.5.1.4.1.1.2",
+            "1.2",
+            "1.2.1",
+            "CT",
+            "x:1",
+            "1.2.840.10008.1.2.1",
+            f.size,
+            f.sha256,
+            f.relpath,
+        )
+    ).result()
+    monkeypatch.setattr(jobs, "transcode", _buggy_transcode)
+    pipeline = jobs.Pipeline(config, spool, store)
+    task = asyncio.create_task(pipeline.run())
+    try:
+        for _ in range(300):
+            (row,) = store.rows("SELECT * FROM instances")
+            if row["state"] == COMPRESSED:
+                break
+            await asyncio.sleep(0.1)
+        assert row["state"] == COMPRESSED, "the pipeline stopped on the bug"
+        assert row["transcode_outcome"] == "fallback"
+        assert "bug in the encoder glue" in row["transcode_reason"]
+        assert row["upload_path"] == f.relpath  # the original goes up unchanged
+        assert not task.done()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        store.close()
