@@ -18,7 +18,6 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from . import dul_guard
 from .config import DimseConfig
 from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolTempFile
-from .store import ReceivedInstance, Store, StoreClosed
+from .store import ReceivedInstance, Store
 
 log = logging.getLogger(__name__)
 
@@ -367,14 +366,13 @@ class Receiver:
         )
         try:
             replaced = self.store.record_instance(instance).result(timeout=COMMIT_TIMEOUT_S)
-        except (StoreClosed, FutureTimeout, Exception) as exc:
-            # The file is durable but unacknowledged and has no row: remove it now; if
-            # that fails too, the reconciler removes it at the next start as an orphan.
+        except Exception as exc:  # StoreClosed, a timeout, any database error
+            # The file stays: its name is its content hash, so an identical copy sent
+            # and acknowledged earlier may be this very file.  If no row refers to it,
+            # the reconciler removes it at the next start.
             log.error(
                 "C-STORE %s sop=%s failed committing the queue row: %r", where, sop_instance, exc
             )
-            if not isinstance(exc, FutureTimeout):
-                self.spool.remove(spooled.relpath)
             return StoreOutcome(PROCESSING_FAILURE, "queue database error")
         for relpath in replaced:
             self.spool.remove(relpath)
