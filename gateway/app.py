@@ -24,6 +24,7 @@ from .receive import COMMIT_TIMEOUT_S, Receiver
 from .reconcile import reconcile
 from .spool import Spool
 from .store import Store
+from .worklist import Worklist
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,13 @@ class Gateway:
         self.spool = Spool(config.spool.dir, config.spool.min_free_bytes)
         self.store = Store(config.database.path)
         self.pipeline = Pipeline(config, self.spool, self.store)
+        self.worklist = Worklist(config, self.store)
         self.receiver = Receiver(
-            config.dimse, self.spool, self.store, on_stored=lambda _: self.pipeline.wake()
+            config.dimse,
+            self.spool,
+            self.store,
+            on_stored=lambda _: self.pipeline.wake(),
+            worklist=self.worklist.answer,
         )
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -71,6 +77,7 @@ class Gateway:
                     tg.create_task(self._monitor(), name="monitor"),
                     tg.create_task(self._sweep_tmp(), name="sweep-tmp"),
                     tg.create_task(self._supervise("pipeline", self.pipeline.run())),
+                    tg.create_task(self._supervise("worklist", self.worklist.run())),
                 ]
                 await self._stop.wait()
                 for task in tasks:

@@ -87,6 +87,7 @@ class WorklistConfig:
     upstream_port: int = 104
     upstream_ae: str = ""
     refresh_seconds: int = 300
+    expire_after_days: int = 1
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,8 @@ def _check(c: Config) -> None:
             raise ConfigError(
                 s, "worklist.upstream_ae", "required (a valid AE title) when upstream_host is set"
             )
+    if c.worklist.expire_after_days < 0:
+        raise ConfigError(s, "worklist.expire_after_days", "must not be negative")
     if c.worklist.refresh_seconds < 1:
         raise ConfigError(s, "worklist.refresh_seconds", "must be at least 1")
     _check_bind(s, "web.bind", c.web.bind)

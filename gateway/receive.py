@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,10 @@ from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityWorklistInformationFind,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from . import dul_guard
@@ -185,11 +188,13 @@ class Receiver:
         spool: Spool,
         store: Store,
         on_stored: Callable[[ReceivedInstance], None] | None = None,
+        worklist: Callable[[Dataset], Iterator[Dataset]] | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
         self.store = store
         self.on_stored = on_stored
+        self.worklist = worklist
         self._server: _NoDelayServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -220,12 +225,15 @@ class Receiver:
         # recompressed or decoded on the receive path.
         every_syntax: list[str] = list(AllTransferSyntaxes)
         ae.add_supported_context(Verification, every_syntax)
+        if self.worklist is not None:
+            ae.add_supported_context(ModalityWorklistInformationFind, every_syntax)
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None
             ae.add_supported_context(cx.abstract_syntax, every_syntax)
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -298,6 +306,29 @@ class Receiver:
         if isinstance(partial, SpoolTempFile) and not partial.closed:
             log.warning("connection closed during a C-STORE; partial data discarded")
             partial.discard()
+
+    def _on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        """Modality Worklist C-FIND, answered from the local cache only."""
+        requestor = event.assoc.requestor
+        if self.worklist is None:
+            yield 0xC000, None  # pragma: no cover - no MWL context is offered then
+            return
+        try:
+            query = event.identifier
+            found = 0
+            for response in self.worklist(query):
+                if event.is_cancelled:
+                    log.info("worklist query from %r cancelled", requestor.ae_title)
+                    yield 0xFE00, None
+                    return
+                found += 1
+                yield 0xFF00, response
+        except Exception:  # any failure must reach the modality as a status
+            log.exception("worklist query from %r failed", requestor.ae_title)
+            yield 0xC001, None
+            return
+        log.info("worklist query from %r: %d items", requestor.ae_title, found)
+        yield 0x0000, None
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS

@@ -125,7 +125,28 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     table.create_index(["state", "uploaded_at"])  # type: ignore[union-attr]
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+def _migration_3(db: sqlite_utils.Database) -> None:
+    # The worklist cache: one row per item and source, the item kept as DICOM JSON.
+    db["worklist_items"].create(  # type: ignore[union-attr]
+        {"item_id": str, "source": str, "scheduled_date": str, "dataset": str,
+         "last_seen_at": str},
+        pk="item_id",
+        not_null={"source", "scheduled_date", "dataset", "last_seen_at"},
+    )  # fmt: skip
+    db["worklist_items"].create_index(["scheduled_date"])  # type: ignore[union-attr]
+    db["worklist_items"].create_index(["source"])  # type: ignore[union-attr]
+    db["worklist_sources"].create(  # type: ignore[union-attr]
+        {"source": str, "last_attempt_at": str, "last_success_at": str, "last_error": str,
+         "item_count": int},
+        pk="source",
+    )  # fmt: skip
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+]
 
 
 def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[list[str]]:
