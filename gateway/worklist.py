@@ -27,8 +27,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
 from .config import Config
-from .matching import find
 from .store import Store, WriteFn, utcnow
+from .worklist_match import find
 
 log = logging.getLogger(__name__)
 
