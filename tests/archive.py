@@ -3,16 +3,24 @@ mutual TLS (``ssl_verify_client on``), certificates from a trustme test CA.
 
 Debian packages: orthanc, orthanc-dicomweb, nginx-light (``make test`` installs them).
 Everything listens on 127.0.0.1 on free ports; Orthanc's own HTTP port is used by the
-tests only to check what arrived.
+tests only to check what arrived.  tests/test_archive_lab.py pins the behaviour below.
 
-Observed behaviour of this Orthanc (1.10, DICOMweb 1.7) that the tests rely on:
-* STOW-RS of an instance already stored answers 200 and lists it as stored; with
-  OverwriteInstances the archive keeps one copy (the latest).
-* An instance Orthanc cannot index (e.g. no Series Instance UID) is refused:
-  HTTP 400 with the instance in FailedSOPSequence, FailureReason 0xC000, while the
-  other instances of the same request are stored.
-* A Lua ReceivedInstanceFilter that drops an instance is NOT reported as a failure
-  (the plugin lists it as stored), so it cannot stand in for a refusal.
+Observed STOW-RS behaviour of this Orthanc (1.10.1, DICOMweb plugin 1.7):
+* All stored: HTTP 200, every instance in ReferencedSOPSequence (0008,1199), an empty
+  FailedSOPSequence (0008,1198).
+* An instance already stored: 200 and listed as stored again, whether the content is
+  identical or differs (same SOP Instance UID); with OverwriteInstances the archive
+  keeps one copy, the latest.
+* An instance missing a mandatory UID (e.g. no Series Instance UID): HTTP 400, the
+  instance in FailedSOPSequence with FailureReason 0xC000 (49152); the other instances
+  of the same request are stored and listed in ReferencedSOPSequence.
+* An instance whose PatientID is :attr:`ArchiveLab.rejected_patient_id`: a Lua
+  ReceivedInstanceFilter raises an error, Orthanc does not store it, and the plugin
+  stops reading the request there: HTTP 200, this instance and every later one in the
+  same request are in neither sequence and not stored (earlier ones are).  An uploader
+  must treat an instance missing from the answer as not stored.
+* A ReceivedInstanceFilter that merely returns false is worse and is not used: the
+  instance is dropped but listed in ReferencedSOPSequence as if stored.
 """
 
 from __future__ import annotations
@@ -72,7 +80,24 @@ http {{
 """
 
 
+# Raising (rather than returning false) is what makes Orthanc refuse the instance
+# instead of dropping it silently while DICOMweb reports it stored; see the docstring.
+_LUA_FILTER = """
+function ReceivedInstanceFilter(dicom, origin, info)
+  if dicom.PatientID == "{patient_id}" then
+    error("test archive refuses PatientID " .. dicom.PatientID)
+  end
+  return true
+end
+"""
+
+
 class ArchiveLab:
+    """One archive in ``workdir``; :meth:`start` it, and :meth:`stop` it even on failure."""
+
+    #: Orthanc refuses instances with this PatientID (see the module docstring).
+    rejected_patient_id = "ARCHIVE-REFUSES-ME"
+
     def __init__(self, workdir: Path) -> None:
         self.work = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -123,12 +148,14 @@ class ArchiveLab:
             "AuthenticationEnabled": False,
             "DicomServerEnabled": False,
             "Plugins": [DICOMWEB_PLUGIN],
+            "LuaScripts": [str(w / "filter.lua")],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             # A re-sent instance replaces the stored copy: one copy, latest content.
             "OverwriteInstances": True,
             "StorageCompression": False,
         }
         (w / "orthanc.json").write_text(json.dumps(orthanc, indent=2))
+        (w / "filter.lua").write_text(_LUA_FILTER.format(patient_id=self.rejected_patient_id))
         for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (w / d).mkdir(exist_ok=True)
         (w / "nginx.conf").write_text(
@@ -167,17 +194,34 @@ class ArchiveLab:
         return self
 
     def start_nginx(self) -> None:
+        if self._nginx is not None and self._nginx.poll() is None:
+            return
         self._nginx = subprocess.Popen(
             [NGINX, "-c", str(self.work / "nginx.conf"), "-p", str(self.work)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.nginx_port)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                wait_for_port(self.nginx_port, timeout=0.2)
+                return
+            except TimeoutError:
+                if self._nginx.poll() is not None or time.monotonic() > deadline:
+                    log = self.work / "nginx-error.log"
+                    self.stop_nginx()
+                    raise RuntimeError(
+                        "nginx did not start:\n" + (log.read_text() if log.exists() else "")
+                    ) from None
 
     def stop_nginx(self) -> None:
         if self._nginx is not None and self._nginx.poll() is None:
-            self._nginx.send_signal(signal.SIGTERM)
-            self._nginx.wait(timeout=15)
+            self._nginx.send_signal(signal.SIGTERM)  # fast shutdown: master and workers
+            try:
+                self._nginx.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._nginx.kill()
+                self._nginx.wait()
         self._nginx = None
 
     def set_unavailable(self, on: bool) -> None:
@@ -188,14 +232,17 @@ class ArchiveLab:
             flag.unlink()
 
     def stop(self) -> None:
+        """Stop nginx and Orthanc (idempotent).
+
+        Orthanc is killed: a clean stop spends 2 s in its HTTP server's shutdown, and
+        nothing in this throwaway archive needs saving once the test has looked.
+        """
         self.stop_nginx()
-        if self._orthanc is not None and self._orthanc.poll() is None:
-            self._orthanc.terminate()
-            try:
-                self._orthanc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
+        if self._orthanc is not None:
+            if self._orthanc.poll() is None:
                 self._orthanc.kill()
-                self._orthanc.wait()
+            self._orthanc.wait(timeout=15)
+        self._orthanc = None
 
     # -- inspection (plain HTTP straight to Orthanc, test-only) -------------------------
     def _get(self, path: str) -> Any:
@@ -231,9 +278,24 @@ class ArchiveLab:
         assert isinstance(body, bytes)
         return body
 
-    def nginx_access_log(self) -> str:
+    def nginx_access_log(self, wait_for: str | None = None, timeout: float = 10.0) -> str:
+        """The access log; with ``wait_for``, once that text is in it.
+
+        nginx writes a request's line when it finishes the request, which for an early
+        answer (400 for a refused certificate, the 503 switch) is after the client has
+        the response, while nginx still reads and discards the body: right after a
+        request, its line may not be there yet.  From a coroutine, call this in a thread
+        (``asyncio.to_thread``) so the client's connection can close meanwhile.
+        """
         path = self.work / "nginx-access.log"
-        return path.read_text() if path.exists() else ""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = path.read_text() if path.exists() else ""
+            if wait_for is None or wait_for in text:
+                return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{wait_for!r} not in nginx's access log:\n{text}")
+            time.sleep(0.05)
 
 
 @pytest.fixture
