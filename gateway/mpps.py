@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import N_CREATE, N_SET
 from pynetdicom.dsutils import decode, encode
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
@@ -619,10 +621,14 @@ class Forwarder:
         return backoff_seconds(self._failures, m.backoff_initial_seconds, m.backoff_max_seconds)
 
     async def _send_round(self, batch: list[Message]) -> None:
+        ae = self._new_ae()
         try:
-            assoc = await asyncio.to_thread(self._associate)
+            assoc = await _in_daemon_thread(self._associate, ae)
         except _NoAssociation as exc:
             raise UpstreamUnavailable(str(exc), batch[0]) from None
+        except asyncio.CancelledError:
+            _abandon(ae)
+            raise
         released = False
         try:
             held: set[str] = set()  # instances whose earlier message did not go through
@@ -630,14 +636,14 @@ class Forwarder:
                 if message.sop_instance_uid in held:
                     continue
                 await self._db(_mark_sending(message.seq))
-                delivery = await asyncio.to_thread(self._send, assoc, message)
+                delivery = await _in_daemon_thread(self._send, assoc, message)
                 if delivery.outcome is Outcome.RETRY:
                     raise UpstreamUnavailable(delivery.reason, message, delivery.maybe_delivered)
                 await self._db(_finish(message.seq, delivery))
                 self._log(message, delivery)
                 if delivery.outcome is Outcome.REFUSED:
                     held.add(message.sop_instance_uid)
-            await asyncio.to_thread(assoc.release)
+            await _in_daemon_thread(assoc.release)
             released = True
         finally:
             if not released and assoc.is_established:
@@ -655,13 +661,18 @@ class Forwarder:
         elif delivery.outcome is Outcome.REFUSED:
             log.error("%s failed permanently, not retried: %s", what, delivery.reason)
 
-    def _associate(self) -> Association:
-        m = self.config.mpps
+    def _new_ae(self) -> AE:
         ae = AE(ae_title=self.config.dimse.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = m.timeout_seconds
+        timeout = self.config.mpps.timeout_seconds
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+        ae.connection_timeout = timeout
         ae.add_requested_context(
             ModalityPerformedProcedureStep, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
         )
+        return ae
+
+    def _associate(self, ae: AE) -> Association:
+        m = self.config.mpps
         try:
             assoc = ae.associate(m.upstream_host, m.upstream_port, ae_title=m.upstream_ae)
         except (OSError, RuntimeError) as exc:
@@ -684,6 +695,48 @@ class Forwarder:
         except (OSError, RuntimeError, ValueError) as exc:
             return Delivery(Outcome.RETRY, f"sending failed: {exc!r}", True)
         return classify(message, status)
+
+
+def _abandon(ae: AE) -> None:
+    """Stop the association attempts of *ae*: pynetdicom's DUL threads are not daemon
+    threads, and one waiting for a silent upstream's answer would hold up the exit of
+    the gateway until the ACSE timeout."""
+    for thread in threading.enumerate():
+        if isinstance(thread, DULServiceProvider) and thread.assoc.ae is ae:
+            thread.kill_dul()
+            if thread.socket is not None:
+                with contextlib.suppress(OSError):
+                    thread.socket.close()
+
+
+async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking upstream I/O in a daemon thread.  Not asyncio.to_thread: at exit,
+    asyncio.run waits for the default executor, so an association waiting out its
+    ACSE timeout on a silent upstream would hold up the stop for that long."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=work, name="mpps-upstream", daemon=True).start()
+    return await future
+
+
+def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
+    if future.done():  # the awaiting task was cancelled
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

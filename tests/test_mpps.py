@@ -11,6 +11,7 @@ runs as the real process (``python -m gateway run``).
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import warnings
@@ -246,12 +247,15 @@ def progress(status: str = IN_PROGRESS, series: int = 0) -> Dataset:
     return ds
 
 
-def _gateway(factory: GatewayFactory, up: UpstreamMpps | None, **sections: Any) -> GatewayProcess:
+def _gateway(
+    factory: GatewayFactory, up: UpstreamMpps | None, mpps: dict[str, Any] | None = None,
+    **sections: Any,
+) -> GatewayProcess:  # fmt: skip
     m: dict[str, Any] = {"backoff_initial_seconds": 0.2, "backoff_max_seconds": 1.0,
                          "timeout_seconds": 10}  # fmt: skip
     if up is not None:
         m |= {"upstream_host": "127.0.0.1", "upstream_port": up.port, "upstream_ae": "RIS_MPPS"}
-    return factory(mpps=m, **sections)
+    return factory(mpps=m | (mpps or {}), **sections)
 
 
 def wait_for(predicate: Callable[[], object], what: str, timeout: float = 30) -> None:
@@ -331,6 +335,34 @@ def test_upstream_down_keeps_messages_across_restart_and_kill_and_delivers_in_or
     assert [r.status for r in upstream.received] == [0] * 5  # nothing sent twice
     wait_for(lambda: [r["state"] for r in outbox(gw)] == ["sent"] * 5, "outbox sent")
     assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("silent", ["association", "n-create"])
+def test_stop_is_prompt_while_the_upstream_is_silent(
+    gateway_factory: GatewayFactory, upstream: UpstreamMpps, silent: str
+) -> None:
+    """A stop does not wait out the upstream timeouts (60 s here), and the message
+    that was on its way is sent again at the next start."""
+    uid = generate_uid()
+    with socket.socket() as listener:
+        if silent == "association":
+            listener.bind(("127.0.0.1", upstream.port))  # accepts TCP, never answers
+            listener.listen(4)
+        else:
+            upstream.hold = (CREATE, uid)
+            upstream.start()
+        gw = _gateway(gateway_factory, upstream, mpps={"timeout_seconds": 60})
+        assert send(gw.port, (CREATE, uid, started())) == [0]
+        if silent == "association":
+            wait_for(lambda: gw.rows("SELECT * FROM mpps_outbox"), "the outbox row")
+            time.sleep(0.5)  # let the forwarder reach the upstream
+        else:
+            assert upstream.holding.wait(30)
+        assert gw.stop(timeout=20) == 0
+    upstream.release.set()
+    assert "stopped cleanly" in gw.log
+    (row,) = outbox(gw)
+    assert row["state"] in ("pending", "sending")
 
 
 @pytest.mark.parametrize("cut", ["create", "final set"])
