@@ -35,7 +35,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -165,6 +165,13 @@ def to_bytes(ds: Dataset) -> bytes:
     return data
 
 
+def _encoded(ds: Dataset) -> bytes:
+    try:
+        return to_bytes(ds)
+    except Exception as exc:  # pydicom raises a wide range on values it cannot write
+        raise Refused(PROCESSING_FAILURE, f"data set cannot be encoded: {exc!r}") from exc
+
+
 def from_bytes(data: bytes) -> Dataset:
     return decode(BytesIO(data), False, True)
 
@@ -229,13 +236,19 @@ def refers_to(ref: StepRef, item_json: dict[str, Any]) -> bool:
 
 
 def _mark_worklist(
-    conn: sqlite3.Connection, uid: str, refs: Iterable[StepRef], status: str, now: str
+    conn: sqlite3.Connection, uid: str, refs: list[StepRef], status: str, now: str
 ) -> int:
-    refs = list(refs)
-    if not refs:
+    # Only items whose JSON holds one of the identifiers are parsed: this runs in the
+    # writer thread, which C-STORE acknowledgements wait for.
+    needles = sorted(
+        {json.dumps(v) for r in refs for v in (r.study_instance_uid, r.accession_number,
+                                               r.scheduled_procedure_step_id) if v}
+    )  # fmt: skip
+    if not needles:
         return 0
+    where = " OR ".join(["instr(dataset, ?) > 0"] * len(needles))
     marked = []
-    for row in conn.execute("SELECT item_id, dataset FROM worklist_items"):
+    for row in conn.execute(f"SELECT item_id, dataset FROM worklist_items WHERE {where}", needles):
         item = json.loads(row["dataset"])
         if any(refers_to(ref, item) for ref in refs):
             marked.append(row["item_id"])
@@ -267,7 +280,7 @@ def record_create(uid: str, attributes: Dataset, calling_ae: str) -> WriteFn[int
     """Accept an N-CREATE: the step, its outbox row, the worklist mark.  Raises
     :class:`Refused` (nothing written) for a duplicate or a wrong status."""
     check_create(_status_of(attributes))
-    data = to_bytes(attributes)
+    data = _encoded(attributes)
     refs = step_refs(attributes)
 
     def write(conn: sqlite3.Connection) -> int:
@@ -289,7 +302,7 @@ def record_set(uid: str, modifications: Dataset) -> WriteFn[str]:
     """Accept an N-SET: merge it into the step, queue it, follow the worklist mark.
     The future gives the step's new status; raises :class:`Refused` otherwise."""
     new = _status_of(modifications)
-    data = to_bytes(modifications)
+    data = _encoded(modifications)
 
     def write(conn: sqlite3.Connection) -> str:
         now = utcnow()
@@ -302,7 +315,7 @@ def record_set(uid: str, modifications: Dataset) -> WriteFn[str]:
             current[elem.tag] = elem  # a sequence is replaced whole (PS3.4 F.7.2.2.2)
         conn.execute(
             "UPDATE mpps SET status = ?, dataset = ?, updated_at = ? WHERE sop_instance_uid = ?",
-            (status, to_bytes(current), now, uid),
+            (status, _encoded(current), now, uid),
         )
         conn.execute(
             "UPDATE worklist_mpps SET mpps_status = ?, updated_at = ? WHERE mpps_instance_uid = ?",
@@ -401,7 +414,6 @@ class Message:
     kind: str
     dataset: bytes
     final: bool
-    attempts: int
     maybe_delivered: bool
 
 
@@ -479,7 +491,7 @@ def _next_batch(limit: int) -> WriteFn[list[Message]]:
             (FAILED, now, PENDING, FAILED),
         )
         rows = conn.execute(
-            "SELECT seq, sop_instance_uid, kind, dataset, final, attempts, maybe_delivered"
+            "SELECT seq, sop_instance_uid, kind, dataset, final, maybe_delivered"
             " FROM mpps_outbox WHERE state = ? ORDER BY seq LIMIT ?",
             (PENDING, limit),
         ).fetchall()
@@ -495,7 +507,6 @@ def _message(r: sqlite3.Row) -> Message:
         kind=r["kind"],
         dataset=r["dataset"],
         final=bool(r["final"]),
-        attempts=r["attempts"],
         maybe_delivered=bool(r["maybe_delivered"]),
     )
 

@@ -570,7 +570,7 @@ def _status(code: int, comment: str = "") -> Dataset:
 
 
 def _msg(kind: str, final: bool = False, maybe: bool = False) -> Message:
-    return Message(1, "1.2.3", kind, b"", final, 0, maybe)
+    return Message(1, "1.2.3", kind, b"", final, maybe)
 
 
 @pytest.mark.parametrize(
