@@ -157,7 +157,9 @@ class Modality:
     def __init__(self, port: int) -> None:
         ae = AE(ae_title="CT_ROOM1")
         ae.add_requested_context(ModalityPerformedProcedureStep, SYNTAXES)
-        self.assoc: Association = ae.associate("127.0.0.1", port, ae_title="DICOMGW")
+        self.assoc: Association = ae.associate(
+            "127.0.0.1", port, ae_title="DICOMGW", evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)]
+        )
         assert self.assoc.is_established
 
     def create(self, uid: str | None, ds: Dataset) -> int:
@@ -170,6 +172,11 @@ class Modality:
 
     def close(self) -> None:
         self.assoc.release()
+
+
+def _no_delay(event: evt.Event) -> None:
+    # As a modality's stack would: without it, Nagle adds ~40 ms to each request.
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def send(port: int, *requests: tuple[str, str | None, Dataset]) -> list[int]:
