@@ -351,6 +351,7 @@ def test_stop_is_prompt_while_the_upstream_is_silent(
     """A stop does not wait out the upstream timeouts (60 s here), and the message
     that was on its way is sent again at the next start."""
     uid = generate_uid()
+    connection: socket.socket | None = None
     with socket.socket() as listener:
         if silent == "association":
             listener.bind(("127.0.0.1", upstream.port))  # accepts TCP, never answers
@@ -361,11 +362,14 @@ def test_stop_is_prompt_while_the_upstream_is_silent(
         gw = _gateway(gateway_factory, upstream, mpps={"timeout_seconds": 60})
         assert send(gw.port, (CREATE, uid, started())) == [0]
         if silent == "association":
-            wait_for(lambda: gw.rows("SELECT * FROM mpps_outbox"), "the outbox row")
-            time.sleep(0.5)  # let the forwarder reach the upstream
+            listener.settimeout(30)
+            # The forwarder connected and waits for an answer that never comes.
+            connection, _ = listener.accept()
         else:
             assert upstream.holding.wait(30)
         assert gw.stop(timeout=20) == 0
+        if connection is not None:
+            connection.close()
     upstream.release.set()
     assert "stopped cleanly" in gw.log
     (row,) = outbox(gw)
