@@ -23,6 +23,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -683,6 +685,63 @@ def test_duplicate_create_is_refused_inside_the_writer(store: Store) -> None:
             outcomes.append(exc.status)
     assert outcomes[1] == 0x0111 and isinstance(outcomes[0], int)
     assert len(store.rows("SELECT * FROM mpps_outbox")) == 1
+
+
+# Valid values are drawn more often, so long lawful histories are common.
+_STATUS_VALUES = st.sampled_from(
+    [IN_PROGRESS, IN_PROGRESS, COMPLETED, DISCONTINUED, None, "", "DONE"]
+)
+_OPS = st.lists(st.tuples(st.sampled_from([CREATE, SET, SET]), _STATUS_VALUES), max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=_OPS)
+@example(ops=[(CREATE, IN_PROGRESS), (SET, DISCONTINUED), (SET, IN_PROGRESS)])
+@example(ops=[(CREATE, IN_PROGRESS), (SET, None), (SET, COMPLETED), (SET, None)])
+def test_any_request_sequence_follows_the_rules(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[tuple[str, str | None]]
+) -> None:
+    """Whatever a modality sends for one instance, the gateway's answers and what it
+    keeps follow a plain model of PS3.4 F.7.2."""
+    store = Store(tmp_path_factory.mktemp("rules") / "q.sqlite3")
+    store.open()
+    uid = generate_uid()
+    model: str | None = None
+    accepted = 0
+    try:
+        for kind, value in ops:
+            ds = Dataset()
+            if value is not None:
+                ds.PerformedProcedureStepStatus = value
+            if kind == CREATE:
+                expected = {None: 0x0120, "": 0x0121, IN_PROGRESS: 0}.get(value, 0x0106)
+                if expected == 0 and model is not None:
+                    expected = 0x0111
+            elif model is None:
+                expected = 0x0112
+            elif model in (COMPLETED, DISCONTINUED):
+                expected = 0x0110
+            elif value is not None and value not in (IN_PROGRESS, COMPLETED, DISCONTINUED):
+                expected = 0x0106
+            else:
+                expected = 0
+            try:
+                if kind == CREATE:
+                    store.submit(mpps.record_create(uid, ds, "CT")).result()
+                else:
+                    store.submit(mpps.record_set(uid, ds)).result()
+                code = 0
+            except Refused as exc:
+                code = exc.status
+            assert code == expected, (kind, value, model)
+            if code == 0:
+                accepted += 1
+                model = IN_PROGRESS if kind == CREATE else (value or model)
+        rows = store.rows("SELECT status FROM mpps")
+        assert [r["status"] for r in rows] == ([model] if model else [])
+        assert len(store.rows("SELECT seq FROM mpps_outbox")) == accepted
+    finally:
+        store.close()
 
 
 def test_mpps_config_is_validated() -> None:
