@@ -156,9 +156,9 @@ def upstream() -> Iterator[UpstreamMpps]:
 
 
 class Modality:
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, syntaxes: list[str] = SYNTAXES) -> None:
         ae = AE(ae_title="CT_ROOM1")
-        ae.add_requested_context(ModalityPerformedProcedureStep, SYNTAXES)
+        ae.add_requested_context(ModalityPerformedProcedureStep, syntaxes)
         self.assoc: Association = ae.associate(
             "127.0.0.1", port, ae_title="DICOMGW", evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)]
         )
@@ -181,9 +181,11 @@ def _no_delay(event: evt.Event) -> None:
     event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def send(port: int, *requests: tuple[str, str | None, Dataset]) -> list[int]:
+def send(
+    port: int, *requests: tuple[str, str | None, Dataset], syntaxes: list[str] = SYNTAXES
+) -> list[int]:
     """Send (kind, uid, data set) requests on one association; their statuses."""
-    modality = Modality(port)
+    modality = Modality(port, syntaxes)
     try:
         return [
             modality.create(uid, ds) if kind == CREATE else modality.set(str(uid), ds)
@@ -283,8 +285,9 @@ def outbox(gw: GatewayProcess) -> list[Any]:
 # -- end to end -----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
 def test_create_and_sets_reach_the_upstream_intact_and_in_order(
-    gateway_factory: GatewayFactory, upstream: UpstreamMpps
+    gateway_factory: GatewayFactory, upstream: UpstreamMpps, syntax: str
 ) -> None:
     upstream.start()
     gw = _gateway(gateway_factory, upstream)
@@ -294,7 +297,7 @@ def test_create_and_sets_reach_the_upstream_intact_and_in_order(
         (SET, uid, progress(IN_PROGRESS, series=1)),
         (SET, uid, progress(COMPLETED, series=2)),
     ]
-    assert send(gw.port, *sent) == [0, 0, 0]
+    assert send(gw.port, *sent, syntaxes=[syntax]) == [0, 0, 0]
 
     wait_for(lambda: len(upstream.accepted()) == 3, "three messages upstream")
     assert upstream.accepted() == [(CREATE, uid), (SET, uid), (SET, uid)]
