@@ -28,6 +28,7 @@ test-slow: $(VENV)/.test-installed
 bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/ingest.py
 	$(BIN)/python tests/bench/transcode.py
+	$(BIN)/python tests/bench/mpps.py --steps 200
 	$(BIN)/python tests/bench/crash_run.py --kills 200
 
 lint: $(VENV)/.test-installed

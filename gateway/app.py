@@ -1,7 +1,7 @@
 """The Gateway: start order, the main wait, and a two-phase stop.
 
 Start:  spool directories -> queue database -> reconcile -> DIMSE listener, then the
-compress/upload pipeline.
+compress/upload pipeline, the worklist refresh and the MPPS forwarder.
 Stop (SIGTERM/SIGINT): close the listener and refuse new C-STOREs, let in-flight
 C-STOREs finish for at most ``dimse.drain_seconds``, abort what is left; the pipeline
 is cancelled (an interrupted upload is re-sent after restart); then close the
@@ -20,6 +20,7 @@ from typing import Any
 from . import __version__
 from .config import Config
 from .jobs import Pipeline
+from .mpps import Forwarder, MppsScp
 from .receive import COMMIT_TIMEOUT_S, Receiver
 from .reconcile import reconcile
 from .spool import Spool
@@ -41,12 +42,14 @@ class Gateway:
         self.store = Store(config.database.path)
         self.pipeline = Pipeline(config, self.spool, self.store)
         self.worklist = Worklist(config, self.store)
+        self.mpps = Forwarder(config, self.store)
         self.receiver = Receiver(
             config.dimse,
             self.spool,
             self.store,
             on_stored=lambda _: self.pipeline.wake(),
             worklist=self.worklist.answer,
+            mpps=MppsScp(self.store, on_accepted=self.mpps.wake),
         )
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -78,6 +81,7 @@ class Gateway:
                     tg.create_task(self._sweep_tmp(), name="sweep-tmp"),
                     tg.create_task(self._supervise("pipeline", self.pipeline.run())),
                     tg.create_task(self._supervise("worklist", self.worklist.run())),
+                    tg.create_task(self._supervise("mpps", self.mpps.run())),
                 ]
                 await self._stop.wait()
                 for task in tasks:

@@ -91,6 +91,16 @@ class WorklistConfig:
 
 
 @dataclass(frozen=True)
+class MppsConfig:
+    upstream_host: str = ""
+    upstream_port: int = 104
+    upstream_ae: str = ""
+    timeout_seconds: float = 30.0
+    backoff_initial_seconds: float = 5.0
+    backoff_max_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
 class WebConfig:
     bind: str = "127.0.0.1"
     port: int = 8080
@@ -110,6 +120,7 @@ class Config:
     upload: UploadConfig = field(default_factory=UploadConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
+    mpps: MppsConfig = field(default_factory=MppsConfig)
     web: WebConfig = field(default_factory=WebConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -293,6 +304,19 @@ def _check(c: Config) -> None:
         raise ConfigError(s, "worklist.expire_after_days", "must not be negative")
     if c.worklist.refresh_seconds < 1:
         raise ConfigError(s, "worklist.refresh_seconds", "must be at least 1")
+    if c.mpps.upstream_host:
+        _check_port(s, "mpps.upstream_port", c.mpps.upstream_port)
+        if not _valid_ae_title(c.mpps.upstream_ae):
+            raise ConfigError(
+                s, "mpps.upstream_ae", "required (a valid AE title) when upstream_host is set"
+            )
+    for key in ("timeout_seconds", "backoff_initial_seconds", "backoff_max_seconds"):
+        if getattr(c.mpps, key) <= 0:
+            raise ConfigError(s, f"mpps.{key}", "must be a positive number of seconds")
+    if c.mpps.backoff_max_seconds < c.mpps.backoff_initial_seconds:
+        raise ConfigError(
+            s, "mpps.backoff_max_seconds", "must not be less than backoff_initial_seconds"
+        )
     _check_bind(s, "web.bind", c.web.bind)
     _check_port(s, "web.port", c.web.port, allow_zero=True)
     if c.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -31,6 +31,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
     Verification,
 )
@@ -40,6 +41,9 @@ from . import dul_guard
 from .config import DimseConfig
 from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolTempFile
 from .store import ReceivedInstance, Store
+
+if TYPE_CHECKING:
+    from .mpps import MppsScp
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +193,14 @@ class Receiver:
         store: Store,
         on_stored: Callable[[ReceivedInstance], None] | None = None,
         worklist: Callable[[Dataset], Iterator[Dataset]] | None = None,
+        mpps: MppsScp | None = None,
     ) -> None:
         self.config = config
         self.spool = spool
         self.store = store
         self.on_stored = on_stored
         self.worklist = worklist
+        self.mpps = mpps
         self._server: _NoDelayServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -227,6 +233,8 @@ class Receiver:
         ae.add_supported_context(Verification, every_syntax)
         if self.worklist is not None:
             ae.add_supported_context(ModalityWorklistInformationFind, every_syntax)
+        if self.mpps is not None:
+            ae.add_supported_context(ModalityPerformedProcedureStep, every_syntax)
         for cx in AllStoragePresentationContexts:
             assert cx.abstract_syntax is not None
             ae.add_supported_context(cx.abstract_syntax, every_syntax)
@@ -234,6 +242,8 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_N_CREATE, self._on_n_create),
+            (evt.EVT_N_SET, self._on_n_set),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -329,6 +339,33 @@ class Receiver:
             return
         log.info("worklist query from %r: %d items", requestor.ae_title, found)
         yield 0x0000, None
+
+    # -- MPPS (gateway/mpps.py); counted in flight like C-STOREs, so a stop lets an
+    # accepted N-CREATE/N-SET reach its answer.
+    def _on_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        if self.mpps is None:
+            return 0x0110, None  # pragma: no cover - no MPPS context is offered then
+        return self._mpps_call(event, self.mpps.n_create)
+
+    def _on_n_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        if self.mpps is None:
+            return 0x0110, None  # pragma: no cover - no MPPS context is offered then
+        return self._mpps_call(event, self.mpps.n_set)
+
+    def _mpps_call(
+        self, event: evt.Event, handler: Callable[[evt.Event], tuple[int | Dataset, Dataset | None]]
+    ) -> tuple[int | Dataset, Dataset | None]:
+        if self._stopping.is_set():
+            log.warning("MPPS request refused: shutting down")
+            return 0x0213, None  # Resource limitation: the modality sends it again
+        with self._inflight_cond:
+            self._inflight += 1
+        try:
+            return handler(event)
+        finally:
+            with self._inflight_cond:
+                self._inflight -= 1
+                self._inflight_cond.notify_all()
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS

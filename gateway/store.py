@@ -142,10 +142,41 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     )  # fmt: skip
 
 
+def _migration_4(db: sqlite_utils.Database) -> None:
+    # MPPS (gateway/mpps.py).  Migration number 4 was assigned to the MPPS branch;
+    # the integrator renumbers it if another branch's migration lands first.
+    # mpps: each Performed Procedure Step as it stands now (the N-CREATE with every
+    # accepted N-SET merged in), to validate the next N-SET against.
+    db.execute(
+        "CREATE TABLE mpps (sop_instance_uid TEXT PRIMARY KEY, status TEXT NOT NULL,"
+        " dataset BLOB NOT NULL, calling_ae TEXT, created_at TEXT NOT NULL,"
+        " updated_at TEXT NOT NULL)"
+    )
+    # mpps_outbox: every accepted N-CREATE / N-SET, forwarded upstream in seq order.
+    # AUTOINCREMENT: seq is the delivery order and must never be reused.
+    db.execute(
+        "CREATE TABLE mpps_outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " sop_instance_uid TEXT NOT NULL, kind TEXT NOT NULL, dataset BLOB NOT NULL,"
+        " final INTEGER NOT NULL DEFAULT 0, received_at TEXT NOT NULL, state TEXT NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at TEXT, last_error TEXT,"
+        " maybe_delivered INTEGER NOT NULL DEFAULT 0, sent_at TEXT, updated_at TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX mpps_outbox_state ON mpps_outbox (state, seq)")
+    db.execute("CREATE INDEX mpps_outbox_instance ON mpps_outbox (sop_instance_uid, seq)")
+    # The MPPS status of worklist items, keyed by the item's identity (worklist_items
+    # .item_id) in a table of its own, so a refresh that replaces the items keeps it.
+    db.execute(
+        "CREATE TABLE worklist_mpps (item_id TEXT PRIMARY KEY, mpps_instance_uid TEXT NOT NULL,"
+        " mpps_status TEXT NOT NULL, updated_at TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX worklist_mpps_instance ON worklist_mpps (mpps_instance_uid)")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
+    _migration_4,
 ]
 
 

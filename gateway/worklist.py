@@ -47,6 +47,9 @@ _STEP_KEYS = [
     "ScheduledProcedureStepID", "ScheduledProcedureStepLocation",
 ]  # fmt: skip
 
+#: Scheduled Procedure Step Status shown for a step an MPPS reported on.
+_SPS_STATUS = {"IN PROGRESS": "STARTED", "DISCONTINUED": "DISCONTINUED"}
+
 
 def universal_query() -> Dataset:
     """Every item, with the attributes a modality's worklist screen uses."""
@@ -199,12 +202,26 @@ class Worklist:
         return (date.today() - timedelta(days=days)).strftime("%Y%m%d")
 
     def cached(self) -> Iterator[Dataset]:
+        """The items to answer from, with what MPPS told us (gateway/mpps.py): a step
+        the modality COMPLETED is left out (it is done; offering it again invites a
+        second exam under the same accession); one IN PROGRESS or DISCONTINUED stays,
+        its Scheduled Procedure Step Status STARTED or DISCONTINUED, so it can be
+        resumed or redone."""
         cutoff = self._expiry_cutoff()
         for row in self.store.rows(
-            "SELECT dataset FROM worklist_items WHERE scheduled_date = '' OR scheduled_date >= ?",
+            "SELECT w.dataset, m.mpps_status FROM worklist_items w"
+            " LEFT JOIN worklist_mpps m ON m.item_id = w.item_id"
+            " WHERE w.scheduled_date = '' OR w.scheduled_date >= ?",
             (cutoff,),
         ):
-            yield Dataset.from_json(row["dataset"])
+            mpps_status = row["mpps_status"]
+            if mpps_status == "COMPLETED":
+                continue
+            ds = Dataset.from_json(row["dataset"])
+            if mpps_status in _SPS_STATUS:
+                for step in ds.get("ScheduledProcedureStepSequence") or []:
+                    step.ScheduledProcedureStepStatus = _SPS_STATUS[mpps_status]
+            yield ds
 
     def answer(self, query: Dataset) -> Iterator[Dataset]:
         """Responses for a modality's C-FIND, from the cache alone."""
