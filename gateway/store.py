@@ -142,10 +142,27 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     )  # fmt: skip
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    # Status page and /metrics on a large queue (issue 5).  Numbered 6 by assignment
+    # while 4 and 5 are taken on other branches: the integrator renumbers at merge.
+    # Oldest pending per state; per-minute received / uploaded counts and bytes over
+    # the last hour without touching the table (covering); calling AE last seen.
+    db.execute("CREATE INDEX idx_instances_state_received ON instances (state, received_at)")
+    db.execute("CREATE INDEX idx_instances_received_size ON instances (received_at, size)")
+    db.execute("CREATE INDEX idx_instances_uploaded_size ON instances (uploaded_at, upload_size)")
+    db.execute("CREATE INDEX idx_instances_ae_received ON instances (calling_ae, received_at)")
+    # Bytes still on disk: with retention off only the not-yet-uploaded rows are in it.
+    db.execute(
+        "CREATE INDEX idx_instances_on_disk ON instances (path, upload_path, size, upload_size)"
+        " WHERE path IS NOT NULL"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
+    _migration_6,
 ]
 
 
