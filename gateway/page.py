@@ -202,9 +202,10 @@ def render_page(
                 f"<td>{_e(r['sop_instance_uid'])}: {_e(r['last_error'])}</td></tr>"
             )
         for r in doc["recent_errors"]:
+            times = f" <b>&times;{r['count']}</b>" if r.get("count", 1) > 1 else ""
             out.append(
                 f"<tr><td>{_e(r['at'][:19].replace('T', ' '))}</td>"
-                f"<td>{_e(r['level'])} {_e(r['message'])}</td></tr>"
+                f"<td>{_e(r['level'])} {_e(r['message'])}{times}</td></tr>"
             )
         out.append("</table></div>")
     else:

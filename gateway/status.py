@@ -72,14 +72,17 @@ class RecentErrors(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):  # a status page must not break logging
+            at = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="seconds")
+            message = record.getMessage()[:500]
+            last = self.records[-1] if self.records else None
+            if last is not None and last["message"] == message:
+                # An outage repeats the same line on every retry: count it instead.
+                last["at"], last["count"] = at, last["count"] + 1
+                return
             self.records.append(
-                {
-                    "at": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="seconds"),
-                    "level": record.levelname,
-                    "source": record.name,
-                    "message": record.getMessage()[:500],
-                }
-            )
+                {"at": at, "level": record.levelname, "source": record.name,
+                 "message": message, "count": 1}
+            )  # fmt: skip
 
     def latest(self) -> list[dict[str, Any]]:
         return list(reversed(self.records))

@@ -162,7 +162,9 @@ class WebServer:
         response.headers.setdefault("Cache-Control", "no-store")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        # same-origin, not no-referrer: with no-referrer a browser sends "Origin: null" on
+        # the page's own form posts, which the CSRF check must refuse.
+        response.headers.setdefault("Referrer-Policy", "same-origin")
         return response
 
     async def _authenticate(self, request: web.Request) -> tuple[str | None, str]:
