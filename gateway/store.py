@@ -151,6 +151,11 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_instances_received_size ON instances (received_at, size)")
     db.execute("CREATE INDEX idx_instances_uploaded_size ON instances (uploaded_at, upload_size)")
     db.execute("CREATE INDEX idx_instances_ae_received ON instances (calling_ae, received_at)")
+    # Instances waiting for a retry after a failed upload, soonest first.
+    db.execute(
+        "CREATE INDEX idx_instances_retrying ON instances (next_attempt_at)"
+        " WHERE state = 'compressed' AND last_error IS NOT NULL"
+    )
     # Bytes still on disk: with retention off only the not-yet-uploaded rows are in it.
     db.execute(
         "CREATE INDEX idx_instances_on_disk ON instances (path, upload_path, size, upload_size)"
