@@ -291,8 +291,9 @@ class StatusService:
         return self.last
 
     async def close(self) -> None:
+        """Wait for a snapshot in progress: its thread reads the database, which is
+        closed next (a cancelled task would not stop the thread anyway)."""
         if self._refreshing is not None:
-            self._refreshing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refreshing
 

@@ -6,6 +6,7 @@ storescu, the archive is Orthanc behind nginx with mutual TLS (tests/archive.py)
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import webauth
 from gateway.config import EXIT_CONFIG
+from gateway.heartbeat import compact
 
 from . import corpus
 from .archive import ArchiveLab
@@ -343,9 +345,88 @@ def test_heartbeat_reaches_the_archive_over_mutual_tls(
     """The heartbeat endpoint is a location in the lab's nginx (``return 204``), behind
     the same ``ssl_verify_client on`` as the archive."""
     url = f"https://localhost:{archive_lab.nginx_port}/heartbeat"
-    gateway_factory(
+    gw = gateway_factory(
         upload=_upload_config(archive_lab),
         heartbeat={"url": url, "interval_seconds": interval},
     )
     log = archive_lab.nginx_access_log(wait_for='"POST /heartbeat HTTP/1.1" 204')
     assert log.count("POST /heartbeat") >= 1
+    assert "heartbeat to" not in gw.log  # no failure logged
+    # What is sent: compact, no secrets, no patient data.
+    body = compact(_client(gw).status(), "DICOMGW")
+    assert body["health"] == "ok" and body["queue"]["pending"] == 0
+    assert body["certificate_days_left"] > 300
+    text = json.dumps(body)
+    assert len(text) < 2000 and "client.key" not in text
+
+
+def test_client_certificate_requirement(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
+    """``web.client_ca_file``: HTTPS that refuses a client without a certificate signed
+    by that CA; a certified browser still needs the CSRF token to act."""
+    import http.client
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    server.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "web.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "clients-ca.pem"))
+    operator = ca.issue_cert("operator-laptop")
+    stranger = trustme.CA().issue_cert("stranger")
+    gw = gateway_factory(
+        web={
+            "bind": "0.0.0.0",
+            "tls_cert": str(tmp_path / "web.pem"),
+            "tls_key": str(tmp_path / "web.pem"),
+            "client_ca_file": str(tmp_path / "clients-ca.pem"),
+        }
+    )
+    port = web_port(gw)
+
+    def connect(client: Any | None) -> http.client.HTTPSConnection:
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        if client is not None:
+            client.configure_cert(ctx)
+        return http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+
+    for client in (None, stranger):
+        conn = connect(client)
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            conn.request("GET", "/api/status")
+            conn.getresponse().read()
+        conn.close()
+
+    conn = connect(operator)
+    conn.request("GET", "/api/status")
+    ok = conn.getresponse()
+    assert ok.status == 200 and json.loads(ok.read())["queue"]["pending"] == 0
+    conn.request("POST", "/api/uploads/pause")
+    refused = conn.getresponse()
+    assert refused.status == 403, refused.read()
+    refused.read()
+    conn.request("GET", "/api/session")
+    reply = conn.getresponse()
+    cookie = reply.getheader("Set-Cookie", "").split(";", 1)[0]
+    assert "Secure" in reply.getheader("Set-Cookie", "")
+    csrf = json.loads(reply.read())["csrf"]
+    conn.request("POST", "/api/uploads/pause", headers={"Cookie": cookie, "X-CSRF-Token": csrf})
+    done = conn.getresponse()
+    assert done.status == 200 and json.loads(done.read()) == {"paused": True}
+    conn.close()
+
+
+def test_failing_heartbeat_is_logged_once_and_harms_nothing(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    from .peers import free_port
+
+    url = f"https://localhost:{free_port()}/heartbeat"  # nothing listens there
+    gw = gateway_factory(heartbeat={"url": url, "interval_seconds": 0.2})
+    wait_until("heartbeat failure logged", lambda: f"heartbeat to {url} failed" in gw.log)
+    _send(gw, tmp_path)  # still receiving
+    web = _client(gw)
+    wait_until("shown on the page", lambda: "heartbeat to" in web.get("/").text)
+    assert gw.log.count(f"heartbeat to {url} failed") == 1
+    assert web.get("/readyz").status == 200
