@@ -23,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 import logging
 import os
 import shutil
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ COOKIE = "gw_session"
 _PUBLIC = {"/livez", "/readyz", "/login"}
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 QUEUE_LIMIT_MAX = 1000
+_BASIC_CACHE_S = 300.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -83,6 +86,7 @@ class WebServer:
         self.spool = spool
         self.metrics = metrics
         self.sessions = Sessions()
+        self._basic_verified: dict[bytes, float] = {}
         w = config.web
         self.auth_required = bool(w.password_hash or w.token_sha256 or w.client_ca_file)
         self.loopback_only = is_loopback(w.bind)
@@ -175,11 +179,7 @@ class WebServer:
             ok = verify_token(value.strip(), w.token_sha256)
             return ("token", "token") if ok else (None, "")
         if scheme.lower() == "basic" and w.password_hash:
-            try:
-                _, _, password = base64.b64decode(value.strip()).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                return None, ""
-            ok = await asyncio.to_thread(verify_password, password, w.password_hash)
+            ok = await self._basic_ok(value.strip())
             return ("operator", "basic") if ok else (None, "")
         session = self.sessions.get(request.cookies.get(COOKIE))
         if session is not None:
@@ -193,6 +193,24 @@ class WebServer:
         if not self.auth_required:
             return "local", "loopback"
         return None, ""
+
+    async def _basic_ok(self, credentials: str) -> bool:
+        # A poller sending Basic on every request would cost an scrypt each time:
+        # remember credentials that verified (by their hash) for a few minutes.
+        key = hashlib.sha256(credentials.encode()).digest()
+        now = time.monotonic()
+        if self._basic_verified.get(key, 0.0) > now:
+            return True
+        try:
+            _, _, password = base64.b64decode(credentials).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        ok = await asyncio.to_thread(verify_password, password, self.config.web.password_hash)
+        if ok:
+            if len(self._basic_verified) >= 100:
+                self._basic_verified.clear()
+            self._basic_verified[key] = now + _BASIC_CACHE_S
+        return ok
 
     def _unauthenticated(self, request: web.Request) -> web.StreamResponse:
         if _wants_html(request) and self.config.web.password_hash:

@@ -430,3 +430,38 @@ def test_failing_heartbeat_is_logged_once_and_harms_nothing(
     wait_until("shown on the page", lambda: "heartbeat to" in web.get("/").text)
     assert gw.log.count(f"heartbeat to {url} failed") == 1
     assert web.get("/readyz").status == 200
+
+
+def test_web_port_in_use_is_a_start_failure(gateway_factory: GatewayFactory) -> None:
+    import socket
+
+    from gateway.cli import EXIT_START_FAILED
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gw = gateway_factory(start=False, web={"port": port})
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "run", "--config", str(gw.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == EXIT_START_FAILED, result.stderr
+    assert "cannot start" in result.stderr and str(port) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_every_route_is_documented_in_the_readme() -> None:
+    from gateway.app import Gateway
+    from gateway.config import Config
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    app = Gateway(Config()).web.app()
+    for route in app.router.routes():
+        if route.method == "HEAD":
+            continue
+        path = route.resource.canonical if route.resource is not None else "?"
+        assert f"{route.method} {path}" in readme, f"`{route.method} {path}` not in README"
