@@ -2,10 +2,10 @@
 
 Start:  spool directories -> queue database -> reconcile -> DIMSE listener -> status
 page, then the compress/upload pipeline (and the heartbeat, when configured).
-Stop (SIGTERM/SIGINT): close the listener and refuse new C-STOREs, let in-flight
-C-STOREs finish for at most ``dimse.drain_seconds``, abort what is left; the pipeline
-is cancelled (an interrupted upload is re-sent after restart); then close the
-database once every submitted write has committed.
+Stop (SIGTERM/SIGINT): the pipeline is cancelled (an interrupted upload is re-sent
+after restart) and the status page closes; then close the listener and refuse new
+C-STOREs, let in-flight C-STOREs finish for at most ``dimse.drain_seconds``, abort
+what is left; then close the database once every submitted write has committed.
 """
 
 from __future__ import annotations

@@ -251,6 +251,7 @@ class StatusService:
         self._cert_cache = _CertCache()
         self._taken = 0.0
         self._refreshing: asyncio.Task[None] | None = None
+        self.snapshot_error: str | None = None
         self.last: dict[str, Any] | None = None
 
     # -- snapshot -------------------------------------------------------------------
@@ -274,7 +275,11 @@ class StatusService:
         try:
             await asyncio.to_thread(self._take)
         except sqlite3.Error as exc:
-            log.error("status snapshot failed: %s", exc)
+            if self.snapshot_error is None:
+                log.error("status snapshot failed: %s", exc)
+            self.snapshot_error = f"queue database unreadable: {exc}"
+        else:
+            self.snapshot_error = None
 
     async def refresh(self, wait: bool = False) -> None:
         """Start (or join) one refresh; with *wait*, or with no usable snapshot, wait."""
@@ -348,6 +353,7 @@ class StatusService:
             "certificate": self._cert,
             "worklist": worklist,
             "config": config_summary(c),
+            "snapshot_error": self.snapshot_error,
         }
         doc["health"] = health(doc)
         return doc
@@ -385,6 +391,8 @@ def health(doc: dict[str, Any]) -> dict[str, Any]:
     """OK / degraded / failing, and why.  Failing is what stops images coming in."""
     failing: list[str] = []
     degraded: list[str] = []
+    if doc.get("snapshot_error"):
+        failing.append(doc["snapshot_error"] + " (counts below may be stale)")
     disk = doc["disk"]
     if disk.get("below_watermark"):
         failing.append(
