@@ -10,8 +10,8 @@ comma := ,
 # systemd-python builds from source: it needs the headers and a compiler.
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
 # The real peers the tests talk to: DCMTK as modality, Orthanc + DICOMweb behind
-# nginx (mutual TLS) as the cloud archive.
-TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light
+# nginx (mutual TLS) as the cloud archive; Chromium looks at the status page.
+TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light chromium
 
 .PHONY: run test test-slow bench lint clean
 
@@ -30,6 +30,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/transcode.py
 	$(BIN)/python tests/bench/mpps.py --steps 200
 	$(BIN)/python tests/bench/crash_run.py --kills 200
+	$(BIN)/python tests/bench/status.py
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check gateway tests

@@ -1,11 +1,13 @@
 """The Gateway: start order, the main wait, and a two-phase stop.
 
-Start:  spool directories -> queue database -> reconcile -> DIMSE listener, then the
-compress/upload pipeline, the worklist refresh and the MPPS forwarder.
-Stop (SIGTERM/SIGINT): close the listener and refuse new C-STOREs, let in-flight
-C-STOREs finish for at most ``dimse.drain_seconds``, abort what is left; the pipeline
-is cancelled (an interrupted upload is re-sent after restart); then close the
-database once every submitted write has committed.
+Start:  spool directories -> queue database -> reconcile -> DIMSE listener -> status
+page, then the compress/upload pipeline, the worklist refresh, the MPPS forwarder (and
+the heartbeat, when configured).
+Stop (SIGTERM/SIGINT): the pipeline and the MPPS forwarder are cancelled (an interrupted
+upload or MPPS message is re-sent after restart) and the status page closes; then close
+the listener and refuse new C-STOREs, let in-flight C-STOREs finish for at most
+``dimse.drain_seconds``, abort what is left; then close the database once every
+submitted write has committed.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ from typing import Any
 
 from . import __version__
 from .config import Config
+from .heartbeat import run_heartbeat
 from .jobs import Pipeline
+from .metrics import Metrics
 from .mpps import Forwarder, MppsScp
 from .receive import COMMIT_TIMEOUT_S, Receiver
 from .reconcile import reconcile
 from .spool import Spool
+from .status import StatusService
 from .store import Store
+from .web import WebServer
 from .worklist import Worklist
 
 log = logging.getLogger(__name__)
@@ -40,7 +46,8 @@ class Gateway:
         self.config = config
         self.spool = Spool(config.spool.dir, config.spool.min_free_bytes)
         self.store = Store(config.database.path)
-        self.pipeline = Pipeline(config, self.spool, self.store)
+        self.metrics = Metrics()
+        self.pipeline = Pipeline(config, self.spool, self.store, self.metrics)
         self.worklist = Worklist(config, self.store)
         self.mpps = Forwarder(config, self.store)
         self.receiver = Receiver(
@@ -50,8 +57,16 @@ class Gateway:
             on_stored=lambda _: self.pipeline.wake(),
             worklist=self.worklist.answer,
             mpps=MppsScp(self.store, on_accepted=self.mpps.wake),
+            metrics=self.metrics,
         )
         self.started_at = time.time()
+        self.status = StatusService(
+            config, self.store, self.spool, self.pipeline, self.receiver, self.worklist,
+            self.started_at,
+        )  # fmt: skip
+        self.web = WebServer(
+            config, self.status, self.pipeline, self.store, self.spool, self.metrics
+        )
         self._stop = asyncio.Event()
         self._failure: str | None = None
 
@@ -64,8 +79,10 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+        logging.getLogger("gateway").addHandler(self.status.errors)
         try:
             await asyncio.to_thread(self._start)
+            await self.web.start()
             host, port = self.receiver.address
             log.info(
                 "dicom-gateway %s ready: AE %r listening on %s:%d, spool %s",
@@ -83,12 +100,19 @@ class Gateway:
                     tg.create_task(self._supervise("worklist", self.worklist.run())),
                     tg.create_task(self._supervise("mpps", self.mpps.run())),
                 ]
+                if self.config.heartbeat.url:
+                    beat = run_heartbeat(self.config, self.status)
+                    tasks.append(tg.create_task(self._supervise("heartbeat", beat)))
                 await self._stop.wait()
                 for task in tasks:
                     task.cancel()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
+            # The page goes first: it reads the database that _shutdown closes.
+            await self.web.stop()
+            await self.status.close()
+            logging.getLogger("gateway").removeHandler(self.status.errors)
             await asyncio.to_thread(self._shutdown)
         if self._failure:
             log.critical("exiting after component failure: %s", self._failure)

@@ -102,6 +102,30 @@ def cmd_queue_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    from .webauth import hash_password, new_token, token_sha256
+
+    if args.token:
+        token = new_token()
+        print(f"token (give to the monitoring client): {token}")
+        print(f'token_sha256 = "{token_sha256(token)}"')
+        return 0
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("dicom-gateway: passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 8:
+        print("dicom-gateway: use at least 8 characters", file=sys.stderr)
+        return 1
+    print(f'password_hash = "{hash_password(password)}"')
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-gateway", description="DICOM edge gateway for imaging sites."
@@ -130,6 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--all", action="store_true", help="every failed instance")
     retry.add_argument("sop_instance_uids", nargs="*", metavar="SOP_INSTANCE_UID")
     retry.set_defaults(func=cmd_queue_retry)
+
+    hash_pw = sub.add_parser(
+        "hash-password",
+        help="print a web.password_hash line (password read from the terminal or stdin)",
+    )
+    hash_pw.add_argument(
+        "--token", action="store_true", help="make a random API token and its web.token_sha256"
+    )
+    hash_pw.set_defaults(func=cmd_hash_password)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 import types
 import typing
@@ -104,6 +105,18 @@ class MppsConfig:
 class WebConfig:
     bind: str = "127.0.0.1"
     port: int = 8080
+    password_hash: str = ""
+    token_sha256: str = ""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca_file: Path | None = None
+    refresh_seconds: int = 5
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    url: str = ""
+    interval_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +135,7 @@ class Config:
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
     mpps: MppsConfig = field(default_factory=MppsConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -243,6 +257,48 @@ def _check_bind(source: str, key: str, bind: str) -> None:
         raise ConfigError(source, key, f"must be an IP address, got {bind!r}") from None
 
 
+def is_loopback(bind: str) -> bool:
+    return bind == "localhost" or ipaddress.ip_address(bind).is_loopback
+
+
+def _check_web(c: Config) -> None:
+    s, w = c.source, c.web
+    _check_bind(s, "web.bind", w.bind)
+    _check_port(s, "web.port", w.port, allow_zero=True)
+    if w.password_hash and not _valid_password_hash(w.password_hash):
+        raise ConfigError(
+            s, "web.password_hash", "not a hash from `dicom-gateway hash-password` (scrypt$...)"
+        )
+    if w.token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", w.token_sha256):
+        raise ConfigError(s, "web.token_sha256", "must be 64 lowercase hex digits (a SHA-256)")
+    if (w.tls_cert is None) != (w.tls_key is None):
+        raise ConfigError(s, "web.tls_key", "tls_cert and tls_key go together")
+    if w.client_ca_file is not None and w.tls_cert is None:
+        raise ConfigError(s, "web.client_ca_file", "needs web.tls_cert and web.tls_key (HTTPS)")
+    if w.refresh_seconds < 1:
+        raise ConfigError(s, "web.refresh_seconds", "must be at least 1")
+    # Beyond loopback the page and its actions are reachable from the network: no
+    # start without a way to tell the operator from anybody else.
+    authenticated = bool(w.password_hash or w.token_sha256 or w.client_ca_file)
+    if not is_loopback(w.bind) and not authenticated:
+        raise ConfigError(
+            s,
+            "web.bind",
+            f"{w.bind} is not a loopback address: set web.password_hash, web.token_sha256"
+            " or web.client_ca_file first",
+        )
+
+
+def _valid_password_hash(value: str) -> bool:
+    parts = value.split("$")
+    return (
+        len(parts) == 6
+        and parts[0] == "scrypt"
+        and all(p.isdigit() for p in parts[1:4])
+        and all(parts[4:])
+    )
+
+
 def _check(c: Config) -> None:
     s = c.source
     if not _valid_ae_title(c.dimse.ae_title):
@@ -317,8 +373,11 @@ def _check(c: Config) -> None:
         raise ConfigError(
             s, "mpps.backoff_max_seconds", "must not be less than backoff_initial_seconds"
         )
-    _check_bind(s, "web.bind", c.web.bind)
-    _check_port(s, "web.port", c.web.port, allow_zero=True)
+    _check_web(c)
+    if c.heartbeat.url and not c.heartbeat.url.startswith("https://"):
+        raise ConfigError(s, "heartbeat.url", f"must be an https:// URL, got {c.heartbeat.url!r}")
+    if c.heartbeat.interval_seconds <= 0:
+        raise ConfigError(s, "heartbeat.interval_seconds", "must be a positive number of seconds")
     if c.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             s, "logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {c.logging.level!r}"

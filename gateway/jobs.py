@@ -30,7 +30,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .config import Config
 from .spool import Spool
@@ -46,6 +46,9 @@ from .store import (
 )
 from .transcode import TranscodeResult, transcode
 from .upload import InstanceOutcome, Item, RequestFailed, StowClient
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -271,13 +274,17 @@ def _prune(keep_bytes: int, keep_hours: float) -> Callable[[sqlite3.Connection],
 class Pipeline:
     """Compress and upload stages, fed by the receiver through :meth:`wake`."""
 
-    def __init__(self, config: Config, spool: Spool, store: Store) -> None:
+    def __init__(
+        self, config: Config, spool: Spool, store: Store, metrics: Metrics | None = None
+    ) -> None:
         self.config = config
         self.spool = spool
         self.store = store
+        self.metrics = metrics
         self.paused = False
         self.last_upload_ok_at: str | None = None
         self.last_upload_error: str | None = None
+        self.last_upload_error_at: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._compress_wake = asyncio.Event()
         self._upload_wake = asyncio.Event()
@@ -291,6 +298,19 @@ class Pipeline:
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # loop closing: the next start sees it
                 loop.call_soon_threadsafe(self._compress_wake.set)
+
+    def pause(self) -> None:
+        """Operator action: send nothing new (requests in flight finish)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self._upload_wake.set()
+
+    def kick(self) -> None:
+        """On the loop: rows were handed back to the queue (an operator's retry)."""
+        self._compress_wake.set()
+        self._upload_wake.set()
 
     async def _db(self, fn: Callable[[sqlite3.Connection], T], durable: bool = False) -> T:
         # Pipeline transitions are redone if lost (see Store.submit); deletions are not.
@@ -348,6 +368,8 @@ class Pipeline:
         if result.outcome == "compressed":
             spooled = await asyncio.to_thread(self.spool.commit_file, dst)
             upload_path, upload_size = spooled.relpath, spooled.size
+            if self.metrics is not None and spooled.size:
+                self.metrics.compression_ratio.observe(claimed.size / spooled.size)
         elif result.outcome == "fallback":
             log.warning("sop=%s sent uncompressed: %s", claimed.sop_instance_uid, result.reason)
         marked = await self._db(_mark_compressed(claimed, upload_path, upload_size, result))
@@ -391,7 +413,7 @@ class Pipeline:
     async def _upload_loop(self) -> None:
         c = self.config.upload
         slots = asyncio.Semaphore(c.concurrent_requests)
-        async with StowClient(c) as client, asyncio.TaskGroup() as tg:
+        async with StowClient(c, self.metrics) as client, asyncio.TaskGroup() as tg:
             while True:
                 if self.paused:
                     await _wait(self._upload_wake, _IDLE_POLL_S)
@@ -428,6 +450,7 @@ class Pipeline:
                 reason = str(exc)
                 log.error("upload of %d instances failed: %s", len(batch), reason)
                 self.last_upload_error = reason
+                self.last_upload_error_at = utcnow()
                 failed = InstanceOutcome(stored=False, retryable=True, reason=reason)
                 outcomes = {c.sop_instance_uid: failed for c in batch}
             results = [(c, outcomes[c.sop_instance_uid]) for c in batch]
@@ -435,6 +458,13 @@ class Pipeline:
         finally:
             slots.release()
         stored = sum(1 for _, o in results if o.stored)
+        if self.metrics is not None:
+            m = self.metrics
+            for claimed, outcome in results:
+                kind = "stored" if outcome.stored else "retry" if outcome.retryable else "failed"
+                m.uploaded_instances.labels(kind).inc()
+                if outcome.stored:
+                    m.uploaded_bytes.inc(claimed.size)
         for claimed, outcome in results:
             if not outcome.stored and not outcome.retryable:
                 log.error("sop=%s failed permanently: %s", claimed.sop_instance_uid, outcome.reason)

@@ -43,6 +43,7 @@ from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolTempFile
 from .store import ReceivedInstance, Store
 
 if TYPE_CHECKING:
+    from .metrics import Metrics
     from .mpps import MppsScp
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,16 @@ class StoreOutcome:
         # ErrorComment is LO: 64 characters at most.
         ds.ErrorComment = self.comment[:64]
         return ds
+
+
+# A-ASSOCIATE-RJ (source, diagnostic), PS3.8 9.3.4 -> metrics label.
+_REJECT_REASONS = {
+    (1, 2): "application_context",
+    (1, 3): "calling_ae_not_allowed",
+    (1, 7): "called_ae_unknown",
+    (2, 2): "protocol_version",
+    (3, 2): "too_many_associations",
+}
 
 
 class _NoDelayServer(ThreadedAssociationServer):
@@ -194,7 +205,9 @@ class Receiver:
         on_stored: Callable[[ReceivedInstance], None] | None = None,
         worklist: Callable[[Dataset], Iterator[Dataset]] | None = None,
         mpps: MppsScp | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.config = config
         self.spool = spool
         self.store = store
@@ -298,11 +311,18 @@ class Receiver:
     def _on_established(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         log.info("association from %s:%s calling AE %r accepted", r.address, r.port, r.ae_title)
+        if self.metrics is not None:
+            self.metrics.associations_accepted.inc()
 
     def _on_rejected(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         request = r.primitive
         called = request.called_ae_title if request is not None else "?"
+        if self.metrics is not None:
+            rj = event.assoc.acceptor.primitive
+            why = (getattr(rj, "result_source", 0) or 0, getattr(rj, "diagnostic", 0) or 0)
+            reason = _REJECT_REASONS.get((int(why[0]), int(why[1])), "other")
+            self.metrics.associations_rejected.labels(reason).inc()
         log.warning(
             "association from %s:%s calling AE %r called AE %r rejected",
             r.address, r.port, r.ae_title, called,
@@ -379,6 +399,8 @@ class Receiver:
             with self._inflight_cond:
                 self._inflight -= 1
                 self._inflight_cond.notify_all()
+        if self.metrics is not None:
+            self.metrics.store_answered(outcome.status)
         return outcome.as_status()
 
     def _store(self, event: evt.Event) -> StoreOutcome:

@@ -143,8 +143,7 @@ def _migration_3(db: sqlite_utils.Database) -> None:
 
 
 def _migration_4(db: sqlite_utils.Database) -> None:
-    # MPPS (gateway/mpps.py).  Migration number 4 was assigned to the MPPS branch;
-    # the integrator renumbers it if another branch's migration lands first.
+    # MPPS (gateway/mpps.py).
     # mpps: each Performed Procedure Step as it stands now (the N-CREATE with every
     # accepted N-SET merged in), to validate the next N-SET against.
     db.execute(
@@ -172,11 +171,32 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX worklist_mpps_instance ON worklist_mpps (mpps_instance_uid)")
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    # Status page and /metrics on a large queue (issue 5).
+    # Oldest pending per state; per-minute received / uploaded counts and bytes over
+    # the last hour without touching the table (covering); calling AE last seen.
+    db.execute("CREATE INDEX idx_instances_state_received ON instances (state, received_at)")
+    db.execute("CREATE INDEX idx_instances_received_size ON instances (received_at, size)")
+    db.execute("CREATE INDEX idx_instances_uploaded_size ON instances (uploaded_at, upload_size)")
+    db.execute("CREATE INDEX idx_instances_ae_received ON instances (calling_ae, received_at)")
+    # Instances waiting for a retry after a failed upload, soonest first.
+    db.execute(
+        "CREATE INDEX idx_instances_retrying ON instances (next_attempt_at)"
+        " WHERE state = 'compressed' AND last_error IS NOT NULL"
+    )
+    # Bytes still on disk: with retention off only the not-yet-uploaded rows are in it.
+    db.execute(
+        "CREATE INDEX idx_instances_on_disk ON instances (path, upload_path, size, upload_size)"
+        " WHERE path IS NOT NULL"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
+    _migration_5,
 ]
 
 

@@ -17,15 +17,19 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from pydicom.dataset import Dataset
 
 from .config import UploadConfig
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +129,9 @@ def _hint_for_http(status: int, body: bytes) -> str:
 
 
 class StowClient:
-    def __init__(self, config: UploadConfig) -> None:
+    def __init__(self, config: UploadConfig, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.url = config.dicomweb_url.rstrip("/") + "/studies"
         self._session: aiohttp.ClientSession | None = None
 
@@ -159,8 +164,11 @@ class StowClient:
     ) -> dict[str, InstanceOutcome]:
         assert self._session is not None
         headers = {"Accept": "application/dicom+json"}
+        started = time.monotonic()
+        code = "error"
         try:
             async with self._session.post(self.url, data=body, headers=headers) as resp:
+                code = str(resp.status)
                 payload = await resp.read()
                 status = resp.status
         except aiohttp.ClientConnectorCertificateError as exc:
@@ -174,6 +182,10 @@ class StowClient:
             raise RequestFailed(f"cannot connect to the archive: {exc.os_error}") from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise RequestFailed(f"request to the archive failed: {exc!r}") from exc
+        finally:
+            if self.metrics is not None:
+                self.metrics.stow_requests.labels(code).inc()
+                self.metrics.stow_duration.observe(time.monotonic() - started)
         if status in (200, 202, 409) or (400 <= status < 500 and _is_dicom_json(payload)):
             return parse_response(status, payload, items)
         # Anything else (5xx, 429, a proxy's error page, a refused client certificate)

@@ -75,6 +75,11 @@ http {{
             proxy_pass http://127.0.0.1:{orthanc_port};
             proxy_read_timeout 300s;
         }}
+        # The gateway's heartbeat (issue 5): accepted and logged, body discarded.
+        location = /heartbeat {{
+            if ($request_method != POST) {{ return 405; }}
+            return 204;
+        }}
     }}
 }}
 """

@@ -89,6 +89,10 @@ refresh_seconds = 60
 [web]
 bind = "0.0.0.0"
 port = 9000
+token_sha256 = "499dad94eb79868b9cb5331ea2dd3f395657702182d25a9c58d99d4f4a218b0f"
+[heartbeat]
+url = "https://monitor.example/beat"
+interval_seconds = 30
 """
     )
     c = config.load(path)
@@ -115,6 +119,14 @@ port = 9000
         ("[upload]\ndicomweb_url = 'http://x'\n", "upload.dicomweb_url", "https://"),
         ("[worklist]\nupstream_host = 'ris'\n", "worklist.upstream_ae", "required"),
         ("[logging]\nlevel = 'LOUD'\n", "logging.level", "DEBUG"),
+        ("[web]\nbind = '0.0.0.0'\n", "web.bind", "not a loopback address"),
+        ("[web]\nbind = '192.168.1.5'\n", "web.bind", "web.password_hash"),
+        ("[web]\npassword_hash = 'secret'\n", "web.password_hash", "hash-password"),
+        ("[web]\ntoken_sha256 = 'abc'\n", "web.token_sha256", "64 lowercase hex"),
+        ("[web]\nclient_ca_file = '/ca.pem'\n", "web.client_ca_file", "tls_cert"),
+        ("[web]\ntls_cert = '/c.pem'\n", "web.tls_key", "go together"),
+        ("[heartbeat]\nurl = 'http://x'\n", "heartbeat.url", "https://"),
+        ("[heartbeat]\ninterval_seconds = 0\n", "heartbeat.interval_seconds", "positive"),
         ("[dimse\nport = 1\n", "-", "not valid TOML"),
     ],
 )

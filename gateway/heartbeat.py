@@ -1,0 +1,62 @@
+"""Optional heartbeat: POST a compact status to ``heartbeat.url`` every interval.
+
+For boxes behind NAT that a monitoring service cannot reach: the box calls out, over
+the same verified, mutual TLS as its uploads (``upload.ca_file``/``client_cert``), so
+the receiving end knows which box is speaking without any inbound connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+
+from .config import Config
+from .status import StatusService
+from .upload import ssl_context
+
+log = logging.getLogger(__name__)
+
+
+def compact(doc: dict[str, Any], ae_title: str) -> dict[str, Any]:
+    q, a = doc["queue"], doc["archive"]
+    return {
+        "ae_title": ae_title,
+        "version": doc["version"],
+        "boot_id": doc["boot_id"],
+        "sent_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "uptime_seconds": doc["uptime_seconds"],
+        "health": doc["health"]["state"],
+        "reasons": doc["health"]["reasons"][:5],
+        "queue": {k: q[k] for k in ("pending", "uploading", "failed", "done", "done_today")}
+        | {"oldest_pending_at": q["oldest_pending_at"]},
+        "archive": {"state": a["state"], "last_success_at": a["last_success_at"]},
+        "uploads_paused": doc["uploads"]["paused"],
+        "disk": {k: doc["disk"].get(k) for k in ("free_bytes", "min_free_bytes", "spool_bytes")},
+        "certificate_days_left": doc["certificate"]["days_left"],
+    }
+
+
+async def run_heartbeat(config: Config, status: StatusService) -> None:
+    hb = config.heartbeat
+    connector = aiohttp.TCPConnector(ssl=ssl_context(config.upload), limit=1)
+    timeout = aiohttp.ClientTimeout(total=min(30.0, hb.interval_seconds))
+    failing = False
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        while True:
+            body = compact(await status.status(fresh=True), config.dimse.ae_title)
+            try:
+                async with session.post(hb.url, json=body) as resp:
+                    await resp.read()
+                    problem = None if resp.status < 300 else f"HTTP {resp.status}"
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                problem = repr(exc)
+            if problem and not failing:
+                log.warning("heartbeat to %s failed: %s", hb.url, problem)
+            elif not problem and failing:
+                log.info("heartbeat to %s delivered again", hb.url)
+            failing = problem is not None
+            await asyncio.sleep(hb.interval_seconds)

@@ -1,0 +1,159 @@
+"""Prometheus metrics: one registry per gateway, one prefix, base units.
+
+Counters and histograms are incremented where things happen (receiver, pipeline,
+STOW-RS client); they are thread-safe, so pynetdicom's threads may call them.  The
+gauges that are database counts or file-system facts are not kept up to date by
+anybody: :class:`SnapshotCollector` reads them at scrape time from the latest status
+snapshot, which the web server refreshes off the event loop first.
+
+A registry of its own (not prometheus_client's global one) lets several gateways live
+in one process, as tests do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+PREFIX = "dicom_gateway"
+
+#: C-STORE status -> ``result`` label of ``dicom_gateway_instances_received_total``.
+STORE_RESULTS = {
+    0x0000: "stored",
+    0xA700: "out_of_resources",
+    0xA900: "dataset_mismatch",
+    0xC000: "invalid_uid",
+    0xC210: "undecodable",
+    0xC001: "processing_failure",
+}
+
+# Seconds: a STOW-RS request of one small instance on a LAN takes ~10 ms, a 64 MB
+# batch over a thin uplink minutes.
+_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_RATIO_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.instances_received = Counter(
+            f"{PREFIX}_instances_received",
+            "C-STORE requests answered, by result",
+            ["result"],
+            registry=r,
+        )
+        self.associations_accepted = Counter(
+            f"{PREFIX}_associations_accepted", "DIMSE associations accepted", registry=r
+        )
+        self.associations_rejected = Counter(
+            f"{PREFIX}_associations_rejected",
+            "DIMSE associations rejected, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.stow_requests = Counter(
+            f"{PREFIX}_stow_requests",
+            'STOW-RS requests, by HTTP status code ("error": no HTTP answer)',
+            ["code"],
+            registry=r,
+        )
+        self.stow_duration = Histogram(
+            f"{PREFIX}_stow_request_duration_seconds",
+            "STOW-RS request duration",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.uploaded_bytes = Counter(
+            f"{PREFIX}_uploaded_bytes", "bytes of instances the archive confirmed", registry=r
+        )
+        self.uploaded_instances = Counter(
+            f"{PREFIX}_uploaded_instances",
+            "instances sent by outcome (stored, retry, failed)",
+            ["outcome"],
+            registry=r,
+        )
+        self.compression_ratio = Histogram(
+            f"{PREFIX}_compression_ratio",
+            "original size / compressed size of each instance compressed",
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        for result in STORE_RESULTS.values():
+            self.instances_received.labels(result)
+        for outcome in ("stored", "retry", "failed"):
+            self.uploaded_instances.labels(outcome)
+        Info(f"{PREFIX}_build", "version of this gateway", registry=r).info(
+            {"version": __version__}
+        )
+
+    def store_answered(self, status: int) -> None:
+        self.instances_received.labels(STORE_RESULTS.get(status, f"0x{status:04x}")).inc()
+
+    def add_gauges(self, source: Callable[[], dict[str, Any] | None]) -> None:
+        """Collect the snapshot gauges from *source* (see :class:`SnapshotCollector`)."""
+        self.registry.register(SnapshotCollector(source))
+
+
+class SnapshotCollector(Collector):
+    """Gauges read from the latest status snapshot (a dict as built by gateway.status)."""
+
+    def __init__(self, source: Callable[[], dict[str, Any] | None]) -> None:
+        self.source = source
+
+    def describe(self) -> list[Metric]:
+        return []  # collected only at scrape time, never at registration
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.source()
+        if s is None:
+            return
+        depth = GaugeMetricFamily(
+            f"{PREFIX}_queue_instances", "instances in the queue by state", labels=["state"]
+        )
+        for state, n in s["queue"]["by_state"].items():
+            depth.add_metric([state], n)
+        yield depth
+        yield _gauge(
+            "queue_oldest_pending_enqueue_timestamp_seconds",
+            "when the oldest instance not yet uploaded was received (0: none)",
+            s["queue"]["oldest_pending_ts"] or 0,
+        )
+        yield _gauge("associations_active", "DIMSE associations open now", s["associations_active"])
+        yield _gauge(
+            "last_successful_upload_timestamp_seconds",
+            "when the archive last confirmed an instance (0: never)",
+            s["archive"]["last_success_ts"] or 0,
+        )
+        yield _gauge("uploads_paused", "1 when uploads are paused", int(s["uploads"]["paused"]))
+        disk = s["disk"]
+        yield _gauge("spool_bytes", "bytes of instances held in the spool", disk["spool_bytes"])
+        yield _gauge("spool_free_bytes", "free bytes on the spool file system", disk["free_bytes"])
+        yield _gauge(
+            "spool_min_free_bytes", "below this C-STOREs are refused", disk["min_free_bytes"]
+        )
+        refreshed = GaugeMetricFamily(
+            f"{PREFIX}_worklist_last_refresh_timestamp_seconds",
+            "last successful worklist refresh per source (0: never)",
+            labels=["source"],
+        )
+        for w in s["worklist"]:
+            refreshed.add_metric([w["source"]], w["last_success_ts"] or 0)
+        yield refreshed
+        cert = s["certificate"]
+        if cert["not_after_ts"] is not None:
+            yield _gauge(
+                "client_certificate_expiry_timestamp_seconds",
+                "notAfter of upload.client_cert",
+                cert["not_after_ts"],
+            )
+        yield _gauge("uptime_seconds", "seconds since the gateway started", s["uptime_seconds"])
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)

@@ -1,0 +1,467 @@
+"""What the status page, ``/api/status``, ``/metrics`` and the heartbeat report.
+
+The database part is a snapshot taken in a worker thread (never on the event loop)
+with queries that stay cheap on a large queue: counts use the ``state`` indexes,
+time ranges the ``received_at`` / ``uploaded_at`` covering indexes of migration 6.
+A request is answered from the latest snapshot and, when that is older than
+:data:`MAX_AGE_S`, starts one refresh in the background (stale-while-revalidate): a
+slow query never holds a request, let alone the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import shutil
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import __version__
+from .config import Config
+from .store import (
+    COMPRESSED,
+    COMPRESSING,
+    FAILED,
+    RECEIVED,
+    STATES,
+    UPLOADED,
+    UPLOADING,
+    Store,
+)
+
+if TYPE_CHECKING:
+    from .jobs import Pipeline
+    from .receive import Receiver
+    from .spool import Spool
+    from .worklist import Worklist
+
+log = logging.getLogger(__name__)
+
+#: A snapshot older than this is refreshed (in the background) on the next request.
+MAX_AGE_S = 1.0
+#: Older than this, a request waits for the refresh instead of showing stale counts
+#: (so a look after a quiet spell is never more than this behind).
+STALE_S = 3.0
+#: An instance waiting longer than this makes the gateway "degraded".
+PENDING_TOO_OLD_S = 3600.0
+CERT_WARN_DAYS = 30
+THROUGHPUT_MINUTES = 60
+FAILED_SHOWN = 50
+RECENT_ERRORS = 20
+PENDING_STATES = (RECEIVED, COMPRESSING, COMPRESSED)
+
+
+def _ts(iso: str | None) -> float | None:
+    return datetime.fromisoformat(iso).timestamp() if iso else None
+
+
+class RecentErrors(logging.Handler):
+    """The last warnings and errors the gateway logged, for the status page."""
+
+    def __init__(self, size: int = RECENT_ERRORS) -> None:
+        super().__init__(logging.WARNING)
+        self.records: collections.deque[dict[str, Any]] = collections.deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):  # a status page must not break logging
+            at = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="seconds")
+            message = record.getMessage()[:500]
+            last = self.records[-1] if self.records else None
+            if last is not None and last["message"] == message:
+                # An outage repeats the same line on every retry: count it instead.
+                last["at"], last["count"] = at, last["count"] + 1
+                return
+            self.records.append(
+                {"at": at, "level": record.levelname, "source": record.name,
+                 "message": message, "count": 1}
+            )  # fmt: skip
+
+    def latest(self) -> list[dict[str, Any]]:
+        return list(reversed(self.records))
+
+
+@dataclass
+class _CertCache:
+    key: tuple[str, int] | None = None
+    value: dict[str, Any] = field(default_factory=dict)
+
+
+def certificate_expiry(path: Path | None, cache: _CertCache) -> dict[str, Any]:
+    """notAfter of the client certificate (read again only when the file changes)."""
+    empty: dict[str, Any] = {"path": None, "not_after": None, "not_after_ts": None,
+                             "days_left": None, "warning": False, "error": None}  # fmt: skip
+    if path is None:
+        return empty
+    try:
+        key = (str(path), os.stat(path).st_mtime_ns)
+        if cache.key != key:
+            from cryptography import x509
+
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            not_after = cert.not_valid_after_utc
+            cache.key, cache.value = key, {"not_after": not_after}
+    except (OSError, ValueError) as exc:
+        return {**empty, "path": str(path), "error": f"cannot read: {exc}"}
+    not_after = cache.value["not_after"]
+    days = (not_after - datetime.now(UTC)).total_seconds() / 86400
+    return {
+        "path": str(path),
+        "not_after": not_after.isoformat(),
+        "not_after_ts": not_after.timestamp(),
+        "days_left": int(days // 1),
+        "warning": days < CERT_WARN_DAYS,
+        "error": None,
+    }
+
+
+def query_database(conn: sqlite3.Connection, now: datetime) -> dict[str, Any]:
+    """Every database fact the status shows; each query uses an index (see module doc)."""
+    by_state = dict.fromkeys(STATES, 0)
+    for row in conn.execute("SELECT state, count(*) AS n FROM instances GROUP BY state"):
+        by_state[row["state"]] = row["n"]
+    local_midnight = now.astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+    done_today = conn.execute(
+        "SELECT count(*) FROM instances WHERE state = ? AND uploaded_at >= ?",
+        (UPLOADED, local_midnight.astimezone(UTC).isoformat(timespec="microseconds")),
+    ).fetchone()[0]
+    oldest: str | None = None
+    for state in (*PENDING_STATES, UPLOADING):
+        value = conn.execute(
+            "SELECT min(received_at) FROM instances WHERE state = ?", (state,)
+        ).fetchone()[0]
+        if value is not None and (oldest is None or value < oldest):
+            oldest = value
+    last_upload = conn.execute("SELECT max(uploaded_at) FROM instances").fetchone()[0]
+
+    since = (now - timedelta(minutes=THROUGHPUT_MINUTES - 1)).replace(second=0, microsecond=0)
+    since_iso = since.isoformat(timespec="microseconds")
+    minutes = [(since + timedelta(minutes=i)).isoformat()[:16] for i in range(THROUGHPUT_MINUTES)]
+    received = {m: [0, 0] for m in minutes}
+    uploaded = {m: [0, 0] for m in minutes}
+    for row in conn.execute(
+        "SELECT substr(received_at, 1, 16) AS m, count(*) AS n, sum(size) AS b"
+        " FROM instances WHERE received_at >= ? GROUP BY m",
+        (since_iso,),
+    ):
+        if row["m"] in received:
+            received[row["m"]] = [row["n"], row["b"] or 0]
+    for row in conn.execute(
+        "SELECT substr(uploaded_at, 1, 16) AS m, count(*) AS n, sum(upload_size) AS b"
+        " FROM instances WHERE uploaded_at >= ? GROUP BY m",
+        (since_iso,),
+    ):
+        if row["m"] in uploaded:
+            uploaded[row["m"]] = [row["n"], row["b"] or 0]
+    throughput = [
+        {"minute": m, "received": received[m][0], "received_bytes": received[m][1],
+         "uploaded": uploaded[m][0], "uploaded_bytes": uploaded[m][1]}
+        for m in minutes
+    ]  # fmt: skip
+
+    day_ago = (now - timedelta(days=1)).isoformat(timespec="microseconds")
+    # Distinct calling AEs by hopping along the (calling_ae, received_at) index, then
+    # two index lookups each: O(AEs x log n), not a scan of the whole queue.
+    aes = [
+        r[0]
+        for r in conn.execute(
+            "WITH RECURSIVE ae(x) AS (SELECT min(calling_ae) FROM instances UNION ALL"
+            " SELECT (SELECT min(calling_ae) FROM instances WHERE calling_ae > x)"
+            " FROM ae WHERE x IS NOT NULL) SELECT x FROM ae WHERE x IS NOT NULL LIMIT 200"
+        )
+    ]
+    modalities = []
+    for ae in aes:
+        last, n = conn.execute(
+            "SELECT max(received_at), (SELECT count(*) FROM instances"
+            " WHERE calling_ae = ?1 AND received_at >= ?2) FROM instances WHERE calling_ae = ?1",
+            (ae, day_ago),
+        ).fetchone()
+        modalities.append({"calling_ae": ae, "last_24h": n, "last_seen": last})
+    modalities.sort(key=lambda m: m["last_seen"] or "", reverse=True)
+    failed = [
+        dict(r)
+        for r in conn.execute(
+            "SELECT sop_instance_uid, study_instance_uid, calling_ae, attempts, received_at,"
+            " updated_at, last_error FROM instances WHERE state = ?"
+            " ORDER BY received_at DESC LIMIT ?",
+            (FAILED, FAILED_SHOWN),
+        )
+    ]
+    retrying = [
+        dict(r)
+        for r in conn.execute(
+            # The partial index of migration 6, named: the planner otherwise walks every
+            # waiting row along (state, next_attempt_at) looking for ones with an error.
+            "SELECT sop_instance_uid, attempts, next_attempt_at, last_error FROM instances"
+            " INDEXED BY idx_instances_retrying"
+            f" WHERE state = '{COMPRESSED}' AND last_error IS NOT NULL"
+            " ORDER BY next_attempt_at LIMIT 10"
+        )
+    ]
+    on_disk = conn.execute(
+        "SELECT coalesce(sum(size), 0) + coalesce(sum(CASE WHEN upload_path != path"
+        " THEN upload_size END), 0) FROM instances WHERE path IS NOT NULL"
+    ).fetchone()[0]
+    return {
+        "by_state": by_state,
+        "done_today": done_today,
+        "oldest_pending_at": oldest,
+        "last_upload_at": last_upload,
+        "throughput": throughput,
+        "modalities": modalities,
+        "failed": failed,
+        "retrying": retrying,
+        "spool_bytes": on_disk,
+    }
+
+
+class StatusService:
+    """Builds the status document; owns the snapshot and the recent-errors buffer."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        spool: Spool,
+        pipeline: Pipeline,
+        receiver: Receiver,
+        worklist: Worklist | None,
+        started_at: float,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self.pipeline = pipeline
+        self.receiver = receiver
+        self.worklist = worklist
+        self.started_at = started_at
+        self.errors = RecentErrors()
+        self.boot_id = uuid.uuid4().hex
+        self._db: dict[str, Any] | None = None
+        self._disk: dict[str, Any] = {}
+        self._cert: dict[str, Any] = certificate_expiry(None, _CertCache())
+        self._cert_cache = _CertCache()
+        self._taken = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
+        self.snapshot_error: str | None = None
+        self.last: dict[str, Any] | None = None
+
+    # -- snapshot -------------------------------------------------------------------
+    def _take(self) -> None:
+        """In a worker thread: the database, the disk and the certificate."""
+        with self.store.reader() as conn:
+            db = query_database(conn, datetime.now(UTC))
+        # Worklist sources are the worklist's business: only its freshness() is read.
+        db["worklist"] = self.worklist.freshness() if self.worklist is not None else []
+        try:
+            usage = shutil.disk_usage(self.spool.root)
+            free, total = usage.free, usage.total
+        except OSError:
+            free = total = 0
+        self._disk = {"free_bytes": free, "total_bytes": total}
+        self._cert = certificate_expiry(self.config.upload.client_cert, self._cert_cache)
+        self._db = db
+        self._taken = time.monotonic()
+
+    async def _refresh(self) -> None:
+        try:
+            await asyncio.to_thread(self._take)
+        except sqlite3.Error as exc:
+            if self.snapshot_error is None:
+                log.error("status snapshot failed: %s", exc)
+            self.snapshot_error = f"queue database unreadable: {exc}"
+        else:
+            self.snapshot_error = None
+
+    async def refresh(self, wait: bool = False) -> None:
+        """Start (or join) one refresh; with *wait*, or with no usable snapshot, wait."""
+        task = self._refreshing
+        if task is None or task.done():
+            task = self._refreshing = asyncio.create_task(self._refresh(), name="status")
+        if wait or self._db is None or time.monotonic() - self._taken > STALE_S:
+            await asyncio.shield(task)
+
+    async def status(self, fresh: bool = False) -> dict[str, Any]:
+        if fresh or time.monotonic() - self._taken > MAX_AGE_S:
+            await self.refresh(wait=fresh)
+        self.last = self.build()
+        return self.last
+
+    async def close(self) -> None:
+        """Wait for a snapshot in progress: its thread reads the database, which is
+        closed next (a cancelled task would not stop the thread anyway)."""
+        if self._refreshing is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
+
+    # -- the document ----------------------------------------------------------------
+    def build(self) -> dict[str, Any]:
+        """The status document from the snapshot plus in-memory state (on the loop)."""
+        db = self._db or query_database_empty()
+        c = self.config
+        by_state = db["by_state"]
+        pending = sum(by_state[s] for s in PENDING_STATES)
+        queue = {
+            "pending": pending,
+            "received": by_state[RECEIVED],
+            "compressing": by_state[COMPRESSING],
+            "pending_upload": by_state[COMPRESSED],
+            "uploading": by_state[UPLOADING],
+            "failed": by_state[FAILED],
+            "done": by_state[UPLOADED],
+            "done_today": db["done_today"],
+            "by_state": by_state,
+            "oldest_pending_at": db["oldest_pending_at"],
+            "oldest_pending_ts": _ts(db["oldest_pending_at"]),
+            "oldest_pending_age_seconds": (
+                max(0.0, time.time() - t) if (t := _ts(db["oldest_pending_at"])) else None
+            ),
+        }
+        archive = self._archive(db, queue)
+        disk = {
+            **self._disk,
+            "spool_bytes": db["spool_bytes"],
+            "min_free_bytes": self.spool.min_free_bytes,
+            "below_watermark": bool(self._disk)
+            and self._disk["free_bytes"] < self.spool.min_free_bytes,
+        }
+        worklist = [{**w, "last_success_ts": _ts(w.get("last_success_at"))} for w in db["worklist"]]
+        doc: dict[str, Any] = {
+            "version": __version__,
+            "boot_id": self.boot_id,
+            "started_at": datetime.fromtimestamp(self.started_at, UTC).isoformat(),
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "snapshot_age_seconds": round(time.monotonic() - self._taken, 3) if self._db else None,
+            "queue": queue,
+            "archive": archive,
+            "uploads": {"paused": self.pipeline.paused},
+            "associations_active": self.receiver.active_associations,
+            "throughput": db["throughput"],
+            "modalities": db["modalities"],
+            "failed": db["failed"],
+            "retrying": db["retrying"],
+            "recent_errors": self.errors.latest(),
+            "disk": disk,
+            "certificate": self._cert,
+            "worklist": worklist,
+            "config": config_summary(c),
+            "snapshot_error": self.snapshot_error,
+        }
+        doc["health"] = health(doc)
+        return doc
+
+    def _archive(self, db: dict[str, Any], queue: dict[str, Any]) -> dict[str, Any]:
+        p = self.pipeline
+        ok_at = p.last_upload_ok_at or db["last_upload_at"]
+        error_at = p.last_upload_error_at
+        if not self.config.upload.dicomweb_url:
+            state = "not configured"
+        elif error_at is not None and (ok_at is None or error_at > ok_at):
+            state = "unreachable"
+        elif ok_at is not None:
+            state = "reachable"
+        else:
+            state = "unknown"
+        return {
+            "url": self.config.upload.dicomweb_url,
+            "state": state,
+            "reachable": state == "reachable",
+            "last_success_at": ok_at,
+            "last_success_ts": _ts(ok_at),
+            "last_error": p.last_upload_error if state == "unreachable" else None,
+            "last_error_at": error_at,
+        }
+
+
+def query_database_empty() -> dict[str, Any]:
+    return {"by_state": dict.fromkeys(STATES, 0), "done_today": 0, "oldest_pending_at": None,
+            "last_upload_at": None, "throughput": [], "modalities": [], "failed": [],
+            "retrying": [], "spool_bytes": 0, "worklist": []}  # fmt: skip
+
+
+def health(doc: dict[str, Any]) -> dict[str, Any]:
+    """OK / degraded / failing, and why.  Failing is what stops images coming in."""
+    failing: list[str] = []
+    degraded: list[str] = []
+    if doc.get("snapshot_error"):
+        failing.append(doc["snapshot_error"] + " (counts below may be stale)")
+    disk = doc["disk"]
+    if disk.get("below_watermark"):
+        failing.append(
+            f"spool free space {_size(disk['free_bytes'])} is below the watermark"
+            f" {_size(disk['min_free_bytes'])}: C-STOREs are refused"
+        )
+    if doc["archive"]["state"] == "unreachable":
+        degraded.append(f"archive unreachable: {doc['archive']['last_error']}")
+    if doc["uploads"]["paused"]:
+        degraded.append("uploads are paused")
+    q = doc["queue"]
+    if q["failed"]:
+        degraded.append(f"{q['failed']} instance(s) failed; retry them or check the reason")
+    age = q["oldest_pending_age_seconds"]
+    if age is not None and age > PENDING_TOO_OLD_S:
+        degraded.append(f"oldest pending instance waits for {age / 60:.0f} min")
+    cert = doc["certificate"]
+    if cert["error"]:
+        degraded.append(f"client certificate: {cert['error']}")
+    elif cert["warning"]:
+        degraded.append(f"client certificate expires in {cert['days_left']} days")
+    for w in doc["worklist"]:
+        if w.get("last_error"):
+            degraded.append(f"worklist source {w['source']}: {w['last_error']}")
+    if failing:
+        return {"state": "failing", "reasons": failing + degraded}
+    if degraded:
+        return {"state": "degraded", "reasons": degraded}
+    return {"state": "ok", "reasons": []}
+
+
+def config_summary(c: Config) -> dict[str, Any]:
+    """What the page may show of the config: no password hashes, tokens or key contents."""
+    return {
+        "source": c.source,
+        "ae_title": c.dimse.ae_title,
+        "dimse": f"{c.dimse.bind}:{c.dimse.port}",
+        "allowed_aets": list(c.dimse.allowed_aets),
+        "spool_dir": str(c.spool.dir),
+        "min_free_bytes": c.spool.min_free_bytes,
+        "database": str(c.database.path),
+        "dicomweb_url": c.upload.dicomweb_url,
+        "client_cert": str(c.upload.client_cert or ""),
+        "client_key": str(c.upload.client_key or ""),
+        "compression": c.upload.compression,
+        "concurrent_requests": c.upload.concurrent_requests,
+        "retention_keep_bytes": c.retention.keep_bytes,
+        "worklist_upstream": (
+            f"{c.worklist.upstream_ae}@{c.worklist.upstream_host}:{c.worklist.upstream_port}"
+            if c.worklist.upstream_host
+            else ""
+        ),
+        "web": f"{c.web.bind}:{c.web.port}",
+        "web_auth": [
+            name
+            for name, on in (
+                ("password", c.web.password_hash),
+                ("token", c.web.token_sha256),
+                ("client certificate", c.web.client_ca_file),
+            )
+            if on
+        ],
+        "heartbeat_url": c.heartbeat.url,
+    }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"  # pragma: no cover
