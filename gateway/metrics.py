@@ -145,6 +145,14 @@ class SnapshotCollector(Collector):
         for w in s["worklist"]:
             refreshed.add_metric([w["source"]], w["last_success_ts"] or 0)
         yield refreshed
+        outbox = GaugeMetricFamily(
+            f"{PREFIX}_mpps_outbox_messages",
+            "MPPS messages not yet delivered to the RIS, by state",
+            labels=["state"],
+        )
+        for state in ("pending", "sending", "failed"):
+            outbox.add_metric([state], s["mpps"][state])
+        yield outbox
         cert = s["certificate"]
         if cert["not_after_ts"] is not None:
             yield _gauge(

@@ -246,6 +246,24 @@ def render_page(
     else:
         out.append("<p>no source configured or refreshed yet</p>")
 
+    m = doc["mpps"]
+    out.append("<h2>MPPS</h2><p id=mpps>")
+    target = m["forwarding_to"]
+    out.append(f"forwarding to <code>{_e(target)}</code>" if target else "kept here, not forwarded")
+    out.append(
+        f"; waiting {m['pending'] + m['sending']}, refused {m['failed']}"
+        f"; oldest waiting: {_ago(m['oldest_pending_at'])}</p>"
+    )
+    if m["failed_messages"]:
+        out.append("<div class=wrap><table id=mpps-failed><tr><th>step</th><th>message</th>")
+        out.append("<th>received</th><th>reason</th></tr>")
+        for f in m["failed_messages"]:
+            out.append(
+                f"<tr><td><code>{_e(f['sop_instance_uid'])}</code></td><td>N-{_e(f['kind']).upper()}"
+                f"</td><td>{_e(f['received_at'])}</td><td>{_e(f['last_error'])}</td></tr>"
+            )
+        out.append("</table></div>")
+
     out.append("<h2>Gateway</h2><div class=wrap><table id=config>")
     out.append(
         f"<tr><th>version</th><td>{_e(doc['version'])}</td></tr>"

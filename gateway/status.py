@@ -210,7 +210,24 @@ def query_database(conn: sqlite3.Connection, now: datetime) -> dict[str, Any]:
         "SELECT coalesce(sum(size), 0) + coalesce(sum(CASE WHEN upload_path != path"
         " THEN upload_size END), 0) FROM instances WHERE path IS NOT NULL"
     ).fetchone()[0]
+    mpps = dict.fromkeys(("pending", "sending", "failed"), 0)
+    for row in conn.execute(
+        "SELECT state, count(*) AS n FROM mpps_outbox WHERE state != 'sent' GROUP BY state"
+    ):
+        mpps[row["state"]] = row["n"]
+    mpps_oldest = conn.execute(
+        "SELECT min(received_at) FROM mpps_outbox WHERE state IN ('pending', 'sending')"
+    ).fetchone()[0]
+    mpps_failed = [
+        dict(r)
+        for r in conn.execute(
+            "SELECT seq, sop_instance_uid, kind, received_at, last_error FROM mpps_outbox"
+            " WHERE state = 'failed' ORDER BY seq DESC LIMIT ?",
+            (FAILED_SHOWN,),
+        )
+    ]
     return {
+        "mpps": {**mpps, "oldest_pending_at": mpps_oldest, "failed_messages": mpps_failed},
         "by_state": by_state,
         "done_today": done_today,
         "oldest_pending_at": oldest,
@@ -352,6 +369,15 @@ class StatusService:
             "disk": disk,
             "certificate": self._cert,
             "worklist": worklist,
+            "mpps": {
+                **db["mpps"],
+                "forwarding_to": (
+                    f"{c.mpps.upstream_ae}@{c.mpps.upstream_host}:{c.mpps.upstream_port}"
+                    if c.mpps.upstream_host
+                    else None
+                ),
+                "oldest_pending_ts": _ts(db["mpps"]["oldest_pending_at"]),
+            },
             "config": config_summary(c),
             "snapshot_error": self.snapshot_error,
         }
@@ -384,7 +410,9 @@ class StatusService:
 def query_database_empty() -> dict[str, Any]:
     return {"by_state": dict.fromkeys(STATES, 0), "done_today": 0, "oldest_pending_at": None,
             "last_upload_at": None, "throughput": [], "modalities": [], "failed": [],
-            "retrying": [], "spool_bytes": 0, "worklist": []}  # fmt: skip
+            "retrying": [], "spool_bytes": 0, "worklist": [],
+            "mpps": {"pending": 0, "sending": 0, "failed": 0, "oldest_pending_at": None,
+                     "failed_messages": []}}  # fmt: skip
 
 
 def health(doc: dict[str, Any]) -> dict[str, Any]:
@@ -414,6 +442,14 @@ def health(doc: dict[str, Any]) -> dict[str, Any]:
         degraded.append(f"client certificate: {cert['error']}")
     elif cert["warning"]:
         degraded.append(f"client certificate expires in {cert['days_left']} days")
+    mpps = doc["mpps"]
+    if mpps["failed"]:
+        degraded.append(f"{mpps['failed']} MPPS message(s) refused by the RIS; see MPPS below")
+    waiting = mpps["oldest_pending_ts"]
+    if waiting is not None and time.time() - waiting > PENDING_TOO_OLD_S:
+        degraded.append(
+            f"oldest MPPS message waits for {(time.time() - waiting) / 60:.0f} min to reach the RIS"
+        )
     for w in doc["worklist"]:
         if w.get("last_error"):
             degraded.append(f"worklist source {w['source']}: {w['last_error']}")

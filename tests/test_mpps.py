@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -58,6 +59,7 @@ from .gateway_proc import GatewayProcess
 from .peers import free_port, wait_for_port
 from .test_worklist import RETURN_KEYS, Ris, findscu
 from .test_worklist import ris as ris  # the fixture
+from .web_client import WebClient, web_port
 
 MPPS_CLASS = str(ModalityPerformedProcedureStep)
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -432,6 +434,22 @@ def test_a_final_refusal_fails_that_step_only(
     assert "earlier message" in rows[bad, SET]["last_error"]
     assert not any(r.kind == SET and r.uid == bad for r in upstream.received)  # never sent
     assert "failed permanently" in gw.log
+    # The refusal is visible where a technician and the monitoring look.
+    web = WebClient(web_port(gw))
+    doc = web.get("/api/status?fresh=1").json()
+    assert doc["mpps"]["failed"] == 2
+    assert doc["mpps"]["pending"] == 0
+    assert doc["mpps"]["forwarding_to"] == f"RIS_MPPS@127.0.0.1:{upstream.port}"
+    assert {f["sop_instance_uid"] for f in doc["mpps"]["failed_messages"]} == {bad}
+    assert any("MPPS message(s) refused" in r for r in doc["health"]["reasons"])
+    assert bad in web.get("/").text
+    metrics = {
+        (s.name, s.labels.get("state")): s.value
+        for family in text_string_to_metric_families(web.get("/metrics").text)
+        for s in family.samples
+    }
+    assert metrics["dicom_gateway_mpps_outbox_messages", "failed"] == 2
+    assert metrics["dicom_gateway_mpps_outbox_messages", "pending"] == 0
     assert gw.stop() == 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from gateway import config, webauth
@@ -17,6 +18,7 @@ def _doc(**changes: Any) -> dict[str, Any]:
         "queue": {"failed": 0, "oldest_pending_age_seconds": None},
         "certificate": {"error": None, "warning": False, "days_left": 400},
         "worklist": [],
+        "mpps": {"failed": 0, "oldest_pending_ts": None},
         "snapshot_error": None,
     }
     for key, value in changes.items():
@@ -39,6 +41,11 @@ def test_health_ok_degraded_failing() -> None:
     assert cert["state"] == "degraded" and "12 days" in cert["reasons"][0]
     stale = health(_doc(worklist=[{"source": "ris", "last_error": "timed out"}]))
     assert stale["state"] == "degraded"
+    refused = health(_doc(mpps__failed=1))
+    assert refused["state"] == "degraded" and "MPPS" in refused["reasons"][0]
+    stuck = health(_doc(mpps__oldest_pending_ts=time.time() - 7200))
+    assert stuck["state"] == "degraded" and "MPPS" in stuck["reasons"][0]
+    assert health(_doc(mpps__oldest_pending_ts=time.time() - 5))["state"] == "ok"
     full = health(_doc(disk__below_watermark=True, archive__state="unreachable"))
     assert full["state"] == "failing" and len(full["reasons"]) == 2
     broken = health(_doc(snapshot_error="queue database unreadable: disk I/O error"))
