@@ -10,8 +10,8 @@ comma := ,
 # systemd-python builds from source: it needs the headers and a compiler.
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
 # The real peers the tests talk to: DCMTK as modality, Orthanc + DICOMweb behind
-# nginx (mutual TLS) as the cloud archive.
-TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light
+# nginx (mutual TLS) as the cloud archive; systemd for systemd-analyze (unit checks).
+TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light systemd
 
 .PHONY: run test test-slow bench lint clean
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from . import __version__
 from .config import Config
 from .jobs import Pipeline
+from .notify import Notifier
 from .receive import COMMIT_TIMEOUT_S, Receiver
 from .reconcile import reconcile
 from .spool import Spool
@@ -33,6 +35,17 @@ EXIT_COMPONENT_FAILED = 70
 _MONITOR_INTERVAL_S = 1.0
 _SWEEP_INTERVAL_S = 60.0
 
+# Upper bounds of the stop phases (see _shutdown), for stop_budget_seconds.
+_LISTENER_JOIN_S = 10.0  # Receiver.stop_accepting joins the acceptor thread this long
+_POOL_STOP_S = 15.0  # the J2K pool finishes the image it is encoding
+_STORE_CLOSE_S = 30.0  # the last queued writes; SQLite's busy_timeout bounds each
+
+
+def stop_budget_seconds(config: Config) -> float:
+    """How long a stop may take at most; the unit's TimeoutStopSec must be longer
+    (tests/test_systemd_unit.py checks it against the defaults)."""
+    return _LISTENER_JOIN_S + config.dimse.drain_seconds + _POOL_STOP_S + _STORE_CLOSE_S
+
 
 class Gateway:
     def __init__(self, config: Config) -> None:
@@ -45,12 +58,31 @@ class Gateway:
             config.dimse,
             self.spool,
             self.store,
-            on_stored=lambda _: self.pipeline.wake(),
+            on_stored=self._on_stored,
             worklist=self.worklist.answer,
         )
+        self.notifier = Notifier()
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self._failure: str | None = None
+        self._state = "starting: checking the spool against the queue"
+        self._stored = 0
+        self._stored_lock = threading.Lock()
+
+    def _on_stored(self, _instance: object) -> None:
+        with self._stored_lock:
+            self._stored += 1
+        self.pipeline.wake()
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (``systemctl status dicom-gateway``)."""
+        if self._state != "running":
+            return self._state
+        host, port = self.receiver.address
+        return (
+            f"AE {self.config.dimse.ae_title} on {host}:{port}; "
+            f"{self._stored} instances stored since start"
+        )
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -61,8 +93,13 @@ class Gateway:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
+        # Pings start before the (threaded) start-up: reconciling a large spool may take
+        # longer than the watchdog period, and the loop is free meanwhile.
+        heartbeat = asyncio.create_task(self.notifier.heartbeat(self.status_line))
         try:
             await asyncio.to_thread(self._start)
+            self._state = "running"
+            self.notifier.ready(self.status_line())
             host, port = self.receiver.address
             log.info(
                 "dicom-gateway %s ready: AE %r listening on %s:%d, spool %s",
@@ -85,7 +122,12 @@ class Gateway:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            await asyncio.to_thread(self._shutdown)
+            self._state = "stopping: draining C-STOREs in progress"
+            self.notifier.stopping(self._state)
+            try:
+                await asyncio.to_thread(self._shutdown)
+            finally:
+                heartbeat.cancel()
         if self._failure:
             log.critical("exiting after component failure: %s", self._failure)
             return EXIT_COMPONENT_FAILED

@@ -20,11 +20,20 @@ EXIT_START_FAILED = 71
 
 
 def _setup_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.logging.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from .notify import journal_handler
+
+    # Under systemd stderr is the journal: log there with structured fields (SOP
+    # Instance UID, calling AE) and let journald add the time; else plain stderr.
+    journal = journal_handler()
+    if journal is not None:
+        journal.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.basicConfig(level=config.logging.level.upper(), handlers=[journal])
+    else:
+        logging.basicConfig(
+            level=config.logging.level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     # pynetdicom narrates every PDU at INFO; the gateway logs what matters itself.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
