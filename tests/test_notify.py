@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,7 +26,8 @@ from gateway.notify import Notifier, journal_handler, watchdog_interval
 
 from . import corpus
 from .conftest import GatewayFactory
-from .peers import storescu
+from .gateway_proc import write_config
+from .peers import free_port, storescu
 
 WATCHDOG_USEC = 400_000  # pings every 0.2 s
 
@@ -195,3 +197,46 @@ def test_journal_entries_carry_the_structured_fields() -> None:
     assert entry["CALLING_AE"] == "CT_ROOM1"
     assert entry["SYSLOG_IDENTIFIER"] == "dicom-gateway"
     assert entry["PRIORITY"] == "4"
+
+
+def test_real_gateway_logs_to_the_journal_with_fields(tmp_path: Path) -> None:
+    """The real gateway under a stand-in journald (tests/journal_sink.py: a datagram
+    socket at /run/systemd/journal/socket in a private mount namespace, stderr named
+    by JOURNAL_STREAM): C-STORE lines carry SOP_INSTANCE_UID and CALLING_AE."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace")
+    root = tmp_path / "gw"
+    root.mkdir()
+    port = free_port()
+    config = write_config(root / "gateway.toml", root, port)
+    out = tmp_path / "journal.bin"
+    script = 'mount -t tmpfs tmpfs /run/systemd && exec "$0" -m tests.journal_sink "$1" "$2"'
+    sink = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
+         sys.executable, str(out), str(config)],
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while b" ready: " not in (out.read_bytes() if out.exists() else b""):
+            assert sink.poll() is None, "sink/gateway exited early"
+            assert time.monotonic() < deadline, "gateway not ready"
+            time.sleep(0.05)
+        ct = tmp_path / "ct.dcm"
+        ds = corpus.with_new_uids(corpus.testdata("CT_small.dcm"), ct)
+        assert storescu(port, [ct], calling="CT_ROOM1").statuses == ["Success"]
+        deadline = time.monotonic() + 10
+        while b"stored sop=" not in out.read_bytes():
+            assert time.monotonic() < deadline, "no stored line in the journal"
+            time.sleep(0.05)
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        assert sink.wait(timeout=60) == 0
+    entries = [e for e in out.read_bytes().split(b"\n\0\n") if b"stored sop=" in e]
+    (entry,) = entries
+    fields = dict(line.split(b"=", 1) for line in entry.splitlines() if b"=" in line)
+    assert fields[b"SOP_INSTANCE_UID"] == str(ds.SOPInstanceUID).encode()
+    assert fields[b"CALLING_AE"] == b"CT_ROOM1"
+    assert fields[b"SYSLOG_IDENTIFIER"] == b"dicom-gateway"
+    assert fields[b"PRIORITY"] == b"6"
+    assert (tmp_path / "journal.bin.stderr").read_bytes() == b""  # nothing went to stderr
