@@ -156,3 +156,44 @@ def test_systemd_analyze_security_score() -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
     assert match, proc.stdout + proc.stderr
     assert float(match.group(1)) <= MAX_EXPOSURE, proc.stdout
+
+
+_UNDER_MDWE = """
+import ctypes, sys
+from pathlib import Path
+libc = ctypes.CDLL(None, use_errno=True)
+# PR_SET_MDWE(PR_MDWE_REFUSE_EXEC_GAIN): no writable+executable memory from now on,
+# what MemoryDenyWriteExecute=yes enforces under systemd.
+if libc.prctl(65, 1, 0, 0, 0) != 0:
+    raise SystemExit(f"prctl(PR_SET_MDWE) failed: errno {ctypes.get_errno()}")
+from cryptography.hazmat.primitives.asymmetric import ec
+from gateway import app, field, notify, upload
+from gateway.config import UploadConfig
+from gateway.transcode import transcode
+ec.generate_private_key(ec.SECP256R1())
+upload.ssl_context(UploadConfig())
+result = transcode(Path(sys.argv[1]), Path(sys.argv[2]))
+print(result.outcome)
+"""
+
+
+def test_native_code_runs_with_memory_deny_write_execute(tmp_path: Path) -> None:
+    """The unit sets MemoryDenyWriteExecute=yes; the kernel's PR_SET_MDWE (Linux 6.3+)
+    gives the same rule outside systemd: the J2K codec, cryptography and the TLS
+    stack must work under it."""
+    import sys
+
+    from . import corpus
+
+    src = corpus.testdata("CT_small.dcm")
+    proc = subprocess.run(
+        [sys.executable, "-c", _UNDER_MDWE, str(src), str(tmp_path / "out.dcm")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    if "prctl(PR_SET_MDWE) failed" in proc.stderr:
+        pytest.skip("kernel without PR_SET_MDWE")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "compressed"
