@@ -1,7 +1,8 @@
 """The Gateway: start order, the main wait, and a two-phase stop.
 
 Start:  spool directories -> queue database -> reconcile -> DIMSE listener, then the
-compress/upload pipeline.
+compress/upload pipeline; systemd hears READY=1, then WATCHDOG=1 from the loop itself
+(gateway.notify), and STOPPING=1 when the stop begins.
 Stop (SIGTERM/SIGINT): close the listener and refuse new C-STOREs, let in-flight
 C-STOREs finish for at most ``dimse.drain_seconds``, abort what is left; the pipeline
 is cancelled (an interrupted upload is re-sent after restart); then close the
