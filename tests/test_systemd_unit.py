@@ -197,3 +197,70 @@ def test_native_code_runs_with_memory_deny_write_execute(tmp_path: Path) -> None
         pytest.skip("kernel without PR_SET_MDWE")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "compressed"
+
+
+def _start_with_caps(tmp_path: Path, bounding: str) -> tuple[subprocess.Popen[bytes], Path, str]:
+    """The real gateway on port 104 with the capability bounding set *bounding* (as
+    CapabilityBoundingSet= does; root keeps only what is in it), on a random loopback
+    address so that nothing else on the machine holds the port."""
+    import random
+    import sys
+
+    from .gateway_proc import write_config
+
+    tmp_path.mkdir(parents=True)
+    addr = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}"
+    config = write_config(tmp_path / "gateway.toml", tmp_path, 104, dimse={"bind": addr})
+    log = tmp_path / "gateway.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            ["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--no-new-privs",
+             sys.executable, "-m", "gateway", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )  # fmt: skip
+    return proc, log, addr
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path) -> None:
+    import time
+
+    deadline = time.monotonic() + 30
+    while " ready: " not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+
+
+def test_port_104_needs_exactly_cap_net_bind_service(tmp_path: Path) -> None:
+    """What the unit grants (CAP_NET_BIND_SERVICE, nothing else) is enough to receive
+    on port 104 and store; without it the start fails with exit 71 and says why."""
+    import os
+    import sys
+
+    from . import corpus
+
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv (util-linux)")
+    proc, log, addr = _start_with_caps(tmp_path / "with", "-all,+net_bind_service")
+    try:
+        _wait_ready(proc, log)
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        (cap_eff,) = re.findall(r"^CapEff:\s*([0-9a-f]+)$", status, re.M)
+        assert int(cap_eff, 16) == 1 << 10  # CAP_NET_BIND_SERVICE alone
+        ct = tmp_path / "ct.dcm"
+        corpus.with_new_uids(corpus.testdata("CT_small.dcm"), ct)
+        sent = subprocess.run(
+            [sys.executable, "-m", "gateway", "send", "--host", addr, "--port", "104",
+             "--called-ae", "DICOMGW", str(ct)],
+            capture_output=True, text=True, check=False, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, log.read_text()
+
+    proc, log, _ = _start_with_caps(tmp_path / "without", "-all")
+    assert proc.wait(timeout=60) == 71
+    assert "Permission denied" in log.read_text()
