@@ -77,6 +77,14 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
     s.close()
 
 
+def _wait_stopped(pid: int) -> None:
+    """Until the kernel shows *pid* stopped (state T): kill() returns before that."""
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert time.monotonic() < deadline, "process did not stop"
+        time.sleep(0.01)
+
+
 def _lines(message: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in message.splitlines())
 
@@ -103,6 +111,7 @@ def test_real_gateway_ready_watchdog_status_stopping(
     assert gw.proc is not None
     gw.proc.send_signal(signal.SIGSTOP)
     try:
+        _wait_stopped(gw.proc.pid)
         notify_socket.pending()  # what was sent before the stop took effect
         time.sleep(2.5 * WATCHDOG_USEC / 1e6)
         assert notify_socket.pending() == []
