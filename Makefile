@@ -10,10 +10,16 @@ comma := ,
 # systemd-python builds from source: it needs the headers and a compiler.
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
 # The real peers the tests talk to: DCMTK as modality, Orthanc + DICOMweb behind
-# nginx (mutual TLS) as the cloud archive; Chromium looks at the status page.
-TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light chromium
+# nginx (mutual TLS) as the cloud archive; Chromium looks at the status page; systemd
+# for systemd-analyze (unit checks).
+TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light chromium systemd
+# The slow tests apply the Ansible role to a debootstrap chroot and build the image
+# with mkosi (which runs systemd-nspawn).
+SLOW_PACKAGES := debootstrap mkosi systemd-container
+# ansible-playbook and ansible-lint live in their own venv: many dependencies.
+ANSIBLE_VENV := .venv-ansible
 
-.PHONY: run test test-slow bench lint clean
+.PHONY: run test test-slow bench lint wheel image clean
 
 run: $(VENV)/.run-installed
 	$(BIN)/dicom-gateway run $(if $(CONFIG),--config $(CONFIG))
@@ -22,7 +28,8 @@ test: $(VENV)/.test-installed
 	$(MAKE) --no-print-directory lint
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: $(VENV)/.test-installed
+test-slow: $(VENV)/.test-installed $(ANSIBLE_VENV)/.installed
+	scripts/ensure-packages $(SLOW_PACKAGES)
 	$(BIN)/python -m pytest -m slow
 
 bench: $(VENV)/.test-installed
@@ -32,10 +39,20 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/crash_run.py --kills 200
 	$(BIN)/python tests/bench/status.py
 
-lint: $(VENV)/.test-installed
+lint: $(VENV)/.test-installed $(ANSIBLE_VENV)/.installed
 	$(BIN)/ruff check gateway tests
 	$(BIN)/ruff format --check gateway tests
 	$(BIN)/mypy
+	PATH="$(CURDIR)/$(ANSIBLE_VENV)/bin:$$PATH" ansible-lint -q --profile production ansible/
+
+# The gateway as a wheel (dist/), what the Ansible role installs on a box.
+wheel: $(VENV)/.test-installed
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
+
+# The appliance OS image tree (image/README.md): image/out/dicom-gateway-image.
+image: $(VENV)/.test-installed
+	scripts/ensure-packages $(SLOW_PACKAGES)
+	time image/build
 
 # $(call venv_with,EXTRAS,DEBIAN PACKAGES)
 define venv_with
@@ -52,5 +69,12 @@ $(VENV)/.run-installed: pyproject.toml
 $(VENV)/.test-installed: pyproject.toml
 	$(call venv_with,systemd$(comma)test,$(TEST_PACKAGES))
 
+$(ANSIBLE_VENV)/.installed: ansible/requirements.txt
+	test -x $(ANSIBLE_VENV)/bin/python || $(PYTHON) -m venv $(ANSIBLE_VENV)
+	$(ANSIBLE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(ANSIBLE_VENV)/bin/python -m pip install -q -r ansible/requirements.txt
+	touch $@
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(ANSIBLE_VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf image/staging image/out

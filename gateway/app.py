@@ -2,7 +2,9 @@
 
 Start:  spool directories -> queue database -> reconcile -> DIMSE listener -> status
 page, then the compress/upload pipeline, the worklist refresh, the MPPS forwarder (and
-the heartbeat, when configured).
+the heartbeat, when configured); systemd hears READY=1 once the listener and the page
+are up, WATCHDOG=1 from the loop itself (gateway.notify), and STOPPING=1 when the stop
+begins.
 Stop (SIGTERM/SIGINT): the pipeline and the MPPS forwarder are cancelled (an interrupted
 upload or MPPS message is re-sent after restart) and the status page closes; then close
 the listener and refuse new C-STOREs, let in-flight C-STOREs finish for at most
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from collections.abc import Coroutine
 from typing import Any
@@ -25,12 +28,13 @@ from .heartbeat import run_heartbeat
 from .jobs import Pipeline
 from .metrics import Metrics
 from .mpps import Forwarder, MppsScp
+from .notify import Notifier
 from .receive import COMMIT_TIMEOUT_S, Receiver
 from .reconcile import reconcile
 from .spool import Spool
 from .status import StatusService
 from .store import Store
-from .web import WebServer
+from .web import WEB_STOP_S, WebServer
 from .worklist import Worklist
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,19 @@ log = logging.getLogger(__name__)
 EXIT_COMPONENT_FAILED = 70
 _MONITOR_INTERVAL_S = 1.0
 _SWEEP_INTERVAL_S = 60.0
+
+# Upper bounds of the stop phases (see _shutdown), for stop_budget_seconds.
+_LISTENER_JOIN_S = 10.0  # Receiver.stop_accepting joins the acceptor thread this long
+_POOL_STOP_S = 15.0  # the J2K pool finishes the image it is encoding
+_STORE_CLOSE_S = 30.0  # the last queued writes; SQLite's busy_timeout bounds each
+
+
+def stop_budget_seconds(config: Config) -> float:
+    """How long a stop may take at most; the unit's TimeoutStopSec must be longer
+    (tests/test_systemd_unit.py checks it against the defaults)."""
+    return (
+        WEB_STOP_S + _LISTENER_JOIN_S + config.dimse.drain_seconds + _POOL_STOP_S + _STORE_CLOSE_S
+    )
 
 
 class Gateway:
@@ -54,11 +71,12 @@ class Gateway:
             config.dimse,
             self.spool,
             self.store,
-            on_stored=lambda _: self.pipeline.wake(),
+            on_stored=self._on_stored,
             worklist=self.worklist.answer,
             mpps=MppsScp(self.store, on_accepted=self.mpps.wake),
             metrics=self.metrics,
         )
+        self.notifier = Notifier()
         self.started_at = time.time()
         self.status = StatusService(
             config, self.store, self.spool, self.pipeline, self.receiver, self.worklist,
@@ -69,6 +87,24 @@ class Gateway:
         )
         self._stop = asyncio.Event()
         self._failure: str | None = None
+        self._state = "starting: checking the spool against the queue"
+        self._stored = 0
+        self._stored_lock = threading.Lock()
+
+    def _on_stored(self, _instance: object) -> None:
+        with self._stored_lock:
+            self._stored += 1
+        self.pipeline.wake()
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (``systemctl status dicom-gateway``)."""
+        if self._state != "running":
+            return self._state
+        host, port = self.receiver.address
+        return (
+            f"AE {self.config.dimse.ae_title} on {host}:{port}; "
+            f"{self._stored} instances stored since start"
+        )
 
     def request_stop(self, reason: str) -> None:
         if not self._stop.is_set():
@@ -80,9 +116,14 @@ class Gateway:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         logging.getLogger("gateway").addHandler(self.status.errors)
+        # Pings start before the (threaded) start-up: reconciling a large spool may take
+        # longer than the watchdog period, and the loop is free meanwhile.
+        watchdog = asyncio.create_task(self.notifier.heartbeat(self.status_line))
         try:
             await asyncio.to_thread(self._start)
             await self.web.start()
+            self._state = "running"
+            self.notifier.ready(self.status_line())
             host, port = self.receiver.address
             log.info(
                 "dicom-gateway %s ready: AE %r listening on %s:%d, spool %s",
@@ -109,11 +150,16 @@ class Gateway:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            # The page goes first: it reads the database that _shutdown closes.
-            await self.web.stop()
-            await self.status.close()
-            logging.getLogger("gateway").removeHandler(self.status.errors)
-            await asyncio.to_thread(self._shutdown)
+            self._state = "stopping: draining C-STOREs in progress"
+            self.notifier.stopping(self._state)
+            try:
+                # The page goes first: it reads the database that _shutdown closes.
+                await self.web.stop()
+                await self.status.close()
+                logging.getLogger("gateway").removeHandler(self.status.errors)
+                await asyncio.to_thread(self._shutdown)
+            finally:
+                watchdog.cancel()
         if self._failure:
             log.critical("exiting after component failure: %s", self._failure)
             return EXIT_COMPONENT_FAILED

@@ -20,11 +20,20 @@ EXIT_START_FAILED = 71
 
 
 def _setup_logging(config: Config) -> None:
-    logging.basicConfig(
-        level=config.logging.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from .notify import journal_handler
+
+    # Under systemd stderr is the journal: log there with structured fields (SOP
+    # Instance UID, calling AE) and let journald add the time; else plain stderr.
+    journal = journal_handler()
+    if journal is not None:
+        journal.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.basicConfig(level=config.logging.level.upper(), handlers=[journal])
+    else:
+        logging.basicConfig(
+            level=config.logging.level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     # pynetdicom narrates every PDU at INFO; the gateway logs what matters itself.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
@@ -126,6 +135,53 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .field import doctor
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"FAIL  config           {exc}\n      fix: correct that key and run again")
+        return 1
+    return doctor(config)
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    import socket
+
+    from .field import enroll
+
+    name = args.common_name or socket.getfqdn()
+    try:
+        subject = enroll(Path(args.key), Path(args.csr), name, force=args.force)
+    except FileExistsError:
+        print(
+            f"dicom-gateway: {args.key} exists; --force replaces it (the old certificate "
+            "then stops working)",
+            file=sys.stderr,
+        )
+        return 1
+    except OSError as exc:
+        print(f"dicom-gateway: cannot write the key or CSR: {exc}", file=sys.stderr)
+        return 1
+    print(f"key {args.key} (EC P-256, mode 0600), CSR {args.csr} for {subject}")
+    print("send the CSR to the archive's CA; install the signed certificate as upload.client_cert")
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from .field import SendResult, send
+
+    config = _load_or_exit(args.config)
+    port = args.port if args.port is not None else config.dimse.port
+    called = args.called_ae or config.dimse.ae_title
+
+    def report(result: SendResult) -> None:
+        print(f"{'OK  ' if result.ok else 'FAIL'}  {result.path}  {result.detail}", flush=True)
+
+    return send([Path(f) for f in args.files], args.host, port, called, args.calling_ae, report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-gateway", description="DICOM edge gateway for imaging sites."
@@ -163,6 +219,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--token", action="store_true", help="make a random API token and its web.token_sha256"
     )
     hash_pw.set_defaults(func=cmd_hash_password)
+
+    doctor = sub.add_parser("doctor", help="check config, spool, port, certificate, archive")
+    doctor.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
+    doctor.set_defaults(func=cmd_doctor)
+
+    enroll = sub.add_parser("enroll", help="make this box's key and a CSR for the archive's CA")
+    enroll.add_argument("--key", metavar="FILE", required=True, help="private key to write")
+    enroll.add_argument("--csr", metavar="FILE", required=True, help="CSR to write")
+    enroll.add_argument("--common-name", metavar="CN", help="subject CN (default: host name)")
+    enroll.add_argument("--force", action="store_true", help="replace an existing key")
+    enroll.set_defaults(func=cmd_enroll)
+
+    send = sub.add_parser("send", help="test C-STORE of files to a DICOM peer")
+    send.add_argument("--config", metavar="FILE", help="defaults for port and called AE")
+    send.add_argument("--host", default="127.0.0.1", help="peer address (default: this box)")
+    send.add_argument("--port", type=int, help="peer port (default: dimse.port)")
+    send.add_argument("--called-ae", metavar="AE", help="peer AE title (default: dimse.ae_title)")
+    send.add_argument("--calling-ae", metavar="AE", default="DGW-SEND", help="our AE title")
+    send.add_argument("files", nargs="+", metavar="FILE")
+    send.set_defaults(func=cmd_send)
     return parser
 
 

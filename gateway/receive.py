@@ -39,6 +39,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from . import dul_guard
 from .config import DimseConfig
+from .notify import CALLING_AE, SOP_INSTANCE_UID
 from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolTempFile
 from .store import ReceivedInstance, Store
 
@@ -410,8 +411,10 @@ class Receiver:
         sop_instance = str(req.AffectedSOPInstanceUID or "")
         requestor = event.assoc.requestor
         where = f"from {requestor.ae_title!r} at {requestor.address}"
+        # Structured journal fields (gateway.notify); ignored by the stderr format.
+        fields = {SOP_INSTANCE_UID: sop_instance, CALLING_AE: requestor.ae_title}
         if self._stopping.is_set():
-            log.warning("C-STORE %s refused: shutting down", where)
+            log.warning("C-STORE %s refused: shutting down", where, extra=fields)
             return StoreOutcome(OUT_OF_RESOURCES, "gateway is shutting down, send again later")
         if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
             log.warning("C-STORE %s refused: invalid UID in command %r", where, sop_instance)
@@ -420,7 +423,13 @@ class Receiver:
         received = getattr(req, "_dataset_file", None)
         if isinstance(received, SpoolTempFile) and received.error is not None:
             exc = received.error
-            log.error("C-STORE %s sop=%s failed writing the spool: %s", where, sop_instance, exc)
+            log.error(
+                "C-STORE %s sop=%s failed writing the spool: %s",
+                where,
+                sop_instance,
+                exc,
+                extra=fields,
+            )
             if exc.errno in NO_SPACE_ERRNOS:
                 return StoreOutcome(OUT_OF_RESOURCES, "spool disk is full")
             return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
@@ -431,13 +440,19 @@ class Receiver:
             )
             spooled = self.spool.commit_file(tmp_path)
         except SpoolFull as exc:
-            log.error("C-STORE %s sop=%s refused: %s", where, sop_instance, exc)
+            log.error("C-STORE %s sop=%s refused: %s", where, sop_instance, exc, extra=fields)
             return StoreOutcome(OUT_OF_RESOURCES, "spool is full")
         except _Refusal as exc:
-            log.warning("C-STORE %s sop=%s refused: %s", where, sop_instance, exc)
+            log.warning("C-STORE %s sop=%s refused: %s", where, sop_instance, exc, extra=fields)
             return exc.outcome
         except OSError as exc:
-            log.error("C-STORE %s sop=%s failed writing the spool: %s", where, sop_instance, exc)
+            log.error(
+                "C-STORE %s sop=%s failed writing the spool: %s",
+                where,
+                sop_instance,
+                exc,
+                extra=fields,
+            )
             if exc.errno in NO_SPACE_ERRNOS:
                 return StoreOutcome(OUT_OF_RESOURCES, "spool disk is full")
             return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
@@ -461,8 +476,9 @@ class Receiver:
             # and acknowledged earlier may be this very file.  If no row refers to it,
             # the reconciler removes it at the next start.
             log.error(
-                "C-STORE %s sop=%s failed committing the queue row: %r", where, sop_instance, exc
-            )
+                "C-STORE %s sop=%s failed committing the queue row: %r",
+                where, sop_instance, exc, extra=fields,
+            )  # fmt: skip
             return StoreOutcome(PROCESSING_FAILURE, "queue database error")
         for relpath in replaced:
             self.spool.remove(relpath)
@@ -473,6 +489,7 @@ class Receiver:
             where,
             instance.transfer_syntax,
             spooled.size,
+            extra=fields,
         )
         if self.on_stored is not None:
             self.on_stored(instance)

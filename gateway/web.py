@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Upper bound of the page's part of a stop (gateway.app.stop_budget_seconds).
+WEB_STOP_S = 5.0
+
 COOKIE = "gw_session"
 _PUBLIC = {"/livez", "/readyz", "/login"}
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -127,7 +130,10 @@ class WebServer:
 
     async def start(self) -> tuple[str, int]:
         w = self.config.web
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # A stop waits this long for requests in flight (all short), not aiohttp's 60 s.
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=WEB_STOP_S
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, w.bind, w.port, ssl_context=self._ssl_context())
         await site.start()

@@ -119,6 +119,7 @@ class ArchiveLab:
     def _make_certificates(self) -> None:
         w = self.work
         ca = trustme.CA()
+        self.ca = ca  # signs CSRs in tests (dicom-gateway enroll)
         ca.cert_pem.write_to_path(str(w / "ca.pem"))
         server = ca.issue_cert("localhost", "127.0.0.1")
         server.cert_chain_pems[0].write_to_path(str(w / "server.pem"))

@@ -58,11 +58,11 @@ class GatewayProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 30.0) -> GatewayProcess:
+    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> GatewayProcess:
         self.starts += 1
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         offset = log.tell()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
             stdout=log,
