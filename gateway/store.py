@@ -142,10 +142,23 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     )  # fmt: skip
 
 
+def _migration_5(db: sqlite_utils.Database) -> None:
+    # Numbered 5 on the worklist-sources branch (4 was handed to another branch at the
+    # same time); it is the next entry of MIGRATIONS, the integrator renumbers at merge.
+    # Columns for the worklist's SQL prefilter: a value only when the item has exactly
+    # that one value (one step, one value); NULL means "cannot narrow, always pass", so
+    # rows from before this migration still answer correctly.
+    table = db["worklist_items"]
+    for column in ("step_date", "modality", "station_ae", "patient_id", "accession"):
+        table.add_column(column, str)  # type: ignore[union-attr]
+    table.create_index(["step_date", "modality"])  # type: ignore[union-attr]
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
+    _migration_5,
 ]
 
 
