@@ -120,9 +120,12 @@ def to_cached(source: str, ds: Dataset, extra: str = "") -> CachedItem:
     steps = ds.get("ScheduledProcedureStepSequence") or [Dataset()]
     step = steps[0] if len(steps) == 1 else None
     date = _one_value(step, "ScheduledProcedureStepStartDate")
+    # For the expiry, compared as text: YYYYMMDD, also from an ACR-NEMA "YYYY.MM.DD";
+    # anything else is kept ('' never expires) rather than guessed at.
+    first = str(steps[0].get("ScheduledProcedureStepStartDate", "")).strip().replace(".", "")
     return CachedItem(
         item_id=_identity(source, ds, extra),
-        scheduled_date=str(steps[0].get("ScheduledProcedureStepStartDate", "")),
+        scheduled_date=first if _DATE.fullmatch(first) else "",
         dataset_json=json.dumps(ds.to_json_dict()),
         step_date=date if date and _DATE.fullmatch(date) else None,
         modality=_one_value(step, "Modality"),
@@ -387,10 +390,13 @@ class Worklist:
     async def _replace(
         self, source: str, items: list[CachedItem], error: str | None = None
     ) -> tuple[int, int]:
+        cutoff = self._expiry_cutoff()
+        # Already past the expiry: not cached, and not counted as the source's items.
+        items = [i for i in items if not (i.scheduled_date and i.scheduled_date < cutoff)]
         count, gone = await asyncio.wrap_future(
             self.store.submit(_replace_source(source, items, error))
         )
-        expired = await asyncio.wrap_future(self.store.submit(_expire(self._expiry_cutoff())))
+        expired = await asyncio.wrap_future(self.store.submit(_expire(cutoff)))
         for item_id in (*gone, *expired):
             self._parsed.pop(item_id, None)
         return count, len(expired)

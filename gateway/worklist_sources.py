@@ -267,10 +267,17 @@ class UpsClient:
             raise SourceError(_tls_hint(exc)) from exc
         except aiohttp.ClientConnectorError as exc:
             raise SourceError(f"cannot connect to the UPS-RS server: {exc.os_error}") from exc
-        except aiohttp.ClientOSError as exc:
-            # With TLS 1.3 the server refuses a client certificate after the handshake
-            # has completed on our side: the alert arrives as an error on the read.
-            raise SourceError(_tls_hint(exc)) from exc
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as exc:
+            # With TLS 1.3 the server checks our certificate after our side of the
+            # handshake is done: a refusal arrives as an alert on the first read, or,
+            # from a server that sends no alert, as a reset or a silent close.
+            if "alert" in str(exc).lower():
+                raise SourceError(_tls_hint(exc)) from exc
+            raise SourceError(
+                f"the UPS-RS server dropped the connection without answering ({exc!r}), "
+                "as a server that refuses this box's client certificate does under TLS "
+                "1.3: check upload.client_cert/client_key are signed by a CA it trusts"
+            ) from exc
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise SourceError(f"request to the UPS-RS server failed: {exc!r}") from exc
         if status == 204:
@@ -327,9 +334,12 @@ def read_entry_file(path: Path) -> list[Dataset]:
                 where = f"item #{number}: " if isinstance(value, list) else ""
                 raise ValueError(f"{where}{exc}") from exc
         return items
-    ds = pydicom.dcmread(path)
+    # force: wlmscpfs also serves files written without a File Meta header (dump2dcm -F).
+    ds = pydicom.dcmread(path, force=True)
     if "file_meta" in ds.__dict__:
         del ds.file_meta
+    if not ds.get("ScheduledProcedureStepSequence") and ds.preamble is None:
+        raise ValueError("not a DICOM file (no DICM prefix), nor a worklist item")
     return [_check_item(ds)]
 
 
