@@ -29,6 +29,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/ingest.py
 	$(BIN)/python tests/bench/transcode.py
 	$(BIN)/python tests/bench/crash_run.py --kills 200
+	$(BIN)/python tests/bench/worklist.py
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check gateway tests

@@ -152,6 +152,8 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     for column in ("step_date", "modality", "station_ae", "patient_id", "accession"):
         table.add_column(column, str)  # type: ignore[union-attr]
     table.create_index(["step_date", "modality"])  # type: ignore[union-attr]
+    table.create_index(["patient_id"])  # type: ignore[union-attr]
+    table.create_index(["accession"])  # type: ignore[union-attr]
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
