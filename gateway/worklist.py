@@ -14,7 +14,9 @@ A query is answered in two steps: SQL narrows the rows by the step's date, modal
 and station and by patient ID and accession number, using columns that hold a value
 only when it is certain (one step, one value); everything else (NULL) always passes.
 The DICOM matching of :mod:`gateway.worklist_match` then decides on what is left.
-Parsed items are kept in memory and reused while their stored JSON is unchanged.
+Parsed items are kept in memory and reused while their stored JSON is unchanged, and
+so are the responses to the last queries while the rows they came from are: a
+modality asks the same question every minute or so.
 """
 
 from __future__ import annotations
@@ -106,6 +108,7 @@ def _identity(source: str, ds: Dataset, extra: str = "") -> str:
 
 
 _DATE = re.compile(r"\d{8}")
+_ANSWERS_KEPT = 64  # distinct queries whose responses are kept (one per modality, roughly)
 
 
 def _one_value(ds: Dataset | None, keyword: str) -> str | None:
@@ -300,6 +303,8 @@ class Worklist:
         self._drop_error_logged: str | None = None
         # item_id -> (stored JSON, parsed item); C-FIND threads share it (GIL-atomic ops).
         self._parsed: dict[str, tuple[str, Dataset]] = {}
+        # query (as DICOM JSON) -> (the rows it was answered from, the responses).
+        self._answers: dict[str, tuple[list[tuple[str, str]], list[Dataset]]] = {}
 
     async def run(self) -> None:
         w = self.config.worklist
@@ -413,8 +418,7 @@ class Worklist:
         self._parsed[item_id] = (text, ds)
         return ds
 
-    def cached(self, query: Dataset | None = None) -> Iterator[Dataset]:
-        """The unexpired items, narrowed for *query* when given (blocking: SQLite)."""
+    def _rows(self, query: Dataset | None) -> list[tuple[str, str]]:
         where, params = (
             ["(scheduled_date = '' OR scheduled_date >= ?)"],
             [self._expiry_cutoff()],
@@ -424,12 +428,34 @@ class Worklist:
             where += more
             params += more_params
         sql = "SELECT item_id, dataset FROM worklist_items WHERE " + " AND ".join(where)
-        for row in self.store.rows(sql, tuple(params)):
-            yield self._item(row["item_id"], row["dataset"])
+        return [(r["item_id"], r["dataset"]) for r in self.store.rows(sql, tuple(params))]
+
+    def cached(self, query: Dataset | None = None) -> Iterator[Dataset]:
+        """The unexpired items, narrowed for *query* when given (blocking: SQLite)."""
+        for item_id, text in self._rows(query):
+            yield self._item(item_id, text)
 
     def answer(self, query: Dataset) -> Iterator[Dataset]:
         """Responses for a modality's C-FIND, from the cache alone (blocking: SQLite)."""
-        return find(self.cached(query), query)
+        try:
+            key: str | None = json.dumps(query.to_json_dict(), sort_keys=True)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            key = None  # a query pydicom cannot write as JSON is answered, not remembered
+        rows = self._rows(query)
+        hit = self._answers.get(key) if key is not None else None
+        if hit is not None and hit[0] == rows:
+            # The same query over the same stored items: the same responses (they are
+            # only read from here on, by the SCP encoding them).
+            yield from hit[1]
+            return
+        responses = []
+        for response in find((self._item(i, t) for i, t in rows), query):
+            responses.append(response)
+            yield response
+        if key is not None:
+            if len(self._answers) >= _ANSWERS_KEPT:
+                self._answers.clear()
+            self._answers[key] = (rows, responses)
 
     def freshness(self) -> list[dict[str, Any]]:
         """Per source: last attempt, last success, last error, item count (blocking)."""

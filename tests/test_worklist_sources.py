@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from gateway.config import from_dict
+from gateway.config import ConfigError, from_dict
 from gateway.store import Store
 from gateway.worklist import Worklist, _replace_source, prefilter, to_cached
 from gateway.worklist_match import find
@@ -259,6 +259,22 @@ def _source(gw: GatewayProcess, source: str) -> Any:
 
 
 # --- UPS-RS -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("worklist", "upload", "key"),
+    [
+        ({"ups_url": "http://ris.example/ups"}, {}, "worklist.ups_url"),
+        ({"ups_url": "https://ris.example/ups"}, {"client_cert": "c.pem"}, "upload.client_key"),
+        ({"drop_scan_seconds": 0}, {}, "worklist.drop_scan_seconds"),
+    ],
+)
+def test_source_config_is_checked(
+    worklist: dict[str, Any], upload: dict[str, Any], key: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        from_dict({"worklist": worklist, "upload": upload})
+    assert raised.value.key == key
 
 
 def test_ups_workitem_maps_to_an_mwl_item() -> None:
@@ -588,3 +604,21 @@ def test_prefilter_never_drops_a_match(name: str, store: Store) -> None:
         assert prefilter(query)[0], "this query should narrow in SQL"
     # Answered twice: the second time from the parsed items kept in memory.
     assert sorted(r.AccessionNumber for r in worklist.answer(query)) == expected
+
+
+def test_a_remembered_answer_follows_the_cache(store: Store) -> None:
+    item = _item("RA001", "Before^Name", "", "PRA1", "CT", "CT_ROOM1", 0, "0800")
+    store.submit(_replace_source("test", [to_cached("test", item)])).result()
+    worklist = Worklist(from_dict({}), store)
+    query = _query({"PatientName": ""}, ScheduledProcedureStepStartDate=_day(0), Modality="CT")
+    (first,) = worklist.answer(query)
+    (again,) = worklist.answer(query)
+    assert again is first  # remembered: the same rows gave the same responses
+    item.PatientName = "After^Name"
+    other = _item("RA002", "Other^Name", "", "PRA2", "CT", "CT_ROOM2", 0, "0900")
+    items = [to_cached("test", item), to_cached("test", other)]
+    store.submit(_replace_source("test", items)).result()
+    names = sorted(str(r.PatientName) for r in worklist.answer(query))
+    assert names == ["After^Name", "Other^Name"]
+    store.submit(_replace_source("test", [])).result()
+    assert list(worklist.answer(query)) == []
