@@ -38,6 +38,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/mpps.py --steps 200
 	$(BIN)/python tests/bench/crash_run.py --kills 200
 	$(BIN)/python tests/bench/status.py
+	$(BIN)/python tests/bench/worklist.py
 
 lint: $(VENV)/.test-installed $(ANSIBLE_VENV)/.installed
 	$(BIN)/ruff check gateway tests

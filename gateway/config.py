@@ -89,6 +89,9 @@ class WorklistConfig:
     upstream_ae: str = ""
     refresh_seconds: int = 300
     expire_after_days: int = 1
+    ups_url: str = ""
+    drop_folder: Path | None = None
+    drop_scan_seconds: int = 10
 
 
 @dataclass(frozen=True)
@@ -378,6 +381,14 @@ def _check(c: Config) -> None:
         raise ConfigError(s, "heartbeat.url", f"must be an https:// URL, got {c.heartbeat.url!r}")
     if c.heartbeat.interval_seconds <= 0:
         raise ConfigError(s, "heartbeat.interval_seconds", "must be a positive number of seconds")
+    ups = c.worklist.ups_url
+    if ups and not ups.startswith("https://"):
+        # The same rule as the upload: worklist entries are patient data too.
+        raise ConfigError(s, "worklist.ups_url", f"must be an https:// URL, got {ups!r}")
+    if ups and (c.upload.client_cert is None) != (c.upload.client_key is None):
+        raise ConfigError(s, "upload.client_key", "client_cert and client_key go together")
+    if c.worklist.drop_scan_seconds < 1:
+        raise ConfigError(s, "worklist.drop_scan_seconds", "must be at least 1")
     if c.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(
             s, "logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {c.logging.level!r}"

@@ -229,6 +229,10 @@ class Receiver:
         # has no hook for where that file goes, so its module-level
         # NamedTemporaryFile is replaced (one Receiver per process).
         _config.STORE_RECV_CHUNKED_DATASET = True
+        # pynetdicom decodes and pretty-prints every C-FIND request and response
+        # identifier for a log the gateway silences (and that would hold patient
+        # names): some 15% of the cost of each worklist response.
+        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
         dimse_messages.NamedTemporaryFile = self.spool.temp_file_factory  # type: ignore[attr-defined,assignment]
 
         c = self.config

@@ -191,12 +191,25 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    # Columns for the worklist's SQL prefilter: a value only when the item has exactly
+    # that one value (one step, one value); NULL means "cannot narrow, always pass", so
+    # rows from before this migration still answer correctly.
+    table = db["worklist_items"]
+    for column in ("step_date", "modality", "station_ae", "patient_id", "accession"):
+        table.add_column(column, str)  # type: ignore[union-attr]
+    table.create_index(["step_date", "modality"])  # type: ignore[union-attr]
+    table.create_index(["patient_id"])  # type: ignore[union-attr]
+    table.create_index(["accession"])  # type: ignore[union-attr]
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 ]
 
 

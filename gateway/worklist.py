@@ -1,12 +1,22 @@
 """Modality Worklist: a local cache that keeps answering when the RIS or the WAN is down.
 
-Sources fill the cache (so far: an upstream MWL SCP polled with C-FIND every
-``worklist.refresh_seconds``); the MWL SCP answers modalities from the cache only.
-Each refresh replaces what that source holds, so the cache follows the upstream
-within one period; a failed refresh keeps the last good items and records the error.
-Items whose scheduled date is more than ``worklist.expire_after_days`` in the past
-are dropped.  Items are kept as DICOM JSON, with their Specific Character Set, so
-names in any character set go back out as they came in.
+Sources fill the cache, in any combination: an upstream MWL SCP polled with C-FIND
+and a UPS-RS worklist searched over HTTPS, both every ``worklist.refresh_seconds``,
+and a drop folder of hand-made entries rescanned every ``worklist.drop_scan_seconds``
+(:mod:`gateway.worklist_sources`).  The MWL SCP answers modalities from the cache only.
+Each refresh replaces what that source holds, so the cache follows it within one
+period; a failed refresh keeps the last good items and records the error.  Items whose
+scheduled date is more than ``worklist.expire_after_days`` in the past are dropped.
+Items are kept as DICOM JSON, with their Specific Character Set, so names in any
+character set go back out as they came in.
+
+A query is answered in two steps: SQL narrows the rows by the step's date, modality
+and station and by patient ID and accession number, using columns that hold a value
+only when it is certain (one step, one value); everything else (NULL) always passes.
+The DICOM matching of :mod:`gateway.worklist_match` then decides on what is left.
+Parsed items are kept in memory and reused while their stored JSON is unchanged, and
+so are the responses to the last queries while the rows they came from are: a
+modality asks the same question every minute or so.
 """
 
 from __future__ import annotations
@@ -15,8 +25,9 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
@@ -29,6 +40,14 @@ from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore
 from .config import Config
 from .store import Store, WriteFn, utcnow
 from .worklist_match import find
+from .worklist_sources import (
+    DROP_SOURCE,
+    UPS_SOURCE,
+    DropFolder,
+    SourceError,
+    UpsClient,
+    ups_to_mwl,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +89,15 @@ class CachedItem:
     item_id: str
     scheduled_date: str
     dataset_json: str
+    # For the SQL prefilter: a value only when the item has exactly that one value.
+    step_date: str | None = None
+    modality: str | None = None
+    station_ae: str | None = None
+    patient_id: str | None = None
+    accession: str | None = None
 
 
-def _identity(source: str, ds: Dataset) -> str:
+def _identity(source: str, ds: Dataset, extra: str = "") -> str:
     steps = ds.get("ScheduledProcedureStepSequence") or [Dataset()]
     parts = [
         source,
@@ -80,37 +105,86 @@ def _identity(source: str, ds: Dataset) -> str:
         str(ds.get("StudyInstanceUID", "")),
         str(ds.get("PatientID", "")),
         str(steps[0].get("ScheduledProcedureStepID", "")),
+        extra,
     ]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
-def to_cached(source: str, ds: Dataset) -> CachedItem:
+_DATE = re.compile(r"\d{8}")
+_ANSWERS_KEPT = 64  # distinct queries whose responses are kept (one per modality, roughly)
+
+
+def _one_value(ds: Dataset | None, keyword: str) -> str | None:
+    value = ds.get(keyword) if ds is not None else None
+    if not isinstance(value, str):  # absent, or several values
+        return None
+    return value.strip(" \x00") or None
+
+
+def to_cached(source: str, ds: Dataset, extra: str = "") -> CachedItem:
+    """The row for *ds*; *extra* tells apart items the source has no other key for."""
     steps = ds.get("ScheduledProcedureStepSequence") or [Dataset()]
+    step = steps[0] if len(steps) == 1 else None
+    date = _one_value(step, "ScheduledProcedureStepStartDate")
+    # For the expiry, compared as text: YYYYMMDD, also from an ACR-NEMA "YYYY.MM.DD";
+    # anything else is kept ('' never expires) rather than guessed at.
+    first = str(steps[0].get("ScheduledProcedureStepStartDate", "")).strip().replace(".", "")
     return CachedItem(
-        item_id=_identity(source, ds),
-        scheduled_date=str(steps[0].get("ScheduledProcedureStepStartDate", "")),
+        item_id=_identity(source, ds, extra),
+        scheduled_date=first if _DATE.fullmatch(first) else "",
         dataset_json=json.dumps(ds.to_json_dict()),
+        step_date=date if date and _DATE.fullmatch(date) else None,
+        modality=_one_value(step, "Modality"),
+        station_ae=_one_value(step, "ScheduledStationAETitle"),
+        patient_id=_one_value(ds, "PatientID"),
+        accession=_one_value(ds, "AccessionNumber"),
     )
 
 
-def _replace_source(source: str, items: list[CachedItem]) -> WriteFn[int]:
-    def write(conn: sqlite3.Connection) -> int:
+def _replace_source(
+    source: str, items: list[CachedItem], error: str | None = None
+) -> WriteFn[tuple[int, list[str]]]:
+    """Replace what *source* holds; *error* names what it skipped. Gives the count and
+    the IDs of the items that are gone."""
+
+    def write(conn: sqlite3.Connection) -> tuple[int, list[str]]:
         now = utcnow()
+        before = {
+            r[0]
+            for r in conn.execute("SELECT item_id FROM worklist_items WHERE source = ?", (source,))
+        }
         conn.execute("DELETE FROM worklist_items WHERE source = ?", (source,))
         conn.executemany(
             "INSERT OR REPLACE INTO worklist_items"
-            " (item_id, source, scheduled_date, dataset, last_seen_at) VALUES (?, ?, ?, ?, ?)",
-            [(i.item_id, source, i.scheduled_date, i.dataset_json, now) for i in items],
-        )
+            " (item_id, source, scheduled_date, dataset, last_seen_at, step_date, modality,"
+            " station_ae, patient_id, accession) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (i.item_id, source, i.scheduled_date, i.dataset_json, now, i.step_date,
+                 i.modality, i.station_ae, i.patient_id, i.accession)
+                for i in items
+            ],
+        )  # fmt: skip
+        ids = {i.item_id for i in items}
         conn.execute(
             "INSERT INTO worklist_sources (source, last_attempt_at, last_success_at, last_error,"
-            " item_count) VALUES (?, ?, ?, NULL, ?) ON CONFLICT (source) DO UPDATE SET"
+            " item_count) VALUES (?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET"
             " last_attempt_at = excluded.last_attempt_at,"
-            " last_success_at = excluded.last_success_at, last_error = NULL,"
+            " last_success_at = excluded.last_success_at, last_error = excluded.last_error,"
             " item_count = excluded.item_count",
-            (source, now, now, len(items)),
+            (source, now, now, error, len(ids)),
         )
-        return len(items)
+        return len(ids), sorted(before - ids)
+
+    return write
+
+
+def _record_unchanged(source: str) -> WriteFn[None]:
+    def write(conn: sqlite3.Connection) -> None:
+        now = utcnow()
+        conn.execute(
+            "UPDATE worklist_sources SET last_attempt_at = ?, last_success_at = ? WHERE source = ?",
+            (now, now, source),
+        )
 
     return write
 
@@ -127,14 +201,69 @@ def _record_failure(source: str, error: str) -> WriteFn[None]:
     return write
 
 
-def _expire(before: str) -> WriteFn[int]:
-    def write(conn: sqlite3.Connection) -> int:
-        return conn.execute(
-            "DELETE FROM worklist_items WHERE scheduled_date != '' AND scheduled_date < ?",
+def _expire(before: str) -> WriteFn[list[str]]:
+    def write(conn: sqlite3.Connection) -> list[str]:
+        rows = conn.execute(
+            "DELETE FROM worklist_items WHERE scheduled_date != '' AND scheduled_date < ?"
+            " RETURNING item_id",
             (before,),
-        ).rowcount
+        ).fetchall()
+        return [r[0] for r in rows]
 
     return write
+
+
+def _text_clause(column: str, value: object) -> tuple[str, list[str]] | None:
+    """SQL that keeps every row the matcher could accept for this key (PS3.4 C.2.2.2);
+    None when the key cannot narrow the rows safely."""
+    if not isinstance(value, str):  # absent, several values, or undecoded
+        return None
+    text = value.strip(" \x00")
+    if not text or set(text) == {"*"} or text == '""':
+        return None
+    if "*" in text or "?" in text:
+        if "[" in text or "]" in text:  # GLOB would read these as a character class
+            return None
+        return f"({column} IS NULL OR {column} GLOB ?)", [text]
+    return f"({column} IS NULL OR {column} = ?)", [text]
+
+
+_DATE_RANGE = re.compile(r"(\d{8})?-(\d{8})?")
+
+
+def _date_clause(value: object) -> tuple[str, list[str]] | None:
+    if not isinstance(value, str):
+        return None
+    text = value.replace(" ", "").strip("\x00")
+    if _DATE.fullmatch(text):
+        low = high = text
+    elif (m := _DATE_RANGE.fullmatch(text)) and (m.group(1) or m.group(2)):
+        low, high = m.group(1) or "00000000", m.group(2) or "99999999"
+    else:
+        return None
+    return "(step_date IS NULL OR step_date BETWEEN ? AND ?)", [low, high]
+
+
+def prefilter(query: Dataset) -> tuple[list[str], list[str]]:
+    """WHERE clauses and parameters that narrow the cache for *query*, never too much."""
+    steps = query.get("ScheduledProcedureStepSequence")
+    step = steps[0] if isinstance(steps, Sequence) and len(steps) else None
+    clauses = [
+        _date_clause(step.get("ScheduledProcedureStepStartDate") if step is not None else None),
+        _text_clause("modality", step.get("Modality") if step is not None else None),
+        _text_clause(
+            "station_ae", step.get("ScheduledStationAETitle") if step is not None else None
+        ),
+        _text_clause("patient_id", query.get("PatientID")),
+        _text_clause("accession", query.get("AccessionNumber")),
+    ]
+    where: list[str] = []
+    params: list[str] = []
+    for clause in clauses:
+        if clause is not None:
+            where.append(clause[0])
+            params.extend(clause[1])
+    return where, params
 
 
 def query_upstream(config: Config) -> list[Dataset]:
@@ -167,65 +296,184 @@ def query_upstream(config: Config) -> list[Dataset]:
 
 
 class Worklist:
-    """The cache, its refresh loop, and the C-FIND handler the receiver calls."""
+    """The cache, its refresh loops, and the C-FIND handler the receiver calls."""
 
     def __init__(self, config: Config, store: Store) -> None:
         self.config = config
         self.store = store
+        w = config.worklist
+        self._drop = DropFolder(w.drop_folder) if w.drop_folder is not None else None
+        self._drop_error_logged: str | None = None
+        # item_id -> (stored JSON, parsed item); C-FIND threads share it (GIL-atomic ops).
+        self._parsed: dict[str, tuple[tuple[str, str | None], Dataset]] = {}
+        # query (as DICOM JSON) -> (the rows it was answered from, the responses).
+        self._answers: dict[str, tuple[list[tuple[str, str, str | None]], list[Dataset]]] = {}
 
     async def run(self) -> None:
         w = self.config.worklist
-        if not w.upstream_host:
-            return
+        async with asyncio.TaskGroup() as tg:
+            if w.upstream_host:
+                tg.create_task(self._every(w.refresh_seconds, self.refresh_upstream))
+            if w.ups_url:
+                tg.create_task(self._every(w.refresh_seconds, self.refresh_ups))
+            if self._drop is not None:
+                tg.create_task(self._every(w.drop_scan_seconds, self.scan_drop_folder))
+
+    @staticmethod
+    async def _every(seconds: float, refresh: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await self.refresh_upstream()
-            await asyncio.sleep(w.refresh_seconds)
+            await refresh()
+            await asyncio.sleep(seconds)
 
     async def refresh_upstream(self) -> None:
         try:
             datasets = await asyncio.to_thread(query_upstream, self.config)
         except (OSError, RuntimeError, ValueError) as exc:
             log.error("worklist refresh from upstream failed, serving the cache: %s", exc)
+            await self._failed(UPSTREAM_SOURCE, str(exc))
+            return
+        items = await asyncio.to_thread(lambda: [to_cached(UPSTREAM_SOURCE, ds) for ds in datasets])
+        count, expired = await self._replace(UPSTREAM_SOURCE, items)
+        log.info("worklist refreshed from upstream: %d items (%d expired)", count, expired)
+
+    async def refresh_ups(self) -> None:
+        try:
+            answer = await UpsClient(self.config).scheduled(self._expiry_cutoff())
+        except SourceError as exc:
+            log.error("worklist refresh from UPS-RS failed, serving the cache: %s", exc)
+            await self._failed(UPS_SOURCE, str(exc))
+            return
+
+        def convert() -> tuple[list[CachedItem], list[str]]:
+            items, problems = [], list(answer.problems)
+            for ups in answer.workitems:
+                uid = str(ups.get("SOPInstanceUID", ""))
+                try:
+                    items.append(to_cached(UPS_SOURCE, ups_to_mwl(ups), extra=uid))
+                except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                    problems.append(f"workitem {uid or '(no UID)'}: {exc}")
+            return items, problems
+
+        items, problems = await asyncio.to_thread(convert)
+        for problem in problems:
+            log.warning("worklist UPS-RS: skipped %s", problem)
+        count, expired = await self._replace(UPS_SOURCE, items, "; ".join(problems) or None)
+        log.info("worklist refreshed from UPS-RS: %d items (%d expired)", count, expired)
+
+    async def scan_drop_folder(self) -> None:
+        assert self._drop is not None
+        try:
+            scan = await asyncio.to_thread(self._drop.scan)
+        except SourceError as exc:
+            # Rescanned every few seconds: say it once, until it changes.
+            if str(exc) != self._drop_error_logged:
+                log.error("worklist drop folder failed, serving the cache: %s", exc)
+                self._drop_error_logged = str(exc)
+            await self._failed(DROP_SOURCE, str(exc))
+            return
+        self._drop_error_logged = None
+        if not scan.changed:
             await asyncio.wrap_future(
-                self.store.submit(_record_failure(UPSTREAM_SOURCE, str(exc)), durable=False)
+                self.store.submit(_record_unchanged(DROP_SOURCE), durable=False)
             )
             return
-        items = [to_cached(UPSTREAM_SOURCE, ds) for ds in datasets]
-        count = await asyncio.wrap_future(
-            self.store.submit(_replace_source(UPSTREAM_SOURCE, items))
+        items = await asyncio.to_thread(
+            lambda: [
+                to_cached(DROP_SOURCE, ds, extra=f"{name}#{i}")
+                for i, (name, ds) in enumerate(scan.items)
+            ]
         )
-        expired = await asyncio.wrap_future(self.store.submit(_expire(self._expiry_cutoff())))
-        log.info("worklist refreshed from upstream: %d items (%d expired)", count, expired)
+        error = "; ".join(scan.errors) or None
+        count, expired = await self._replace(DROP_SOURCE, items, error)
+        log.info(
+            "worklist drop folder loaded: %d items, %d files skipped (%d expired)",
+            count,
+            len(scan.errors),
+            expired,
+        )
+
+    async def _failed(self, source: str, error: str) -> None:
+        await asyncio.wrap_future(self.store.submit(_record_failure(source, error), durable=False))
+
+    async def _replace(
+        self, source: str, items: list[CachedItem], error: str | None = None
+    ) -> tuple[int, int]:
+        cutoff = self._expiry_cutoff()
+        # Already past the expiry: not cached, and not counted as the source's items.
+        items = [i for i in items if not (i.scheduled_date and i.scheduled_date < cutoff)]
+        count, gone = await asyncio.wrap_future(
+            self.store.submit(_replace_source(source, items, error))
+        )
+        expired = await asyncio.wrap_future(self.store.submit(_expire(cutoff)))
+        for item_id in (*gone, *expired):
+            self._parsed.pop(item_id, None)
+        return count, len(expired)
 
     def _expiry_cutoff(self) -> str:
         days = self.config.worklist.expire_after_days
         return (date.today() - timedelta(days=days)).strftime("%Y%m%d")
 
-    def cached(self) -> Iterator[Dataset]:
-        """The items to answer from, with what MPPS told us (gateway/mpps.py): a step
-        the modality COMPLETED is left out (it is done; offering it again invites a
-        second exam under the same accession); one IN PROGRESS or DISCONTINUED stays,
-        its Scheduled Procedure Step Status STARTED or DISCONTINUED, so it can be
-        resumed or redone."""
-        cutoff = self._expiry_cutoff()
-        for row in self.store.rows(
-            "SELECT w.dataset, m.mpps_status FROM worklist_items w"
-            " LEFT JOIN worklist_mpps m ON m.item_id = w.item_id"
-            " WHERE w.scheduled_date = '' OR w.scheduled_date >= ?",
-            (cutoff,),
-        ):
-            mpps_status = row["mpps_status"]
-            if mpps_status == "COMPLETED":
-                continue
-            ds = Dataset.from_json(row["dataset"])
-            if mpps_status in _SPS_STATUS:
-                for step in ds.get("ScheduledProcedureStepSequence") or []:
-                    step.ScheduledProcedureStepStatus = _SPS_STATUS[mpps_status]
-            yield ds
+    def _item(self, item_id: str, text: str, mpps_status: str | None) -> Dataset:
+        hit = self._parsed.get(item_id)
+        if hit is not None and hit[0] == (text, mpps_status):
+            return hit[1]
+        ds = Dataset.from_json(text)
+        if mpps_status in _SPS_STATUS:
+            for step in ds.get("ScheduledProcedureStepSequence") or []:
+                step.ScheduledProcedureStepStatus = _SPS_STATUS[mpps_status]
+        self._parsed[item_id] = ((text, mpps_status), ds)
+        return ds
+
+    def _rows(self, query: Dataset | None) -> list[tuple[str, str, str | None]]:
+        # With what MPPS told us (gateway/mpps.py): a step the modality COMPLETED is left
+        # out (it is done; offering it again invites a second exam under the same
+        # accession); one IN PROGRESS or DISCONTINUED stays, its Scheduled Procedure
+        # Step Status STARTED or DISCONTINUED, so it can be resumed or redone.
+        where, params = (
+            ["(w.scheduled_date = '' OR w.scheduled_date >= ?)",
+             "(m.mpps_status IS NULL OR m.mpps_status != 'COMPLETED')"],
+            [self._expiry_cutoff()],
+        )  # fmt: skip
+        if query is not None:
+            more, more_params = prefilter(query)
+            where += more
+            params += more_params
+        sql = (
+            "SELECT w.item_id, w.dataset, m.mpps_status FROM worklist_items w"
+            " LEFT JOIN worklist_mpps m ON m.item_id = w.item_id WHERE " + " AND ".join(where)
+        )
+        return [
+            (r["item_id"], r["dataset"], r["mpps_status"])
+            for r in self.store.rows(sql, tuple(params))
+        ]
+
+    def cached(self, query: Dataset | None = None) -> Iterator[Dataset]:
+        """The unexpired items, narrowed for *query* when given (blocking: SQLite)."""
+        for item_id, text, mpps_status in self._rows(query):
+            yield self._item(item_id, text, mpps_status)
 
     def answer(self, query: Dataset) -> Iterator[Dataset]:
-        """Responses for a modality's C-FIND, from the cache alone."""
-        return find(self.cached(), query)
+        """Responses for a modality's C-FIND, from the cache alone (blocking: SQLite)."""
+        try:
+            key: str | None = json.dumps(query.to_json_dict(), sort_keys=True)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            key = None  # a query pydicom cannot write as JSON is answered, not remembered
+        rows = self._rows(query)
+        hit = self._answers.get(key) if key is not None else None
+        if hit is not None and hit[0] == rows:
+            # The same query over the same stored items: the same responses (they are
+            # only read from here on, by the SCP encoding them).
+            yield from hit[1]
+            return
+        responses = []
+        for response in find((self._item(i, t, m) for i, t, m in rows), query):
+            responses.append(response)
+            yield response
+        if key is not None:
+            if len(self._answers) >= _ANSWERS_KEPT:
+                self._answers.clear()
+            self._answers[key] = (rows, responses)
 
     def freshness(self) -> list[dict[str, Any]]:
+        """Per source: last attempt, last success, last error, item count (blocking)."""
         return [dict(r) for r in self.store.rows("SELECT * FROM worklist_sources")]
