@@ -49,6 +49,7 @@ from .conftest import GatewayFactory
 from .gateway_proc import GatewayProcess
 from .peers import free_port
 from .test_worklist import ITEMS, Ris, _day, _item, _keys, _wait_for, _write_wl, findscu
+from .test_worklist import ris as ris  # the fixture: wlmscpfs with the test items
 
 UPS_PUSH_SOP_CLASS = "1.2.840.10008.5.1.4.34.6.1"
 
@@ -506,16 +507,6 @@ def test_all_three_sources_together(
     counts = {r["source"]: r["item_count"] for r in gw.rows("SELECT * FROM worklist_sources")}
     assert counts == {"upstream-mwl": len(from_ris), UPS_SOURCE: 2, DROP_SOURCE: 1}
     assert gw.stop() == 0
-
-
-@pytest.fixture
-def ris(tmp_path: Path) -> Iterator[Ris]:
-    ris = Ris(tmp_path / "wlroot")
-    for spec in ITEMS:
-        _write_wl(ris.files, _item(*spec))
-    ris.start()
-    yield ris
-    ris.stop()
 
 
 # --- the query prefilter ------------------------------------------------------------------
