@@ -1,4 +1,4 @@
-"""Two guards pynetdicom's DICOM Upper Layer lacks, installed once per process.
+"""Three guards pynetdicom's DICOM Upper Layer lacks, installed once per process.
 
 * A PDU header announcing more bytes than we accept (``dimse.max_pdu_size`` for
   P-DATA, 1 MiB for association control PDUs) is answered with A-ABORT before its body
@@ -7,9 +7,13 @@
   e.g. a C-STORE command without an Affected SOP Instance UID) kills that thread and
   leaves the connection hanging with its temp file open.  It is logged, the partial
   data set is discarded, the peer gets an A-ABORT and the socket is closed.
+* When the peer has already hung up, ``AssociationSocket.close`` skips closing the
+  socket (its ``shutdown()`` raises first); the descriptor then lingers until garbage
+  collection.  It is closed.
 
-Both wrap private methods of ``DULServiceProvider``; tests/test_bad_input.py covers
-them, so a pynetdicom upgrade that changes them fails loudly.
+The first two wrap private methods of ``DULServiceProvider``, the third one of
+``AssociationSocket``; tests/test_bad_input.py covers them, so a pynetdicom upgrade
+that changes them fails loudly.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket
 
 from .spool import SpoolTempFile
 
@@ -60,8 +65,17 @@ def install(max_pdu_size: int) -> None:
                 log.exception("DICOM protocol error from a peer; association aborted")
                 _abort(self, reason=0x00)
 
+        original_shutdown = AssociationSocket._shutdown_socket
+
+        def shutdown_socket(self: AssociationSocket) -> None:
+            sock = self.socket
+            original_shutdown(self)
+            if sock is not None:
+                sock.close()  # idempotent; pynetdicom skips it when shutdown() raised
+
         DULServiceProvider._read_pdu_data = read_pdu_data  # type: ignore[method-assign]
         DULServiceProvider.run_reactor = run_reactor  # type: ignore[method-assign]
+        AssociationSocket._shutdown_socket = shutdown_socket  # type: ignore[method-assign]
 
 
 def _refuse_oversized(dul: DULServiceProvider) -> bool:

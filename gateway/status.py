@@ -427,6 +427,8 @@ def health(doc: dict[str, Any]) -> dict[str, Any]:
             f"spool free space {_size(disk['free_bytes'])} is below the watermark"
             f" {_size(disk['min_free_bytes'])}: C-STOREs are refused"
         )
+    if doc["archive"]["state"] == "not configured":
+        degraded.append("no archive configured (upload.dicomweb_url): images stay on this box")
     if doc["archive"]["state"] == "unreachable":
         degraded.append(f"archive unreachable: {doc['archive']['last_error']}")
     if doc["uploads"]["paused"]:

@@ -35,6 +35,8 @@ def test_health_ok_degraded_failing() -> None:
     outage = health(_doc(archive__state="unreachable", archive__last_error="HTTP 503"))
     assert outage["state"] == "degraded" and "HTTP 503" in outage["reasons"][0]
     assert health(_doc(uploads__paused=True))["state"] == "degraded"
+    nowhere = health(_doc(archive__state="not configured"))
+    assert nowhere["state"] == "degraded" and "upload.dicomweb_url" in nowhere["reasons"][0]
     assert health(_doc(queue__failed=2))["state"] == "degraded"
     assert health(_doc(queue__oldest_pending_age_seconds=7200))["state"] == "degraded"
     cert = health(_doc(certificate__warning=True, certificate__days_left=12))
