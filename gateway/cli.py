@@ -111,6 +111,52 @@ def cmd_queue_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mpps_ls(args: argparse.Namespace) -> int:
+    config = _load_or_exit(args.config)
+    if not config.database.path.exists():
+        print(f"dicom-gateway: no queue database at {config.database.path}", file=sys.stderr)
+        return 1
+    store = Store(config.database.path)
+    where, params = ("WHERE state = ?", (args.state,)) if args.state else ("", ())
+    rows = store.rows(
+        "SELECT seq, sop_instance_uid, kind, state, attempts, received_at, last_error"
+        f" FROM mpps_outbox {where} ORDER BY seq LIMIT ?",
+        (*params, args.limit),
+    )
+    store.close()
+    if args.json:
+        print(json.dumps([dict(r) for r in rows], indent=2))
+        return 0
+    for r in rows:
+        error = f"  {r['last_error']}" if r["last_error"] else ""
+        print(
+            f"{r['seq']:>6}  {r['received_at']}  N-{r['kind'].upper():<6} {r['state']:<8}"
+            f" {r['attempts']:>3}  {r['sop_instance_uid']}{error}"
+        )
+    return 0
+
+
+def cmd_mpps_retry(args: argparse.Namespace) -> int:
+    from .mpps import retry_failed
+
+    config = _load_or_exit(args.config)
+    if not args.all and not args.sop_instance_uids:
+        print("dicom-gateway: name MPPS SOP Instance UIDs to retry, or --all", file=sys.stderr)
+        return 2
+    if not config.database.path.exists():
+        print(f"dicom-gateway: no queue database at {config.database.path}", file=sys.stderr)
+        return 1
+    store = Store(config.database.path)
+    store.open()
+    try:
+        uids = None if args.all else list(args.sop_instance_uids)
+        count = store.submit(lambda conn: retry_failed(conn, uids)).result()
+    finally:
+        store.close()
+    print(f"{count} failed MPPS message(s) queued again")
+    return 0
+
+
 def cmd_hash_password(args: argparse.Namespace) -> int:
     from .webauth import hash_password, new_token, token_sha256
 
@@ -210,6 +256,20 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--all", action="store_true", help="every failed instance")
     retry.add_argument("sop_instance_uids", nargs="*", metavar="SOP_INSTANCE_UID")
     retry.set_defaults(func=cmd_queue_retry)
+
+    mpps = sub.add_parser("mpps", help="inspect the MPPS outbox (messages for the RIS)")
+    mpps_sub = mpps.add_subparsers(dest="mpps_command", required=True)
+    mls = mpps_sub.add_parser("ls", help="list MPPS messages in delivery order")
+    mls.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
+    mls.add_argument("--state", choices=("pending", "sending", "sent", "failed"))
+    mls.add_argument("--limit", type=int, default=100)
+    mls.add_argument("--json", action="store_true", help="print JSON")
+    mls.set_defaults(func=cmd_mpps_ls)
+    mretry = mpps_sub.add_parser("retry", help="send failed MPPS messages again, in order")
+    mretry.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
+    mretry.add_argument("--all", action="store_true", help="every failed message")
+    mretry.add_argument("sop_instance_uids", nargs="*", metavar="MPPS_SOP_INSTANCE_UID")
+    mretry.set_defaults(func=cmd_mpps_retry)
 
     hash_pw = sub.add_parser(
         "hash-password",

@@ -556,6 +556,20 @@ def _retry(failure: UpstreamUnavailable, retry_in: float) -> WriteFn[None]:
     return write
 
 
+def retry_failed(conn: sqlite3.Connection, sop_instance_uids: list[str] | None) -> int:
+    """Operator action: send the failed messages of these steps (all steps when None)
+    again, in their original order; the upstream answers them afresh."""
+    sql = (
+        "UPDATE mpps_outbox SET state = ?, attempts = 0, next_attempt_at = NULL,"
+        " updated_at = ? WHERE state = ?"
+    )
+    params: list[Any] = [PENDING, utcnow(), FAILED]
+    if sop_instance_uids is not None:
+        sql += f" AND sop_instance_uid IN ({','.join('?' * len(sop_instance_uids))})"
+        params += sop_instance_uids
+    return conn.execute(sql, params).rowcount
+
+
 def _prune(conn: sqlite3.Connection) -> int:
     cutoff = _at(-_KEEP_DAYS * 86400)
     pruned = conn.execute(

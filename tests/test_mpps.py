@@ -57,6 +57,7 @@ from gateway.store import Store
 from .conftest import GatewayFactory
 from .gateway_proc import GatewayProcess
 from .peers import free_port, wait_for_port
+from .test_config import _cli
 from .test_worklist import RETURN_KEYS, Ris, findscu
 from .test_worklist import ris as ris  # the fixture
 from .web_client import WebClient, web_port
@@ -453,6 +454,21 @@ def test_a_final_refusal_fails_that_step_only(
     }
     assert metrics["dicom_gateway_mpps_outbox_messages", "failed"] == 2
     assert metrics["dicom_gateway_mpps_outbox_messages", "pending"] == 0
+
+    # The technician sees the refusal on the command line, has the RIS fixed, and sends
+    # the step again: its two messages go out in their original order.
+    listing = _cli("mpps", "ls", "--config", str(gw.config_path), "--state", "failed")
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.count(bad) == 2 and "0x0106" in listing.stdout
+    assert good not in listing.stdout
+    del upstream.refuse[bad]
+    retried = _cli("mpps", "retry", "--config", str(gw.config_path), bad)
+    assert retried.returncode == 0, retried.stderr
+    assert "2 failed MPPS message(s) queued again" in retried.stdout
+    wait_for(lambda: len(upstream.accepted()) == 4, "the retried step upstream")
+    assert upstream.accepted()[2:] == [(CREATE, bad), (SET, bad)]
+    wait_for(lambda: all(r["state"] == "sent" for r in outbox(gw)), "all sent")
+    assert _cli("mpps", "retry", "--config", str(gw.config_path)).returncode == 2  # no UID
     assert gw.stop() == 0
 
 
