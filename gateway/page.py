@@ -263,6 +263,10 @@ def render_page(
                 f"</td><td>{_e(f['received_at'])}</td><td>{_e(f['last_error'])}</td></tr>"
             )
         out.append("</table></div>")
+        out.append(
+            "<p><small>Once the RIS is fixed, <code>dicom-gateway mpps retry --all</code>"
+            " sends them again in order.</small></p>"
+        )
 
     out.append("<h2>Gateway</h2><div class=wrap><table id=config>")
     out.append(

@@ -446,7 +446,8 @@ def test_a_final_refusal_fails_that_step_only(
     assert doc["mpps"]["forwarding_to"] == f"RIS_MPPS@127.0.0.1:{upstream.port}"
     assert {f["sop_instance_uid"] for f in doc["mpps"]["failed_messages"]} == {bad}
     assert any("MPPS message(s) refused" in r for r in doc["health"]["reasons"])
-    assert bad in web.get("/").text
+    page = web.get("/").text
+    assert bad in page and "dicom-gateway mpps retry --all" in page
     metrics = {
         (s.name, s.labels.get("state")): s.value
         for family in text_string_to_metric_families(web.get("/metrics").text)
