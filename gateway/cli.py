@@ -8,8 +8,9 @@ import json
 import logging
 import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from sqlite3 import Row
 
 from . import __version__
 from .config import EXIT_CONFIG, Config, ConfigError, load
@@ -64,97 +65,96 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_queue_ls(args: argparse.Namespace) -> int:
-    config = _load_or_exit(args.config)
-    db_path: Path = config.database.path
-    if not db_path.exists():
-        print(f"dicom-gateway: no queue database at {db_path}", file=sys.stderr)
+def _database(config: Config) -> Path | None:
+    """The queue database of *config*, or None (said on stderr) when there is none."""
+    if not config.database.path.exists():
+        print(f"dicom-gateway: no queue database at {config.database.path}", file=sys.stderr)
+        return None
+    return config.database.path
+
+
+def _list(args: argparse.Namespace, select: str, order: str, line: Callable[[Row], str]) -> int:
+    """``ls``: *select* (``SELECT ... FROM table``) filtered by ``--state``, as JSON or lines."""
+    db_path = _database(_load_or_exit(args.config))
+    if db_path is None:
         return 1
     store = Store(db_path)
     where, params = ("WHERE state = ?", (args.state,)) if args.state else ("", ())
-    rows = store.rows(
-        "SELECT sop_instance_uid, study_instance_uid, calling_ae, state, attempts, size,"
-        f" received_at, last_error FROM instances {where} ORDER BY received_at LIMIT ?",
-        (*params, args.limit),
-    )
+    rows = store.rows(f"{select} {where} ORDER BY {order} LIMIT ?", (*params, args.limit))
     store.close()
     if args.json:
         print(json.dumps([dict(r) for r in rows], indent=2))
         return 0
     for r in rows:
-        error = f"  {r['last_error']}" if r["last_error"] else ""
-        print(
-            f"{r['received_at']}  {r['state']:<11} {r['attempts']:>3}  {r['calling_ae']:<16}"
-            f"  {r['sop_instance_uid']}  {r['size']}{error}"
-        )
+        print(line(r))
     return 0
+
+
+def _retry(
+    args: argparse.Namespace,
+    retry_failed: Callable[[sqlite3.Connection, list[str] | None], int],
+    what: str,
+    uids_name: str,
+) -> int:
+    """``retry``: *retry_failed* for the named SOP Instance UIDs, or for all with --all."""
+    config = _load_or_exit(args.config)
+    if not args.all and not args.sop_instance_uids:
+        print(f"dicom-gateway: name {uids_name} to retry, or --all", file=sys.stderr)
+        return 2
+    db_path = _database(config)
+    if db_path is None:
+        return 1
+    store = Store(db_path)
+    store.open()
+    try:
+        uids = None if args.all else list(args.sop_instance_uids)
+        count = store.submit(lambda conn: retry_failed(conn, uids)).result()
+    finally:
+        store.close()
+    print(f"{count} failed {what}(s) queued again")
+    return 0
+
+
+def _error(r: Row) -> str:
+    return f"  {r['last_error']}" if r["last_error"] else ""
+
+
+def cmd_queue_ls(args: argparse.Namespace) -> int:
+    return _list(
+        args,
+        "SELECT sop_instance_uid, study_instance_uid, calling_ae, state, attempts, size,"
+        " received_at, last_error FROM instances",
+        "received_at",
+        lambda r: (
+            f"{r['received_at']}  {r['state']:<11} {r['attempts']:>3}  {r['calling_ae']:<16}"
+            f"  {r['sop_instance_uid']}  {r['size']}{_error(r)}"
+        ),
+    )
 
 
 def cmd_queue_retry(args: argparse.Namespace) -> int:
     from .jobs import retry_failed
 
-    config = _load_or_exit(args.config)
-    if not args.all and not args.sop_instance_uids:
-        print("dicom-gateway: name SOP Instance UIDs to retry, or --all", file=sys.stderr)
-        return 2
-    if not config.database.path.exists():
-        print(f"dicom-gateway: no queue database at {config.database.path}", file=sys.stderr)
-        return 1
-    store = Store(config.database.path)
-    store.open()
-    try:
-        uids = None if args.all else list(args.sop_instance_uids)
-        count = store.submit(lambda conn: retry_failed(conn, uids)).result()
-    finally:
-        store.close()
-    print(f"{count} failed instance(s) queued again")
-    return 0
+    return _retry(args, retry_failed, "instance", "SOP Instance UIDs")
 
 
 def cmd_mpps_ls(args: argparse.Namespace) -> int:
-    config = _load_or_exit(args.config)
-    if not config.database.path.exists():
-        print(f"dicom-gateway: no queue database at {config.database.path}", file=sys.stderr)
-        return 1
-    store = Store(config.database.path)
-    where, params = ("WHERE state = ?", (args.state,)) if args.state else ("", ())
-    rows = store.rows(
+    return _list(
+        args,
         "SELECT seq, sop_instance_uid, kind, state, attempts, received_at, last_error"
-        f" FROM mpps_outbox {where} ORDER BY seq LIMIT ?",
-        (*params, args.limit),
-    )
-    store.close()
-    if args.json:
-        print(json.dumps([dict(r) for r in rows], indent=2))
-        return 0
-    for r in rows:
-        error = f"  {r['last_error']}" if r["last_error"] else ""
-        print(
+        " FROM mpps_outbox",
+        "seq",
+        lambda r: (
             f"{r['seq']:>6}  {r['received_at']}  N-{r['kind'].upper():<6} {r['state']:<8}"
-            f" {r['attempts']:>3}  {r['sop_instance_uid']}{error}"
-        )
-    return 0
+            f" {r['attempts']:>3}  {r['sop_instance_uid']}{_error(r)}"
+        ),
+    )
 
 
 def cmd_mpps_retry(args: argparse.Namespace) -> int:
     from .mpps import retry_failed
 
-    config = _load_or_exit(args.config)
-    if not args.all and not args.sop_instance_uids:
-        print("dicom-gateway: name MPPS SOP Instance UIDs to retry, or --all", file=sys.stderr)
-        return 2
-    if not config.database.path.exists():
-        print(f"dicom-gateway: no queue database at {config.database.path}", file=sys.stderr)
-        return 1
-    store = Store(config.database.path)
-    store.open()
-    try:
-        uids = None if args.all else list(args.sop_instance_uids)
-        count = store.submit(lambda conn: retry_failed(conn, uids)).result()
-    finally:
-        store.close()
-    print(f"{count} failed MPPS message(s) queued again")
-    return 0
+    return _retry(args, retry_failed, "MPPS message", "MPPS SOP Instance UIDs")
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
