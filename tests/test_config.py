@@ -15,12 +15,13 @@ from gateway.config import EXIT_CONFIG, ConfigError
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``dicom-gateway ARGS...`` as a child process (``python -m gateway``)."""
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
 

@@ -9,7 +9,6 @@ import datetime as dt
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from .archive import ArchiveLab
 from .conftest import GatewayFactory
 from .gateway_proc import write_config
 from .peers import Storescp, free_port
+from .test_config import _cli
 from .test_disk_full import _fill, small_fs
 from .test_worklist import Ris
 
@@ -28,13 +28,8 @@ __all__ = ["small_fs"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    # doctor may wait out network timeouts towards an unreachable archive or RIS.
+    return _cli(*args, timeout=120)
 
 
 def doctor(config: Path) -> tuple[int, dict[str, str]]:
