@@ -37,7 +37,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import dul_guard, wakeup
+from . import dul_guard, find_encoding, wakeup
 from .config import DimseConfig
 from .notify import CALLING_AE, SOP_INSTANCE_UID
 from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolTempFile
@@ -238,6 +238,7 @@ class Receiver:
         c = self.config
         dul_guard.install(c.max_pdu_size)
         wakeup.install()
+        find_encoding.install()
         ae = AE(ae_title=c.ae_title)
         ae.maximum_associations = c.max_associations
         ae.maximum_pdu_size = c.max_pdu_size

@@ -115,12 +115,14 @@ def ris(tmp_path: Path) -> Iterator[Ris]:
     ris.stop()
 
 
-def findscu(port: int, called: str, keys: list[str | bytes], out: Path) -> list[Dataset]:
+def findscu(port: int, called: str, keys: list[str | bytes], out: Path,
+            extra: tuple[str, ...] = ()) -> list[Dataset]:  # fmt: skip
     """Ask with DCMTK findscu -W; return the response identifiers."""
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    args: list[str | bytes] = [tool("findscu"), "-W", "-aec", called, "-X", "-od", str(out)]
+    args: list[str | bytes] = [tool("findscu"), "-W", "-aec", called, "-X", "-od", str(out),
+                               *extra]  # fmt: skip
     for key in keys:
         args += ["-k", key]
     proc = subprocess.run(
@@ -206,6 +208,34 @@ def test_queries_answer_what_the_ris_holds(
                         tmp_path / "gw" / "muller")  # fmt: skip
     assert str(muller.PatientName) == "Müller^Jürgen"
     assert muller.SpecificCharacterSet == "ISO_IR 100"
+    assert gw.stop() == 0
+
+
+def test_a_query_asked_again_in_one_association_gets_the_same_answer(
+    gateway_factory: GatewayFactory, ris: Ris, tmp_path: Path
+) -> None:
+    """Later answers come from remembered responses, encoded once (gateway/find_encoding.py).
+
+    findscu asks three times in one association and checks that each response answers
+    its own request's message ID; the implicit VR run makes the gateway encode the same
+    remembered responses in a second transfer syntax.
+    """
+    gw = _gateway(gateway_factory, ris)
+
+    def key(r: Dataset) -> str:
+        return str(r.AccessionNumber)
+
+    for name in ("all", "utf-8 name wildcard", "latin-1 name wildcard"):
+        query = _keys(QUERIES[name])
+        once = sorted(findscu(gw.port, "DICOMGW", query, tmp_path / name / "once"), key=key)
+        assert once, name
+        for syntax in ("-xe", "-xi"):  # explicit, then implicit VR little endian
+            out = tmp_path / name / syntax
+            thrice = findscu(gw.port, "DICOMGW", query, out, extra=(syntax, "--repeat", "3"))
+            assert len(thrice) == 3 * len(once), (name, syntax)
+            for n in range(3):
+                answer = sorted(thrice[n * len(once) : (n + 1) * len(once)], key=key)
+                assert [r.to_json_dict() for r in answer] == [r.to_json_dict() for r in once]
     assert gw.stop() == 0
 
 
