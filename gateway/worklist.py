@@ -38,6 +38,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
 from .config import Config
+from .find_encoding import PreEncoded
 from .store import Store, WriteFn, utcnow
 from .worklist_match import find
 from .worklist_sources import (
@@ -112,6 +113,12 @@ def _identity(source: str, ds: Dataset, extra: str = "") -> str:
 
 _DATE = re.compile(r"\d{8}")
 _ANSWERS_KEPT = 64  # distinct queries whose responses are kept (one per modality, roughly)
+# Parsed items and remembered responses kept, at most.  Each is a hundred or so Python
+# objects that every full garbage collection walks, in every thread's time: 2,000 cost
+# about 55 ms once in a while, 10,000 about 0.25 s.  A day's worklist for a few
+# modalities fits; a query for everything is answered, just not all of it kept.
+_PARSED_KEPT = 2000
+_RESPONSES_KEPT = 2000
 
 
 def _one_value(ds: Dataset | None, keyword: str) -> str | None:
@@ -139,6 +146,10 @@ def to_cached(source: str, ds: Dataset, extra: str = "") -> CachedItem:
         patient_id=_one_value(ds, "PatientID"),
         accession=_one_value(ds, "AccessionNumber"),
     )
+
+
+def _drop_row(name: str, index: int, ds: Dataset) -> CachedItem:
+    return to_cached(DROP_SOURCE, ds, extra=f"{name}#{index}")
 
 
 def _replace_source(
@@ -302,7 +313,7 @@ class Worklist:
         self.config = config
         self.store = store
         w = config.worklist
-        self._drop = DropFolder(w.drop_folder) if w.drop_folder is not None else None
+        self._drop = DropFolder(w.drop_folder, _drop_row) if w.drop_folder is not None else None
         self._drop_error_logged: str | None = None
         # item_id -> (stored JSON, parsed item); C-FIND threads share it (GIL-atomic ops).
         self._parsed: dict[str, tuple[tuple[str, str | None], Dataset]] = {}
@@ -377,12 +388,7 @@ class Worklist:
                 self.store.submit(_record_unchanged(DROP_SOURCE), durable=False)
             )
             return
-        items = await asyncio.to_thread(
-            lambda: [
-                to_cached(DROP_SOURCE, ds, extra=f"{name}#{i}")
-                for i, (name, ds) in enumerate(scan.items)
-            ]
-        )
+        items = scan.items
         error = "; ".join(scan.errors) or None
         count, expired = await self._replace(DROP_SOURCE, items, error)
         log.info(
@@ -421,6 +427,8 @@ class Worklist:
         if mpps_status in _SPS_STATUS:
             for step in ds.get("ScheduledProcedureStepSequence") or []:
                 step.ScheduledProcedureStepStatus = _SPS_STATUS[mpps_status]
+        if len(self._parsed) >= _PARSED_KEPT:
+            self._parsed.clear()
         self._parsed[item_id] = ((text, mpps_status), ds)
         return ds
 
@@ -465,12 +473,15 @@ class Worklist:
             # only read from here on, by the SCP encoding them).
             yield from hit[1]
             return
-        responses = []
-        for response in find((self._item(i, t, m) for i, t, m in rows), query):
+        responses: list[Dataset] = []
+        for found in find((self._item(i, t, m) for i, t, m in rows), query):
+            # Kept unchanged from here on: encoded once per transfer syntax.
+            response = PreEncoded(found)
             responses.append(response)
             yield response
-        if key is not None:
-            if len(self._answers) >= _ANSWERS_KEPT:
+        if key is not None and len(responses) <= _RESPONSES_KEPT:
+            kept = sum(len(r) for _, r in self._answers.values())
+            if len(self._answers) >= _ANSWERS_KEPT or kept + len(responses) > _RESPONSES_KEPT:
                 self._answers.clear()
             self._answers[key] = (rows, responses)
 

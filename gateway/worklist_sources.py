@@ -23,10 +23,10 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 import pydicom
@@ -35,6 +35,8 @@ from pydicom.sequence import Sequence
 
 from .config import Config
 from .upload import ssl_context
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -344,25 +346,40 @@ def read_entry_file(path: Path) -> list[Dataset]:
 
 
 @dataclass
-class _Seen:
+class _Seen(Generic[T]):
     signature: tuple[int, int]
-    items: list[Dataset]
+    items: list[T]
     error: str | None
 
 
 @dataclass
-class DropScan:
+class DropScan(Generic[T]):
     changed: bool
-    items: list[tuple[str, Dataset]]  # (file name, item)
+    items: list[T]  # what convert() made of each item, in file-name order
     errors: list[str] = field(default_factory=list)  # "name: reason", one per bad file
 
 
-class DropFolder:
-    """Remembers what each file held, so an unchanged file is neither re-read nor re-logged."""
+def _named(name: str, index: int, ds: Dataset) -> tuple[str, Dataset]:
+    return name, ds
 
-    def __init__(self, folder: Path) -> None:
+
+class DropFolder(Generic[T]):
+    """Remembers what each file held, so an unchanged file is neither re-read nor re-logged.
+
+    What is remembered is *convert(file name, index in file, item)*: gateway.worklist
+    keeps the cache row, not the parsed dataset, so a folder of thousands of items does
+    not leave millions of small objects for every full garbage collection to walk (a
+    pause of about 0.4 s for 10,000 items).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        convert: Callable[[str, int, Dataset], T] = _named,  # type: ignore[assignment]
+    ) -> None:
         self.folder = folder
-        self._seen: dict[str, _Seen] = {}
+        self._convert = convert
+        self._seen: dict[str, _Seen[T]] = {}
         self._scanned = False
 
     def _entries(self) -> Iterator[tuple[str, tuple[int, int]]]:
@@ -373,7 +390,7 @@ class DropFolder:
                 st = entry.stat(follow_symlinks=False)
                 yield entry.name, (st.st_mtime_ns, st.st_size)
 
-    def scan(self) -> DropScan:
+    def scan(self) -> DropScan[T]:
         """Read new and changed files (blocking: run it in a thread)."""
         try:
             present = dict(self._entries())
@@ -388,16 +405,19 @@ class DropFolder:
             if seen is not None and seen.signature == signature:
                 continue
             changed = True
+            items: list[T] = []
             try:
-                items, error = read_entry_file(self.folder / name), None
+                for index, ds in enumerate(read_entry_file(self.folder / name)):
+                    items.append(self._convert(name, index, ds))
+                error = None
             except Exception as exc:  # a hand-made file can be wrong in any way; skip it
                 items, error = [], f"{name}: {exc}"
                 log.warning("worklist drop folder: skipping %s", error)
             self._seen[name] = _Seen(signature, items, error)
-        scan = DropScan(changed, [])
+        scan: DropScan[T] = DropScan(changed, [])
         for name in sorted(self._seen):
             seen = self._seen[name]
-            scan.items.extend((name, item) for item in seen.items)
+            scan.items.extend(seen.items)
             if seen.error:
                 scan.errors.append(seen.error)
         return scan

@@ -32,6 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from gateway import worklist as worklist_module
 from gateway.config import ConfigError, from_dict
 from gateway.store import Store
 from gateway.worklist import Worklist, _replace_source, prefilter, to_cached
@@ -491,6 +492,21 @@ def test_drop_folder_scan_reads_only_what_changed(tmp_path: Path) -> None:
     assert gone.changed and gone.items == []
 
 
+def test_drop_folder_keeps_what_convert_made_not_the_datasets(tmp_path: Path) -> None:
+    """The gateway keeps cache rows per file (few objects), numbered within the file."""
+    items = [_json_item(f"A{n}", "A^A", "CT", 0) for n in range(3)]
+    (tmp_path / "a.json").write_text(json.dumps(items))
+    (tmp_path / "b.json").write_text(json.dumps(_json_item("B1", "B^B", "MR", 0)))
+    folder = DropFolder(tmp_path, lambda name, index, ds: (name, index, str(ds.AccessionNumber)))
+    scan = folder.scan()
+    assert scan.items == [("a.json", 0, "A0"), ("a.json", 1, "A1"), ("a.json", 2, "A2"),
+                          ("b.json", 0, "B1")]  # fmt: skip
+    assert all(isinstance(i, tuple) for seen in folder._seen.values() for i in seen.items)
+    # A new file before the others does not renumber their items.
+    (tmp_path / "0.json").write_text(json.dumps(_json_item("Z1", "Z^Z", "US", 0)))
+    assert folder.scan().items[1:] == scan.items
+
+
 def test_all_three_sources_together(
     gateway_factory: GatewayFactory, ups: UpsServer, ris: Ris, tmp_path: Path
 ) -> None:
@@ -613,3 +629,27 @@ def test_a_remembered_answer_follows_the_cache(store: Store) -> None:
     assert names == ["After^Name", "Other^Name"]
     store.submit(_replace_source("test", [])).result()
     assert list(worklist.answer(query)) == []
+
+
+def test_what_the_worklist_keeps_in_memory_is_bounded(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Parsed items and remembered responses stay below their limits; answers stay whole."""
+    monkeypatch.setattr(worklist_module, "_PARSED_KEPT", 5)
+    monkeypatch.setattr(worklist_module, "_RESPONSES_KEPT", 4)
+    items = [_item(f"BK{n:03d}", f"Kept^{n}", "", f"PBK{n}", "CT" if n % 2 else "MR",
+                   "ROOM1", 0, "0800") for n in range(8)]  # fmt: skip
+    store.submit(_replace_source("test", [to_cached("test", ds) for ds in items])).result()
+    worklist = Worklist(from_dict({}), store)
+    everything = _query({"PatientName": ""})
+    assert len(list(worklist.answer(everything))) == 8
+    assert len(worklist._parsed) <= 5
+    assert not worklist._answers  # 8 responses: answered, not remembered
+    ct = _query({"PatientName": ""}, Modality="CT")
+    mr = _query({"PatientName": ""}, Modality="MR")
+    assert len(list(worklist.answer(ct))) == 4
+    mr_first = list(worklist.answer(mr))
+    assert len(mr_first) == 4 and sum(len(r) for _, r in worklist._answers.values()) == 4
+    assert all(a is b for a, b in zip(worklist.answer(mr), mr_first, strict=True))
+    again = sorted(str(r.PatientName) for r in worklist.answer(ct))
+    assert again == [f"Kept^{n}" for n in (1, 3, 5, 7)]
