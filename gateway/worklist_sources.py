@@ -359,10 +359,6 @@ class DropScan(Generic[T]):
     errors: list[str] = field(default_factory=list)  # "name: reason", one per bad file
 
 
-def _named(name: str, index: int, ds: Dataset) -> tuple[str, Dataset]:
-    return name, ds
-
-
 class DropFolder(Generic[T]):
     """Remembers what each file held, so an unchanged file is neither re-read nor re-logged.
 
@@ -372,11 +368,7 @@ class DropFolder(Generic[T]):
     pause of about 0.4 s for 10,000 items).
     """
 
-    def __init__(
-        self,
-        folder: Path,
-        convert: Callable[[str, int, Dataset], T] = _named,  # type: ignore[assignment]
-    ) -> None:
+    def __init__(self, folder: Path, convert: Callable[[str, int, Dataset], T]) -> None:
         self.folder = folder
         self._convert = convert
         self._seen: dict[str, _Seen[T]] = {}

@@ -480,7 +480,7 @@ def test_drop_folder_loads_both_formats_and_skips_a_bad_file(
 
 def test_drop_folder_scan_reads_only_what_changed(tmp_path: Path) -> None:
     (tmp_path / "a.json").write_text(json.dumps(_json_item("A1", "A^A", "CT", 0)))
-    folder = DropFolder(tmp_path)
+    folder = DropFolder(tmp_path, lambda name, index, ds: (name, ds))
     first = folder.scan()
     assert first.changed and [name for name, _ in first.items] == ["a.json"]
     assert not folder.scan().changed
