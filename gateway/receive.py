@@ -109,6 +109,17 @@ class _NoDelayServer(ThreadedAssociationServer):
         return sock, address
 
 
+def _spool_write_failed(
+    where: str, sop_instance: str, exc: OSError, fields: dict[str, str]
+) -> StoreOutcome:
+    """Writing the spool failed: a full disk is out of resources, anything else an I/O error."""
+    log.error("C-STORE %s sop=%s failed writing the spool: %s", where, sop_instance, exc,
+              extra=fields)  # fmt: skip
+    if exc.errno in NO_SPACE_ERRNOS:
+        return StoreOutcome(OUT_OF_RESOURCES, "spool disk is full")
+    return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
+
+
 def _check_dataset(
     path: Path, sop_class: str, sop_instance: str, transfer_syntax: UID
 ) -> tuple[str, str]:
@@ -428,17 +439,7 @@ class Receiver:
         tmp_path = Path(event.dataset_path)
         received = getattr(req, "_dataset_file", None)
         if isinstance(received, SpoolTempFile) and received.error is not None:
-            exc = received.error
-            log.error(
-                "C-STORE %s sop=%s failed writing the spool: %s",
-                where,
-                sop_instance,
-                exc,
-                extra=fields,
-            )
-            if exc.errno in NO_SPACE_ERRNOS:
-                return StoreOutcome(OUT_OF_RESOURCES, "spool disk is full")
-            return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
+            return _spool_write_failed(where, sop_instance, received.error, fields)
         try:
             self.spool.check_room()
             study, series = _check_dataset(
@@ -452,16 +453,7 @@ class Receiver:
             log.warning("C-STORE %s sop=%s refused: %s", where, sop_instance, exc, extra=fields)
             return exc.outcome
         except OSError as exc:
-            log.error(
-                "C-STORE %s sop=%s failed writing the spool: %s",
-                where,
-                sop_instance,
-                exc,
-                extra=fields,
-            )
-            if exc.errno in NO_SPACE_ERRNOS:
-                return StoreOutcome(OUT_OF_RESOURCES, "spool disk is full")
-            return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
+            return _spool_write_failed(where, sop_instance, exc, fields)
 
         instance = ReceivedInstance(
             sop_instance_uid=sop_instance,
