@@ -115,17 +115,17 @@ def parse_response(status: int, body: bytes, items: Sequence[Item]) -> dict[str,
     return result
 
 
-def _hint_for_http(status: int, body: bytes) -> str:
-    text = body[:300].decode("utf-8", "replace")
+def http_hint(peer: str, status: int, body: bytes) -> str:
+    """One line for an HTTP error from *peer* (the archive, the UPS-RS server) over our mTLS."""
+    text = " ".join(body[:300].decode("utf-8", "replace").split())
     if status == 400 and "SSL certificate" in text:
         return (
-            "archive refused our client certificate (HTTP 400 'SSL certificate error'): "
-            "check upload.client_cert is signed by a CA the archive trusts"
+            f"{peer} refused our client certificate (HTTP 400 'SSL certificate error'): "
+            f"check upload.client_cert: {peer} does not trust the CA that signed it"
         )
     if status in (401, 403):
-        return f"archive refused access (HTTP {status}): check this box's certificate/enrolment"
-    snippet = " ".join(text.split())[:120]
-    return f"archive answered HTTP {status}: {snippet}"
+        return f"{peer} refused access (HTTP {status}): check this box's certificate/enrolment"
+    return f"{peer} answered HTTP {status}: {text[:160]}"
 
 
 class StowClient:
@@ -190,7 +190,7 @@ class StowClient:
             return parse_response(status, payload, items)
         # Anything else (5xx, 429, a proxy's error page, a refused client certificate)
         # says nothing about the instances: the batch is retried with backoff.
-        raise RequestFailed(_hint_for_http(status, payload))
+        raise RequestFailed(http_hint("archive", status, payload))
 
 
 def _is_dicom_json(payload: bytes) -> bool:

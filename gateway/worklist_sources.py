@@ -34,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from .config import Config
-from .upload import ssl_context
+from .upload import http_hint, ssl_context
 
 T = TypeVar("T")
 
@@ -201,18 +201,6 @@ def _tls_hint(exc: BaseException) -> str:
     return f"TLS with the UPS-RS server failed: {text}"
 
 
-def _http_hint(status: int, body: bytes) -> str:
-    text = " ".join(body[:300].decode("utf-8", "replace").split())[:160]
-    if status == 400 and "SSL certificate" in text:
-        return (
-            "the UPS-RS server refused our client certificate (HTTP 400 'SSL certificate "
-            "error'): check upload.client_cert is signed by a CA the server trusts"
-        )
-    if status in (401, 403):
-        return f"the UPS-RS server refused access (HTTP {status}): check this box's certificate"
-    return f"the UPS-RS server answered HTTP {status}: {text}"
-
-
 def _more_pages(status: int, headers: Any) -> bool:
     # PS3.18 8.3.4.4 (Warning 299 "additional results"); older editions answered 206.
     warnings = headers.getall("Warning", []) if hasattr(headers, "getall") else []
@@ -285,7 +273,7 @@ class UpsClient:
         if status == 204:
             return [], False
         if status not in (200, 206):
-            raise SourceError(_http_hint(status, body))
+            raise SourceError(http_hint("the UPS-RS server", status, body))
         try:
             page = json.loads(body)
         except ValueError as exc:
