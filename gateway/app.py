@@ -5,11 +5,12 @@ page, then the compress/upload pipeline, the worklist refresh, the MPPS forwarde
 the heartbeat, when configured); systemd hears READY=1 once the listener and the page
 are up, WATCHDOG=1 from the loop itself (gateway.notify), and STOPPING=1 when the stop
 begins.
-Stop (SIGTERM/SIGINT): the pipeline and the MPPS forwarder are cancelled (an interrupted
-upload or MPPS message is re-sent after restart) and the status page closes; then close
-the listener and refuse new C-STOREs, let in-flight C-STOREs finish for at most
-``dimse.drain_seconds``, abort what is left; then close the database once every
-submitted write has committed.
+Stop (SIGTERM/SIGINT): close the listener and refuse new C-STOREs, let in-flight
+C-STOREs and MPPS requests finish for at most ``dimse.drain_seconds`` (they get their
+true answer), abort what is left; only then cancel the pipeline, the MPPS forwarder and
+the other tasks (an interrupted upload or MPPS message is re-sent after restart) and
+close the status page; the database closes last, once every submitted write has
+committed: its writer outlives every caller.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.spool = Spool(config.spool.dir, config.spool.min_free_bytes)
-        self.store = Store(config.database.path)
+        self.store = Store(config.database.path, remove_file=self.spool.remove_unpinned)
         self.metrics = Metrics()
         self.pipeline = Pipeline(config, self.spool, self.store, self.metrics)
         self.worklist = Worklist(config, self.store)
@@ -90,6 +91,9 @@ class Gateway:
         self._state = "starting: checking the spool against the queue"
         self._stored = 0
         self._stored_lock = threading.Lock()
+        self._drained = False
+        self._drain_lock = threading.Lock()
+        self._stop_started = time.monotonic()
 
     def _on_stored(self, _instance: object) -> None:
         with self._stored_lock:
@@ -145,13 +149,18 @@ class Gateway:
                     beat = run_heartbeat(self.config, self.status)
                     tasks.append(tg.create_task(self._supervise("heartbeat", beat)))
                 await self._stop.wait()
+                # In-flight DIMSE requests finish while the pipeline still runs.
+                self._state = "stopping: draining C-STOREs in progress"
+                self.notifier.stopping(self._state)
+                await asyncio.to_thread(self._drain_dimse)
                 for task in tasks:
                     task.cancel()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            self._state = "stopping: draining C-STOREs in progress"
-            self.notifier.stopping(self._state)
+            if not self._drained:
+                self._state = "stopping: draining C-STOREs in progress"
+                self.notifier.stopping(self._state)
             try:
                 # The page goes first: it reads the database that _shutdown closes.
                 await self.web.stop()
@@ -208,15 +217,26 @@ class Gateway:
             if removed:
                 log.warning("removed %d abandoned temp files from the spool", removed)
 
-    def _shutdown(self) -> None:
-        started = time.monotonic()
-        self.receiver.stop_accepting()
-        drained = self.receiver.drain(self.config.dimse.drain_seconds)
+    def _drain_dimse(self) -> None:
+        """Stop accepting and let in-flight C-STOREs / MPPS requests finish (once)."""
+        with self._drain_lock:  # a second caller waits for the first to finish
+            if self._drained:
+                return
+            self._drained = True
+            self._stop_started = time.monotonic()
+            self.receiver.stop_accepting()
+            drained = self.receiver.drain(self.config.dimse.drain_seconds)
         if not drained:
             log.warning(
                 "in-flight C-STOREs did not finish within %.0f s; their associations "
                 "were aborted (not acknowledged, so the modality will resend)",
                 self.config.dimse.drain_seconds,
             )
-        self.store.close()
-        log.info("stopped cleanly in %.1f s", time.monotonic() - started)
+
+    def _shutdown(self) -> None:
+        # Normally drained already, before the pipeline was cancelled; not if the
+        # start-up or the task group failed.
+        self._drain_dimse()
+        # Last: every caller (handlers, pipeline, forwarder, page) is gone by now.
+        self.store.close(timeout=_STORE_CLOSE_S)
+        log.info("stopped cleanly in %.1f s", time.monotonic() - self._stop_started)

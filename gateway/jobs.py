@@ -23,7 +23,6 @@ import os
 import random
 import signal
 import sqlite3
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -42,6 +41,7 @@ from .store import (
     UPLOADED,
     UPLOADING,
     Store,
+    discard_files,
     utcnow,
 )
 from .transcode import TranscodeResult, transcode
@@ -144,7 +144,12 @@ def _mark_compressed(
                 claimed.sop_instance_uid, claimed.sha256, COMPRESSING,
             ),
         )  # fmt: skip
-        return cur.rowcount == 1
+        if cur.rowcount == 1:
+            return True
+        if upload_path != claimed.path:
+            # Re-received while we worked: this output belongs to the old copy.
+            discard_files(conn, [upload_path])
+        return False
 
     return write
 
@@ -266,6 +271,9 @@ def _prune(keep_bytes: int, keep_hours: float) -> Callable[[sqlite3.Connection],
             "UPDATE instances SET path = NULL, upload_path = NULL WHERE sop_instance_uid = ?",
             [(uid,) for uid in doomed],
         )
+        # The writer removes them after the commit, those that no row (an identical
+        # re-send) and no C-STORE in progress still has.
+        discard_files(conn, files)
         return files
 
     return write
@@ -355,8 +363,12 @@ class Pipeline:
             self._upload_wake.set()
 
     async def _compress_one(self, claimed: Claimed) -> None:
+        # Registered as in use, so the temp sweep leaves it alone however long it takes.
+        with self.spool.temp_output("j2k-") as dst:
+            await self._compress_into(claimed, dst)
+
+    async def _compress_into(self, claimed: Claimed, dst: Path) -> None:
         src = self.spool.path_of(claimed.path)
-        dst = self.spool.tmp_dir / f"j2k-{uuid.uuid4().hex}.dcm"
         if self._pool is None:
             result = TranscodeResult(
                 "passthrough", "compression is off", claimed.transfer_syntax,
@@ -365,17 +377,19 @@ class Pipeline:
         else:
             result = await self._transcode(src, dst, claimed)
         upload_path, upload_size = claimed.path, claimed.size
+        pinned = False
         if result.outcome == "compressed":
             spooled = await asyncio.to_thread(self.spool.commit_file, dst)
-            upload_path, upload_size = spooled.relpath, spooled.size
+            upload_path, upload_size, pinned = spooled.relpath, spooled.size, True
             if self.metrics is not None and spooled.size:
                 self.metrics.compression_ratio.observe(claimed.size / spooled.size)
         elif result.outcome == "fallback":
             log.warning("sop=%s sent uncompressed: %s", claimed.sop_instance_uid, result.reason)
-        marked = await self._db(_mark_compressed(claimed, upload_path, upload_size, result))
-        if not marked and upload_path != claimed.path:
-            # Re-received while we worked: this output belongs to the old copy.
-            self.spool.remove(upload_path)
+        mark = _mark_compressed(claimed, upload_path, upload_size, result)
+        future = self.store.submit(mark, durable=False)
+        if pinned:  # by commit_file, until the write naming it is resolved
+            future.add_done_callback(lambda _: self.spool.release(upload_path))
+        await asyncio.wrap_future(future)
 
     async def _transcode(self, src: Path, dst: Path, claimed: Claimed) -> TranscodeResult:
         assert self._pool is not None and self._loop is not None
@@ -480,9 +494,8 @@ class Pipeline:
         r = self.config.retention
         while True:
             # Durable before any file goes: a row must never point at a deleted file.
-            files = await self._db(_prune(r.keep_bytes, r.keep_hours), durable=True)
-            for relpath in files:
-                await asyncio.to_thread(self.spool.remove, relpath)
+            # The writer itself removes the files (see gateway.store.discard_files).
+            await self._db(_prune(r.keep_bytes, r.keep_hours), durable=True)
             await _wait(self._prune_wake, _RETENTION_INTERVAL_S)
 
 

@@ -421,6 +421,18 @@ class Receiver:
             self.metrics.store_answered(outcome.status)
         return outcome.as_status()
 
+    def _record(self, instance: ReceivedInstance) -> None:
+        """Commit the queue row of a file :meth:`Spool.commit_file` pinned, and unpin
+        it once the write is resolved: the writer removes a replaced copy only if no
+        row refers to it then and no C-STORE holds it pinned (gateway/store.py)."""
+        try:
+            future = self.store.record_instance(instance)
+        except BaseException:
+            self.spool.release(instance.path)
+            raise
+        future.add_done_callback(lambda _: self.spool.release(instance.path))
+        future.result(timeout=COMMIT_TIMEOUT_S)
+
     def _store(self, event: evt.Event) -> StoreOutcome:
         req = event.request
         assert isinstance(req, C_STORE)
@@ -468,7 +480,7 @@ class Receiver:
             path=spooled.relpath,
         )
         try:
-            replaced = self.store.record_instance(instance).result(timeout=COMMIT_TIMEOUT_S)
+            self._record(instance)
         except Exception as exc:  # StoreClosed, a timeout, any database error
             # The file stays: its name is its content hash, so an identical copy sent
             # and acknowledged earlier may be this very file.  If no row refers to it,
@@ -478,8 +490,6 @@ class Receiver:
                 where, sop_instance, exc, extra=fields,
             )  # fmt: skip
             return StoreOutcome(PROCESSING_FAILURE, "queue database error")
-        for relpath in replaced:
-            self.spool.remove(relpath)
         log.info(
             "stored sop=%s class=%s %s ts=%s bytes=%d",
             sop_instance,

@@ -3,6 +3,16 @@
 A crash can leave three kinds of debris, none of it acknowledged to a modality:
 temp files of C-STOREs in progress, files renamed into ``objects/`` whose queue row
 never committed, and rows left in a transient (leased) state by a stage that died.
+
+It runs before the listener and the pipeline start, so nothing can pin or re-create a
+spool file meanwhile: a file is an orphan exactly when no row refers to it, by
+``path`` or by ``upload_path``.
+
+A row whose received file (``path``) is missing is failed with the reason.  A row whose
+J2K copy (``upload_path``) is missing but whose received file is present loses nothing
+that cannot be redone: if it was still to be uploaded it goes back to ``received`` to be
+compressed again; otherwise (uploaded, failed) only the dangling ``upload_path`` is
+cleared, so that a later retry compresses again rather than send a missing file.
 """
 
 from __future__ import annotations
@@ -12,7 +22,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from .spool import Spool
-from .store import FAILED, TRANSIENT_STATES, Store, utcnow
+from .store import COMPRESSED, FAILED, RECEIVED, TRANSIENT_STATES, UPLOADING, Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -23,24 +33,28 @@ class Reconciliation:
     orphans_removed: int
     requeued: int
     missing_files: int
+    recompress: int = 0
 
 
 def reconcile(spool: Spool, store: Store) -> Reconciliation:
     temp_removed = spool.clean_tmp()
 
+    rows = store.rows("SELECT path, upload_path FROM instances")
     referenced = {
-        relpath
-        for row in store.rows("SELECT path, upload_path FROM instances")
-        for relpath in (row["path"], row["upload_path"])
-        if relpath
+        relpath for row in rows for relpath in (row["path"], row["upload_path"]) if relpath
     }
     on_disk = spool.stored_relpaths()
     orphans = on_disk - referenced
     for relpath in orphans:
         spool.remove(relpath)
-    missing = referenced - on_disk
+    missing = {row["path"] for row in rows if row["path"] and row["path"] not in on_disk}
+    missing_copies = {
+        row["upload_path"]
+        for row in rows
+        if row["upload_path"] and row["upload_path"] not in on_disk and row["path"] in on_disk
+    }
 
-    def fix_rows(conn: sqlite3.Connection) -> int:
+    def fix_rows(conn: sqlite3.Connection) -> tuple[int, int]:
         now = utcnow()
         requeued = 0
         for transient, back_to in TRANSIENT_STATES.items():
@@ -53,12 +67,29 @@ def reconcile(spool: Spool, store: Store) -> Reconciliation:
                 "UPDATE instances SET state = ?, last_error = ?, updated_at = ? WHERE path = ?",
                 (FAILED, "spool file missing at start-up", now, relpath),
             )
-        return requeued
+        recompress = 0
+        for relpath in missing_copies:
+            # After the transient states went back: UPLOADING is COMPRESSED by now.
+            recompress += conn.execute(
+                "UPDATE instances SET state = ?, updated_at = ? WHERE upload_path = ?"
+                " AND state IN (?, ?)",
+                (RECEIVED, now, relpath, COMPRESSED, UPLOADING),
+            ).rowcount
+            conn.execute(
+                "UPDATE instances SET upload_path = NULL, upload_size = NULL,"
+                " upload_transfer_syntax = NULL, transcode_outcome = NULL,"
+                " transcode_reason = NULL, updated_at = ? WHERE upload_path = ?",
+                (now, relpath),
+            )
+        return requeued, recompress
 
-    requeued = store.submit(fix_rows).result()
-    result = Reconciliation(temp_removed, len(orphans), requeued, len(missing))
+    requeued, recompress = store.submit(fix_rows).result()
+    result = Reconciliation(temp_removed, len(orphans), requeued, len(missing), recompress)
     if missing:
         log.error("reconcile: %d queued files are missing from the spool", len(missing))
+    if missing_copies:
+        log.error("reconcile: %d compressed copies are missing from the spool; %d "
+                  "instances go back to compression", len(missing_copies), recompress)  # fmt: skip
     log.info(
         "reconcile: removed %d temp files and %d orphan files, requeued %d rows",
         result.temp_files_removed,

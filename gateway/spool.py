@@ -5,6 +5,12 @@ File names are the SHA-256 of the file's own bytes (``objects/ab/abcdef….dcm``
 value a peer sent ever becomes part of a path, the same content always lands on the
 same name, and a file that was renamed but never committed to the queue is an orphan
 the reconciler can recognise and remove.
+
+Because of that, a path can be shared: by two rows, or by a row and a C-STORE that has
+renamed the same content onto it but not yet committed its row.  A spool file is
+therefore pinned from just before its rename until its row's write is resolved
+(:meth:`Spool.commit_file`, :meth:`Spool.release`), and the queue's writer removes a
+file no row refers to only through :meth:`Spool.remove_unpinned` (gateway/store.py).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +134,11 @@ class Spool:
         self.objects_dir = root / "objects"
         self._open_temp: dict[str, SpoolTempFile] = {}
         self._open_lock = threading.Lock()
+        # Content paths between rename and row commit; outputs the compress stage is
+        # still writing in tmp/ (sweep_tmp leaves those alone).
+        self._pins: Counter[str] = Counter()
+        self._pin_lock = threading.Lock()
+        self._outputs: set[str] = set()
 
     def temp_file_factory(self, *_args: Any, **_kwargs: Any) -> SpoolTempFile:
         """Called by pynetdicom where it would call ``NamedTemporaryFile``."""
@@ -154,11 +168,16 @@ class Spool:
     def path_of(self, relpath: str) -> Path:
         return self.root / relpath
 
-    def commit_file(self, tmp_path: Path) -> SpooledFile:
+    def commit_file(self, tmp_path: Path, pin: bool = True) -> SpooledFile:
         """Hash, fsync and rename *tmp_path* into ``objects/``; fsync the directory.
 
         On return the file survives power loss.  *tmp_path* must be on the spool
         filesystem (the receiver points ``tempfile.tempdir`` at :attr:`tmp_dir`).
+
+        The returned path is pinned (taken before the rename, so no removal can come
+        between the rename and the row that refers to it): the caller calls
+        :meth:`release` once the write recording it is resolved, whatever its outcome.
+        ``pin=False`` is for callers with no row to commit.
         """
         digest = hashlib.sha256()
         with open(tmp_path, "rb") as f:
@@ -169,13 +188,63 @@ class Spool:
         sha = digest.hexdigest()
         relpath = f"objects/{sha[:2]}/{sha}.dcm"
         final = self.root / relpath
-        os.replace(tmp_path, final)
-        fsync_dir(final.parent)
+        if pin:
+            with self._pin_lock:
+                self._pins[relpath] += 1
+        try:
+            os.replace(tmp_path, final)
+            fsync_dir(final.parent)
+        except BaseException:
+            if pin:
+                self.release(relpath)
+            raise
         return SpooledFile(relpath=relpath, sha256=sha, size=size)
 
+    def release(self, relpath: str) -> None:
+        """Drop one pin that :meth:`commit_file` took on *relpath*."""
+        with self._pin_lock:
+            self._pins[relpath] -= 1
+            if self._pins[relpath] <= 0:
+                del self._pins[relpath]
+
+    def pinned(self, relpath: str) -> bool:
+        with self._pin_lock:
+            return relpath in self._pins
+
+    def remove_unpinned(self, relpath: str) -> bool:
+        """Unlink *relpath* unless it is pinned; False if it was kept.
+
+        Only for the queue's writer, after the commit that left no row referring to
+        it.  The check and the unlink hold the pin lock, so a C-STORE of the same
+        content either pinned it before (and it stays) or renames after the unlink.
+        """
+        with self._pin_lock:
+            if relpath in self._pins:
+                return False
+            self.remove(relpath)
+            return True
+
     def remove(self, relpath: str) -> None:
+        """Unlink unconditionally: only the start-up reconciler (nothing else runs then)
+        and :meth:`remove_unpinned` call this."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.root / relpath)
+
+    @contextlib.contextmanager
+    def temp_output(self, prefix: str) -> Iterator[Path]:
+        """A new path in ``tmp/`` for an output being written (a J2K encode), which
+        :meth:`sweep_tmp` leaves alone however long the work takes; whatever is still
+        there at the end (the work failed or was cancelled) is removed."""
+        path = self.tmp_dir / f"{prefix}{uuid.uuid4().hex}.dcm"
+        with self._open_lock:
+            self._outputs.add(str(path))
+        try:
+            yield path
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            with self._open_lock:
+                self._outputs.discard(str(path))
 
     def clean_tmp(self) -> int:
         """Remove every temp file: at start none of them belongs to a live C-STORE."""
@@ -191,6 +260,7 @@ class Spool:
 
         Aborted associations normally clean up after themselves; this catches what
         they miss, so that a box running for months does not fill up with fragments.
+        Outputs still in use (:meth:`temp_output`) are kept, however old.
         """
         removed = 0
         cutoff = time.time() - older_than_s
@@ -202,6 +272,9 @@ class Spool:
             if stale:
                 with self._open_lock:
                     open_file = self._open_temp.get(entry.path)
+                    in_use = entry.path in self._outputs
+                if in_use:
+                    continue
                 if open_file is not None:
                     open_file.discard()
                 else:

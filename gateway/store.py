@@ -6,16 +6,27 @@ inside one ``BEGIN IMMEDIATE`` transaction (a savepoint each, so one failing wri
 not undo its neighbours) and commits once: with ``synchronous=FULL`` that commit is the
 fsync that makes a queue row durable, and concurrent C-STOREs share it (group commit).
 Reads use a connection per thread.
+
+Spool files are content-addressed, so two rows (or a row and a C-STORE that has renamed
+its file but not yet committed) can share one path.  No caller unlinks a spool file
+itself: a write names the files it stopped referencing with :func:`discard_files`, the
+writer checks at the end of the batch, inside the transaction, that no row refers to
+them any more, and after the commit hands the rest to the spool, which skips any path a
+C-STORE or the compress stage holds pinned between its rename and its commit
+(:meth:`gateway.spool.Spool.commit_file`).  Since rows only change in this thread,
+nothing can start referring to a path between the check and the unlink.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -203,6 +214,15 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     table.create_index(["accession"])  # type: ignore[union-attr]
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    # The writer checks that no row refers to a file before it goes (discard_files):
+    # path is covered by idx_instances_on_disk, upload_path needs its own index.
+    db.execute(
+        "CREATE INDEX idx_instances_upload_path ON instances (upload_path)"
+        " WHERE upload_path IS NOT NULL"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -210,7 +230,31 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
+
+
+def discard_files(conn: sqlite3.Connection, relpaths: list[str]) -> None:
+    """In a write function: these spool files may go once this transaction commits.
+
+    Each is removed only if, at the end of the writer's transaction, no row refers to
+    it by ``path`` or ``upload_path``, and no one holds it pinned.  A write that is
+    rolled back discards nothing (the list lives in a temp table of the transaction).
+    """
+    conn.executemany(
+        "INSERT OR IGNORE INTO temp.discarded_files (path) VALUES (?)",
+        [(p,) for p in relpaths if p],
+    )
+
+
+def _unreferenced_discards(conn: sqlite3.Connection) -> list[str]:
+    rows = conn.execute(
+        "SELECT path FROM temp.discarded_files AS d"
+        " WHERE NOT EXISTS (SELECT 1 FROM instances WHERE path = d.path)"
+        " AND NOT EXISTS (SELECT 1 FROM instances WHERE upload_path = d.path)"
+    ).fetchall()
+    conn.execute("DELETE FROM temp.discarded_files")
+    return [r[0] for r in rows]
 
 
 def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[list[str]]:
@@ -268,7 +312,9 @@ def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[list[str]]:
         )
         if row is None:
             return []
-        return [p for p in {row["path"], row["upload_path"]} if p and p != inst.path]
+        replaced = [p for p in {row["path"], row["upload_path"]} if p and p != inst.path]
+        discard_files(conn, replaced)
+        return replaced
 
     return write
 
@@ -279,9 +325,22 @@ class _Write(NamedTuple):
     durable: bool
 
 
+def _resolve(fut: Future[Any], ok: bool, value: Any) -> None:
+    try:
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+    except InvalidStateError:  # resolved already (the writer error path): nothing to tell
+        pass
+
+
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, remove_file: Callable[[str], bool] | None = None) -> None:
+        """*remove_file* unlinks a spool file no row refers to any more (the spool's
+        :meth:`~gateway.spool.Spool.remove_unpinned`); without it such files stay."""
         self.path = path
+        self.remove_file = remove_file
         self._queue: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closing = False
@@ -298,6 +357,7 @@ class Store:
         if mode != "wal":
             raise RuntimeError(f"{self.path}: could not enable WAL (journal_mode={mode})")
         self._migrate(conn)
+        conn.execute("CREATE TEMP TABLE discarded_files (path TEXT PRIMARY KEY)")
         self._thread = threading.Thread(
             target=self._writer, args=(conn,), name="store-writer", daemon=True
         )
@@ -326,15 +386,23 @@ class Store:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def close(self) -> None:
-        """Finish every write already submitted, then stop the writer."""
+    def close(self, timeout: float | None = None) -> None:
+        """Finish every write already submitted, then stop the writer.
+
+        Called last at stop, once every caller is gone.  *timeout* bounds the wait (a
+        write can wait SQLite's busy_timeout for a lock held by another process).
+        """
         with self._lock:
             if self._closing:
                 return
             self._closing = True
             self._queue.put(None)
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("queue database writer still busy after %.0f s; not waited for",
+                          timeout or 0)  # fmt: skip
+                return
         for conn in self._readers:
             conn.close()
         self._readers.clear()
@@ -355,8 +423,14 @@ class Store:
             self._queue.put(_Write(fn, fut, durable))
         return fut
 
+    async def run(self, fn: WriteFn[T], durable: bool = True) -> T:
+        """:meth:`submit` for the event loop.  Cancelling the caller skips the write if
+        the writer has not started it; once started, it completes regardless."""
+        return await asyncio.wrap_future(self.submit(fn, durable))
+
     def record_instance(self, inst: ReceivedInstance) -> Future[list[str]]:
-        """Insert or replace the queue row; the future gives the replaced files' paths."""
+        """Insert or replace the queue row; the future gives the replaced files' paths
+        (removed by the writer once nothing refers to them: see :func:`discard_files`)."""
         return self.submit(_record_instance(inst, utcnow()))
 
     def _writer(self, conn: sqlite3.Connection) -> None:
@@ -377,13 +451,24 @@ class Store:
                     else:
                         batch.append(more)
                 if batch:
-                    self._run_batch(conn, batch)
+                    try:
+                        self._run_batch(conn, batch)
+                    except Exception:  # the writer must outlive anything a batch does
+                        log.exception("queue database writer: batch of %d writes failed",
+                                      len(batch))  # fmt: skip
+                        for w in batch:
+                            _resolve(w.future, False, RuntimeError("queue database writer error"))
                 if stop:
                     return
         finally:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+        # A future its caller cancelled while it waited is skipped; one that is running
+        # can no longer be cancelled, so setting its result below cannot fail.
+        batch = [w for w in batch if w.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
         results: list[tuple[Future[Any], bool, Any]] = []
         synchronous = "FULL" if any(w.durable for w in batch) else "NORMAL"
         try:
@@ -401,19 +486,46 @@ class Store:
                 else:
                     results.append((fut, True, value))
                 conn.execute(f"RELEASE w{i}")
+            # Decided inside the transaction: no row refers to these any more.
+            doomed = _unreferenced_discards(conn)
             conn.execute("COMMIT")
         except Exception as exc:
             log.error("queue database commit failed: %s", exc)
             if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            for _, fut, _ in batch:
-                fut.set_exception(exc)
+                conn.execute("ROLLBACK")  # the temp table's discards with the rest
+            for w in batch:
+                _resolve(w.future, False, exc)
             return
+        # Results first: their done-callbacks unpin the files of the rows just committed.
         for fut, ok, value in results:
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+            _resolve(fut, ok, value)
+        if doomed and synchronous != "FULL":
+            # A file goes only once the state without it is on disk (SQLite refuses a
+            # change of synchronous inside a transaction, hence the fsync here).
+            try:
+                self._fsync_wal()
+            except OSError as exc:
+                log.error("could not fsync the queue database's WAL: %s", exc)
+                return  # the files stay; the reconciler removes them at the next start
+        for relpath in doomed:
+            self._remove(relpath)
+
+    def _fsync_wal(self) -> None:
+        fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _remove(self, relpath: str) -> None:
+        if self.remove_file is None:
+            return
+        try:
+            if not self.remove_file(relpath):
+                log.info("spool file %s kept: a C-STORE in progress has it", relpath)
+        except OSError as exc:
+            # Left behind as an orphan: the reconciler removes it at the next start.
+            log.error("could not remove spool file %s: %s", relpath, exc)
 
     # -- reads ----------------------------------------------------------------------
     @contextmanager
