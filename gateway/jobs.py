@@ -386,10 +386,9 @@ class Pipeline:
         elif result.outcome == "fallback":
             log.warning("sop=%s sent uncompressed: %s", claimed.sop_instance_uid, result.reason)
         mark = _mark_compressed(claimed, upload_path, upload_size, result)
-        future = self.store.submit(mark, durable=False)
-        if pinned:  # by commit_file, until the write naming it is resolved
-            future.add_done_callback(lambda _: self.spool.release(upload_path))
-        await asyncio.wrap_future(future)
+        # commit_file pinned the output until the write naming it is resolved.
+        unpin = (lambda: self.spool.release(upload_path)) if pinned else None
+        await asyncio.wrap_future(self.store.submit(mark, durable=False, when_done=unpin))
 
     async def _transcode(self, src: Path, dst: Path, claimed: Claimed) -> TranscodeResult:
         assert self._pool is not None and self._loop is not None

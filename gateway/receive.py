@@ -59,6 +59,9 @@ PROCESSING_FAILURE = 0xC001  # an I/O or database error other than "no space"
 
 #: How long a C-STORE waits for its queue row to commit before answering failure.
 COMMIT_TIMEOUT_S = 60.0
+#: At stop, how long drained associations may take to read their last answer and
+#: release before they are aborted (within dimse.drain_seconds).
+_ANSWER_GRACE_S = 2.0
 
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
@@ -321,6 +324,12 @@ class Receiver:
                 self._inflight_cond.wait(left)
             finished = self._inflight == 0
         if self._server is not None:
+            # A handler that returned has not necessarily sent its answer yet, and an
+            # abort now could overtake it: give the peers a moment to read it and
+            # release (the next C-STORE on the association is refused meanwhile).
+            grace_end = min(deadline, time.monotonic() + _ANSWER_GRACE_S)
+            while self._server.active_associations and time.monotonic() < grace_end:
+                time.sleep(0.02)
             for assoc in self._server.active_associations:
                 assoc.abort()
         return finished
@@ -425,12 +434,9 @@ class Receiver:
         """Commit the queue row of a file :meth:`Spool.commit_file` pinned, and unpin
         it once the write is resolved: the writer removes a replaced copy only if no
         row refers to it then and no C-STORE holds it pinned (gateway/store.py)."""
-        try:
-            future = self.store.record_instance(instance)
-        except BaseException:
-            self.spool.release(instance.path)
-            raise
-        future.add_done_callback(lambda _: self.spool.release(instance.path))
+        future = self.store.record_instance(
+            instance, when_done=lambda: self.spool.release(instance.path)
+        )
         future.result(timeout=COMMIT_TIMEOUT_S)
 
     def _store(self, event: evt.Event) -> StoreOutcome:

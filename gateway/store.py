@@ -408,17 +408,26 @@ class Store:
         self._readers.clear()
 
     # -- writes ---------------------------------------------------------------------
-    def submit(self, fn: WriteFn[T], durable: bool = True) -> Future[T]:
+    def submit(
+        self, fn: WriteFn[T], durable: bool = True, *, when_done: Callable[[], None] | None = None
+    ) -> Future[T]:
         """Run *fn* in the writer's next transaction.
 
         ``durable=False`` is for queue transitions that are safe to lose and redo (a
         claim, a compression or upload outcome): they commit without waiting for the
         disk, and become durable with the next durable commit, which fsyncs the WAL
         and everything before it.  Whatever acknowledges or deletes data is durable.
+
+        *when_done* runs exactly once: when the write is resolved (in the writer, before
+        it removes any file the batch discarded), cancelled, or refused here.  The
+        caller unpins its spool file with it (gateway/spool.py).
         """
         fut: Future[T] = Future()
+        if when_done is not None:
+            fut.add_done_callback(lambda _: when_done())
         with self._lock:
             if self._closing:
+                fut.cancel()
                 raise StoreClosed("the queue database is closing")
             self._queue.put(_Write(fn, fut, durable))
         return fut
@@ -428,10 +437,12 @@ class Store:
         the writer has not started it; once started, it completes regardless."""
         return await asyncio.wrap_future(self.submit(fn, durable))
 
-    def record_instance(self, inst: ReceivedInstance) -> Future[list[str]]:
+    def record_instance(
+        self, inst: ReceivedInstance, when_done: Callable[[], None] | None = None
+    ) -> Future[list[str]]:
         """Insert or replace the queue row; the future gives the replaced files' paths
         (removed by the writer once nothing refers to them: see :func:`discard_files`)."""
-        return self.submit(_record_instance(inst, utcnow()))
+        return self.submit(_record_instance(inst, utcnow()), when_done=when_done)
 
     def _writer(self, conn: sqlite3.Connection) -> None:
         try:
