@@ -58,6 +58,8 @@ T = TypeVar("T")
 #: ``queue retry`` from another process is picked up within this).
 _IDLE_POLL_S = 5.0
 _RETENTION_INTERVAL_S = 60.0
+#: Rows pruned per writer transaction (their files are unlinked by the writer).
+_PRUNE_MAX_ROWS = 500
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -245,8 +247,11 @@ def retry_failed(conn: sqlite3.Connection, sop_instance_uids: list[str] | None) 
     return conn.execute(sql, params).rowcount
 
 
-def _prune(keep_bytes: int, keep_hours: float) -> Callable[[sqlite3.Connection], list[str]]:
-    """Uploaded instances beyond the local cache (newest kept first) lose their files."""
+def _prune(
+    keep_bytes: int, keep_hours: float, max_rows: int = _PRUNE_MAX_ROWS
+) -> Callable[[sqlite3.Connection], list[str]]:
+    """Uploaded instances beyond the local cache (newest kept first) lose their files,
+    at most *max_rows* per call: the writer unlinks them, and C-STOREs wait for it."""
 
     def write(conn: sqlite3.Connection) -> list[str]:
         rows = conn.execute(
@@ -267,6 +272,8 @@ def _prune(keep_bytes: int, keep_hours: float) -> Callable[[sqlite3.Connection],
                 continue
             doomed.append(r["sop_instance_uid"])
             files += [p for p in {r["path"], r["upload_path"]} if p]
+            if len(doomed) >= max_rows:
+                break
         conn.executemany(
             "UPDATE instances SET path = NULL, upload_path = NULL WHERE sop_instance_uid = ?",
             [(uid,) for uid in doomed],
@@ -494,8 +501,9 @@ class Pipeline:
         while True:
             # Durable before any file goes: a row must never point at a deleted file.
             # The writer itself removes the files (see gateway.store.discard_files).
-            await self._db(_prune(r.keep_bytes, r.keep_hours), durable=True)
-            await _wait(self._prune_wake, _RETENTION_INTERVAL_S)
+            files = await self._db(_prune(r.keep_bytes, r.keep_hours), durable=True)
+            if len(files) < _PRUNE_MAX_ROWS:  # else more are due: go on at once
+                await _wait(self._prune_wake, _RETENTION_INTERVAL_S)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

@@ -497,3 +497,23 @@ def test_reconciler_keeps_files_any_row_refers_to(spool: Spool, wired: Store) ->
     result = reconcile(spool, store)
     assert result.orphans_removed == 0
     assert spool.path_of(shared["path"]).exists()
+
+
+def test_prune_works_in_bounded_passes(spool: Spool, wired: Store) -> None:
+    """The writer unlinks what a prune discards, so one pass is bounded; the next
+    passes take the rest."""
+    store = wired
+    for i in range(5):
+        _receive(spool, store, f"1.{i}", f"bytes {i}".encode()).result()
+    store.submit(
+        lambda c: c.execute(
+            "UPDATE instances SET state = ?, uploaded_at = '2000-01-01T00:00:00+00:00'",
+            (UPLOADED,),
+        )
+    ).result()
+    passes = []
+    while files := store.submit(jobs._prune(0, 0, max_rows=2), durable=True).result():
+        passes.append(len(files))
+    _settle(store)
+    assert passes == [2, 2, 1]
+    assert spool.stored_relpaths() == set()
