@@ -248,6 +248,8 @@ def discard_files(conn: sqlite3.Connection, relpaths: list[str]) -> None:
 
 
 def _unreferenced_discards(conn: sqlite3.Connection) -> list[str]:
+    if conn.execute("SELECT 1 FROM temp.discarded_files LIMIT 1").fetchone() is None:
+        return []  # the common batch: C-STOREs of new instances, queue transitions
     rows = conn.execute(
         "SELECT path FROM temp.discarded_files AS d"
         " WHERE NOT EXISTS (SELECT 1 FROM instances WHERE path = d.path)"
