@@ -14,6 +14,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from pydicom.uid import generate_uid
 
 from gateway import jobs
 from gateway.config import from_dict
@@ -366,30 +368,43 @@ def test_close_finishes_queued_writes_and_is_bounded(tmp_path: Path) -> None:
 # -- stop order ------------------------------------------------------------------------------
 
 
-def test_cstore_in_flight_at_sigterm_gets_its_true_answer(
+def test_requests_in_flight_at_sigterm_get_their_true_answer(
     gateway_factory: GatewayFactory, tmp_path: Path
 ) -> None:
-    """SIGTERM while a C-STORE waits for its commit (held back by a write lock the test
-    holds long enough for the pipeline's poll to queue a write ahead of it): the stop
-    drains the C-STORE before cancelling the pipeline, so the pipeline's cancelled
-    write cannot take the writer down, and the C-STORE is answered Success."""
+    """SIGTERM while a C-STORE and an MPPS N-CREATE wait for their commit (held back
+    by a write lock the test holds long enough for the pipeline's poll to queue a
+    write ahead of them): the stop drains them before cancelling the pipeline, so the
+    pipeline's cancelled write cannot take the writer down, and both get Success."""
+    from .test_mpps import CREATE, send, started
+
     gw = gateway_factory(upload={"compression": "none"})
     src = tmp_path / "ct.dcm"
     ds = corpus.with_new_uids(corpus.testdata("CT_small.dcm"), src)
+    mpps_uid = generate_uid()
+    mpps_status: list[int] = []
     assert gw.proc is not None
     with write_lock(gw.db_path):
         time.sleep(jobs._IDLE_POLL_S + 0.5)  # the compress stage's claim is now waiting
         sender = _storescu(gw.port, src)
         _wait_for("C-STORE renamed", lambda: len(gw.spool_files()) == 1)
+        modality = threading.Thread(
+            target=lambda: mpps_status.extend(send(gw.port, (CREATE, mpps_uid, started())))
+        )
+        modality.start()
+        _wait_for("MPPS association", lambda: "'CT_ROOM1' accepted" in gw.log)
+        time.sleep(1.0)  # the N-CREATE follows its association at once
         gw.proc.send_signal(signal.SIGTERM)
         _wait_for("stop began", lambda: "stopping" in gw.log)
         time.sleep(0.5)  # let the old order cancel the pipeline first
     assert _succeeded(sender), gw.log
+    modality.join(timeout=60)
+    assert mpps_status == [0], gw.log
     assert gw.proc.wait(timeout=60) == 0, gw.log
     assert "stopped cleanly" in gw.log
     assert "Traceback" not in gw.log, gw.log
     rows = gw.rows()
     assert [r["sop_instance_uid"] for r in rows] == [ds.SOPInstanceUID]
+    assert [r["sop_instance_uid"] for r in gw.rows("SELECT * FROM mpps")] == [mpps_uid]
     gw.start()
     (row,) = gw.rows()
     assert row["state"] != FAILED and (gw.spool / row["path"]).exists()
