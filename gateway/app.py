@@ -196,6 +196,8 @@ class Gateway:
         """Turn a dead thread into a logged, visible failure instead of a silent hang."""
         while True:
             await asyncio.sleep(_MONITOR_INTERVAL_S)
+            if self._stop.is_set():
+                return  # the stop closes the listener first, on purpose
             for name, alive in (
                 ("DIMSE acceptor", self.receiver.alive),
                 ("queue database writer", self.store.alive),
