@@ -5,6 +5,16 @@ page, then the compress/upload pipeline, the worklist refresh, the MPPS forwarde
 the heartbeat, when configured); systemd hears READY=1 once the listener and the page
 are up, WATCHDOG=1 from the loop itself (gateway.notify), and STOPPING=1 when the stop
 begins.
+What stops the gateway (and what does not): the receiver must keep answering, so a
+component that crashes -- the pipeline, the worklist refresh, the MPPS forwarder, the
+heartbeat -- is logged with its traceback, counted in
+``dicom_gateway_component_restarts_total{component}``, shown as a degraded health
+state, and restarted in-process with backoff (:data:`_RESTART_INITIAL_S` doubling to
+:data:`_RESTART_MAX_S`).  The process exits (status 70, systemd restarts it) only for
+what a restart in-process cannot mend: a corrupt queue database (SQLite
+"database disk image is malformed" / "file is not a database"), the database
+writer thread dying, or the DIMSE acceptor thread dying.
+
 Stop (SIGTERM/SIGINT): the pipeline and the MPPS forwarder are cancelled (an interrupted
 upload or MPPS message is re-sent after restart) and the status page closes; then close
 the listener and refuse new C-STOREs, let in-flight C-STOREs finish for at most
@@ -15,11 +25,13 @@ submitted write has committed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
+import sqlite3
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import __version__
@@ -39,8 +51,11 @@ from .worklist import Worklist
 
 log = logging.getLogger(__name__)
 
-#: Exit status when a component dies under us (systemd restarts the service).
+#: Exit status when the gateway cannot go on (systemd restarts the service).
 EXIT_COMPONENT_FAILED = 70
+#: A crashed component is restarted after this, doubling up to _RESTART_MAX_S.
+_RESTART_INITIAL_S = 1.0
+_RESTART_MAX_S = 300.0
 _MONITOR_INTERVAL_S = 1.0
 _SWEEP_INTERVAL_S = 60.0
 
@@ -56,6 +71,14 @@ def stop_budget_seconds(config: Config) -> float:
     return (
         WEB_STOP_S + _LISTENER_JOIN_S + config.dimse.drain_seconds + _POOL_STOP_S + _STORE_CLOSE_S
     )
+
+
+def is_corrupt_database(exc: BaseException) -> bool:
+    """SQLite says the database file itself is damaged (not busy, locked or full)."""
+    if not isinstance(exc, sqlite3.DatabaseError) or isinstance(exc, sqlite3.OperationalError):
+        return False
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text
 
 
 class Gateway:
@@ -137,12 +160,12 @@ class Gateway:
                 tasks = [
                     tg.create_task(self._monitor(), name="monitor"),
                     tg.create_task(self._sweep_tmp(), name="sweep-tmp"),
-                    tg.create_task(self._supervise("pipeline", self.pipeline.run())),
-                    tg.create_task(self._supervise("worklist", self.worklist.run())),
-                    tg.create_task(self._supervise("mpps", self.mpps.run())),
+                    tg.create_task(self._supervise("pipeline", self.pipeline.run)),
+                    tg.create_task(self._supervise("worklist", self.worklist.run)),
+                    tg.create_task(self._supervise("mpps", self.mpps.run)),
                 ]
                 if self.config.heartbeat.url:
-                    beat = run_heartbeat(self.config, self.status)
+                    beat = functools.partial(run_heartbeat, self.config, self.status)
                     tasks.append(tg.create_task(self._supervise("heartbeat", beat)))
                 await self._stop.wait()
                 for task in tasks:
@@ -171,17 +194,31 @@ class Gateway:
         reconcile(self.spool, self.store)
         self.receiver.start()
 
-    async def _supervise(self, name: str, work: Coroutine[Any, Any, None]) -> None:
-        """Run one component; if it dies, say so loudly and stop the gateway (systemd
-        restarts it) rather than carry on half-working."""
-        try:
-            await work
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.critical("%s crashed", name, exc_info=True)
-            self._failure = f"{name} crashed"
-            self.request_stop(self._failure)
+    async def _supervise(self, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run one component and restart it, with backoff, each time it crashes: the
+        receiver goes on meanwhile, and the page says the component is degraded.  Only
+        a corrupt database stops the gateway (see the module docstring)."""
+        delay = _RESTART_INITIAL_S
+        while True:
+            started = time.monotonic()
+            try:
+                await work()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if is_corrupt_database(exc):
+                    log.critical("%s: the queue database is corrupt", name, exc_info=True)
+                    self._failure = f"queue database corrupt: {exc}"
+                    self.request_stop(self._failure)
+                    return
+                if time.monotonic() - started > _RESTART_MAX_S:
+                    delay = _RESTART_INITIAL_S  # it ran well for a while: start over
+                log.error("%s crashed; restarting it in %.0f s", name, delay, exc_info=True)
+                self.metrics.component_restarts.labels(name).inc()
+                self.status.component_crashed(name, f"{exc!r}", delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESTART_MAX_S)
 
     async def _monitor(self) -> None:
         """Turn a dead thread into a logged, visible failure instead of a silent hang."""

@@ -72,8 +72,12 @@ class UploadConfig:
     batch_max_bytes: int = 64 * 1024 * 1024
     concurrent_requests: int = 2
     request_timeout_seconds: float = 300.0
+    min_bytes_per_second: int = 125_000
+    compress_timeout_seconds: float = 60.0
     backoff_initial_seconds: float = 5.0
     backoff_max_seconds: float = 900.0
+    max_attempts: int = 500
+    give_up_after_hours: float = 72.0
 
 
 @dataclass(frozen=True)
@@ -340,10 +344,18 @@ def _check(c: Config) -> None:
         "batch_max_instances",
         "batch_max_bytes",
         "concurrent_requests",
+        "min_bytes_per_second",
+        "max_attempts",
     ):
         if getattr(c.upload, key) < 1:
             raise ConfigError(s, f"upload.{key}", "must be at least 1")
-    for key in ("request_timeout_seconds", "backoff_initial_seconds", "backoff_max_seconds"):
+    for key in (
+        "request_timeout_seconds",
+        "compress_timeout_seconds",
+        "backoff_initial_seconds",
+        "backoff_max_seconds",
+        "give_up_after_hours",
+    ):
         if getattr(c.upload, key) <= 0:
             raise ConfigError(s, f"upload.{key}", "must be a positive number of seconds")
     if c.upload.backoff_max_seconds < c.upload.backoff_initial_seconds:

@@ -39,13 +39,14 @@ from .store import (
     COMPRESSING,
     FAILED,
     RECEIVED,
+    TRANSIENT_STATES,
     UPLOADED,
     UPLOADING,
     Store,
     utcnow,
 )
 from .transcode import TranscodeResult, transcode
-from .upload import InstanceOutcome, Item, RequestFailed, StowClient
+from .upload import InstanceOutcome, Item, RequestFailed, RequestTooBig, StowClient
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -92,12 +93,57 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
+#: The exponent of the backoff stops growing here: 2**62 times any sane initial delay is
+#: far beyond any maximum, and a float power of it cannot overflow (2.0 ** 1024 does).
+_BACKOFF_MAX_EXPONENT = 62
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    # A J2K encode of a large instance can take many seconds; it is redone after
+    # restart, so the workers are stopped rather than waited for (and a hung one is
+    # killed: terminate() is SIGTERM, which a worker stuck in C may not act on).
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in processes:
+        proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _fallback(claimed: Claimed, reason: str) -> TranscodeResult:
+    """Send the original as it was received, saying why it was not compressed."""
+    return TranscodeResult(
+        "fallback", reason, claimed.transfer_syntax, claimed.size, claimed.size, 0.0
+    )
+
+
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
     """Exponential backoff with jitter: attempt n waits between half and all of
     ``min(maximum, initial * 2**(n-1))``, so boxes that lost the archive together do
-    not all come back at the same second."""
-    ceiling = min(maximum, initial * 2.0 ** max(0, attempts - 1))
+    not all come back at the same second.  Any attempt count is fine (no overflow)."""
+    exponent = min(max(0, attempts - 1), _BACKOFF_MAX_EXPONENT)
+    ceiling = min(maximum, initial * 2.0**exponent)
     return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """When retrying an upload stops and the instance becomes ``failed``."""
+
+    max_attempts: int
+    after_hours: float
+
+    def reason(self, attempts: int, failing_since: str, now: str) -> str | None:
+        """Why to stop now after *attempts* failed attempts, or None to go on."""
+        if attempts >= self.max_attempts:
+            return f"gave up after {attempts} attempts (upload.max_attempts)"
+        hours = (datetime.fromisoformat(now) - datetime.fromisoformat(failing_since)) / timedelta(
+            hours=1
+        )
+        if hours >= self.after_hours:
+            return (
+                f"gave up after {hours:.0f} hours of failed attempts ({attempts} attempts,"
+                " upload.give_up_after_hours)"
+            )
+        return None
 
 
 def _at(seconds_from_now: float) -> str:
@@ -195,32 +241,84 @@ def _next_due(conn: sqlite3.Connection) -> str | None:
 
 
 def _finish_uploads(
-    results: list[tuple[Claimed, InstanceOutcome]], backoff: Callable[[int], float]
-) -> Callable[[sqlite3.Connection], None]:
-    def write(conn: sqlite3.Connection) -> None:
+    results: list[tuple[Claimed, InstanceOutcome]],
+    backoff: Callable[[int], float],
+    give_up: GiveUp,
+) -> Callable[[sqlite3.Connection], list[tuple[Claimed, InstanceOutcome]]]:
+    """Record each outcome; returns them as recorded (a retryable failure past
+    *give_up*'s limits is recorded, and returned, as a permanent one)."""
+
+    def write(conn: sqlite3.Connection) -> list[tuple[Claimed, InstanceOutcome]]:
         now = utcnow()
+        recorded: list[tuple[Claimed, InstanceOutcome]] = []
         for claimed, outcome in results:
             guard = (claimed.sop_instance_uid, claimed.sha256, UPLOADING)
             if outcome.stored:
                 conn.execute(
                     "UPDATE instances SET state = ?, uploaded_at = ?, attempts = attempts + 1,"
-                    " last_error = NULL, updated_at = ?"
+                    " last_error = NULL, failing_since = NULL, updated_at = ?"
                     " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
                     (UPLOADED, now, now, *guard),
                 )
-            elif outcome.retryable:
-                conn.execute(
-                    "UPDATE instances SET state = ?, attempts = attempts + 1, last_error = ?,"
-                    " next_attempt_at = ?, updated_at = ?"
-                    " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-                    (COMPRESSED, outcome.reason, _at(backoff(claimed.attempts + 1)), now, *guard),
-                )
-            else:
-                conn.execute(
-                    "UPDATE instances SET state = ?, attempts = attempts + 1, last_error = ?,"
-                    " updated_at = ? WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-                    (FAILED, outcome.reason, now, *guard),
-                )
+                recorded.append((claimed, outcome))
+                continue
+            attempts = claimed.attempts + 1
+            if outcome.retryable:
+                row = conn.execute(
+                    "SELECT failing_since, received_at FROM instances WHERE sop_instance_uid = ?",
+                    (claimed.sop_instance_uid,),
+                ).fetchone()
+                since = row["failing_since"] if row is not None else None
+                if since is None or (row is not None and since < row["received_at"]):
+                    since = now  # the first failure since it was (re-)received
+                why = give_up.reason(attempts, since, now)
+                if why is None:
+                    conn.execute(
+                        "UPDATE instances SET state = ?, attempts = ?, last_error = ?,"
+                        " failing_since = ?, next_attempt_at = ?, updated_at = ?"
+                        " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
+                        (COMPRESSED, attempts, outcome.reason, since, _at(backoff(attempts)),
+                         now, *guard),
+                    )  # fmt: skip
+                    recorded.append((claimed, outcome))
+                    continue
+                outcome = InstanceOutcome(stored=False, reason=f"{outcome.reason}; {why}")
+            conn.execute(
+                "UPDATE instances SET state = ?, attempts = ?, last_error = ?,"
+                " failing_since = NULL, updated_at = ?"
+                " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
+                (FAILED, attempts, outcome.reason, now, *guard),
+            )
+            recorded.append((claimed, outcome))
+        return recorded
+
+    return write
+
+
+def _hand_back_leases(conn: sqlite3.Connection) -> int:
+    """Rows a stage had claimed go back to the state before it (what a crashed run of
+    the pipeline leaves; at start-up the reconciler has done this already)."""
+    now = utcnow()
+    return sum(
+        conn.execute(
+            "UPDATE instances SET state = ?, updated_at = ? WHERE state = ?", (back, now, leased)
+        ).rowcount
+        for leased, back in TRANSIENT_STATES.items()
+    )
+
+
+def _quarantine(claimed: Claimed, state: str, reason: str) -> Callable[[sqlite3.Connection], bool]:
+    """A row a stage cannot handle becomes ``failed`` with the reason (if it is still
+    the copy the stage claimed)."""
+
+    def write(conn: sqlite3.Connection) -> bool:
+        now = utcnow()
+        cur = conn.execute(
+            "UPDATE instances SET state = ?, last_error = ?, updated_at = ?"
+            " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
+            (FAILED, reason, now, claimed.sop_instance_uid, claimed.sha256, state),
+        )
+        return cur.rowcount == 1
 
     return write
 
@@ -230,7 +328,8 @@ def retry_failed(conn: sqlite3.Connection, sop_instance_uids: list[str] | None) 
     now = utcnow()
     sql = (
         "UPDATE instances SET state = CASE WHEN upload_path IS NULL THEN ? ELSE ? END,"
-        " attempts = 0, last_error = NULL, next_attempt_at = ?, updated_at = ?"
+        " attempts = 0, last_error = NULL, failing_since = NULL, next_attempt_at = ?,"
+        " updated_at = ?"
         " WHERE state = ?"
     )
     params: list[Any] = [RECEIVED, COMPRESSED, now, now, FAILED]
@@ -290,6 +389,7 @@ class Pipeline:
         self._upload_wake = asyncio.Event()
         self._prune_wake = asyncio.Event()
         self._pool: ProcessPoolExecutor | None = None
+        self._seen_errors: set[str] = set()
 
     # -- wiring -------------------------------------------------------------------------
     def wake(self) -> None:
@@ -317,8 +417,15 @@ class Pipeline:
         return await asyncio.wrap_future(self.store.submit(fn, durable=durable))
 
     async def run(self) -> None:
+        """Run the stages until cancelled.  May be called again after it raised (the
+        gateway restarts a crashed pipeline): rows a crashed run left leased are
+        handed back first, as the start-up reconciler does."""
         self._loop = asyncio.get_running_loop()
         c = self.config.upload
+        returned = await self._db(_hand_back_leases)
+        if returned:
+            log.warning("%d instances left in progress by the last run are queued again",
+                        returned)  # fmt: skip
         if c.compression != "none":
             self._pool = _new_pool(c.compress_workers)
         try:
@@ -335,12 +442,7 @@ class Pipeline:
     def _shutdown_pool(self) -> None:
         if self._pool is None:
             return
-        # A J2K encode of a large instance can take many seconds; it is redone after
-        # restart, so the workers are stopped rather than waited for.
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
-        for proc in processes:
-            proc.terminate()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        _stop_pool(self._pool)
         self._pool = None
 
     # -- compress -----------------------------------------------------------------------
@@ -351,8 +453,21 @@ class Pipeline:
             if not claimed:
                 await _wait(self._compress_wake, _IDLE_POLL_S)
                 continue
-            await asyncio.gather(*(self._compress_one(c) for c in claimed))
+            await asyncio.gather(*(self._compress_isolated(c) for c in claimed))
             self._upload_wake.set()
+
+    async def _compress_isolated(self, claimed: Claimed) -> None:
+        """One instance through the compress stage; whatever goes wrong with it stays
+        with it: it is quarantined as ``failed`` with the reason, and the stage goes on."""
+        try:
+            await self._compress_one(claimed)
+        except Exception as exc:
+            reason = f"compress stage error: {exc!r}"
+            log.exception("sop=%s: %s", claimed.sop_instance_uid, reason)
+            # If the database itself fails here, the row stays `compressing` and is
+            # handed back when the pipeline (or the gateway) next starts.
+            with contextlib.suppress(Exception):
+                await self._db(_quarantine(claimed, COMPRESSING, reason))
 
     async def _compress_one(self, claimed: Claimed) -> None:
         src = self.spool.path_of(claimed.path)
@@ -366,44 +481,88 @@ class Pipeline:
             result = await self._transcode(src, dst, claimed)
         upload_path, upload_size = claimed.path, claimed.size
         if result.outcome == "compressed":
-            spooled = await asyncio.to_thread(self.spool.commit_file, dst)
-            upload_path, upload_size = spooled.relpath, spooled.size
-            if self.metrics is not None and spooled.size:
-                self.metrics.compression_ratio.observe(claimed.size / spooled.size)
-        elif result.outcome == "fallback":
+            try:
+                spooled = await asyncio.to_thread(self.spool.commit_file, dst)
+            except OSError as exc:
+                # Disk full or the like: the original is spooled already and goes up.
+                with contextlib.suppress(OSError):
+                    dst.unlink()
+                result = _fallback(claimed, f"could not keep the J2K copy: {exc}")
+            else:
+                upload_path, upload_size = spooled.relpath, spooled.size
+                if self.metrics is not None and spooled.size:
+                    self.metrics.compression_ratio.observe(claimed.size / spooled.size)
+        if result.outcome == "fallback":
             log.warning("sop=%s sent uncompressed: %s", claimed.sop_instance_uid, result.reason)
         marked = await self._db(_mark_compressed(claimed, upload_path, upload_size, result))
         if not marked and upload_path != claimed.path:
             # Re-received while we worked: this output belongs to the old copy.
             self.spool.remove(upload_path)
 
+    def _transcode_timeout(self, claimed: Claimed) -> float:
+        # One second per MB beyond the configured floor: a 500 MB multi-frame may take
+        # minutes, a hung encoder on a CT slice is noticed within the floor.
+        return max(self.config.upload.compress_timeout_seconds, claimed.size / 1_000_000)
+
     async def _transcode(self, src: Path, dst: Path, claimed: Claimed) -> TranscodeResult:
-        assert self._pool is not None and self._loop is not None
+        """Encode in the shared pool.  A worker that dies breaks the pool for every
+        image in it; the others are then encoded again, each in a process of its own,
+        so only the image that killed its worker goes up uncompressed."""
         try:
-            return await self._loop.run_in_executor(self._pool, transcode, src, dst)
+            return await self._run_encoder(src, dst, claimed, isolated=False)
         except BrokenProcessPool:
-            # The encoder took its process down: rebuild the pool, send the original.
-            log.error("J2K encoder process died on sop=%s", claimed.sop_instance_uid)
-            self._shutdown_pool()
-            self._pool = _new_pool(self.config.upload.compress_workers)
             with contextlib.suppress(FileNotFoundError):
                 dst.unlink()
-            return TranscodeResult(
-                "fallback", "encoder process crashed", claimed.transfer_syntax,
-                claimed.size, claimed.size, 0.0,
-            )  # fmt: skip
+        try:
+            return await self._run_encoder(src, dst, claimed, isolated=True)
+        except BrokenProcessPool:
+            log.error("J2K encoder process died on sop=%s", claimed.sop_instance_uid)
+            with contextlib.suppress(FileNotFoundError):
+                dst.unlink()
+            return _fallback(claimed, "encoder process crashed")
+
+    async def _run_encoder(
+        self, src: Path, dst: Path, claimed: Claimed, *, isolated: bool
+    ) -> TranscodeResult:
+        """One transcode, in the shared pool or in a pool of one of its own; raises
+        BrokenProcessPool when the worker died (not when we killed it on timeout)."""
+        assert self._loop is not None
+        pool = _new_pool(1) if isolated else self._pool
+        assert pool is not None
+        timeout = self._transcode_timeout(claimed)
+        try:
+            future = self._loop.run_in_executor(pool, transcode, src, dst)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            log.error("J2K encode of sop=%s took over %.0f s: its worker is stopped",
+                      claimed.sop_instance_uid, timeout)  # fmt: skip
+            # There is no telling which worker runs it: the whole pool is replaced, and
+            # whatever else it was encoding gets BrokenProcessPool and is redone alone.
+            self._replace_pool(pool)
+            with contextlib.suppress(FileNotFoundError):
+                dst.unlink()
+            return _fallback(claimed, f"encoder timed out after {timeout:.0f} s")
+        except BrokenProcessPool:
+            self._replace_pool(pool)
+            raise
         except (OSError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
-            # Caught after BrokenProcessPool, itself a RuntimeError.  transcode() turns
-            # bad data into a fallback itself, so this is a bug in it: logged in full,
-            # and the instance goes up as received instead of taking the pipeline
-            # down (and, after the restart, down again).
+            # transcode() turns bad data into a fallback itself, so this is a bug in
+            # it: logged in full, and the instance goes up as received instead of
+            # taking the pipeline down (and, after the restart, down again).
             log.exception("transcode of sop=%s raised", claimed.sop_instance_uid)
             with contextlib.suppress(FileNotFoundError):
                 dst.unlink()
-            return TranscodeResult(
-                "fallback", f"transcode error: {exc!r}", claimed.transfer_syntax,
-                claimed.size, claimed.size, 0.0,
-            )  # fmt: skip
+            return _fallback(claimed, f"transcode error: {exc!r}")
+        finally:
+            if isolated:
+                _stop_pool(pool)
+
+    def _replace_pool(self, broken: ProcessPoolExecutor) -> None:
+        """Stop *broken* and, if it is the shared pool, start a new one (once, however
+        many of its images noticed)."""
+        if broken is self._pool:
+            self._pool = _new_pool(self.config.upload.compress_workers)
+        _stop_pool(broken)
 
     # -- upload -------------------------------------------------------------------------
     def _backoff(self, attempts: int) -> float:
@@ -443,18 +602,18 @@ class Pipeline:
         self, client: StowClient, batch: list[Claimed], slots: asyncio.Semaphore
     ) -> None:
         try:
-            items = [Item(c.sop_instance_uid, self.spool.path_of(c.upload_path)) for c in batch]
-            try:
-                outcomes = await client.store(items)
-            except (RequestFailed, OSError) as exc:
-                reason = str(exc)
-                log.error("upload of %d instances failed: %s", len(batch), reason)
-                self.last_upload_error = reason
-                self.last_upload_error_at = utcnow()
-                failed = InstanceOutcome(stored=False, retryable=True, reason=reason)
-                outcomes = {c.sop_instance_uid: failed for c in batch}
-            results = [(c, outcomes[c.sop_instance_uid]) for c in batch]
-            await self._db(_finish_uploads(results, self._backoff))
+            results = await self._send(client, batch)
+            c = self.config.upload
+            results = await self._db(
+                _finish_uploads(
+                    results, self._backoff, GiveUp(c.max_attempts, c.give_up_after_hours)
+                )
+            )
+        except Exception:
+            # Not even the outcome could be recorded (a database error): the rows stay
+            # `uploading` until the pipeline restarts and hands them back.
+            log.exception("upload of %d instances could not be recorded", len(batch))
+            raise
         finally:
             slots.release()
         stored = sum(1 for _, o in results if o.stored)
@@ -475,14 +634,62 @@ class Pipeline:
             self._upload_wake.set()
             self._prune_wake.set()
 
+    async def _send(
+        self, client: StowClient, batch: list[Claimed]
+    ) -> list[tuple[Claimed, InstanceOutcome]]:
+        """One STOW-RS request for *batch*; a batch that times out or is too large for
+        the archive (HTTP 413) is sent again in halves, down to one instance each."""
+        items = [Item(c.sop_instance_uid, self.spool.path_of(c.upload_path)) for c in batch]
+        try:
+            outcomes = await client.store(items)
+        except RequestTooBig as exc:
+            if len(batch) > 1:
+                log.warning("%s: splitting the batch of %d", exc, len(batch))
+                half = len(batch) // 2
+                return await self._send(client, batch[:half]) + await self._send(
+                    client, batch[half:]
+                )
+            reason = str(exc)
+            self._note_upload_error(reason)
+            # 413 for one instance is the archive's verdict on it; a timeout is not.
+            failed = InstanceOutcome(stored=False, retryable=not exc.refused, reason=reason)
+            outcomes = {batch[0].sop_instance_uid: failed}
+        except (RequestFailed, OSError) as exc:
+            reason = str(exc) or repr(exc)
+            log.error("upload of %d instances failed: %s", len(batch), reason)
+            self._note_upload_error(reason)
+            failed = InstanceOutcome(stored=False, retryable=True, reason=reason)
+            outcomes = {c.sop_instance_uid: failed for c in batch}
+        except Exception as exc:
+            # Something this code does not understand (a bug, a library surprise): it
+            # fails this batch only, which is retried with backoff like any other.
+            # The traceback is logged the first time each kind is met.
+            kind = type(exc).__qualname__
+            log.error("upload of %d instances raised %r", len(batch), exc,
+                      exc_info=kind not in self._seen_errors)  # fmt: skip
+            self._seen_errors.add(kind)
+            reason = f"upload error: {exc!r}"
+            self._note_upload_error(reason)
+            failed = InstanceOutcome(stored=False, retryable=True, reason=reason)
+            outcomes = {c.sop_instance_uid: failed for c in batch}
+        return [(c, outcomes[c.sop_instance_uid]) for c in batch]
+
+    def _note_upload_error(self, reason: str) -> None:
+        self.last_upload_error = reason
+        self.last_upload_error_at = utcnow()
+
     # -- retention ----------------------------------------------------------------------
     async def _retention_loop(self) -> None:
         r = self.config.retention
         while True:
-            # Durable before any file goes: a row must never point at a deleted file.
-            files = await self._db(_prune(r.keep_bytes, r.keep_hours), durable=True)
-            for relpath in files:
-                await asyncio.to_thread(self.spool.remove, relpath)
+            try:
+                # Durable before any file goes: a row must never point at a deleted file.
+                files = await self._db(_prune(r.keep_bytes, r.keep_hours), durable=True)
+                for relpath in files:
+                    await asyncio.to_thread(self.spool.remove, relpath)
+            except Exception:
+                # A file left behind costs disk, not data: tried again next round.
+                log.exception("retention round failed")
             await _wait(self._prune_wake, _RETENTION_INTERVAL_S)
 
 

@@ -56,6 +56,8 @@ CERT_WARN_DAYS = 30
 THROUGHPUT_MINUTES = 60
 FAILED_SHOWN = 50
 RECENT_ERRORS = 20
+#: A component restarted after a crash shows as "degraded" for this long.
+RESTART_SHOWN_S = 600.0
 PENDING_STATES = (RECEIVED, COMPRESSING, COMPRESSED)
 
 
@@ -270,6 +272,19 @@ class StatusService:
         self._refreshing: asyncio.Task[None] | None = None
         self.snapshot_error: str | None = None
         self.last: dict[str, Any] | None = None
+        #: Components that crashed lately and were restarted: name -> what happened.
+        self.restarts: dict[str, dict[str, Any]] = {}
+
+    def component_crashed(self, name: str, error: str, restart_in: float) -> None:
+        """Called by the gateway's supervisor: *name* crashed and restarts shortly."""
+        previous = self.restarts.get(name, {}).get("count", 0)
+        self.restarts[name] = {
+            "error": error,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "ts": time.time(),
+            "count": previous + 1,
+            "restart_in_seconds": restart_in,
+        }
 
     # -- snapshot -------------------------------------------------------------------
     def _take(self) -> None:
@@ -380,7 +395,11 @@ class StatusService:
             },
             "config": config_summary(c),
             "snapshot_error": self.snapshot_error,
-        }
+            "components": {
+                name: r for name, r in self.restarts.items()
+                if time.time() - r["ts"] < RESTART_SHOWN_S
+            },
+        }  # fmt: skip
         doc["health"] = health(doc)
         return doc
 
@@ -451,6 +470,11 @@ def health(doc: dict[str, Any]) -> dict[str, Any]:
     if waiting is not None and time.time() - waiting > PENDING_TOO_OLD_S:
         degraded.append(
             f"oldest MPPS message waits for {(time.time() - waiting) / 60:.0f} min to reach the RIS"
+        )
+    for name, r in doc.get("components", {}).items():
+        degraded.append(
+            f"{name} restarting after error {r['error']} ({r['count']} restart(s), last at"
+            f" {r['at']})"
         )
     for w in doc["worklist"]:
         if w.get("last_error"):

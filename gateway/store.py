@@ -203,6 +203,13 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     table.create_index(["accession"])  # type: ignore[union-attr]
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    # When the current run of failed upload attempts began (NULL: none failed since
+    # the instance was received, uploaded or retried by an operator), for
+    # upload.give_up_after_hours (issue 12).
+    db["instances"].add_column("failing_since", str)  # type: ignore[union-attr]
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -210,6 +217,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 
 
