@@ -390,6 +390,7 @@ class Pipeline:
         self._prune_wake = asyncio.Event()
         self._pool: ProcessPoolExecutor | None = None
         self._seen_errors: set[str] = set()
+        self._encoder_slots = asyncio.Semaphore(config.upload.compress_workers)
 
     # -- wiring -------------------------------------------------------------------------
     def wake(self) -> None:
@@ -526,10 +527,20 @@ class Pipeline:
     ) -> TranscodeResult:
         """One transcode, in the shared pool or in a pool of one of its own; raises
         BrokenProcessPool when the worker died (not when we killed it on timeout)."""
+        timeout = self._transcode_timeout(claimed)
+        # No more images go to the shared pool than it has workers, so the timeout
+        # measures this image's encode, not a wait behind another one.
+        if isolated:
+            return await self._encode_in(src, dst, claimed, isolated=True, timeout=timeout)
+        async with self._encoder_slots:
+            return await self._encode_in(src, dst, claimed, isolated=False, timeout=timeout)
+
+    async def _encode_in(
+        self, src: Path, dst: Path, claimed: Claimed, *, isolated: bool, timeout: float
+    ) -> TranscodeResult:
         assert self._loop is not None
         pool = _new_pool(1) if isolated else self._pool
         assert pool is not None
-        timeout = self._transcode_timeout(claimed)
         try:
             future = self._loop.run_in_executor(pool, transcode, src, dst)
             return await asyncio.wait_for(future, timeout)
@@ -616,6 +627,9 @@ class Pipeline:
             raise
         finally:
             slots.release()
+            # The loop may be idling with no retry due in sight (these rows were
+            # `uploading` when it looked): it looks again now.
+            self._upload_wake.set()
         stored = sum(1 for _, o in results if o.stored)
         if self.metrics is not None:
             m = self.metrics

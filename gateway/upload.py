@@ -14,9 +14,9 @@ and the pipeline splits the batch.  An answer that cannot be read (not JSON, not
 object, items of the wrong kind) never raises: each instance is retried, with a
 reason that says what was wrong with the answer.
 
-Timeouts: connecting and waiting for the answer each get
-``upload.request_timeout_seconds``; the request as a whole gets that plus the body
-size at ``upload.min_bytes_per_second``, so a big instance can finish on a slow line.
+Timeouts: connecting gets ``upload.request_timeout_seconds``; the request as a whole
+gets that plus the body size at ``upload.min_bytes_per_second``, so a big instance
+can finish on a slow line.
 """
 
 from __future__ import annotations
@@ -202,15 +202,14 @@ class StowClient:
         return self
 
     def timeout_for(self, body_bytes: int) -> aiohttp.ClientTimeout:
-        """Connecting and waiting for the answer each get request_timeout_seconds
-        (aiohttp starts sock_read once the body is sent); the request as a whole also
-        gets the time the body takes at the slowest uplink we allow for, so a large
-        instance can finish on a slow line."""
+        """request_timeout_seconds for connecting, and for the request as a whole
+        that plus the time the body takes at the slowest uplink we allow for, so a
+        large instance can finish on a slow line.  (No sock_read: aiohttp may arm it
+        while a TLS body is still being written, which cuts a slow upload short.)"""
         c = self.config
         return aiohttp.ClientTimeout(
             total=c.request_timeout_seconds + body_bytes / c.min_bytes_per_second,
             sock_connect=c.request_timeout_seconds,
-            sock_read=c.request_timeout_seconds,
         )
 
     async def __aexit__(self, *exc: object) -> None:
