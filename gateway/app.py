@@ -73,12 +73,26 @@ def stop_budget_seconds(config: Config) -> float:
     )
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside *exc*'s (nested) exception groups; *exc* if it is none.
+    A component's TaskGroup wraps what one of its tasks raised."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
 def is_corrupt_database(exc: BaseException) -> bool:
     """SQLite says the database file itself is damaged (not busy, locked or full)."""
-    if not isinstance(exc, sqlite3.DatabaseError) or isinstance(exc, sqlite3.OperationalError):
-        return False
-    text = str(exc).lower()
-    return "malformed" in text or "not a database" in text
+    return any(
+        isinstance(e, sqlite3.DatabaseError)
+        and not isinstance(e, sqlite3.OperationalError)
+        and ("malformed" in str(e).lower() or "not a database" in str(e).lower())
+        for e in _leaves(exc)
+    )
+
+
+def describe_crash(exc: BaseException) -> str:
+    return "; ".join(repr(e) for e in _leaves(exc))
 
 
 class Gateway:
@@ -209,14 +223,14 @@ class Gateway:
             except Exception as exc:
                 if is_corrupt_database(exc):
                     log.critical("%s: the queue database is corrupt", name, exc_info=True)
-                    self._failure = f"queue database corrupt: {exc}"
+                    self._failure = f"queue database corrupt: {describe_crash(exc)}"
                     self.request_stop(self._failure)
                     return
                 if time.monotonic() - started > _RESTART_MAX_S:
                     delay = _RESTART_INITIAL_S  # it ran well for a while: start over
                 log.error("%s crashed; restarting it in %.0f s", name, delay, exc_info=True)
                 self.metrics.component_restarts.labels(name).inc()
-                self.status.component_crashed(name, f"{exc!r}", delay)
+                self.status.component_crashed(name, describe_crash(exc), delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RESTART_MAX_S)
 

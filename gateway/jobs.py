@@ -9,6 +9,16 @@ moving them into its transient state; a crash leaves them there and the start-up
 reconciler hands them back.  Completions are guarded by the row's sha256 and state,
 so an instance re-received while it was being processed is not marked with the
 outcome of its older copy.
+
+Failure isolation: whatever goes wrong with one instance or one batch stays with it.
+An instance the compress stage cannot handle is quarantined as ``failed`` with the
+reason; an encode that hangs past its timeout or kills its worker goes up
+uncompressed, and only that one (the pool's other images are redone, each alone).
+Any error of one upload request is a retryable outcome of that batch; a timeout or
+HTTP 413 splits the batch; retries end (``failed``, with the reason) after
+``upload.max_attempts`` or ``upload.give_up_after_hours``.  A stage that still
+crashes (its database writes fail) takes the pipeline down, and the gateway restarts
+it in-process (gateway.app); :meth:`Pipeline.run` hands back what it had leased.
 """
 
 from __future__ import annotations

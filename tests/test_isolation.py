@@ -414,11 +414,15 @@ async def test_a_crashed_component_is_restarted_and_shown_degraded(
     gw = _gateway(tmp_path)
     runs = 0
 
+    async def fail(n: int) -> None:
+        raise RuntimeError(f"surprise {n}")
+
     async def flaky() -> None:
         nonlocal runs
         runs += 1
         if runs <= 2:
-            raise RuntimeError(f"surprise {runs}")
+            async with asyncio.TaskGroup() as tg:  # as the pipeline's stages raise it
+                tg.create_task(fail(runs))
 
     await asyncio.wait_for(gw._supervise("pipeline", flaky), 10)
     assert runs == 3
@@ -439,7 +443,9 @@ async def test_a_corrupt_database_stops_the_gateway(tmp_path: Path) -> None:
     gw = _gateway(tmp_path)
 
     async def corrupt() -> None:
-        raise sqlite3.DatabaseError("database disk image is malformed")
+        async with asyncio.TaskGroup() as tg:  # as the pipeline's stages raise it
+            tg.create_task(asyncio.sleep(0))
+            raise sqlite3.DatabaseError("database disk image is malformed")
 
     await asyncio.wait_for(gw._supervise("pipeline", corrupt), 10)
     assert gw._stop.is_set()
