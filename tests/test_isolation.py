@@ -491,3 +491,65 @@ def test_the_gateway_outlives_every_odd_answer(
     assert "crashed" not in gw.log and "Traceback" not in gw.log
     assert json.dumps(gw.rows()[0]["last_error"]) == "null"
     assert gw.stop() == 0
+
+
+# Installed into the gateway child through sitecustomize (test-only): the compress
+# stage raises once, as a bug or a library surprise would, taking the pipeline down.
+_CRASH_ONCE = """
+import gateway.jobs as jobs
+
+_real = jobs.Pipeline._compress_loop
+_crashed = []
+
+
+async def _compress_loop(self):
+    if not _crashed:
+        _crashed.append(1)
+        raise RuntimeError("injected pipeline crash")
+    await _real(self)
+
+
+jobs.Pipeline._compress_loop = _compress_loop
+"""
+
+
+def test_a_crashed_pipeline_restarts_in_process_and_the_port_stays_open(
+    gateway_factory: GatewayFactory, scripted_archive: ScriptedArchive, tmp_path: Path
+) -> None:
+    from .peers import echoscu
+    from .web_client import WebClient, web_port
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_CRASH_ONCE)
+    gw = gateway_factory(
+        start=False,
+        upload=scripted_archive.upload_config(
+            compression="none", backoff_initial_seconds=0.05, backoff_max_seconds=0.2
+        ),
+    )
+    path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    gw.start(env={"PYTHONPATH": path})
+    src = tmp_path / "ct.dcm"
+    sent = corpus.with_new_uids(corpus.testdata("CT_small.dcm"), src)
+    assert storescu(gw.port, [src]).acknowledged == 1
+    assert echoscu(gw.port)
+    deadline = time.monotonic() + 60
+    while {r["state"] for r in gw.rows()} != {"uploaded"}:
+        assert gw.proc is not None and gw.proc.poll() is None, gw.log
+        assert time.monotonic() < deadline, gw.log
+        time.sleep(0.1)
+    assert scripted_archive.stored == {sent.SOPInstanceUID}
+    assert "pipeline crashed; restarting it in 1 s" in gw.log
+    assert "injected pipeline crash" in gw.log
+    web = WebClient(web_port(gw))
+    health = web.get("/api/status").json()["health"]
+    assert health["state"] == "degraded"
+    assert any(
+        r.startswith("pipeline restarting after error RuntimeError('injected pipeline crash')")
+        for r in health["reasons"]
+    ), health
+    metrics = web.get("/metrics").text
+    assert 'dicom_gateway_component_restarts_total{component="pipeline"} 1.0' in metrics
+    assert web.get("/readyz").status == 200  # receiving is fine
+    assert gw.stop() == 0
