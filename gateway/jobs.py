@@ -538,12 +538,11 @@ class Pipeline:
         """One transcode, in the shared pool or in a pool of one of its own; raises
         BrokenProcessPool when the worker died (not when we killed it on timeout)."""
         timeout = self._transcode_timeout(claimed)
-        # No more images go to the shared pool than it has workers, so the timeout
-        # measures this image's encode, not a wait behind another one.
-        if isolated:
-            return await self._encode_in(src, dst, claimed, isolated=True, timeout=timeout)
+        # No more images are encoded at once than there are workers: the timeout then
+        # measures this image's encode, not a wait behind another one, and the
+        # encoders redone alone after a crash do not take more cores than configured.
         async with self._encoder_slots:
-            return await self._encode_in(src, dst, claimed, isolated=False, timeout=timeout)
+            return await self._encode_in(src, dst, claimed, isolated=isolated, timeout=timeout)
 
     async def _encode_in(
         self, src: Path, dst: Path, claimed: Claimed, *, isolated: bool, timeout: float
@@ -566,6 +565,13 @@ class Pipeline:
         except BrokenProcessPool:
             self._replace_pool(pool)
             raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            # Not us: the pool was shut down under this image (another one's timeout)
+            # before a worker took it.  Like a broken pool, it is redone alone.
+            raise BrokenProcessPool("the encoder pool was replaced") from None
         except (OSError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
             # transcode() turns bad data into a fallback itself, so this is a bug in
             # it: logged in full, and the instance goes up as received instead of
