@@ -14,11 +14,12 @@ Failure isolation: whatever goes wrong with one instance or one batch stays with
 An instance the compress stage cannot handle is quarantined as ``failed`` with the
 reason; an encode that hangs past its timeout or kills its worker goes up
 uncompressed, and only that one (the pool's other images are redone, each alone).
-Any error of one upload request is a retryable outcome of that batch; a timeout or
-HTTP 413 splits the batch; retries end (``failed``, with the reason) after
-``upload.max_attempts`` or ``upload.give_up_after_hours``.  A stage that still
-crashes (its database writes fail) takes the pipeline down, and the gateway restarts
-it in-process (gateway.app); :meth:`Pipeline.run` hands back what it had leased.
+Any error of one upload request is a retryable outcome of that batch; HTTP 413
+splits the batch, a timeout halves the following ones; retries end (``failed``, with
+the reason) after ``upload.max_attempts`` or ``upload.give_up_after_hours``.  A
+stage that still crashes (its database writes fail) takes the pipeline down, and the
+gateway restarts it in-process (gateway.app); :meth:`Pipeline.run` hands back what it
+had leased.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ T = TypeVar("T")
 #: ``queue retry`` from another process is picked up within this).
 _IDLE_POLL_S = 5.0
 _RETENTION_INTERVAL_S = 60.0
+_BATCH_GROW_AFTER = 10
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -400,6 +402,9 @@ class Pipeline:
         self._prune_wake = asyncio.Event()
         self._pool: ProcessPoolExecutor | None = None
         self._seen_errors: set[str] = set()
+        #: Instances per request after a timeout (None: upload.batch_max_instances).
+        self._batch_limit: int | None = None
+        self._batch_successes = 0
         self._encoder_slots = asyncio.Semaphore(config.upload.compress_workers)
 
     # -- wiring -------------------------------------------------------------------------
@@ -425,7 +430,10 @@ class Pipeline:
 
     async def _db(self, fn: Callable[[sqlite3.Connection], T], durable: bool = False) -> T:
         # Pipeline transitions are redone if lost (see Store.submit); deletions are not.
-        return await asyncio.wrap_future(self.store.submit(fn, durable=durable))
+        # Shielded: a cancelled stage (a stop, or a sibling stage's crash before an
+        # in-process restart) must not cancel the submitted write's own future, which
+        # the writer completes anyway (a cancelled one used to kill the writer thread).
+        return await asyncio.shield(asyncio.wrap_future(self.store.submit(fn, durable=durable)))
 
     async def run(self) -> None:
         """Run the stages until cancelled.  May be called again after it raised (the
@@ -606,8 +614,9 @@ class Pipeline:
                     continue
                 await slots.acquire()
                 batch = await self._db(
-                    _claim_upload_batch(c.batch_max_instances, c.batch_max_bytes)
-                )
+                    _claim_upload_batch(self._batch_limit or c.batch_max_instances,
+                                        c.batch_max_bytes)
+                )  # fmt: skip
                 if not batch:
                     slots.release()
                     await _wait(self._upload_wake, await self._idle_time())
@@ -658,6 +667,7 @@ class Pipeline:
             if not outcome.stored and not outcome.retryable:
                 log.error("sop=%s failed permanently: %s", claimed.sop_instance_uid, outcome.reason)
         if stored:
+            self._batch_stored()
             self.last_upload_ok_at = utcnow()
             log.info("uploaded %d/%d instances of study %s", stored, len(batch),
                      batch[0].study_instance_uid)  # fmt: skip
@@ -667,23 +677,31 @@ class Pipeline:
     async def _send(
         self, client: StowClient, batch: list[Claimed]
     ) -> list[tuple[Claimed, InstanceOutcome]]:
-        """One STOW-RS request for *batch*; a batch that times out or is too large for
-        the archive (HTTP 413) is sent again in halves, down to one instance each."""
+        """One STOW-RS request for *batch*.  A batch too large for the archive (HTTP
+        413, a quick verdict) is sent again at once in halves, down to one instance
+        each.  A batch that timed out is retried with backoff, and the next requests
+        carry half as many instances, down to one (a stalled archive would otherwise
+        hold this slot for a timeout per half)."""
         items = [Item(c.sop_instance_uid, self.spool.path_of(c.upload_path)) for c in batch]
         try:
             outcomes = await client.store(items)
         except RequestTooBig as exc:
-            if len(batch) > 1:
+            reason = str(exc)
+            if len(batch) > 1 and exc.refused:
                 log.warning("%s: splitting the batch of %d", exc, len(batch))
                 half = len(batch) // 2
                 return await self._send(client, batch[:half]) + await self._send(
                     client, batch[half:]
                 )
-            reason = str(exc)
+            if len(batch) > 1:
+                self._batch_limit = len(batch) // 2
+                self._batch_successes = 0
+                reason += f"; the next requests carry at most {self._batch_limit} instances"
+            log.error("upload of %d instances failed: %s", len(batch), reason)
             self._note_upload_error(reason)
             # 413 for one instance is the archive's verdict on it; a timeout is not.
             failed = InstanceOutcome(stored=False, retryable=not exc.refused, reason=reason)
-            outcomes = {batch[0].sop_instance_uid: failed}
+            outcomes = {c.sop_instance_uid: failed for c in batch}
         except (RequestFailed, OSError) as exc:
             reason = str(exc) or repr(exc)
             log.error("upload of %d instances failed: %s", len(batch), reason)
@@ -703,6 +721,20 @@ class Pipeline:
             failed = InstanceOutcome(stored=False, retryable=True, reason=reason)
             outcomes = {c.sop_instance_uid: failed for c in batch}
         return [(c, outcomes[c.sop_instance_uid]) for c in batch]
+
+    def _batch_stored(self) -> None:
+        """After a timeout shrank the batches, they grow again (double) once this
+        many requests in a row got through: a line that carries only small requests
+        does not time out every other one."""
+        if self._batch_limit is None:
+            return
+        self._batch_successes += 1
+        if self._batch_successes >= _BATCH_GROW_AFTER:
+            self._batch_successes = 0
+            doubled = self._batch_limit * 2
+            self._batch_limit = (
+                None if doubled >= self.config.upload.batch_max_instances else doubled
+            )
 
     def _note_upload_error(self, reason: str) -> None:
         self.last_upload_error = reason
