@@ -219,7 +219,7 @@ class ScriptedArchive:
         #: Each instance's bytes as last received, and the UIDs answered as stored.
         self.received: dict[str, bytes] = {}
         self.stored: set[str] = set()
-        #: Answers given, as "scripted"/"default", one per request.
+        #: How many requests were answered (scripted or default).
         self.answered = 0
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
