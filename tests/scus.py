@@ -1,0 +1,173 @@
+"""Four independent C-STORE SCU implementations, each with its default proposals.
+
+Used by tests/test_conformance_matrix.py and tests/bench/conformance.py.  Every SCU
+sends a list of files to ``called@127.0.0.1:port`` in one run and returns its exit
+status and output; which instances arrived is read on the receiving side.
+
+* DCMTK ``storescu`` (Debian ``dcmtk``): no ``-x`` option, so its default ``-x=``:
+  one context per storage SOP class with [Explicit VR local endian, Explicit VR other
+  endian, Implicit VR], plus a context with the file's own syntax for compressed files.
+* GDCM ``gdcmscu --store`` (Debian ``libgdcm-tools``).
+* Orthanc as the sender: a second Orthanc (no DICOMweb, no nginx) holds the files,
+  uploaded with ``POST /instances`` (Orthanc keeps a file as received unless ingest
+  transcoding is configured, which it is not), and sends them with
+  ``POST /modalities/{name}/store`` to the receivers configured as DICOM modalities.
+* pynetdicom's ``storescu`` app (``python -m pynetdicom storescu``), without
+  ``--required-contexts``: it proposes its 128 standard storage classes with
+  [Explicit VR LE, Implicit VR LE, Deflated, Explicit VR BE].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .archive import ORTHANC
+from .peers import free_port, tool
+
+SCUS = ("dcmtk", "gdcm", "orthanc", "pynetdicom")
+
+
+@dataclass
+class SendRun:
+    scu: str
+    returncode: int
+    output: str
+    seconds: float
+
+
+def _run(scu: str, cmd: list[str], timeout: float) -> SendRun:
+    began = time.monotonic()
+    env = dict(os.environ, TCP_NODELAY="1")  # Debian's DCMTK: Nagle off
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, errors="replace", timeout=timeout, env=env,
+        check=False,
+    )  # fmt: skip
+    return SendRun(scu, proc.returncode, proc.stdout + proc.stderr, time.monotonic() - began)
+
+
+def dcmtk_storescu(port: int, called: str, files: list[Path], timeout: float = 300) -> SendRun:
+    cmd = [tool("storescu"), "-nh", "-aec", called, "-aet", "DCMTK_SCU", "127.0.0.1", str(port)]
+    return _run("dcmtk", [*cmd, *map(str, files)], timeout)
+
+
+def gdcmscu(port: int, called: str, files: list[Path], timeout: float = 300) -> SendRun:
+    if not Path("/usr/bin/gdcmscu").exists():
+        raise RuntimeError("gdcmscu not found: install Debian's libgdcm-tools (make test does)")
+    cmd = ["/usr/bin/gdcmscu", "--store", "--call", called, "--aetitle", "GDCM_SCU"]
+    # gdcmscu stops at the first file it cannot send: one run per file keeps the others.
+    runs = [_run("gdcm", [*cmd, "127.0.0.1", str(port), str(f)], timeout) for f in files]
+    return SendRun(
+        "gdcm",
+        max((r.returncode for r in runs), default=0),
+        "".join(f"== {f.name}: exit {r.returncode}\n{r.output}" for f, r in zip(files, runs)),
+        sum(r.seconds for r in runs),
+    )
+
+
+def pynetdicom_storescu(
+    port: int, called: str, files: list[Path], timeout: float = 300
+) -> SendRun:
+    cmd = [sys.executable, "-m", "pynetdicom", "storescu", "-aec", called, "-aet", "PYNETDICOM_SCU"]
+    return _run("pynetdicom", [*cmd, "127.0.0.1", str(port), *map(str, files)], timeout)
+
+
+class OrthancSender:
+    """An Orthanc that holds the corpus and sends it to DICOM modalities.
+
+    ``modalities`` maps a name to (AE title, port) on 127.0.0.1.
+    """
+
+    def __init__(self, workdir: Path, modalities: dict[str, tuple[str, int]]) -> None:
+        self.work = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        config: dict[str, Any] = {
+            "Name": "matrix-sender",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "storage"),
+            "HttpPort": self.http_port,
+            "DicomPort": free_port(),
+            "DicomAet": "ORTHANC_SCU",
+            "DicomServerEnabled": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "StorageCompression": False,
+            "DicomModalities": {
+                name: [aet, "127.0.0.1", port] for name, (aet, port) in modalities.items()
+            },
+        }
+        (workdir / "orthanc.json").write_text(json.dumps(config, indent=2))
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.ids: dict[Path, str] = {}
+
+    def start(self) -> OrthancSender:
+        log = open(self.work / "orthanc.log", "ab")  # noqa: SIM115 - the child owns it
+        self._proc = subprocess.Popen(
+            [ORTHANC, str(self.work / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        )
+        log.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self._request("GET", "/system")
+                return self
+            except (urllib.error.URLError, ConnectionError):
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        "Orthanc (sender) did not start:\n" + (self.work / "orthanc.log").read_text()
+                    ) from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.wait(timeout=15)
+        self._proc = None
+
+    def _request(self, method: str, path: str, body: bytes | None = None, *,
+                 timeout: float = 30) -> Any:  # fmt: skip
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            data = resp.read()
+        return json.loads(data) if data[:1] in (b"{", b"[") else data
+
+    def upload(self, files: list[Path]) -> None:
+        for path in files:
+            answer = self._request("POST", "/instances", path.read_bytes())
+            self.ids[path] = answer["ID"]
+
+    def file(self, path: Path) -> bytes:
+        body = self._request("GET", f"/instances/{self.ids[path]}/file")
+        assert isinstance(body, bytes)
+        return body
+
+    def store(self, modality: str, files: list[Path], timeout: float = 300) -> SendRun:
+        """``POST /modalities/{modality}/store``, synchronous and permissive (a refused
+        instance does not stop the others)."""
+        began = time.monotonic()
+        payload = {
+            "Resources": [self.ids[p] for p in files],
+            "Synchronous": True,
+            "Permissive": True,
+        }
+        try:
+            answer = self._request(
+                "POST", f"/modalities/{modality}/store", json.dumps(payload).encode(),
+                timeout=timeout,
+            )  # fmt: skip
+            code, output = 0, json.dumps(answer)
+        except urllib.error.HTTPError as exc:
+            code, output = exc.code, exc.read().decode(errors="replace")
+        log = (self.work / "orthanc.log").read_text(errors="replace")
+        return SendRun("orthanc", code, output + "\n" + log[-20000:], time.monotonic() - began)
