@@ -39,6 +39,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/crash_run.py --kills 200
 	$(BIN)/python tests/bench/status.py
 	$(BIN)/python tests/bench/worklist.py
+	$(BIN)/python tests/bench/conformance.py
 
 lint: $(VENV)/.test-installed $(ANSIBLE_VENV)/.installed
 	$(BIN)/ruff check gateway tests

@@ -51,6 +51,8 @@ PIXEL_DATA = 0x7FE00010
 PHOTOMETRIC = 0x00280004
 PLANAR = 0x00280006
 LOSSY_ATTRS = {0x00282110, 0x00282112, 0x00282114}  # Lossy Image Compression (Ratio/Method)
+#: Data Set Trailing Padding: PS3.10 7.2 lets any writer drop it; not content.
+TRAILING_PADDING = 0xFFFCFFFC
 _DONE_STATES = {"uploaded", "failed"}
 _SWAP = {"US": 2, "SS": 2, "OW": 2, "AT": 2, "UL": 4, "SL": 4, "FL": 4, "OL": 4, "OF": 4,
          "FD": 8, "OD": 8, "SV": 8, "UV": 8, "OV": 8}  # fmt: skip
@@ -142,8 +144,9 @@ class _Ctx:
         self.result.problems.append(Problem(kind, where, detail))
 
     def walk(self, a: Dataset, b: Dataset, path: str, *, top: bool = False) -> None:
-        tags_a = {t for t in a.keys() if t.element != 0}  # noqa: SIM118 - no conversion
-        tags_b = {t for t in b.keys() if t.element != 0}  # noqa: SIM118
+        ignored = {TRAILING_PADDING}
+        tags_a = {t for t in a.keys() if t.element != 0 and t not in ignored}  # noqa: SIM118
+        tags_b = {t for t in b.keys() if t.element != 0 and t not in ignored}  # noqa: SIM118
         for tag in sorted(tags_a - tags_b):
             self.add("missing", f"{path}{tag}", "in the original, not in the archive copy")
         for tag in sorted(tags_b - tags_a):
@@ -382,7 +385,9 @@ def run_matrix(
     """Send the corpus through every SCU, wait for the pipeline, compare; stop all."""
     began = time.monotonic()
     lab = ArchiveLab(root / "archive")
-    gw = GatewayProcess(root / "gateway", upload=upload_config(lab), **gateway_sections)
+    sections = dict(gateway_sections)
+    sections["upload"] = {**upload_config(lab), **sections.get("upload", {})}
+    gw = GatewayProcess(root / "gateway", **sections)
     ref = ReferenceScp(root / "reference")
     sender: scus.OrthancSender | None = None
     runs: dict[str, list[scus.SendRun]] = {}
