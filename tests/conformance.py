@@ -205,8 +205,8 @@ class _Ctx:
             self.add("pixels", where, "Pixel Data in one copy only")
             return
         ea, eb = a.get_item(PIXEL_DATA), b.get_item(PIXEL_DATA)
-        enc_a = top and self.ts_a.is_compressed or _undefined(ea)
-        enc_b = top and self.ts_b.is_compressed or _undefined(eb)
+        enc_a = (top and self.ts_a.is_compressed) or _undefined(ea)
+        enc_b = (top and self.ts_b.is_compressed) or _undefined(eb)
         if not enc_a and not enc_b and not top:
             raw_a, raw_b = _raw_value(a, PIXEL_DATA), _raw_value(b, PIXEL_DATA)
             if raw_a is not None and raw_b is not None:
@@ -230,7 +230,9 @@ class _Ctx:
         try:
             arr_b = _decode(b, self.ts_b if enc_b else _native(self.ts_b), top=top)
         except Exception as exc:
-            self.add("pixels", where, f"archive copy cannot be decoded: {type(exc).__name__}: {exc}")
+            self.add(
+                "pixels", where, f"archive copy cannot be decoded: {type(exc).__name__}: {exc}"
+            )
             return
         if lossy and self.converted:
             self.result.notes.append(f"{where}: lossy original decoded by the SCU, not compared")

@@ -146,7 +146,9 @@ MATRIX: list[MatrixFile] = [
     MatrixFile("SC_ybr_full_422_uncompressed.dcm", "YBR_FULL_422 native"),
     MatrixFile("emri_small.dcm", "enhanced MR, 10 frames"),
     MatrixFile("liver_1frame.dcm", "segmentation, 1 bit"),
-    MatrixFile("MR-SIEMENS-DICOM-WithOverlays.dcm", "Siemens MR: icon sequence, CSA private tags, overlays"),  # noqa: E501
+    MatrixFile(
+        "MR-SIEMENS-DICOM-WithOverlays.dcm", "Siemens MR: icon sequence, CSA private tags, overlays"
+    ),
     MatrixFile("examples_overlay.dcm", "MR with icon sequence and overlay"),
     MatrixFile("examples_palette.dcm", "US palette colour"),
     MatrixFile("examples_rgb_color.dcm", "US RGB"),

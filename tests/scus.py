@@ -68,14 +68,15 @@ def gdcmscu(port: int, called: str, files: list[Path], timeout: float = 300) -> 
     return SendRun(
         "gdcm",
         max((r.returncode for r in runs), default=0),
-        "".join(f"== {f.name}: exit {r.returncode}\n{r.output}" for f, r in zip(files, runs)),
+        "".join(
+            f"== {f.name}: exit {r.returncode}\n{r.output}"
+            for f, r in zip(files, runs, strict=True)
+        ),
         sum(r.seconds for r in runs),
     )
 
 
-def pynetdicom_storescu(
-    port: int, called: str, files: list[Path], timeout: float = 300
-) -> SendRun:
+def pynetdicom_storescu(port: int, called: str, files: list[Path], timeout: float = 300) -> SendRun:
     cmd = [sys.executable, "-m", "pynetdicom", "storescu", "-aec", called, "-aet", "PYNETDICOM_SCU"]
     return _run("pynetdicom", [*cmd, "127.0.0.1", str(port), *map(str, files)], timeout)
 
@@ -124,7 +125,8 @@ class OrthancSender:
             except (urllib.error.URLError, ConnectionError):
                 if self._proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(
-                        "Orthanc (sender) did not start:\n" + (self.work / "orthanc.log").read_text()
+                        "Orthanc (sender) did not start:\n"
+                        + (self.work / "orthanc.log").read_text()
                     ) from None
                 time.sleep(0.1)
 

@@ -47,6 +47,10 @@ def _is_image(o: Outcome) -> bool:
     return has_pixels and "Rows" in ds
 
 
+def _verified_j2k(o: Outcome) -> bool:
+    return o.archive_ts == J2K_LOSSLESS and o.transcode_outcome == "compressed"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scu", nargs="+", default=["orthanc"], choices=scus.SCUS)
@@ -64,8 +68,10 @@ def main() -> int:
 
 def report(run: MatrixRun, scu_names: list[str], seconds: float) -> None:
     print(f"## JPEG 2000 compression coverage ({', '.join(scu_names)}; {seconds:.0f} s)\n")
-    print("| SCU | uncompressed images sent | stored as verified J2K | PS3.5 excludes "
-          "| other exceptions | coverage of what PS3.5 allows |")
+    print(
+        "| SCU | uncompressed images sent | stored as verified J2K | PS3.5 excludes "
+        "| other exceptions | coverage of what PS3.5 allows |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     exceptions: list[tuple[Outcome, str, bool]] = []
     for scu in scu_names:
@@ -75,8 +81,7 @@ def report(run: MatrixRun, scu_names: list[str], seconds: float) -> None:
                                         and o.sent_by_scu))
             and _is_image(o)
         ]  # fmt: skip
-        done = [o for o in candidates
-                if o.archive_ts == J2K_LOSSLESS and o.transcode_outcome == "compressed"]  # fmt: skip
+        done = [o for o in candidates if _verified_j2k(o)]
         excluded = other = 0
         for o in candidates:
             if o in done:
