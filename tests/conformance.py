@@ -73,6 +73,8 @@ class Problem:
 class Comparison:
     problems: list[Problem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # legitimately not compared, and why
+    #: differences already in what the SCU put on the wire (its own conversion)
+    scu_conversion: list[Problem] = field(default_factory=list)
 
     def count(self, kind: str) -> int:
         return sum(1 for p in self.problems if p.kind == kind)
@@ -302,6 +304,13 @@ class Outcome:
     def stored(self) -> bool:
         return bool(self.archive_ts)
 
+    @property
+    def archive_refuses_the_original(self) -> bool:
+        """A known archive refusal (corpus.ARCHIVE_REFUSES), shown as ``failed`` with
+        the archive's answer: the gateway kept it and said why."""
+        known = self.copy.entry.name in corpus.ARCHIVE_REFUSES
+        return known and self.state == "failed" and "archive refused" in self.last_error
+
     def failure(self) -> str:
         """Why this instance fails the matrix's criteria, or ""."""
         if not self.sent_by_scu and not self.wire_ts:
@@ -309,6 +318,8 @@ class Outcome:
         if not self.wire_ts:
             return "refused by the gateway (the reference SCP accepted it)"
         if not self.stored:
+            if self.archive_refuses_the_original:
+                return ""  # reported; the archive refuses the public file itself
             return f"acknowledged but not in the archive: {self.state} {self.last_error}".strip()
         assert self.comparison is not None
         reasons = []
@@ -389,6 +400,8 @@ def run_matrix(
     lab = ArchiveLab(root / "archive")
     sections = dict(gateway_sections)
     sections["upload"] = {**upload_config(lab), **sections.get("upload", {})}
+    # Spooled files stay after upload: they are what each SCU put on the wire.
+    sections.setdefault("retention", {"keep_bytes": 1 << 40})
     gw = GatewayProcess(root / "gateway", **sections)
     ref = ReferenceScp(root / "reference")
     sender: scus.OrthancSender | None = None
@@ -429,6 +442,9 @@ def run_matrix(
                     archive_ts = str(_read(data).file_meta.TransferSyntaxUID)
                     if compare_copies:
                         comparison = compare(c.path.read_bytes(), data)
+                        wire = gw.spool / str(row.get("path") or "-")
+                        if row.get("transfer_syntax") != c.transfer_syntax and wire.is_file():
+                            _attribute_to_scu(comparison, c.path.read_bytes(), wire.read_bytes())
                 outcomes.append(
                     Outcome(
                         scu, c, reference.get(c.sop_instance_uid, ""),
@@ -446,6 +462,23 @@ def run_matrix(
         ref.stop()
         lab.stop()
         shutil.rmtree(root / "archive" / "orthanc-storage", ignore_errors=True)
+
+
+def _attribute_to_scu(comparison: Comparison, original: bytes, wire: bytes) -> None:
+    """The SCU converted the data set on the wire: differences that are already in what
+    the gateway received (its spooled copy) are the SCU's doing, reported as notes.
+
+    A lost VR never is: the SCU converts to Implicit VR only because the gateway
+    accepted Implicit VR (the reference SCP shows the SCU could send it explicitly).
+    """
+    on_wire = {(p.kind, p.where) for p in compare(original, wire).problems}
+    kept = []
+    for p in comparison.problems:
+        if p.kind != "lost VR" and (p.kind, p.where) in on_wire:
+            comparison.scu_conversion.append(p)
+        else:
+            kept.append(p)
+    comparison.problems = kept
 
 
 def _settle(gw: GatewayProcess, timeout: float) -> None:
@@ -475,6 +508,11 @@ def markdown(run: MatrixRun) -> str:
               "| transcode | result |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for o in run.outcomes:
         result = o.failure() or ("not sent by this SCU's defaults" if not o.sent_by_scu else "ok")
+        if o.archive_refuses_the_original:
+            result = f"known archive refusal: {o.last_error}"
+        if o.comparison and o.comparison.scu_conversion:
+            conv = "; ".join(map(str, o.comparison.scu_conversion))
+            result += f" (SCU's own conversion to {o.wire_ts}: {conv})"[:300]
         if o.comparison and o.comparison.notes and not o.failure():
             result += " (" + "; ".join(o.comparison.notes)[:120] + ")"
         transcode = f"{o.transcode_outcome} {o.transcode_reason}".strip()

@@ -74,7 +74,7 @@ def test_every_instance_is_stored(matrix: MatrixRun, scu: str) -> None:
     outcomes = matrix.for_scu(scu)
     why = {}
     for i, o in enumerate(outcomes):
-        if (o.sent_by_scu or o.wire_ts) and not o.stored:
+        if (o.sent_by_scu or o.wire_ts) and not o.stored and not o.archive_refuses_the_original:
             why[i] = o.failure()
     assert not why, f"{scu}: {len(why)} instances not stored:\n" + _listing(outcomes, why)
 
@@ -116,11 +116,10 @@ def test_archive_copy_is_identical_element_by_element(matrix: MatrixRun, scu: st
 
 
 @pytest.mark.parametrize("scu", scus.SCUS)
-def test_uncompressed_images_reach_the_archive_as_jpeg2000(matrix: MatrixRun, scu: str) -> None:
-    """Not a fidelity criterion: lists what was not compressed and why (issue 11 #4).
+def test_icon_images_reach_the_archive_as_jpeg2000(matrix: MatrixRun, scu: str) -> None:
+    """Issue 11 point 4: images with an Icon Image Sequence are compressed too.
 
-    Only icon-sequence images are asserted (the issue's point 4); the bench
-    (tests/bench/conformance.py) reports coverage of the whole corpus.
+    The bench (tests/bench/conformance.py) reports coverage of the whole corpus.
     """
     outcomes = matrix.for_scu(scu)
     why = {}
