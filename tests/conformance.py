@@ -340,6 +340,7 @@ class MatrixRun:
     runs: dict[str, list[scus.SendRun]]
     seconds: float
     gateway_log: str
+    phases: dict[str, float] = field(default_factory=dict)
 
     def for_scu(self, scu: str) -> list[Outcome]:
         return [o for o in self.outcomes if o.scu == scu]
@@ -428,7 +429,11 @@ def run_matrix(
                     "pynetdicom": scus.pynetdicom_storescu,
                 }[scu]
                 runs[scu] = [send(gw.port, "DICOMGW", files), send(ref.port, ref.aet, files)]
+        phases = {"start and send": time.monotonic() - began}
         _settle(gw, settle_timeout)
+        phases["compress and upload (after the last send)"] = (
+            time.monotonic() - began - sum(phases.values())
+        )
         reference = ref.received()
         rows = {r["sop_instance_uid"]: dict(r) for r in gw.rows()}
         in_archive = lab.sop_instance_uids()
@@ -453,7 +458,8 @@ def run_matrix(
                         row.get("last_error") or "", archive_ts, comparison,
                     )
                 )  # fmt: skip
-        return MatrixRun(outcomes, runs, time.monotonic() - began, gw.log)
+        phases["fetch and compare"] = time.monotonic() - began - sum(phases.values())
+        return MatrixRun(outcomes, runs, time.monotonic() - began, gw.log, phases)
     finally:
         if sender is not None:
             sender.stop()
@@ -495,14 +501,16 @@ def _settle(gw: GatewayProcess, timeout: float) -> None:
 # -- reports ---------------------------------------------------------------------------
 def markdown(run: MatrixRun) -> str:
     lines = [f"# Conformance matrix ({len(run.outcomes)} sends, {run.seconds:.0f} s)", ""]
-    lines += ["| SCU | corpus | sent by SCU (reference) | received | in archive | failures |",
-              "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [", ".join(f"{k}: {v:.0f} s" for k, v in run.phases.items()), ""]
+    lines += ["| SCU | corpus | sent by SCU (reference) | received | in archive | failures "
+              "| send s (gateway, reference) |", "|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
     for scu in run.runs:
         os_ = run.for_scu(scu)
         lines.append(
             f"| {scu} | {len(os_)} | {sum(o.sent_by_scu for o in os_)} "
             f"| {sum(bool(o.wire_ts) for o in os_)} | {sum(o.stored for o in os_)} "
-            f"| {sum(bool(o.failure()) for o in os_)} |"
+            f"| {sum(bool(o.failure()) for o in os_)} "
+            f"| {', '.join(f'{r.seconds:.1f}' for r in run.runs[scu])} |"
         )
     lines += ["", "| SCU | file | rewrite | sent TS | reference TS | wire TS | archive TS "
               "| transcode | result |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip

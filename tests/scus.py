@@ -34,6 +34,7 @@ from .archive import ORTHANC
 from .peers import free_port, tool
 
 SCUS = ("dcmtk", "gdcm", "orthanc", "pynetdicom")
+_GDCM_CHUNK = 16
 
 
 @dataclass
@@ -63,16 +64,22 @@ def gdcmscu(port: int, called: str, files: list[Path], timeout: float = 300) -> 
     if not Path("/usr/bin/gdcmscu").exists():
         raise RuntimeError("gdcmscu not found: install Debian's libgdcm-tools (make test does)")
     cmd = ["/usr/bin/gdcmscu", "--store", "--call", called, "--aetitle", "GDCM_SCU"]
-    # gdcmscu stops at the first file it cannot send: one run per file keeps the others.
-    runs = [_run("gdcm", [*cmd, "127.0.0.1", str(port), str(f)], timeout) for f in files]
+    target = ["127.0.0.1", str(port)]
+    # gdcmscu stops, silently, at the first file it cannot send (one association per
+    # run): files go in chunks, and a chunk that fails is sent again one file per run so
+    # the files after the failing one are still sent (a re-sent instance is idempotent).
+    runs: list[tuple[str, SendRun]] = []
+    for start in range(0, len(files), _GDCM_CHUNK):
+        chunk = files[start : start + _GDCM_CHUNK]
+        run = _run("gdcm", [*cmd, *target, *map(str, chunk)], timeout)
+        runs.append((f"{chunk[0].name}..{chunk[-1].name}", run))
+        if run.returncode != 0:
+            runs += [(f.name, _run("gdcm", [*cmd, *target, str(f)], timeout)) for f in chunk]
     return SendRun(
         "gdcm",
-        max((r.returncode for r in runs), default=0),
-        "".join(
-            f"== {f.name}: exit {r.returncode}\n{r.output}"
-            for f, r in zip(files, runs, strict=True)
-        ),
-        sum(r.seconds for r in runs),
+        max((r.returncode for _, r in runs), default=0),
+        "".join(f"== {what}: exit {r.returncode}\n{r.output}" for what, r in runs),
+        sum(r.seconds for _, r in runs),
     )
 
 
