@@ -164,6 +164,8 @@ class _Ctx:
                 continue
             if top and self.converted and tag in (PHOTOMETRIC, PLANAR, *LOSSY_ATTRS):
                 continue  # what the standard lets a change of transfer syntax change
+            # The raw bytes first: reading the VR converts the element in place.
+            raws = _raw_value(a, tag), _raw_value(b, tag)
             try:
                 vr_a, vr_b = _vr(a, tag), _vr(b, tag)
             except Exception as exc:  # a value pydicom cannot even convert
@@ -182,10 +184,13 @@ class _Ctx:
                 for i, (ia, ib) in enumerate(zip(seq_a, seq_b, strict=True)):
                     self.walk(ia, ib, f"{where}[{i}].")
                 continue
-            self.value(a, b, tag, vr_a, where)
+            self.value(a, b, tag, vr_a, where, raws)
 
-    def value(self, a: Dataset, b: Dataset, tag: BaseTag, vr: str, where: str) -> None:
-        raw_a, raw_b = _raw_value(a, tag), _raw_value(b, tag)
+    def value(
+        self, a: Dataset, b: Dataset, tag: BaseTag, vr: str, where: str,
+        raws: tuple[bytes | None, bytes | None],
+    ) -> None:  # fmt: skip
+        raw_a, raw_b = raws
         if raw_a is not None and raw_b is not None:
             la = _le_bytes(raw_a, vr, self.ts_a.is_little_endian)
             lb = _le_bytes(raw_b, vr, self.ts_b.is_little_endian)
