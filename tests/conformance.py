@@ -31,6 +31,7 @@ import subprocess
 import time
 import warnings
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -352,7 +353,8 @@ class MatrixRun:
 
 
 class ReferenceScp:
-    """DCMTK storescp accepting every SOP class and transfer syntax, bit-preserving."""
+    """DCMTK storescp accepting every SOP class and transfer syntax, bit-preserving,
+    one process per association (the SCUs send at the same time)."""
 
     def __init__(self, directory: Path, aet: str = "REFERENCE") -> None:
         self.directory = directory
@@ -360,7 +362,7 @@ class ReferenceScp:
         self.port = free_port()
         directory.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [tool("storescp"), "+B", "-pm", "+xa", "-aet", aet, "-od", str(directory),
+            [tool("storescp"), "--fork", "+B", "-pm", "+xa", "-aet", aet, "-od", str(directory),
              str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -416,24 +418,33 @@ def run_matrix(
         lab.start()
         gw.start()
         copies = {s: corpus.write_matrix_corpus(root / "corpus" / s, full=full) for s in scu_names}
-        for scu in scu_names:
-            files = [c.path for c in copies[scu]]
-            if scu == "orthanc":
-                sender = scus.OrthancSender(
-                    root / "orthanc-sender",
-                    {"gateway": ("DICOMGW", gw.port), "reference": (ref.aet, ref.port)},
-                ).start()
-                sender.upload(files)
-                runs[scu] = [sender.store("gateway", files), sender.store("reference", files)]
-                sender.stop()
-                sender = None
-            else:
-                send = {
-                    "dcmtk": scus.dcmtk_storescu,
-                    "gdcm": scus.gdcmscu,
-                    "pynetdicom": scus.pynetdicom_storescu,
-                }[scu]
-                runs[scu] = [send(gw.port, "DICOMGW", files), send(ref.port, ref.aet, files)]
+        # Each SCU sends to the gateway and to the reference at the same time, and the
+        # SCUs run side by side: independent processes, mostly waiting on each other.
+        jobs: dict[tuple[str, str], Future[scus.SendRun]] = {}
+        with ThreadPoolExecutor(max_workers=2 * len(scu_names)) as pool:
+            for scu in scu_names:
+                files = [c.path for c in copies[scu]]
+                if scu == "orthanc":
+                    sender = scus.OrthancSender(
+                        root / "orthanc-sender",
+                        {"gateway": ("DICOMGW", gw.port), "reference": (ref.aet, ref.port)},
+                    ).start()
+                    sender.upload(files)
+                    jobs[scu, "gateway"] = pool.submit(sender.store, "gateway", files)
+                    jobs[scu, "reference"] = pool.submit(sender.store, "reference", files)
+                else:
+                    send = {
+                        "dcmtk": scus.dcmtk_storescu,
+                        "gdcm": scus.gdcmscu,
+                        "pynetdicom": scus.pynetdicom_storescu,
+                    }[scu]
+                    jobs[scu, "gateway"] = pool.submit(send, gw.port, "DICOMGW", files)
+                    jobs[scu, "reference"] = pool.submit(send, ref.port, ref.aet, files)
+        runs = {scu: [jobs[scu, "gateway"].result(), jobs[scu, "reference"].result()]
+                for scu in scu_names}  # fmt: skip
+        if sender is not None:
+            sender.stop()
+            sender = None
         phases = {"start and send": time.monotonic() - began}
         _settle(gw, settle_timeout)
         phases["compress and upload (after the last send)"] = (
