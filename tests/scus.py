@@ -4,17 +4,23 @@ Used by tests/test_conformance_matrix.py and tests/bench/conformance.py.  Every 
 sends a list of files to ``called@127.0.0.1:port`` in one run and returns its exit
 status and output; which instances arrived is read on the receiving side.
 
-* DCMTK ``storescu`` (Debian ``dcmtk``): no ``-x`` option, so its default ``-x=``:
-  one context per storage SOP class with [Explicit VR local endian, Explicit VR other
-  endian, Implicit VR], plus a context with the file's own syntax for compressed files.
-* GDCM ``gdcmscu --store`` (Debian ``libgdcm-tools``).
+* DCMTK ``storescu`` (Debian ``dcmtk``) with no ``-x`` option (its default ``-x=``:
+  the uncompressed syntaxes, explicit VR first) and its default list of storage SOP
+  classes; ``-nh`` only keeps it going after a file it cannot send.  By default it
+  cannot send compressed files (it does not propose their syntax and cannot convert
+  them), nor classes outside its list (Segmentation, retired, private), and it
+  converts Big Endian to whatever the receiver accepted.
+* GDCM ``gdcmscu --store`` (Debian ``libgdcm-tools``): proposes each file's own
+  syntax; stops, silently, at the first file the receiver refuses.
 * Orthanc as the sender: a second Orthanc (no DICOMweb, no nginx) holds the files,
   uploaded with ``POST /instances`` (Orthanc keeps a file as received unless ingest
   transcoding is configured, which it is not), and sends them with
   ``POST /modalities/{name}/store`` to the receivers configured as DICOM modalities.
 * pynetdicom's ``storescu`` app (``python -m pynetdicom storescu``), without
-  ``--required-contexts``: it proposes its 128 standard storage classes with
-  [Explicit VR LE, Implicit VR LE, Deflated, Explicit VR BE].
+  ``--required-contexts``: one context per class of its 128 standard storage classes
+  with [Explicit VR LE, Implicit VR LE, Deflated, Explicit VR BE] (a single context
+  with Implicit on offer: what issue 11 point 1 is about); it cannot send compressed
+  or Big Endian files, nor classes outside that list.
 """
 
 from __future__ import annotations
