@@ -53,7 +53,9 @@ class GatewayProcess:
         self.port = free_port()
         self.config_path = write_config(root / "gateway.toml", root, self.port, **sections)
         self.spool = Path(sections.get("spool", {}).get("dir", root / "spool"))
-        self.db_path = root / "gateway.sqlite3"
+        # database = {"path": ""}: the default, inside the spool directory.
+        db = sections.get("database", {}).get("path", str(root / "gateway.sqlite3"))
+        self.db_path = Path(db) if db else self.spool / "gateway.sqlite3"
         self.log_path = root / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
