@@ -59,6 +59,8 @@ class GatewayProcess:
         self.log_path = root / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        #: The gateway's working directory (relative defaults resolve there); None: ours.
+        self.cwd: Path | None = None
 
     def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> GatewayProcess:
         self.starts += 1
@@ -70,6 +72,7 @@ class GatewayProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=self.cwd,
         )
         log.close()
         deadline = time.monotonic() + timeout
