@@ -199,10 +199,20 @@ class Spool:
         """Called by pynetdicom where it would call ``NamedTemporaryFile``."""
         problem = self.check()
         with self._open_lock:
+            refused: OSError
             if problem is not None:
                 refused = SpoolMissing(errno.ENOENT, problem, str(self.root))
-                return SpoolTempFile(self.tmp_dir, self._open_temp, refused=refused)
-            return SpoolTempFile(self.tmp_dir, self._open_temp, dir_fd=self._fd(self.tmp_dir))
+            else:
+                try:
+                    return SpoolTempFile(
+                        self.tmp_dir, self._open_temp, dir_fd=self._fd(self.tmp_dir)
+                    )
+                except OSError as exc:  # no space even for the file, or tmp/ just went
+                    log.error("cannot create a temp file in %s: %s", self.tmp_dir, exc)
+                    refused = exc
+            # An exception here would abort the association in pynetdicom's thread; a
+            # refused file lets the C-STORE handler answer with the reason instead.
+            return SpoolTempFile(self.tmp_dir, self._open_temp, refused=refused)
 
     def prepare(self) -> None:
         """Create the directory tree (idempotent), make it durable, and hold it open."""

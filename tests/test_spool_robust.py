@@ -225,3 +225,53 @@ def test_only_a_clean_stop_is_logged_as_clean(
     assert not any("stopped cleanly" in m for m in messages), messages
     assert any(m.startswith("stopped after an error (ExceptionGroup") for m in messages), messages
     assert os.path.exists(tmp_path / "spool" / "gateway.sqlite3")
+
+
+def _full_tree(root: Path) -> None:
+    """A directory that looks like a spool: the worst case for writing by path."""
+    for sub in ("tmp", "objects"):
+        (root / sub).mkdir(parents=True)
+    for i in range(256):
+        (root / "objects" / f"{i:02x}").mkdir()
+
+
+def test_writes_follow_the_directory_not_the_path(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    spool.prepare()
+    assert spool.check() is None
+    spool.root.rename(tmp_path / "away")
+    _full_tree(spool.root)
+    problem = spool.check()
+    assert problem is not None and "is not the directory the gateway started with" in problem
+    assert spool.sweep_tmp(0) == 0
+
+    refused = spool.temp_file_factory()
+    assert refused.error is not None and refused.closed
+    refused.write(b"discarded")
+    refused.discard()
+    with pytest.raises(OSError, match="spool directory is missing or replaced"):
+        spool.probe_write()
+
+    # A C-STORE that passed the check just before the swap (the race the check cannot
+    # close): its file and its rename still land in the directory we started with.
+    spool.check = lambda: None  # type: ignore[method-assign]
+    temp = spool.temp_file_factory()
+    temp.write(b"data set")
+    temp.close()
+    spooled = spool.commit_file(Path(temp.name))
+    assert (tmp_path / "away" / spooled.relpath).read_bytes() == b"data set"
+    spool.remove(spooled.relpath)
+    assert not (tmp_path / "away" / spooled.relpath).exists()
+    assert [p for p in spool.root.rglob("*") if p.is_file()] == []
+    spool.close()
+
+
+def test_the_same_directory_back_is_used_again(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    spool.prepare()
+    spool.root.rename(tmp_path / "away")
+    assert spool.check() is not None and "does not exist" in str(spool.problem)
+    (tmp_path / "away").rename(spool.root)  # a remount of the same file system
+    assert spool.check() is None and spool.problem is None
+    spool.probe_write()
+    spool.close()
