@@ -59,6 +59,13 @@ def stop_budget_seconds(config: Config) -> float:
     )
 
 
+def _describe(exc: BaseException) -> str:
+    """One line for the log: the errors inside a TaskGroup's group, not the group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
 class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -138,11 +145,11 @@ class Gateway:
                 await self._run_tasks()
             except Exception as exc:  # a bug in a task of ours: stop, and say so
                 log.critical("gateway task failed", exc_info=True)
-                self._failure = f"{type(exc).__name__}: {exc}"
+                self._failure = _describe(exc)
         except BaseException as exc:
             # Whatever ends the run from here on is not a clean stop.
             if self._failure is None:
-                self._failure = f"{type(exc).__name__}: {exc}"
+                self._failure = _describe(exc)
             raise
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
