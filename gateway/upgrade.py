@@ -36,9 +36,15 @@ def adopt_legacy_database(config: Config) -> Path:
     Runs after the spool directory exists and before the database is opened.
     """
     new = config.database_path
-    if database_in_use(config) == new:
-        return new
     old = LEGACY_DATABASE
+    if database_in_use(config) == new:
+        if config.database.path is None and old.exists():
+            log.warning(
+                "queue database: %s is used; %s (the old default location) is not: remove"
+                " it once sure it holds nothing still to send",
+                new, os.path.abspath(old),
+            )  # fmt: skip
+        return new
     if os.stat(old.parent).st_dev != os.stat(new.parent).st_dev:
         log.warning(
             "queue database: using %s in place (the old default location, on another file"

@@ -119,6 +119,12 @@ def test_upgrade_moves_the_database_from_the_old_default(
     assert (gw.spool / row["path"]).is_file()
     assert [p.name for p in old.parent.iterdir()] == []  # no -wal, -shm or journal left
     assert gw.stop() == 0
+    # An old database appearing again (a restored backup?) is not used, and said so.
+    shutil.copyfile(gw.db_path, old)
+    gw.start()
+    assert "(the old default location) is not: remove it" in gw.log
+    assert len(gw.rows()) == 1
+    assert gw.stop() == 0
 
 
 def test_upgrade_uses_an_old_database_in_use_in_place(gateway_factory: GatewayFactory) -> None:
