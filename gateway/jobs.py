@@ -374,6 +374,10 @@ class Pipeline:
                 spooled = await asyncio.to_thread(self.spool.commit_file, dst)
             except OSError as exc:  # e.g. the spool vanished meanwhile (Spool.check)
                 log.error("sop=%s: keeping its J2K copy failed: %s", claimed.sop_instance_uid, exc)
+                # The encoder wrote by path: if another directory is there now, this
+                # takes back the one file it put into it.
+                with contextlib.suppress(OSError):
+                    dst.unlink()
                 result = TranscodeResult(
                     "fallback", f"spool error: {exc}", claimed.transfer_syntax,
                     claimed.size, claimed.size, 0.0,
