@@ -84,9 +84,10 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.tag import BaseTag
@@ -102,6 +103,7 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLSNearLossless,
 )
+from pydicom.valuerep import AMBIGUOUS_VR
 
 COMPRESSED = "compressed"
 PASSTHROUGH = "passthrough"
@@ -300,6 +302,10 @@ def _compress(ds: Dataset, src: Path, dst: Path) -> None:
             encoding_plugin="pylibjpeg",
             generate_instance_uid=False,
         )
+    implicit, little = ds.original_encoding
+    if implicit or not little:
+        with _stage("cannot convert to Explicit VR Little Endian"):
+            _to_explicit_little(ds, implicit=bool(implicit), big=not little, ancestors=[])
     meta: FileMetaDataset = ds.file_meta
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
@@ -316,6 +322,51 @@ def _compress(ds: Dataset, src: Path, dst: Path) -> None:
     # compare the other elements: let them go before both files are read again.
     del out, original
     _verify_elements(src, dst, was_rgb=rgb, icons=[icon.index for icon in icons])
+
+
+def _to_explicit_little(
+    ds: Dataset, *, implicit: bool, big: bool, ancestors: list[Dataset]
+) -> None:
+    """Make *ds* and its items write every value with the bytes as received.
+
+    J2K is Explicit VR Little Endian.  Left to itself, pydicom converts an Implicit
+    VR or big endian data set by decoding each value and encoding it again, which
+    changes bytes (trailing spaces of a string dropped, values not valid in the
+    character set) and, for OW/OF/OL/OD/OV, does not swap the byte order at all.
+    Instead each raw element gets its VR (as written, or the one pydicom picks for
+    Implicit VR: the dictionary's, UN for an unknown private tag) and its received
+    bytes, byte-swapped per VR for a big endian original, so the writer copies them.
+    Pixel Data is left alone: it is replaced by the encapsulated frames.
+    """
+    for tag in _tags(ds):
+        if tag == _PIXEL_DATA:
+            continue
+        if _is_sequence(ds, tag):
+            for item in ds[tag].value:
+                _to_explicit_little(item, implicit=implicit, big=big, ancestors=[ds, *ancestors])
+            continue
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement):
+            # Already decoded (read by the checks above): pydicom encodes it again,
+            # which the element comparison checks like every other value.
+            if elem.VR in AMBIGUOUS_VR:
+                correct_ambiguous_vr_element(elem, ds, True, [ds, *ancestors])
+            continue
+        vr = elem.VR
+        if vr is None:
+            converted = convert_raw_data_element(elem, ds=ds)
+            vr = str(converted.VR)
+            if vr in AMBIGUOUS_VR:
+                # "US or SS" and the like: decided by other elements; numbers come
+                # out of pydicom's round trip unchanged.
+                ds[tag] = converted
+                correct_ambiguous_vr_element(converted, ds, True, [ds, *ancestors])
+                continue
+        value = elem.value
+        if big and value and vr in _SWAP_SIZE:
+            value = _byteswap(bytes(value), _SWAP_SIZE[vr])
+        ds[tag] = elem._replace(VR=vr, value=value, is_implicit_VR=False, is_little_endian=True)
+    ds.set_original_encoding(False, True)
 
 
 def _compress_icon(item: Dataset, original: np.ndarray[Any, Any]) -> None:

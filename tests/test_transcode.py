@@ -28,6 +28,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from gateway import transcode as transcode_module
 from gateway.transcode import TranscodeResult, transcode
 
 from . import corpus
@@ -395,7 +396,6 @@ def test_implicit_vr_private_tags_kept(tmp_path: Path) -> None:
         ("liver.dcm", "Bits Allocated 1"),
         ("SC_ybr_full_422_uncompressed.dcm", "photometric interpretation YBR_FULL_422"),
         ("SC_rgb_small_odd.dcm", "3x3 pixels, smaller than the encoder's minimum"),
-        ("MR-SIEMENS-DICOM-WithOverlays.dcm", "pixel data inside a sequence (icon image)"),
     ],
 )
 def test_passthrough(name: str, reason: str, tmp_path: Path) -> None:
@@ -541,23 +541,43 @@ def _with_invalid_utf8_name(path: Path, ts: str) -> Path:
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.PatientName = "MARKERXXXX"
     ds.file_meta.TransferSyntaxUID = ts
-    pydicom.dcmwrite(path, ds, implicit_vr=ts == ILE, enforce_file_format=True)
+    big = ts == "1.2.840.10008.1.2.2"
+    pydicom.dcmwrite(
+        path, ds, implicit_vr=ts == ILE, little_endian=not big, enforce_file_format=True
+    )
     path.write_bytes(path.read_bytes().replace(b"MARKERXXXX", b"Bad\xff\xfeNam\xc3("))
     return path
 
 
-def test_element_pydicom_would_reencode_differently(tmp_path: Path) -> None:
-    # Implicit VR must become explicit, so pydicom decodes and re-encodes every
-    # value; bytes invalid in the declared character set would come back changed.
+@pytest.mark.parametrize("ts", [ILE, ELE, "1.2.840.10008.1.2.2"])
+def test_bytes_invalid_in_the_character_set_are_kept(ts: str, tmp_path: Path) -> None:
+    # Implicit VR and big endian data sets must be rewritten as Explicit VR Little
+    # Endian: the values are copied as received, never decoded and encoded again.
+    src = _with_invalid_utf8_name(tmp_path / "name.dcm", ts)
+    result, dst = run(src, tmp_path)
+    assert result.outcome == "compressed", result.reason
+    assert pydicom.dcmread(dst).get_item(0x00100010).value == b"Bad\xff\xfeNam\xc3("
+
+
+def test_element_pydicom_would_reencode_differently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Left to pydicom, an Implicit VR data set is decoded and encoded again, and bytes
+    # invalid in the declared character set come back changed: verification sees it.
+    monkeypatch.setattr(transcode_module, "_to_explicit_little", lambda ds, **kw: None)
     src = _with_invalid_utf8_name(tmp_path / "implicit.dcm", ILE)
     result, _ = run(src, tmp_path)
     assert (result.outcome, result.reason) == ("fallback", "data element (0010,0010) changed")
 
-    # Explicit VR Little Endian is written byte for byte, so the same value is kept.
-    src = _with_invalid_utf8_name(tmp_path / "explicit.dcm", ELE)
-    result, dst = run(src, tmp_path)
-    assert result.outcome == "compressed", result.reason
-    assert pydicom.dcmread(dst).get_item(0x00100010).value == b"Bad\xff\xfeNam\xc3("
+
+def test_trailing_spaces_of_an_implicit_vr_original_are_kept(tmp_path: Path) -> None:
+    # gdcm-US-ALOKA-16: Institution Name '*NO INFO NO INFO*      NO INFO          '
+    # (pydicom would drop the trailing spaces when encoding it again).
+    src = corpus.testdata("gdcm-US-ALOKA-16.dcm")
+    _, dst = compressed(src, tmp_path)
+    want = pydicom.dcmread(src).get_item(0x00080080).value
+    assert want.endswith(b"      ")
+    assert pydicom.dcmread(dst).get_item(0x00080080).value == want
 
 
 def test_existing_dst_is_removed_when_not_compressed(tmp_path: Path) -> None:
