@@ -38,6 +38,8 @@ ELE = "1.2.840.10008.1.2.1"
 ILE = "1.2.840.10008.1.2"
 # What compressing may change; everything else must come back identical.
 CHANGED = {"PixelData", "PhotometricInterpretation", "PlanarConfiguration"}
+WORDS = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+ICON_CHANGED = {"PixelData", "PlanarConfiguration"}
 META_CHANGED = {
     "FileMetaInformationGroupLength",
     "TransferSyntaxUID",
@@ -97,6 +99,8 @@ def _elements(ds: Dataset, path: str = "") -> Iterator[tuple[str, Any]]:
             yield where, ("SQ", len(elem.value))
             for i, item in enumerate(elem.value):
                 yield from _elements(item, f"{where}[{i}]")
+        elif path.startswith("(0088,0200)[") and elem.keyword in ICON_CHANGED:
+            continue  # an icon's pixels and layout, checked by test_transcode_icon
         elif elem.keyword not in CHANGED or path:
             yield where, (elem.VR, elem.value)
 
@@ -109,8 +113,13 @@ def assert_same_elements(src: Path, dst: Path) -> None:
         got = {k: v for k, v in _elements(b)}
         want = {k: v for k, v in _elements(a) if not k.endswith("0000)")}
     assert got.keys() == want.keys()
+    big = a.original_encoding[1] is False
     for key, (vr, value) in want.items():
         got_vr, got_value = got[key]
+        if big and vr in WORDS and isinstance(value, bytes):
+            # pydicom leaves OW/OF... values in the file's byte order: swap to compare.
+            size = WORDS[vr]
+            value = np.frombuffer(value, f">u{size}").astype(f"<u{size}").tobytes()
         assert got_value == value, key
         # Implicit VR originals only know the dictionary VR, and pydicom resolves
         # "US or SS" from Pixel Representation; private tags it cannot look up are UN.
