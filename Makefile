@@ -12,7 +12,7 @@ RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
 # The real peers the tests talk to: DCMTK as modality, Orthanc + DICOMweb behind
 # nginx (mutual TLS) as the cloud archive; Chromium looks at the status page; systemd
 # for systemd-analyze (unit checks).
-TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light chromium systemd
+TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light chromium systemd libgdcm-tools
 # The slow tests apply the Ansible role to a debootstrap chroot and build the image
 # with mkosi (which runs systemd-nspawn).
 SLOW_PACKAGES := debootstrap mkosi systemd-container
