@@ -33,16 +33,22 @@ YBR_RCT (the reversible colour transform: ultrasound comes out at less than half
 size it has with RGB kept); colour is written with Planar Configuration 0 as PS3.5
 8.2.4 requires; PALETTE COLOR is one component and its LUTs stay as they are.
 
-**Icon images.**  The Transfer Syntax applies to the whole data set (PS3.5 A.4,
-PS3.10 7.2: it cannot change inside it), and CP-165 records that PS3.5 therefore
-means every Pixel Data (7FE0,0010), an icon's included, to be encoded with it.  Some
-readers also accept a native icon inside a compressed data set (PS3.5 A.4 tells the
-two apart by the Value Length; DCMTK keeps such an icon native), but the one
-encoding that conforms under either reading is encapsulated JPEG 2000 for the icon
-too, so an icon is compressed with the image (keeping its Photometric Interpretation
-and without the colour transform: icons are a few KB), and verified like it.  An
-instance whose icon cannot be compressed is passed through whole: never a J2K data
-set with a native icon.
+**Icon images.**  The Transfer Syntax applies to the whole data set (PS3.5 A.4;
+PS3.10 7.2: it cannot change inside it).  Read that way, every Pixel Data
+(7FE0,0010), an icon's included, is encoded with it (CP-165, which brought the Icon
+Image Sequence into composite images, starts from that reading).  Readers also meet
+native icons inside compressed data sets (DCMTK keeps one native if it was received
+so, and tells the two apart by the Value Length), but the encoding that conforms
+under any reading is encapsulated JPEG 2000 for the icon too.  So an icon is
+compressed with the image (keeping its Photometric Interpretation, without the
+colour transform: icons are a few KB; colour with Planar Configuration 0), and
+verified like it.  An instance whose icon cannot be compressed passes through whole:
+never a J2K data set with a native icon.
+
+**Byte for byte.**  Implicit VR and big endian originals are rewritten as Explicit
+VR Little Endian from the received value bytes (swapped per VR for big endian), not
+decoded and encoded again by pydicom, which would drop trailing spaces, change bytes
+not valid in the character set, and leave OW/OF/OL/OD/OV values in big endian order.
 
 Everything else passes through:
 
