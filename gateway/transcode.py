@@ -362,6 +362,13 @@ def _to_explicit_little(
         if vr is None:
             converted = convert_raw_data_element(elem, ds=ds)
             vr = str(converted.VR)
+            if vr == "SQ":  # a private sequence pydicom knows by its creator
+                ds[tag] = converted
+                for item in converted.value:
+                    _to_explicit_little(
+                        item, implicit=implicit, big=big, ancestors=[ds, *ancestors]
+                    )
+                continue
             if vr in AMBIGUOUS_VR:
                 # "US or SS" and the like: decided by other elements; numbers come
                 # out of pydicom's round trip unchanged.
