@@ -9,8 +9,8 @@ comma := ,
 
 # systemd-python builds from source: it needs the headers and a compiler.
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
-# The real peers the tests talk to: DCMTK and GDCM (gdcmscu) as modalities, Orthanc + DICOMweb behind
-# nginx (mutual TLS) as the cloud archive; Chromium looks at the status page; systemd
+# The real peers the tests talk to: DCMTK and GDCM (gdcmscu, gdcmconv) as modalities
+# and decoders, Orthanc + DICOMweb behind nginx (mutual TLS) as the cloud archive; Chromium looks at the status page; systemd
 # for systemd-analyze (unit checks).
 TEST_PACKAGES := $(RUN_PACKAGES) dcmtk libgdcm-tools orthanc orthanc-dicomweb nginx-light chromium systemd
 # The slow tests apply the Ansible role to a debootstrap chroot and build the image
