@@ -26,12 +26,22 @@ Compression (0028,2110) is not set: JPEG 2000 lossless is not lossy (PS3.3 C.7.6
 
 **What is compressed.**  Native (Implicit/Explicit VR Little Endian, Explicit VR Big
 Endian) data sets whose top-level Pixel Data has Bits Allocated 8 or 16, Bits Stored
-2..Bits Allocated with High Bit = Bits Stored - 1, at least 32x32 pixels, and one of
-MONOCHROME1/2 (signed or unsigned), PALETTE COLOR, RGB or YBR_FULL (unsigned): the
-combinations PS3.5 Table 8.2.4-1 allows for 1.2.840.10008.1.2.4.90.  RGB is stored as
-YBR_RCT (the reversible colour transform: ultrasound comes out at less than half the
+2..Bits Allocated with High Bit = Bits Stored - 1, any number of rows and columns, and
+one of MONOCHROME1/2 (signed or unsigned), PALETTE COLOR, RGB or YBR_FULL (unsigned):
+the combinations PS3.5 Table 8.2.4-1 allows for 1.2.840.10008.1.2.4.90.  RGB is stored
+as YBR_RCT (the reversible colour transform: ultrasound comes out at less than half the
 size it has with RGB kept); colour is written with Planar Configuration 0 as PS3.5
 8.2.4 requires; PALETTE COLOR is one component and its LUTs stay as they are.
+
+**Encoders.**  Both are OpenJPEG: reversible 5/3 wavelet, one raw J2K codestream per
+frame (PS3.5 A.4.4: no JP2 wrapper), Bits Stored as the precision.  Images at least
+32 pixels a side go through pydicom's ``Dataset.compress`` with pylibjpeg-openjpeg,
+which always uses 6 resolutions; OpenJPEG refuses that for a side under 2**5 pixels.
+PS3.5 sets no minimum size, so smaller images (16x16 test patterns, 1xN strips, most
+icons) are encoded with imagecodecs, which takes the number of resolutions (see
+:func:`_encode_small`), and encapsulated with pydicom's ``encapsulate``.  Either way
+the result is verified the same, decoded by pylibjpeg-openjpeg (for small images
+another build and binding of OpenJPEG than the one that encoded them).
 
 **Icon images.**  The Transfer Syntax applies to the whole data set (PS3.5 A.4;
 PS3.10 7.2: it cannot change inside it).  Read that way, every Pixel Data
@@ -59,11 +69,10 @@ Everything else passes through:
 * Bits Allocated 1 (packed bits) or more than 16, and Bits Stored 1:
   pylibjpeg-openjpeg 2.6 fails on some 1-bit images and silently mis-encodes others;
 * YBR_FULL_422 and other colour models J2K lossless does not allow, signed colour;
-* sides under 32 pixels: the encoder always uses 6 resolution levels;
 * an icon image (an item of the top-level Icon Image Sequence (0088,0200)) that
-  could not itself be compressed by these rules, e.g. one under 32 pixels a side,
-  and Pixel Data nested anywhere else (a private sequence, an icon below the top
-  level), which PS3.3 does not define;
+  could not itself be compressed by these rules, e.g. a YBR_FULL_422 one, and Pixel
+  Data nested anywhere else (a private sequence, an icon below the top level), which
+  PS3.3 does not define;
 * pixel cells with bits set above Bits Stored (overlays, noise), which J2K drops.
 
 **Memory.**  The worker holds the original Pixel Data once (the reference array is
@@ -87,6 +96,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_VR
@@ -130,6 +140,8 @@ _PHOTOMETRIC = {
     ("YBR_FULL", 3): False,
 }
 
+#: Images with a side under this go to imagecodecs: pylibjpeg-openjpeg always asks
+#: OpenJPEG for 6 resolution levels, which needs 2**5 pixels a side.
 _MIN_SIDE = 32
 _PIXEL_DATA = 0x7FE00010
 _FLOAT_PIXEL_DATA = {0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Data"}
@@ -299,15 +311,19 @@ def _compress(ds: Dataset, src: Path, dst: Path) -> None:
         if ds.SamplesPerPixel == 3:
             # The reference array is colour-by-pixel whatever the original layout.
             ds.PlanarConfiguration = 0
-        # From the array, not the data set's buffer: pydicom 3.0 hands a big endian
-        # buffer to the encoder as if it were little endian, and ignores Planar
-        # Configuration 1 for JPEG 2000.
-        ds.compress(
-            JPEG2000Lossless,
-            original,
-            encoding_plugin="pylibjpeg",
-            generate_instance_uid=False,
-        )
+        if _is_small(ds):
+            _encapsulate(ds, _encode_small(ds, original, mct=rgb))
+            ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        else:
+            # From the array, not the data set's buffer: pydicom 3.0 hands a big endian
+            # buffer to the encoder as if it were little endian, and ignores Planar
+            # Configuration 1 for JPEG 2000.
+            ds.compress(
+                JPEG2000Lossless,
+                original,
+                encoding_plugin="pylibjpeg",
+                generate_instance_uid=False,
+            )
     implicit, little = ds.original_encoding
     if implicit or not little:
         with _stage("cannot convert to Explicit VR Little Endian"):
@@ -383,8 +399,11 @@ def _to_explicit_little(
 
 
 def _compress_icon(item: Dataset, original: np.ndarray[Any, Any]) -> None:
-    frames = int(item.get("NumberOfFrames") or 1)
-    reference = original if frames > 1 else original[np.newaxis]
+    if int(item.SamplesPerPixel) == 3:
+        item.PlanarConfiguration = 0
+    if _is_small(item):
+        _encapsulate(item, _encode_small(item, original, mct=False))
+        return
     options: dict[str, Any] = {
         "rows": int(item.Rows),
         "columns": int(item.Columns),
@@ -397,12 +416,66 @@ def _compress_icon(item: Dataset, original: np.ndarray[Any, Any]) -> None:
         "number_of_frames": 1,
     }
     encoder = get_encoder(JPEG2000Lossless)
-    encoded = [encoder.encode(frame, encoding_plugin="pylibjpeg", **options) for frame in reference]
-    if int(item.SamplesPerPixel) == 3:
-        item.PlanarConfiguration = 0
-    item.PixelData = encapsulate(encoded)
-    item["PixelData"].VR = "OB"
-    item["PixelData"].is_undefined_length = True
+    encoded = [
+        encoder.encode(frame, encoding_plugin="pylibjpeg", **options)
+        for frame in _frames(item, original)
+    ]
+    _encapsulate(item, encoded)
+
+
+def _is_small(ds: Dataset) -> bool:
+    return min(int(ds.Rows), int(ds.Columns)) < _MIN_SIDE
+
+
+def _frames(ds: Dataset, original: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """*original* (the stored pixel cells of *ds*) with the frame as first axis."""
+    return original if int(ds.get("NumberOfFrames") or 1) > 1 else original[np.newaxis]
+
+
+def _encode_small(ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool) -> list[bytes]:
+    """One J2K codestream per frame of an image with a side under :data:`_MIN_SIDE`.
+
+    imagecodecs (OpenJPEG) lets the number of resolutions be chosen: asked for the
+    most OpenJPEG allows for the smaller side, 2**(resolutions-1) <= side, at least 1
+    (no wavelet decomposition at all for a 1xN image); imagecodecs lowers it further
+    to keep the lowest resolution 8 pixels or more (one level for 16x16).  Reversible
+    5/3 wavelet, raw codestream (codecformat J2K), Bits Stored as the precision,
+    signed when Pixel Representation is 1; *mct* applies the reversible colour
+    transform (RGB stored as YBR_RCT).  The caller's verification decodes with
+    pylibjpeg-openjpeg and checks precision, sign and transform in each codestream's
+    header.
+    """
+    bits_stored = int(ds.BitsStored)
+    signed = bool(ds.PixelRepresentation)
+    resolutions = max(1, min(int(ds.Rows), int(ds.Columns)).bit_length())
+    # imagecodecs writes the array's item size as the precision unless bitspersample
+    # fits in that item (9..16 for a 16-bit array), and reads the array in native byte
+    # order whatever its dtype says: give it native 8-bit cells for Bits Stored <= 8
+    # (the policy made sure the values fit), 16-bit ones otherwise.
+    dtype = np.dtype(f"{'i' if signed else 'u'}{1 if bits_stored <= 8 else 2}")
+    return [
+        bytes(
+            imagecodecs.jpeg2k_encode(
+                frame.astype(dtype, order="C"),
+                level=0,
+                codecformat="J2K",
+                reversible=True,
+                bitspersample=bits_stored,
+                resolutions=resolutions,
+                mct=mct,
+                planar=False,  # colour-by-pixel, as the reference array is
+                numthreads=1,
+            )
+        )
+        for frame in _frames(ds, original)
+    ]
+
+
+def _encapsulate(ds: Dataset, frames: list[bytes]) -> None:
+    """Store *frames* as encapsulated Pixel Data (PS3.5 A.4) with a Basic Offset Table."""
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
 
 
 # -- policy ----------------------------------------------------------------------------
@@ -496,11 +569,6 @@ def _check_image(ds: Dataset, *, where: str) -> None:
     frames = int(ds.NumberOfFrames) if "NumberOfFrames" in ds else 1
     if rows < 1 or columns < 1 or frames < 1:
         raise _fallback(f"{where}{rows}x{columns} pixels, {frames} frames")
-    if rows < _MIN_SIDE or columns < _MIN_SIDE:
-        # pylibjpeg-openjpeg always uses 6 DWT resolutions (no option changes it), which
-        # OpenJPEG refuses for a side under 2**5 pixels ("Number of resolutions is too
-        # high").  An icon that small cannot be encapsulated, so nothing is.
-        raise _passthrough(f"{where}{rows}x{columns} pixels, smaller than the encoder's minimum")
     expected = rows * columns * spp * frames * bits_allocated // 8
     actual = len(ds.PixelData)
     if actual not in (expected, expected + expected % 2):

@@ -188,19 +188,6 @@ def test_gdcm_decodes_image_and_icon(base: str, kind: str | None, tmp_path: Path
 
 
 # -- not compressed --------------------------------------------------------------------
-def test_icon_too_small_for_the_encoder(tmp_path: Path) -> None:
-    # An instance is never written as J2K with a native icon: it passes through whole.
-    src, _ = with_icon(
-        corpus.testdata("CT_small.dcm"), tmp_path / "in.dcm", "MONOCHROME2",
-        pixels=icon_pixels("MONOCHROME2", side=16),
-    )  # fmt: skip
-    result, _ = run(src, tmp_path)
-    assert (result.outcome, result.reason) == (
-        "passthrough",
-        "icon image 0: 16x16 pixels, smaller than the encoder's minimum",
-    )
-
-
 def test_icon_colour_model_not_allowed_in_j2k(tmp_path: Path) -> None:
     src, _ = with_icon(
         corpus.testdata("CT_small.dcm"), tmp_path / "in.dcm", "RGB",
