@@ -56,7 +56,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
-from .chaos_archive import ChaosArchive
+from .chaos_archive import DEFAULT_WEIGHTS, ChaosArchive, Fault
 from .corpus import testdata
 from .crashloop import parse_storescu
 from .gateway_proc import GatewayProcess
@@ -88,6 +88,9 @@ REQUEST_TIMEOUT_S = 4.0
 STALL_S = 7.0
 DRAIN_TIMEOUT_S = 240.0
 STORESCU_TIMEOUT_S = 180.0
+#: A C-ECHO failure is the receiver's only if the gateway has not exited this much later
+#: (it closes the port while it stops: drain, then exit).
+ECHO_GRACE_S = 30.0
 
 _DRAINED_STATES = ("uploaded", "failed")
 
@@ -95,6 +98,19 @@ _DRAINED_STATES = ("uploaded", "failed")
 def seconds_from_env(default: float) -> float:
     value = os.environ.get("CHAOS_SECONDS")
     return float(value) if value else default
+
+
+def faults_from_env() -> dict[Fault, float] | None:
+    """``CHAOS_FAULTS=forward,stall,reset``: only these faults, with their usual weights
+    (to look at one class of failure, or at the races without the crashes)."""
+    value = os.environ.get("CHAOS_FAULTS")
+    if not value:
+        return None
+    names = {f.strip() for f in value.split(",") if f.strip()}
+    unknown = names - {f.value for f in Fault}
+    if unknown:
+        raise ValueError(f"CHAOS_FAULTS: unknown {sorted(unknown)}; known: {[*map(str, Fault)]}")
+    return {f: w for f, w in DEFAULT_WEIGHTS.items() if f.value in names}
 
 
 def seed_from_env() -> int | None:
@@ -174,6 +190,8 @@ class SoakReport:
     listening_pauses: int = 0
     orthanc_restarts: int = 0
     gateway_exits: list[int] = field(default_factory=list)
+    exit_causes: Counter[str] = field(default_factory=Counter)
+    acknowledged_by_template: Counter[str] = field(default_factory=Counter)
     echoes_ok: int = 0
     echoes_failed_while_up: int = 0
     echoes_failed_while_down: int = 0
@@ -192,7 +210,7 @@ class SoakReport:
         statuses = Counter(s.status for s in self.sends)
         by_invariant = Counter(v.invariant for v in self.violations)
         lines = [
-            f"chaos soak: seed {self.seed}, {self.seconds:.0f} s of chaos, "
+            f"chaos soak: seed {self.seed} (CHAOS_SEED), {self.seconds:.0f} s of chaos, "
             f"{self.elapsed_s:.0f} s in all",
             f"  sends: {len(self.sends)} files in {self.storescu_runs} storescu runs "
             f"({kinds['new']} new, {kinds['identical']} identical re-sends, "
@@ -204,9 +222,11 @@ class SoakReport:
             "  archive answers: " + _counts(self.archive_answers),
             f"  archive listening pauses: {self.listening_pauses}, "
             f"Orthanc restarts: {self.orthanc_restarts}",
-            f"  gateway exits: {len(self.gateway_exits)} {self.gateway_exits}; "
-            f"C-ECHO ok {self.echoes_ok}, failed while running {self.echoes_failed_while_up}, "
-            f"failed while down {self.echoes_failed_while_down}",
+            "  acknowledged by source file: " + _counts(self.acknowledged_by_template),
+            f"  gateway exits: {len(self.gateway_exits)}"
+            + "".join(f"\n    {n} x {c}" for c, n in self.exit_causes.most_common()),
+            f"  C-ECHO: ok {self.echoes_ok}, failed while the gateway ran "
+            f"{self.echoes_failed_while_up}, failed around an exit {self.echoes_failed_while_down}",
             f"  queue drained: {self.drained} ({self.drain_seconds:.0f} s); "
             f"final SIGTERM exit code: {self.final_stop_code}",
             f"  acknowledged instances in the archive with their last content: "
@@ -236,7 +256,14 @@ def _counts(c: Counter[str]) -> str:
 
 
 class Soak:
-    def __init__(self, workdir: Path, seconds: float, seed: int, log: Log) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        seconds: float,
+        seed: int,
+        log: Log,
+        faults: dict[Fault, float] | None = None,
+    ) -> None:
         self.work = workdir
         self.seconds = seconds
         self.rng = random.Random(seed)
@@ -280,15 +307,23 @@ class Soak:
         return "\n".join(lines[-last:])
 
     def _crash_excerpt(self) -> str:
-        """The critical lines and the last traceback since the gateway last started."""
+        """Since the gateway last started: its CRITICAL lines and, for each traceback,
+        the innermost frame and the exception (the whole log is in the work dir)."""
         assert self.gw is not None
         text = self._log_lines(since=self._log_offset, last=100000)
-        lines = text.splitlines()
-        keep = [i for i, line in enumerate(lines) if "CRITICAL" in line or "Traceback" in line]
-        if not keep:
-            return "\n".join(lines[-15:])
-        start = keep[0]
-        return "\n".join(lines[start : start + 40])
+        keep: list[str] = []
+        frame = ""
+        for line in text.splitlines():
+            bare = line.strip(" |+-")
+            if bare.startswith("File "):
+                frame = bare
+            elif "CRITICAL" in line:
+                keep.append(line.strip())
+            elif _EXCEPTION_LINE.match(bare):
+                keep += [f"  {frame}", f"  {bare}"] if frame else [f"  {bare}"]
+                frame = ""
+        out = list(dict.fromkeys(keep))  # a traceback printed twice shows once
+        return "\n".join(out[-30:]) or "\n".join(text.splitlines()[-15:])
 
     # -- instances to send --------------------------------------------------------------
     def _plan_batch(self, sender: int) -> list[Send]:
@@ -388,6 +423,9 @@ class Soak:
                     s.started, s.ended = started, ended
                     if i < len(statuses):
                         s.status = statuses[i]
+                        if s.acknowledged:
+                            template = self._uids[s.uid].template
+                            self.report.acknowledged_by_template[template] += 1
                     elif i < len(sent):
                         s.status = "no response"
             for link in links:
@@ -406,11 +444,14 @@ class Soak:
             if code is None:
                 continue
             self._gateway_down.set()
+            excerpt = self._crash_excerpt()
+            cause = _exit_cause(excerpt)
             with self._lock:
                 self.report.gateway_exits.append(code)
+                self.report.exit_causes[f"exit {code}: {cause}"] += 1
             self.violation(
-                "gateway exited", None, f"exit code {code} at t={self._t():.0f} s",
-                self._crash_excerpt(),
+                "gateway exited", None, f"exit code {code} at t={self._t():.0f} s ({cause})",
+                excerpt,
             )  # fmt: skip
             for attempt in range(5):
                 time.sleep(1.0)
@@ -430,8 +471,19 @@ class Soak:
         self.gw.start(timeout=60)
 
     def _echo(self) -> None:
-        while not self._stop_watching.wait(1.0):
-            down_before = self._gateway_down.is_set()
+        """C-ECHO every second.  A failure counts against the receiver only if the same
+        gateway process is still running :data:`ECHO_GRACE_S` later; otherwise it is
+        part of an exit, which is its own violation (the port closes while it stops)."""
+        pending: list[tuple[float, int | None, str]] = []
+        while True:
+            stopping = self._stop_watching.wait(1.0)
+            now = time.monotonic()
+            for entry in [p for p in pending if stopping or now - p[0] >= ECHO_GRACE_S]:
+                pending.remove(entry)
+                self._judge_echo(*entry)
+            if stopping:
+                return
+            pid = self._pid()
             try:
                 proc = subprocess.run(
                     [tool("echoscu"), "-to", "5", "-ta", "5", "-td", "5", "-aec", "DICOMGW",
@@ -441,19 +493,26 @@ class Soak:
                 ok, out = proc.returncode == 0, proc.stdout + proc.stderr
             except subprocess.TimeoutExpired:
                 ok, out = False, "echoscu: no answer in 20 s"
-            down = down_before or self._gateway_down.is_set()
-            with self._lock:
-                if ok:
+            if ok:
+                with self._lock:
                     self.report.echoes_ok += 1
-                elif down:
-                    self.report.echoes_failed_while_down += 1
-                else:
-                    self.report.echoes_failed_while_up += 1
-            if not ok and not down:
-                self.violation(
-                    "C-ECHO failed", None, f"at t={self._t():.0f} s: {out.strip()[-300:]}",
-                    self._log_lines(last=5),
-                )  # fmt: skip
+            else:
+                pending.append((now, pid, f"at t={self._t():.0f} s: {out.strip()[-300:]}"))
+
+    def _pid(self) -> int | None:
+        assert self.gw is not None
+        proc = self.gw.proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def _judge_echo(self, _at: float, pid: int | None, what: str) -> None:
+        running = pid is not None and pid == self._pid()
+        with self._lock:
+            if running:
+                self.report.echoes_failed_while_up += 1
+            else:
+                self.report.echoes_failed_while_down += 1
+        if running:
+            self.violation("C-ECHO failed", None, what, self._log_lines(last=5))
 
     def _conduct(self) -> None:
         """Stop listening now and then; kill and restart Orthanc at least once."""
@@ -673,6 +732,16 @@ class Soak:
         )
 
 
+def _exit_cause(excerpt: str) -> str:
+    """The exceptions named in a crash excerpt, for grouping the exits."""
+    names = []
+    for line in excerpt.splitlines():
+        bare = line.strip()
+        if _EXCEPTION_LINE.match(bare) and not bare.startswith(("ExceptionGroup", "BaseExc")):
+            names.append(_ADDRESS.sub("0x...", bare)[:140])
+    return "; ".join(dict.fromkeys(names)) or "no exception in the log"
+
+
 def _possibly_last(sends: list[Send]) -> list[Send]:
     """Sends whose content may rightly be the archive's: none that an acknowledged send
     of the same UID definitely followed (started after it ended)."""
@@ -712,6 +781,8 @@ def _compare(stored: Dataset, sent_path: Path) -> list[str]:
     return problems
 
 
+_EXCEPTION_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Group|Interrupt|Exit)\b(:|$)")
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 _NUMBERS = re.compile(r"\d{3,}|0x[0-9A-Fa-f]+|\d+(\.\d+){3,}")
 
 
@@ -719,7 +790,13 @@ def _reason_group(reason: str) -> str:
     return _NUMBERS.sub(lambda m: m.group(0) if m.group(0).startswith("0x") else "N", reason)[:160]
 
 
-def run(workdir: Path, seconds: float, seed: int | None = None, log: Log = print) -> SoakReport:
+def run(
+    workdir: Path,
+    seconds: float,
+    seed: int | None = None,
+    log: Log = print,
+    faults: dict[Fault, float] | None = None,
+) -> SoakReport:
     if seed is None:
         seed = random.SystemRandom().randrange(1 << 31)
-    return Soak(workdir, seconds, seed, log).run()
+    return Soak(workdir, seconds, seed, log, faults).run()

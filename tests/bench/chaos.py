@@ -12,6 +12,7 @@ if any invariant broke, 0 if all held.  ``--keep`` leaves the work directory.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -30,13 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="seed of the random choices")
     parser.add_argument("--workdir", type=Path, help="where to work (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--faults", help="comma-separated archive faults to draw (default: all; see Fault)"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
 
+    if args.faults:
+        os.environ["CHAOS_FAULTS"] = args.faults
+    faults = chaos_soak.faults_from_env()
     workdir = Path(tempfile.mkdtemp(prefix="chaos-", dir=args.workdir))
     log = (lambda _line: None) if args.quiet else (lambda line: print(line, flush=True))
     try:
-        report = chaos_soak.run(workdir, args.seconds, args.seed, log)
+        report = chaos_soak.run(workdir, args.seconds, args.seed, log, faults)
     finally:
         if args.keep:
             print(f"work directory kept: {workdir}")
