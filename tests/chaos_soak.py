@@ -319,7 +319,7 @@ class Soak:
                 frame = bare
             elif "CRITICAL" in line:
                 keep.append(line.strip())
-            elif _EXCEPTION_LINE.match(bare):
+            elif _EXCEPTION_LINE.match(bare) and not bare.startswith(_GROUPS):
                 keep += [f"  {frame}", f"  {bare}"] if frame else [f"  {bare}"]
                 frame = ""
         out = list(dict.fromkeys(keep))  # a traceback printed twice shows once
@@ -737,7 +737,7 @@ def _exit_cause(excerpt: str) -> str:
     names = []
     for line in excerpt.splitlines():
         bare = line.strip()
-        if _EXCEPTION_LINE.match(bare) and not bare.startswith(("ExceptionGroup", "BaseExc")):
+        if _EXCEPTION_LINE.match(bare) and not bare.startswith(_GROUPS):
             names.append(_ADDRESS.sub("0x...", bare)[:140])
     return "; ".join(dict.fromkeys(names)) or "no exception in the log"
 
@@ -782,6 +782,7 @@ def _compare(stored: Dataset, sent_path: Path) -> list[str]:
 
 
 _EXCEPTION_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Group|Interrupt|Exit)\b(:|$)")
+_GROUPS = ("ExceptionGroup", "BaseExceptionGroup")  # the wrappers, not the causes
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 _NUMBERS = re.compile(r"\d{3,}|0x[0-9A-Fa-f]+|\d+(\.\d+){3,}")
 
