@@ -60,7 +60,7 @@ from .chaos_archive import DEFAULT_WEIGHTS, ChaosArchive, Fault
 from .corpus import testdata
 from .crashloop import parse_storescu
 from .gateway_proc import GatewayProcess
-from .peers import tool
+from .peers import PROPOSE_FLAG, tool, transfer_syntax_of
 
 Log = Callable[[str], None]
 
@@ -174,6 +174,7 @@ class Violation:
 class _Uid:
     uid: str
     template: str
+    transfer_syntax: str
     study: str
     series: str
     sends: list[Send] = field(default_factory=list)
@@ -357,7 +358,9 @@ class Soak:
 
     def _new_send(self, sender: int, entry: _Uid | None, kind: str) -> Send:
         if entry is None:
-            entry = _Uid(generate_uid(), self.rng.choice(TEMPLATES), generate_uid(), generate_uid())
+            template = self.rng.choice(TEMPLATES)
+            entry = _Uid(generate_uid(), template, transfer_syntax_of(testdata(template)),
+                         generate_uid(), generate_uid())  # fmt: skip
             self._uids[entry.uid] = entry
             self._recent.append(entry.uid)
             del self._recent[:-40]
@@ -387,50 +390,57 @@ class Soak:
 
     # -- threads ------------------------------------------------------------------------
     def _sender(self, sender: int) -> None:
-        env = dict(os.environ, TCP_NODELAY="1")
         while not self._stop_sending.is_set():
             batch = self._plan_batch(sender)
-            # One copy per send: storescu's log names files, and identical re-sends
-            # share their source file.
-            links = []
+            # One association per transfer syntax, proposing exactly it, so each file
+            # goes as it is (storescu would otherwise convert or skip it).
+            groups: dict[str, list[Send]] = {}
             for s in batch:
-                link = self.sends_dir / f"run-{s.number:06d}.dcm"
-                with contextlib.suppress(FileNotFoundError):
-                    link.unlink()
-                os.link(s.path, link)
-                links.append(link)
-            cmd = [tool("storescu"), "-v", "-aec", "DICOMGW", "-aet", f"CHAOS{sender}",
-                   "-to", "30", "-ta", "30", "-td", "60",
-                   "127.0.0.1", str(self._port())]  # fmt: skip
-            started = self._t()
-            try:
-                proc = subprocess.run(
-                    [*cmd, *map(str, links)], capture_output=True, text=True, env=env,
-                    timeout=STORESCU_TIMEOUT_S, check=False,
-                )  # fmt: skip
-                output = proc.stdout + proc.stderr
-            except subprocess.TimeoutExpired as exc:
-                output = str(exc.stdout or "") + str(exc.stderr or "")
-            ended = self._t()
-            try:
-                sent, _, statuses = parse_storescu(links, output)
-            except ValueError as exc:
-                self.log(f"sender {sender}: unreadable storescu log ({exc}):\n{output[-800:]}")
-                sent, statuses = [], []
-            with self._lock:
-                self.report.storescu_runs += 1
-                for i, s in enumerate(batch):
-                    s.started, s.ended = started, ended
-                    if i < len(statuses):
-                        s.status = statuses[i]
-                        if s.acknowledged:
-                            template = self._uids[s.uid].template
-                            self.report.acknowledged_by_template[template] += 1
-                    elif i < len(sent):
-                        s.status = "no response"
-            for link in links:
-                link.unlink()
+                groups.setdefault(self._uids[s.uid].transfer_syntax, []).append(s)
+            for ts, group in groups.items():
+                self._store(sender, ts, group)
             self._stop_sending.wait(self.rng.uniform(0.1, 0.8))
+
+    def _store(self, sender: int, ts: str, group: list[Send]) -> None:
+        # One link per send: storescu's log names files, and identical re-sends share
+        # their source file.
+        links = []
+        for s in group:
+            link = self.sends_dir / f"run-{s.number:06d}.dcm"
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            os.link(s.path, link)
+            links.append(link)
+        cmd = [tool("storescu"), "-v", PROPOSE_FLAG[ts], "-aec", "DICOMGW",
+               "-aet", f"CHAOS{sender}", "-to", "30", "-ta", "30", "-td", "60",
+               "127.0.0.1", str(self._port()), *map(str, links)]  # fmt: skip
+        started = self._t()
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env=dict(os.environ, TCP_NODELAY="1"),
+                timeout=STORESCU_TIMEOUT_S, check=False,
+            )  # fmt: skip
+            output = proc.stdout + proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            output = str(exc.stdout or "") + str(exc.stderr or "")
+        ended = self._t()
+        try:
+            sent, _, statuses = parse_storescu(links, output)
+        except ValueError as exc:
+            self.log(f"sender {sender}: unreadable storescu log ({exc}):\n{output[-800:]}")
+            sent, statuses = [], []
+        with self._lock:
+            self.report.storescu_runs += 1
+            for i, s in enumerate(group):
+                s.started, s.ended = started, ended
+                if i < len(statuses):
+                    s.status = statuses[i]
+                    if s.acknowledged:
+                        self.report.acknowledged_by_template[self._uids[s.uid].template] += 1
+                elif i < len(sent):
+                    s.status = "no response"
+        for link in links:
+            link.unlink()
 
     def _port(self) -> int:
         assert self.gw is not None
@@ -483,7 +493,7 @@ class Soak:
                 self._judge_echo(*entry)
             if stopping:
                 return
-            pid = self._pid()
+            pid = None if self._gateway_down.is_set() else self._pid()
             try:
                 proc = subprocess.run(
                     [tool("echoscu"), "-to", "5", "-ta", "5", "-td", "5", "-aec", "DICOMGW",
@@ -505,7 +515,7 @@ class Soak:
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def _judge_echo(self, _at: float, pid: int | None, what: str) -> None:
-        running = pid is not None and pid == self._pid()
+        running = pid is not None and pid == self._pid() and not self._gateway_down.is_set()
         with self._lock:
             if running:
                 self.report.echoes_failed_while_up += 1
