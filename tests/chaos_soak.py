@@ -91,6 +91,8 @@ STORESCU_TIMEOUT_S = 180.0
 #: A C-ECHO failure is the receiver's only if the gateway has not exited this much later
 #: (it closes the port while it stops: drain, then exit).
 ECHO_GRACE_S = 30.0
+#: With instances due, no request to the archive for this long is a stalled pipeline.
+STALLED_AFTER_S = 60.0
 
 _DRAINED_STATES = ("uploaded", "failed")
 
@@ -270,7 +272,9 @@ class Soak:
         self.rng = random.Random(seed)
         self.log = log
         self.report = SoakReport(seed=seed, seconds=seconds)
-        self.archive = ChaosArchive(workdir / "archive", seed, stall_seconds=STALL_S)
+        self.archive = ChaosArchive(
+            workdir / "archive", seed, stall_seconds=STALL_S, weights=faults
+        )
         self.gw: GatewayProcess | None = None
         self.sends_dir = workdir / "sends"
         self.sends_dir.mkdir(parents=True, exist_ok=True)
@@ -282,6 +286,8 @@ class Soak:
         self._gateway_down = threading.Event()
         self._log_offset = 0
         self._reported: set[tuple[str, str, str]] = set()
+        self._progress_seen: tuple[float, int, int | None] | None = None
+        self._stall_reported = False
         self._started = time.monotonic()
 
     # -- helpers ------------------------------------------------------------------------
@@ -546,6 +552,44 @@ class Soak:
     def _check_files(self) -> None:
         while not self._stop_watching.wait(10.0):
             self.check_referenced_files()
+            self.check_progress()
+
+    def _jobs_log_tail(self, last: int = 8) -> str:
+        """The pipeline's and the app's last log lines since the gateway last started."""
+        text = self._log_lines(since=self._log_offset, last=100000)
+        lines = [ln for ln in text.splitlines() if " gateway.jobs:" in ln or " gateway.app:" in ln]
+        return "\n".join(lines[-last:])
+
+    def check_progress(self) -> None:
+        """The pipeline must keep trying: with instances due for upload, some request
+        must reach the archive within :data:`STALLED_AFTER_S` (backoff is a few seconds)."""
+        gw = self.gw
+        assert gw is not None
+        answers = sum(self.archive.counts.answers.values())
+        pid = self._pid()
+        try:
+            due = gw.rows(
+                "SELECT state, count(*) AS n FROM instances WHERE state IN"
+                " ('received', 'compressing', 'compressed', 'uploading') GROUP BY state"
+            )
+        except Exception as exc:  # the database is the gateway's; reading may race it
+            self.log(f"cannot read the queue: {exc}")
+            return
+        now = time.monotonic()
+        seen = self._progress_seen
+        if pid is None or not due or seen is None or seen[1] != answers or seen[2] != pid:
+            self._progress_seen = (now, answers, pid)
+            self._stall_reported = False
+            return
+        if now - seen[0] >= STALLED_AFTER_S and not self._stall_reported:
+            self._stall_reported = True
+            states = ", ".join(f"{r['state']} {r['n']}" for r in due)
+            self.violation(
+                "pipeline stalled", None,
+                f"no request reached the archive for {now - seen[0]:.0f} s (t={self._t():.0f} s) "
+                f"with instances waiting ({states}); the gateway process is running",
+                self._jobs_log_tail(),
+            )  # fmt: skip
 
     # -- checks -------------------------------------------------------------------------
     def check_referenced_files(self) -> None:
