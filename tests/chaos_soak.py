@@ -41,9 +41,11 @@ import contextlib
 import os
 import random
 import re
+import signal
 import subprocess
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +95,8 @@ STORESCU_TIMEOUT_S = 180.0
 ECHO_GRACE_S = 30.0
 #: With instances due, no request to the archive for this long is a stalled pipeline.
 STALLED_AFTER_S = 60.0
+#: A gateway still running this long after SIGTERM does not stop (drain is 10 s).
+STOP_TIMEOUT_S = 60.0
 
 _DRAINED_STATES = ("uploaded", "failed")
 
@@ -484,7 +488,7 @@ class Soak:
     def _start_gateway(self) -> None:
         assert self.gw is not None
         self._log_offset = self.gw.log_path.stat().st_size if self.gw.log_path.exists() else 0
-        self.gw.start(timeout=60)
+        self.gw.start(timeout=60, env={"PYTHONFAULTHANDLER": "1"})
 
     def _echo(self) -> None:
         """C-ECHO every second.  A failure counts against the receiver only if the same
@@ -514,6 +518,48 @@ class Soak:
                     self.report.echoes_ok += 1
             else:
                 pending.append((now, pid, f"at t={self._t():.0f} s: {out.strip()[-300:]}"))
+
+    def stop_gateway(self) -> None:
+        """SIGTERM; one that does not end the process in :data:`STOP_TIMEOUT_S` is a
+        violation, and SIGABRT then makes Python's faulthandler (PYTHONFAULTHANDLER)
+        write every thread's stack into the log before the process dies."""
+        gw = self.gw
+        assert gw is not None and gw.proc is not None
+        if gw.proc.poll() is not None:
+            return
+        try:
+            self.report.final_stop_code = gw.stop(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            gw.proc.send_signal(signal.SIGABRT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                gw.proc.wait(timeout=15)
+            self.violation(
+                "does not stop on SIGTERM", None,
+                f"still running {STOP_TIMEOUT_S:.0f} s after SIGTERM; thread stacks (SIGABRT):",
+                self._thread_dump(),
+            )  # fmt: skip
+            return
+        if self.report.final_stop_code != 0:
+            self.violation("unclean stop", None,
+                           f"SIGTERM: exit code {self.report.final_stop_code}",
+                           self._crash_excerpt())  # fmt: skip
+
+    def _thread_dump(self) -> str:
+        """faulthandler's dump: per thread, its innermost frames (the log has it all)."""
+        text = self._log_lines(since=self._log_offset, last=100000)
+        start = text.rfind("Fatal Python error")
+        if start < 0:
+            return "(no faulthandler dump in the log)"
+        out: list[str] = []
+        frames = 0
+        for line in text[start:].splitlines():
+            if line.startswith(("Thread ", "Current thread ")):
+                out.append(line.strip())
+                frames = 0
+            elif line.startswith("  File ") and frames < 4:
+                out.append(line.rstrip())
+                frames += 1
+        return "\n".join(out[:80])
 
     def _pid(self) -> int | None:
         assert self.gw is not None
@@ -626,6 +672,9 @@ class Soak:
         started = time.monotonic()
         states = "','".join(_DRAINED_STATES)
         pending = -1
+        # Given up early when nothing moves (no row leaves, no request reaches the
+        # archive) for STALLED_AFTER_S: the 'pipeline stalled' check says why.
+        last_change, last_seen = started, (-1, -1)
         while time.monotonic() - started < DRAIN_TIMEOUT_S:
             if self.gw.proc is not None and self.gw.proc.poll() is not None:
                 time.sleep(1)  # the watcher restarts it
@@ -636,9 +685,15 @@ class Soak:
             if pending == 0:
                 self.report.drain_seconds = time.monotonic() - started
                 return True
+            seen = (pending, sum(self.archive.counts.answers.values()))
+            if seen != last_seen:
+                last_change, last_seen = time.monotonic(), seen
+            elif time.monotonic() - last_change > STALLED_AFTER_S + 15:
+                self.check_progress()
+                break
             time.sleep(1)
         self.report.drain_seconds = time.monotonic() - started
-        self.log(f"queue not drained after {DRAIN_TIMEOUT_S:.0f} s: {pending} rows pending")
+        self.log(f"queue not drained after {self.report.drain_seconds:.0f} s: {pending} pending")
         return False
 
     def check_final(self) -> None:
@@ -753,13 +808,10 @@ class Soak:
             self.check_referenced_files()
             self.check_final()
             self.report.orthanc_instances = self.archive.orthanc.instance_count()
-            if self.gw.proc is not None and self.gw.proc.poll() is None:
-                self.report.final_stop_code = self.gw.stop(timeout=60)
-                if self.report.final_stop_code != 0:
-                    self.violation("unclean stop", None,
-                                   f"SIGTERM: exit code {self.report.final_stop_code}",
-                                   self._crash_excerpt())  # fmt: skip
+            self.stop_gateway()
             self.check_referenced_files()
+        except Exception as exc:  # reported with everything else, not instead of it
+            self.violation("soak harness error", None, repr(exc), traceback.format_exc())
         finally:
             self._stop_sending.set()
             self._stop_watching.set()
