@@ -317,6 +317,16 @@ class Soak:
             lines = [line for line in lines if uid in line]
         return "\n".join(lines[-last:])
 
+    def _send_story(self, uid: str) -> str:
+        """What the senders did with this UID: each send, its kind, time and answer."""
+        with self._lock:
+            entry = self._uids.get(uid)
+            sends = list(entry.sends) if entry else []
+        return "sends: " + "; ".join(
+            f"#{s.number} {s.kind} via CHAOS{s.sender} t={s.started:.1f}-{s.ended:.1f} s {s.status}"
+            for s in sends[-6:]
+        )
+
     def _crash_excerpt(self) -> str:
         """Since the gateway last started: its CRITICAL lines and, for each traceback,
         the innermost frame and the exception (the whole log is in the work dir)."""
@@ -630,6 +640,15 @@ class Soak:
         if now - seen[0] >= STALLED_AFTER_S and not self._stall_reported:
             self._stall_reported = True
             states = ", ".join(f"{r['state']} {r['n']}" for r in due)
+            errors = gw.rows(
+                "SELECT last_error, count(*) AS n FROM instances WHERE state IN"
+                " ('received', 'compressing', 'compressed', 'uploading')"
+                " AND last_error IS NOT NULL GROUP BY last_error ORDER BY n DESC LIMIT 3"
+            )
+            if errors:
+                states += "; their last errors: " + "; ".join(
+                    f"{r['n']} x {r['last_error'][:160]}" for r in errors
+                )
             self.violation(
                 "pipeline stalled", None,
                 f"no request reached the archive for {now - seen[0]:.0f} s (t={self._t():.0f} s) "
@@ -664,7 +683,8 @@ class Soak:
                         "referenced file missing", row["sop_instance_uid"],
                         f"{column} {rel} (state {again[0]['state']}) is not in the spool "
                         f"at t={self._t():.0f} s",
-                        self._log_lines(row["sop_instance_uid"]),
+                        self._send_story(row["sop_instance_uid"]) + "\n"
+                        + self._log_lines(row["sop_instance_uid"]),
                     )  # fmt: skip
 
     def wait_drained(self) -> bool:
@@ -721,7 +741,7 @@ class Soak:
                 self.violation(
                     "not drained", uid,
                     f"state {state}, attempts {row['attempts']}, last_error {row['last_error']!r}",
-                    self._log_lines(uid),
+                    self._send_story(uid) + "\n" + self._log_lines(uid, last=6),
                 )  # fmt: skip
                 continue
             self._check_archive_copy(uid, entry)
@@ -755,7 +775,8 @@ class Soak:
                 if known
                 else f"the archive holds an unknown marker {marker!r}"
             )
-            self.violation("archive holds stale content", uid, what, self._archive_story(uid))
+            self.violation("archive holds stale content", uid, what,
+                           self._send_story(uid) + "\n" + self._archive_story(uid))  # fmt: skip
             return
         problems = _compare(stored, send.path)
         if problems:
