@@ -284,7 +284,12 @@ class ChaosArchive:
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=500)  # never reaches the client
-        parts = await _read_parts(request)
+        try:
+            parts = await _read_parts(request)
+        except (ConnectionError, aiohttp.ClientPayloadError):
+            # The gateway dropped the request mid-body (it timed out, or it is exiting).
+            self._record("client-gone", [])
+            return web.Response(status=400)
         uids = [_sop_uids(p)[1] for p in parts]
         with self._lock:
             rng_value = self._rng.random()

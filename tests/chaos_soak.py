@@ -860,13 +860,15 @@ class Soak:
 
 
 def _exit_cause(excerpt: str) -> str:
-    """The exceptions named in a crash excerpt, for grouping the exits."""
-    names = []
+    """The exceptions named in a crash excerpt (sorted, addresses and spool paths
+    blanked), so that exits with the same causes group together."""
+    names = set()
     for line in excerpt.splitlines():
         bare = line.strip()
         if _EXCEPTION_LINE.match(bare) and not bare.startswith(_GROUPS):
-            names.append(_ADDRESS.sub("0x...", bare)[:140])
-    return "; ".join(dict.fromkeys(names)) or "no exception in the log"
+            bare = _SPOOL_PATH.sub("<spool file>", _ADDRESS.sub("0x...", bare))
+            names.add(bare[:120])
+    return " + ".join(sorted(names)) or "no exception in the log"
 
 
 def _possibly_last(sends: list[Send]) -> list[Send]:
@@ -910,6 +912,7 @@ def _compare(stored: Dataset, sent_path: Path) -> list[str]:
 
 _EXCEPTION_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Group|Interrupt|Exit)\b(:|$)")
 _GROUPS = ("ExceptionGroup", "BaseExceptionGroup")  # the wrappers, not the causes
+_SPOOL_PATH = re.compile(r"'?/\S*/spool/\S+?\.dcm'?")
 _ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
 _NUMBERS = re.compile(r"\d{3,}|0x[0-9A-Fa-f]+|\d+(\.\d+){3,}")
 
