@@ -736,6 +736,14 @@ class Soak:
                     self.violation("failed without a reason", uid, "last_error is empty")
                 else:
                     self.report.failed_reasons[_reason_group(reason)] += 1
+                # Failed is a state an operator retries from: its data must still be here.
+                if row["path"] is None or not (self.gw.spool / row["path"]).exists():
+                    self.violation(
+                        "acknowledged instance lost", uid,
+                        f"failed ({reason!r}) and its file {row['path']} is gone: "
+                        "nothing is left to retry",
+                        self._send_story(uid) + "\n" + self._log_lines(uid, last=6),
+                    )  # fmt: skip
                 continue
             if state != "uploaded":
                 self.violation(
