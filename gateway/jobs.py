@@ -468,6 +468,10 @@ class Pipeline:
     async def _compress_loop(self) -> None:
         workers = self.config.upload.compress_workers
         while True:
+            if self.spool.problem is not None:
+                # The spool is gone or replaced (Spool.check): nothing to read or write.
+                await _wait(self._compress_wake, _IDLE_POLL_S)
+                continue
             claimed = await self._db(_claim_for_compression(workers * 2))
             if not claimed:
                 await _wait(self._compress_wake, _IDLE_POLL_S)
@@ -502,16 +506,18 @@ class Pipeline:
         if result.outcome == "compressed":
             try:
                 spooled = await asyncio.to_thread(self.spool.commit_file, dst)
-            except OSError as exc:
-                # Disk full or the like: the original is spooled already and goes up.
+            except OSError as exc:  # e.g. the spool vanished meanwhile (Spool.check)
+                log.error("sop=%s: keeping its J2K copy failed: %s", claimed.sop_instance_uid, exc)
+                # The encoder wrote by path: if another directory is there now, this
+                # takes back the one file it put into it.
                 with contextlib.suppress(OSError):
                     dst.unlink()
-                result = _fallback(claimed, f"could not keep the J2K copy: {exc}")
+                result = _fallback(claimed, f"spool error: {exc}")
             else:
                 upload_path, upload_size = spooled.relpath, spooled.size
                 if self.metrics is not None and spooled.size:
                     self.metrics.compression_ratio.observe(claimed.size / spooled.size)
-        if result.outcome == "fallback":
+        elif result.outcome == "fallback":
             log.warning("sop=%s sent uncompressed: %s", claimed.sop_instance_uid, result.reason)
         marked = await self._db(_mark_compressed(claimed, upload_path, upload_size, result))
         if not marked and upload_path != claimed.path:

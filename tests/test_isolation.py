@@ -87,7 +87,7 @@ class Bench:
         )
         self.spool = Spool(self.config.spool.dir, 0)
         self.spool.prepare()
-        self.store = Store(self.config.database.path)
+        self.store = Store(self.config.database_path)
         self.store.open()
         self.study = pydicom.uid.generate_uid()
         self.pipeline = jobs.Pipeline(self.config, self.spool, self.store)
