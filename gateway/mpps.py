@@ -53,9 +53,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from .config import Config
+from .config import Config, is_valid_uid
 from .jobs import backoff_seconds
-from .receive import is_valid_uid
 from .store import Store, WriteFn, utcnow
 
 log = logging.getLogger(__name__)

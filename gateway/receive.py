@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -25,20 +24,15 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    ModalityPerformedProcedureStep,
-    ModalityWorklistInformationFind,
-    Verification,
-)
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import dul_guard, find_encoding, wakeup
-from .config import DimseConfig
+from . import dul_guard, find_encoding, negotiation, wakeup
+from .config import DimseConfig, is_valid_uid
 from .notify import CALLING_AE, SOP_INSTANCE_UID
 from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolTempFile
 from .store import ReceivedInstance, Store
@@ -60,13 +54,8 @@ PROCESSING_FAILURE = 0xC001  # an I/O or database error other than "no space"
 #: How long a C-STORE waits for its queue row to commit before answering failure.
 COMMIT_TIMEOUT_S = 60.0
 
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
-
-
-def is_valid_uid(value: object) -> bool:
-    """PS3.5 9.1: digits and dots, no leading zeros in a component, at most 64 chars."""
-    return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+_NAMES = {"StudyInstanceUID": "Study Instance UID", "SeriesInstanceUID": "Series Instance UID"}
 
 
 @dataclass(frozen=True)
@@ -175,14 +164,15 @@ def _check_dataset(
     if found["SOPClassUID"] != sop_class:
         raise _Refusal(DATASET_MISMATCH, "SOP Class UID differs from the C-STORE command")
     for kw in ("StudyInstanceUID", "SeriesInstanceUID"):
-        # Type 1 in every image IOD, but some devices omit them: keep the image (the
-        # archive has the last word and its refusal shows in the queue), refuse only
-        # a value that is present and not a UID.
-        if found[kw] is None:
-            log.warning("sop=%s has no %s; accepted", sop_instance, kw)
-        elif not is_valid_uid(found[kw]):
-            raise _Refusal(DATASET_MISMATCH, f"{kw} is not a valid UID")
-    return str(found["StudyInstanceUID"] or ""), str(found["SeriesInstanceUID"] or "")
+        # Type 1 in every composite IOD, and the key a DICOMweb archive stores by: an
+        # instance without them can never be delivered, so the modality hears it now
+        # (its operator can fix it) instead of an acknowledged image failing later.
+        value = found[kw]
+        if value is None or value == "":
+            raise _Refusal(DATASET_MISMATCH, f"no {_NAMES[kw]} in the data set")
+        if not is_valid_uid(value):
+            raise _Refusal(DATASET_MISMATCH, f"{_NAMES[kw]} is not a valid UID")
+    return str(found["StudyInstanceUID"]), str(found["SeriesInstanceUID"])
 
 
 def _data_set_size(path: Path, ds: Dataset) -> int:
@@ -258,18 +248,17 @@ class Receiver:
         ae.network_timeout = c.network_timeout
         ae.require_called_aet = True
         ae.require_calling_aet = list(c.allowed_aets)
-        # Every transfer syntax is accepted as sent: compressed data is never
-        # recompressed or decoded on the receive path.
-        every_syntax: list[str] = list(AllTransferSyntaxes)
-        ae.add_supported_context(Verification, every_syntax)
+        # Storage contexts are added per association when its request arrives
+        # (_on_acse_recv): private and unknown classes cannot be listed in advance.
+        negotiation.install()
+        services = list(negotiation.SERVICE_TRANSFER_SYNTAXES)
+        ae.add_supported_context(negotiation.VERIFICATION, services)
         if self.worklist is not None:
-            ae.add_supported_context(ModalityWorklistInformationFind, every_syntax)
+            ae.add_supported_context(negotiation.MODALITY_WORKLIST_FIND, services)
         if self.mpps is not None:
-            ae.add_supported_context(ModalityPerformedProcedureStep, every_syntax)
-        for cx in AllStoragePresentationContexts:
-            assert cx.abstract_syntax is not None
-            ae.add_supported_context(cx.abstract_syntax, every_syntax)
+            ae.add_supported_context(negotiation.MPPS, services)
         handlers: list[Any] = [
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
@@ -326,6 +315,27 @@ class Receiver:
         return finished
 
     # -- handlers -------------------------------------------------------------------
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        """Support the storage classes this A-ASSOCIATE-RQ proposes, before pynetdicom
+        negotiates it (in this same thread, right after this event)."""
+        request = getattr(event, "primitive", None)
+        acceptor = event.assoc.acceptor
+        if not (isinstance(request, A_ASSOCIATE) and event.assoc.is_acceptor):
+            return
+        if not acceptor.writeable or request.result is not None:
+            return  # not a request, or negotiation is already under way
+        proposed = [
+            str(cx.abstract_syntax)
+            for cx in request.presentation_context_definition_list
+            if cx.abstract_syntax is not None
+        ]
+        supported = acceptor.supported_contexts
+        have = {str(cx.abstract_syntax) for cx in supported}
+        added = negotiation.storage_contexts(
+            (uid for uid in proposed if uid not in have), self.config.storage_sop_classes
+        )
+        acceptor.supported_contexts = supported + added
+
     def _on_established(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         log.info("association from %s:%s calling AE %r accepted", r.address, r.port, r.ae_title)
@@ -336,14 +346,14 @@ class Receiver:
         r = event.assoc.requestor
         request = r.primitive
         called = request.called_ae_title if request is not None else "?"
+        rj = event.assoc.acceptor.primitive
+        why = (getattr(rj, "result_source", 0) or 0, getattr(rj, "diagnostic", 0) or 0)
+        reason = _REJECT_REASONS.get((int(why[0]), int(why[1])), "other")
         if self.metrics is not None:
-            rj = event.assoc.acceptor.primitive
-            why = (getattr(rj, "result_source", 0) or 0, getattr(rj, "diagnostic", 0) or 0)
-            reason = _REJECT_REASONS.get((int(why[0]), int(why[1])), "other")
             self.metrics.associations_rejected.labels(reason).inc()
         log.warning(
-            "association from %s:%s calling AE %r called AE %r rejected",
-            r.address, r.port, r.ae_title, called,
+            "association from %s:%s calling AE %r called AE %r rejected: %s",
+            r.address, r.port, r.ae_title, called, reason,
         )  # fmt: skip
 
     def _on_conn_close(self, event: evt.Event) -> None:

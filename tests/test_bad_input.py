@@ -762,6 +762,21 @@ def _bad_study_uid(ds: Dataset) -> bytes:
     return explicit_le(ds)
 
 
+def _no_study_uid(ds: Dataset) -> bytes:
+    del ds.StudyInstanceUID
+    return explicit_le(ds)
+
+
+def _no_series_uid(ds: Dataset) -> bytes:
+    del ds.SeriesInstanceUID
+    return explicit_le(ds)
+
+
+def _empty_series_uid(ds: Dataset) -> bytes:
+    ds.SeriesInstanceUID = ""
+    return explicit_le(ds)
+
+
 MALFORMED: dict[str, tuple[Callable[[Dataset], bytes], set[int | None]]] = {
     "truncated inside a value": (_truncated_in_value, {UNDECODABLE}),
     "truncated inside pixel data": (_truncated_in_pixel_data, {UNDECODABLE}),
@@ -777,6 +792,10 @@ MALFORMED: dict[str, tuple[Callable[[Dataset], bytes], set[int | None]]] = {
     "SOP Instance UID differs from the command": (_other_sop_instance, {DATASET_MISMATCH}),
     "SOP Class UID differs from the command": (_other_sop_class, {DATASET_MISMATCH}),
     "Study Instance UID ../../x": (_bad_study_uid, {DATASET_MISMATCH}),
+    # No archive stores an instance without them: refused, never acknowledged.
+    "no Study Instance UID": (_no_study_uid, {DATASET_MISMATCH}),
+    "no Series Instance UID": (_no_series_uid, {DATASET_MISMATCH}),
+    "empty Series Instance UID": (_empty_series_uid, {DATASET_MISMATCH}),
 }
 
 

@@ -80,6 +80,18 @@ def test_every_transfer_syntax_stored_as_sent(
 ) -> None:
     path = corpus.testdata(name)
     assert transfer_syntax_of(path) == ts
+    original = pydicom.dcmread(path, stop_before_pixels=True)
+    if "SeriesInstanceUID" not in original or "StudyInstanceUID" not in original:
+        # No archive stores an instance without them: refused at once, never
+        # acknowledged (the queue has no row).  A copy with them goes through.
+        refused = store_one(shared_gateway.port, path)
+        assert refused.statuses == ["Error: DataSetDoesNotMatchSOPClass"], refused.output
+        assert not shared_gateway.rows(
+            "SELECT * FROM instances WHERE sop_instance_uid = ?", (original.SOPInstanceUID,)
+        )
+        path = tmp_path / name
+        corpus.with_new_uids(corpus.testdata(name), path)
+        assert transfer_syntax_of(path) == ts
     _assert_same_as_sent(shared_gateway, reference, path, tmp_path)
 
 
