@@ -169,3 +169,26 @@ def test_resend_is_idempotent(gateway_factory: GatewayFactory, tmp_path: Path) -
     assert only_file.name == f"{new_row['sha256']}.dcm"
     assert pydicom.dcmread(only_file).PatientComments == "corrected by the technologist"
     assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("missing", ["SeriesInstanceUID", "StudyInstanceUID"])
+def test_instance_no_archive_would_store_is_refused(
+    gateway: GatewayProcess, tmp_path: Path, missing: str
+) -> None:
+    """Without a Series (or Study) Instance UID no archive can store the instance: the
+    modality is told at once (0xA900 with an Error Comment), nothing is acknowledged,
+    queued or left in the spool."""
+    path = tmp_path / "no-uid.dcm"
+    ds = pydicom.dcmread(corpus.testdata("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    delattr(ds, missing)
+    ds.save_as(path, enforce_file_format=True)
+    result = storescu(gateway.port, [path], extra=["-d"])
+    assert "DIMSE Status                  : 0xa900" in result.output, result.output
+    assert result.returncode != 0, "storescu reports the failure"
+    name = {"SeriesInstanceUID": "Series", "StudyInstanceUID": "Study"}[missing]
+    comment = f"no {name} Instance UID in the data set"
+    assert comment in result.output, "the Error Comment reaches the modality"
+    assert gateway.rows() == []
+    assert gateway.spool_files() == [] and gateway.temp_files() == []
+    assert f"sop={ds.SOPInstanceUID} refused: {comment}" in gateway.log
