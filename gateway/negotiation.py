@@ -191,6 +191,10 @@ SERVICE_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ImplicitVRLittleEndian,
 )
 
+#: Transfer syntaxes the gateway proposes as an SCU (MPPS forwarding, the upstream
+#: worklist query), best first, in one context.
+SCU_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
 #: Non-storage SOP classes the gateway accepts as SCP (its MWL and MPPS only when
 #: the gateway runs them, which it always does as an appliance).
 VERIFICATION = UID(Verification)

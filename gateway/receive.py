@@ -51,6 +51,46 @@ CANNOT_UNDERSTAND = 0xC000  # a UID in the command that is not a UID
 UNDECODABLE = 0xC210  # the data set cannot be parsed
 PROCESSING_FAILURE = 0xC001  # an I/O or database error other than "no space"
 
+#: Every C-STORE status the handler answers: (PS3.4 B.2.3 meaning, when).  The
+#: Conformance Statement's table is generated from it.
+STORE_STATUSES: dict[int, tuple[str, str]] = {
+    SUCCESS: ("Success", "the file and its queue row are durable"),
+    OUT_OF_RESOURCES: (
+        "Refused: Out of Resources",
+        "spool free space below `spool.min_free_bytes`, disk full, or the gateway is stopping",
+    ),
+    DATASET_MISMATCH: (
+        "Error: Data Set does not match SOP Class",
+        "SOP Class/Instance UID in the data set differs from the command; Study or Series"
+        " Instance UID missing, empty or not a valid UID (no archive could store it)",
+    ),
+    CANNOT_UNDERSTAND: (
+        "Error: Cannot understand",
+        "Affected SOP Class/Instance UID in the command is not a valid UID",
+    ),
+    UNDECODABLE: (
+        "Error: Cannot understand (data set)",
+        "the data set cannot be decoded (truncated, garbage, not in the negotiated"
+        " transfer syntax)",
+    ),
+    PROCESSING_FAILURE: (
+        "Error: Cannot understand (processing failure)",
+        "an I/O or database error other than no space",
+    ),
+}
+
+# Modality Worklist C-FIND statuses (PS3.4 K.4.1.1.4).
+FIND_SUCCESS = 0x0000
+FIND_PENDING = 0xFF00
+FIND_CANCELLED = 0xFE00
+FIND_FAILED = 0xC001
+FIND_STATUSES: dict[int, tuple[str, str]] = {
+    FIND_PENDING: ("Pending", "one matching worklist item follows"),
+    FIND_SUCCESS: ("Success", "all matches sent"),
+    FIND_CANCELLED: ("Cancel", "the SCU sent C-CANCEL"),
+    FIND_FAILED: ("Failed: Unable to process", "the query could not be answered"),
+}
+
 #: How long a C-STORE waits for its queue row to commit before answering failure.
 COMMIT_TIMEOUT_S = 60.0
 
@@ -377,16 +417,16 @@ class Receiver:
             for response in self.worklist(query):
                 if event.is_cancelled:
                     log.info("worklist query from %r cancelled", requestor.ae_title)
-                    yield 0xFE00, None
+                    yield FIND_CANCELLED, None
                     return
                 found += 1
-                yield 0xFF00, response
+                yield FIND_PENDING, response
         except Exception:  # any failure must reach the modality as a status
             log.exception("worklist query from %r failed", requestor.ae_title)
-            yield 0xC001, None
+            yield FIND_FAILED, None
             return
         log.info("worklist query from %r: %d items", requestor.ae_title, found)
-        yield 0x0000, None
+        yield FIND_SUCCESS, None
 
     # -- MPPS (gateway/mpps.py); counted in flight like C-STOREs, so a stop lets an
     # accepted N-CREATE/N-SET reach its answer.
