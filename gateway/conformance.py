@@ -8,6 +8,7 @@ fails when the file and this output differ.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from pydicom._uid_dict import UID_dictionary
@@ -390,7 +391,9 @@ def render() -> str:
         " Set values it decodes (the default repertoire when absent):"
     )
     add("")
-    terms = sorted(t for t in python_encoding if t)
+    # pydicom also knows some aliases; the DICOM defined terms are these.
+    defined = re.compile(r"ISO_IR \d+|ISO 2022 IR \d+|GB18030|GBK")
+    terms = sorted(t for t in python_encoding if defined.fullmatch(t))
     add(", ".join(f"`{t}`" for t in terms) + ".")
     add("")
     add("## 5. Security")
