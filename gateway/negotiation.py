@@ -21,7 +21,8 @@ sends, and it is chosen so that no choice loses information:
    then arrive as ``UN``.  It is still accepted when it is all a context proposes.
 
 **SOP classes.**  As a Storage SCP the gateway accepts every standard storage SOP
-class pynetdicom knows, every retired one in pydicom's UID dictionary, and (unless
+class (pynetdicom's list and every other one in pydicom's UID dictionary), every
+retired one, and (unless
 ``dimse.storage_sop_classes`` restricts it to a list) any private or unknown SOP
 class, which is then treated as a storage SOP class.  The storage contexts of an
 association are built when its A-ASSOCIATE-RQ arrives (:func:`storage_contexts`),
@@ -78,6 +79,10 @@ class SyntaxGroup:
     uids: tuple[UID, ...]
 
 
+def _by_uid(uids: Iterable[UID]) -> tuple[UID, ...]:
+    return tuple(sorted(set(uids), key=lambda u: [int(p) for p in u.split(".")]))
+
+
 def _uids(*values: str) -> tuple[UID, ...]:
     return tuple(UID(v) for v in values)
 
@@ -129,11 +134,11 @@ _NOT_NETWORK_SYNTAXES = _uids(
 )
 
 
-def _known_transfer_syntaxes() -> list[UID]:
-    """Every network transfer syntax pydicom knows, standard ones in UID order."""
+def _known_transfer_syntaxes() -> tuple[UID, ...]:
+    """Every network transfer syntax pydicom knows, in UID order."""
     known = {UID(u) for u in AllTransferSyntaxes}
     known |= {UID(u) for u, entry in UID_dictionary.items() if entry[1] == "Transfer Syntax"}
-    return sorted(known - set(_NOT_NETWORK_SYNTAXES), key=lambda u: [int(p) for p in u.split(".")])
+    return _by_uid(known - set(_NOT_NETWORK_SYNTAXES))
 
 
 def _other_syntaxes() -> tuple[UID, ...]:
@@ -201,25 +206,39 @@ VERIFICATION = UID(Verification)
 MODALITY_WORKLIST_FIND = UID(ModalityWorklistInformationFind)
 MPPS = UID(ModalityPerformedProcedureStep)
 
-#: Standard storage SOP classes (pynetdicom's Storage Service Class list).
-STANDARD_STORAGE_CLASSES: tuple[UID, ...] = tuple(
-    sorted(UID(str(cx.abstract_syntax)) for cx in AllStoragePresentationContexts)
+#: Registered SOP classes whose name says "Storage" but that are not stored by C-STORE.
+_NOT_STORAGE_CLASSES = frozenset(
+    {
+        "1.2.840.10008.1.3.10",  # Media Storage Directory Storage (DICOMDIR, media only)
+        "1.2.840.10008.1.20.1",  # Storage Commitment Push Model
+        "1.2.840.10008.1.20.2",  # Storage Commitment Pull Model (Retired)
+    }
+)
+
+
+def _registered_storage_classes(retired: bool) -> list[UID]:
+    return [
+        UID(uid)
+        for uid, (name, kind, _info, status, _kw) in UID_dictionary.items()
+        if kind == "SOP Class"
+        and "Storage" in name
+        and (status == "Retired") == retired
+        and uid not in _NOT_STORAGE_CLASSES
+    ]
+
+
+#: Standard storage SOP classes: pynetdicom's Storage Service Class list and the other
+#: registered storage classes (Hanging Protocol, Color Palette, implant templates,
+#: DICOS, DICONDE ...).
+STANDARD_STORAGE_CLASSES: tuple[UID, ...] = _by_uid(
+    [UID(str(cx.abstract_syntax)) for cx in AllStoragePresentationContexts]
+    + _registered_storage_classes(retired=False)
 )
 
 
 def _retired_storage_classes() -> tuple[UID, ...]:
     standard = set(STANDARD_STORAGE_CLASSES)
-    return tuple(
-        sorted(
-            UID(uid)
-            for uid, (name, kind, _info, retired, _kw) in UID_dictionary.items()
-            if kind == "SOP Class"
-            and retired == "Retired"
-            and "Storage" in name
-            and "Storage Commitment" not in name
-            and uid not in standard
-        )
-    )
+    return _by_uid(u for u in _registered_storage_classes(retired=True) if u not in standard)
 
 
 #: Retired storage SOP classes (pydicom's UID dictionary): older US, NM, XA units.

@@ -75,7 +75,11 @@ def test_services_prefer_explicit_vr() -> None:
 def test_retired_and_private_classes_are_storage_classes() -> None:
     assert ULTRASOUND_RETIRED in negotiation.RETIRED_STORAGE_CLASSES
     assert "1.2.840.10008.5.1.4.1.1.5" in negotiation.RETIRED_STORAGE_CLASSES  # NM (Retired)
-    assert "1.2.840.10008.1.20.2" not in negotiation.KNOWN_STORAGE_CLASSES  # Storage Commitment
+    # Registered storage classes beyond pynetdicom's Storage Service list.
+    assert "1.2.840.10008.5.1.4.38.1" in negotiation.STANDARD_STORAGE_CLASSES  # Hanging Protocol
+    assert "1.2.840.10008.5.1.4.1.1.501.1" in negotiation.STANDARD_STORAGE_CLASSES  # DICOS CT
+    for not_stored in ("1.2.840.10008.1.20.1", "1.2.840.10008.1.20.2", "1.2.840.10008.1.3.10"):
+        assert not negotiation.accepts_storage_class(not_stored)  # commitment, DICOMDIR
     for uid in (ULTRASOUND_RETIRED, SIEMENS_CSA_NON_IMAGE, MADE_UP_PRIVATE, CTImageStorage):
         assert negotiation.accepts_storage_class(uid)
         assert not negotiation.accepts_storage_class(uid, [str(ModalityPerformedProcedureStep)])
