@@ -34,6 +34,7 @@ from .reconcile import reconcile
 from .spool import Spool
 from .status import StatusService
 from .store import Store
+from .upgrade import adopt_legacy_database
 from .web import WEB_STOP_S, WebServer
 from .worklist import Worklist
 
@@ -58,11 +59,18 @@ def stop_budget_seconds(config: Config) -> float:
     )
 
 
+def _describe(exc: BaseException) -> str:
+    """One line for the log: the errors inside a TaskGroup's group, not the group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
 class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.spool = Spool(config.spool.dir, config.spool.min_free_bytes)
-        self.store = Store(config.database.path)
+        self.store = Store(config.database_path)
         self.metrics = Metrics()
         self.pipeline = Pipeline(config, self.spool, self.store, self.metrics)
         self.worklist = Worklist(config, self.store)
@@ -133,20 +141,16 @@ class Gateway:
                 port,
                 self.spool.root,
             )
-            async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(self._monitor(), name="monitor"),
-                    tg.create_task(self._sweep_tmp(), name="sweep-tmp"),
-                    tg.create_task(self._supervise("pipeline", self.pipeline.run())),
-                    tg.create_task(self._supervise("worklist", self.worklist.run())),
-                    tg.create_task(self._supervise("mpps", self.mpps.run())),
-                ]
-                if self.config.heartbeat.url:
-                    beat = run_heartbeat(self.config, self.status)
-                    tasks.append(tg.create_task(self._supervise("heartbeat", beat)))
-                await self._stop.wait()
-                for task in tasks:
-                    task.cancel()
+            try:
+                await self._run_tasks()
+            except Exception as exc:  # a bug in a task of ours: stop, and say so
+                log.critical("gateway task failed", exc_info=True)
+                self._failure = _describe(exc)
+        except BaseException as exc:
+            # Whatever ends the run from here on is not a clean stop.
+            if self._failure is None:
+                self._failure = _describe(exc)
+            raise
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -165,8 +169,26 @@ class Gateway:
             return EXIT_COMPONENT_FAILED
         return 0
 
+    async def _run_tasks(self) -> None:
+        """The background tasks, until a stop is requested."""
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self._monitor(), name="monitor"),
+                tg.create_task(self._sweep_tmp(), name="sweep-tmp"),
+                tg.create_task(self._supervise("pipeline", self.pipeline.run())),
+                tg.create_task(self._supervise("worklist", self.worklist.run())),
+                tg.create_task(self._supervise("mpps", self.mpps.run())),
+            ]
+            if self.config.heartbeat.url:
+                beat = run_heartbeat(self.config, self.status)
+                tasks.append(tg.create_task(self._supervise("heartbeat", beat)))
+            await self._stop.wait()
+            for task in tasks:
+                task.cancel()
+
     def _start(self) -> None:
         self.spool.prepare()
+        self.store.path = adopt_legacy_database(self.config)
         self.store.open()
         reconcile(self.spool, self.store)
         self.receiver.start()
@@ -184,9 +206,12 @@ class Gateway:
             self.request_stop(self._failure)
 
     async def _monitor(self) -> None:
-        """Turn a dead thread into a logged, visible failure instead of a silent hang."""
+        """Turn a dead thread into a logged, visible failure instead of a silent hang,
+        and notice a spool directory that vanished or was replaced (Spool.check logs
+        it, and the receiver and /readyz refuse until it is back)."""
         while True:
             await asyncio.sleep(_MONITOR_INTERVAL_S)
+            await asyncio.to_thread(self.spool.check)
             for name, alive in (
                 ("DIMSE acceptor", self.receiver.alive),
                 ("queue database writer", self.store.alive),
@@ -204,7 +229,11 @@ class Gateway:
         stale_after = c.network_timeout + c.dimse_timeout + COMMIT_TIMEOUT_S + 60
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL_S)
-            removed = await asyncio.to_thread(self.spool.sweep_tmp, stale_after)
+            try:
+                removed = await asyncio.to_thread(self.spool.sweep_tmp, stale_after)
+            except OSError as exc:  # the spool's trouble is reported by the monitor
+                log.error("sweeping the spool's tmp/ failed: %s", exc)
+                continue
             if removed:
                 log.warning("removed %d abandoned temp files from the spool", removed)
 
@@ -219,4 +248,9 @@ class Gateway:
                 self.config.dimse.drain_seconds,
             )
         self.store.close()
-        log.info("stopped cleanly in %.1f s", time.monotonic() - started)
+        self.spool.close()
+        took = time.monotonic() - started
+        if self._failure is None:
+            log.info("stopped cleanly in %.1f s", took)
+        else:
+            log.error("stopped after an error (%s) in %.1f s", self._failure, took)

@@ -67,10 +67,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _database(config: Config) -> Path | None:
     """The queue database of *config*, or None (said on stderr) when there is none."""
-    if not config.database.path.exists():
-        print(f"dicom-gateway: no queue database at {config.database.path}", file=sys.stderr)
+    from .upgrade import database_in_use
+
+    path = database_in_use(config)
+    if not path.exists():
+        print(f"dicom-gateway: no queue database at {path}", file=sys.stderr)
         return None
-    return config.database.path
+    return path
 
 
 def _list(args: argparse.Namespace, select: str, order: str, line: Callable[[Row], str]) -> int:

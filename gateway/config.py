@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import tomllib
 import types
@@ -56,9 +57,15 @@ class SpoolConfig:
     min_free_bytes: int = 512 * 1024 * 1024
 
 
+#: The queue database's file name inside ``spool.dir`` when ``database.path`` is not set.
+DATABASE_NAME = "gateway.sqlite3"
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
-    path: Path = Path("var/gateway.sqlite3")
+    # None: inside the spool directory (Config.database_path), so that the queue and
+    # the files it refers to share one file system, one backup and one mount.
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,13 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def database_path(self) -> Path:
+        """``database.path``, or when it is not set ``<spool.dir>/gateway.sqlite3``."""
+        if self.database.path is not None:
+            return self.database.path
+        return self.spool.dir / DATABASE_NAME
 
 
 SECTIONS: dict[str, type] = {
@@ -335,6 +349,11 @@ def _check(c: Config) -> None:
             raise ConfigError(s, f"dimse.{key}", "must be a positive number of seconds")
     if c.spool.min_free_bytes < 0:
         raise ConfigError(s, "spool.min_free_bytes", "must not be negative")
+    db = Path(os.path.abspath(c.database_path))
+    for sub in ("tmp", "objects"):
+        # The start-up sweep empties tmp/ and removes unreferenced files from objects/.
+        if db.is_relative_to(os.path.abspath(c.spool.dir / sub)):
+            raise ConfigError(s, "database.path", f"must not be inside spool.dir's {sub}/")
     url = c.upload.dicomweb_url
     if url and not url.startswith("https://"):
         # There is no plaintext mode: patient data only leaves the box over verified TLS.

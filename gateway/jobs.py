@@ -347,6 +347,10 @@ class Pipeline:
     async def _compress_loop(self) -> None:
         workers = self.config.upload.compress_workers
         while True:
+            if self.spool.problem is not None:
+                # The spool is gone or replaced (Spool.check): nothing to read or write.
+                await _wait(self._compress_wake, _IDLE_POLL_S)
+                continue
             claimed = await self._db(_claim_for_compression(workers * 2))
             if not claimed:
                 await _wait(self._compress_wake, _IDLE_POLL_S)
@@ -366,10 +370,22 @@ class Pipeline:
             result = await self._transcode(src, dst, claimed)
         upload_path, upload_size = claimed.path, claimed.size
         if result.outcome == "compressed":
-            spooled = await asyncio.to_thread(self.spool.commit_file, dst)
-            upload_path, upload_size = spooled.relpath, spooled.size
-            if self.metrics is not None and spooled.size:
-                self.metrics.compression_ratio.observe(claimed.size / spooled.size)
+            try:
+                spooled = await asyncio.to_thread(self.spool.commit_file, dst)
+            except OSError as exc:  # e.g. the spool vanished meanwhile (Spool.check)
+                log.error("sop=%s: keeping its J2K copy failed: %s", claimed.sop_instance_uid, exc)
+                # The encoder wrote by path: if another directory is there now, this
+                # takes back the one file it put into it.
+                with contextlib.suppress(OSError):
+                    dst.unlink()
+                result = TranscodeResult(
+                    "fallback", f"spool error: {exc}", claimed.transfer_syntax,
+                    claimed.size, claimed.size, 0.0,
+                )  # fmt: skip
+            else:
+                upload_path, upload_size = spooled.relpath, spooled.size
+                if self.metrics is not None and spooled.size:
+                    self.metrics.compression_ratio.observe(claimed.size / spooled.size)
         elif result.outcome == "fallback":
             log.warning("sop=%s sent uncompressed: %s", claimed.sop_instance_uid, result.reason)
         marked = await self._db(_mark_compressed(claimed, upload_path, upload_size, result))

@@ -6,10 +6,13 @@ presentation context, the first transfer syntax of *our* list that the requestor
 proposed.  So the order of :data:`TRANSFER_SYNTAX_GROUPS` decides what a modality
 sends, and it is chosen so that no choice loses information:
 
-1. the lossless compressed syntaxes (and Deflated): the SCU sends its compressed
-   data as it holds it, bit for bit, and nothing is decoded on the receive path;
-2. Explicit VR Little Endian, then Explicit VR Big Endian: every element keeps its VR,
-   private ones included;
+1. the lossless compressed syntaxes: the SCU sends its compressed pixel data as it
+   holds it, bit for bit, and nothing is decoded on the receive path;
+2. Explicit VR Little Endian, Explicit VR Big Endian, then Deflated Explicit VR: every
+   element keeps its VR, private ones included.  Deflated is lossless too, but an SCU
+   that holds the data set uncompressed (pynetdicom proposes Deflated by default)
+   would deflate it just for us, and a deflated data set is uploaded as is, never
+   recompressed to JPEG 2000; a context proposing only Deflated still gets it;
 3. the lossy or possibly lossy compressed syntaxes.  They come *after* Explicit VR:
    when one context proposes ``[lossy, Explicit]``, picking the lossy one may make an
    SCU that holds raw pixels compress them lossily for us, whereas an SCU whose image
@@ -99,7 +102,6 @@ _LOSSLESS = _uids(
     "1.2.840.10008.1.2.4.110",  # JPEG XL Lossless
     "1.2.840.10008.1.2.8.1",  # Deflated Image Frame Compression
     "1.2.840.10008.1.2.1.98",  # Encapsulated Uncompressed Explicit VR Little Endian
-    str(DeflatedExplicitVRLittleEndian),
 )
 _LOSSY = _uids(
     "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
@@ -143,6 +145,7 @@ def _known_transfer_syntaxes() -> tuple[UID, ...]:
 
 def _other_syntaxes() -> tuple[UID, ...]:
     ranked = {*_LOSSLESS, *_LOSSY, ExplicitVRLittleEndian, ExplicitVRBigEndian}
+    ranked.add(DeflatedExplicitVRLittleEndian)
     ranked.add(ImplicitVRLittleEndian)
     return tuple(u for u in _known_transfer_syntaxes() if u not in ranked)
 
@@ -151,14 +154,16 @@ def _other_syntaxes() -> tuple[UID, ...]:
 #: Conformance Statement use.
 TRANSFER_SYNTAX_GROUPS: tuple[SyntaxGroup, ...] = (
     SyntaxGroup(
-        "Lossless compressed, and Deflated",
-        "the SCU's own lossless encoding is kept as sent, bit for bit",
+        "Lossless compressed",
+        "the SCU's own lossless pixel encoding is kept as sent, bit for bit",
         _LOSSLESS,
     ),
     SyntaxGroup(
         "Explicit VR",
-        "every element keeps its VR, private elements included",
-        (ExplicitVRLittleEndian, ExplicitVRBigEndian),
+        "every element keeps its VR, private elements included. Deflated comes last of"
+        " them: the same data set, but an SCU holding it uncompressed would deflate it just"
+        " for us, and the gateway cannot then recompress its pixels to JPEG 2000",
+        (ExplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian),
     ),
     SyntaxGroup(
         "Lossy or possibly lossy compressed",

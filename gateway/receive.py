@@ -34,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from . import dul_guard, find_encoding, negotiation, wakeup
 from .config import DimseConfig, is_valid_uid
 from .notify import CALLING_AE, SOP_INSTANCE_UID
-from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolTempFile
+from .spool import MISSING_COMMENT, NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolMissing, SpoolTempFile
 from .store import ReceivedInstance, Store
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 # C-STORE statuses (PS3.4 B.2.3).  Each failure the handler can meet has its own.
 SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # spool below watermark, disk full, or shutting down
+OUT_OF_RESOURCES = 0xA700  # spool below watermark, disk full, spool gone, or shutting down
 DATASET_MISMATCH = 0xA900  # data set does not match the command or lacks Type 1 UIDs
 CANNOT_UNDERSTAND = 0xC000  # a UID in the command that is not a UID
 UNDECODABLE = 0xC210  # the data set cannot be parsed
@@ -57,7 +57,8 @@ STORE_STATUSES: dict[int, tuple[str, str]] = {
     SUCCESS: ("Success", "the file and its queue row are durable"),
     OUT_OF_RESOURCES: (
         "Refused: Out of Resources",
-        "spool free space below `spool.min_free_bytes`, disk full, or the gateway is stopping",
+        "spool free space below `spool.min_free_bytes`, disk full, the spool directory"
+        " missing or replaced, or the gateway is stopping",
     ),
     DATASET_MISMATCH: (
         "Error: Data Set does not match SOP Class",
@@ -147,6 +148,11 @@ def _spool_write_failed(
     if exc.errno in NO_SPACE_ERRNOS:
         return StoreOutcome(OUT_OF_RESOURCES, "spool disk is full")
     return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
+
+
+def _spool_missing(where: str, sop_instance: str, fields: dict[str, str]) -> StoreOutcome:
+    log.error("C-STORE %s sop=%s refused: %s", where, sop_instance, MISSING_COMMENT, extra=fields)
+    return StoreOutcome(OUT_OF_RESOURCES, MISSING_COMMENT)
 
 
 def _check_dataset(
@@ -488,6 +494,11 @@ class Receiver:
             return StoreOutcome(CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID is invalid")
         tmp_path = Path(event.dataset_path)
         received = getattr(req, "_dataset_file", None)
+        if self.spool.check() is not None:
+            # Never written into a directory other than the one we started with.
+            if isinstance(received, SpoolTempFile):
+                received.discard()
+            return _spool_missing(where, sop_instance, fields)
         if isinstance(received, SpoolTempFile) and received.error is not None:
             return _spool_write_failed(where, sop_instance, received.error, fields)
         try:
@@ -496,6 +507,8 @@ class Receiver:
                 tmp_path, sop_class, sop_instance, event.context.transfer_syntax
             )
             spooled = self.spool.commit_file(tmp_path)
+        except SpoolMissing:
+            return _spool_missing(where, sop_instance, fields)
         except SpoolFull as exc:
             log.error("C-STORE %s sop=%s refused: %s", where, sop_instance, exc, extra=fields)
             return StoreOutcome(OUT_OF_RESOURCES, "spool is full")
@@ -517,6 +530,9 @@ class Receiver:
             sha256=spooled.sha256,
             path=spooled.relpath,
         )
+        if self.spool.check() is not None:
+            # Gone while we wrote: no row, so the file is an orphan the next start removes.
+            return _spool_missing(where, sop_instance, fields)
         try:
             replaced = self.store.record_instance(instance).result(timeout=COMMIT_TIMEOUT_S)
         except Exception as exc:  # StoreClosed, a timeout, any database error

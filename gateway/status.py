@@ -367,6 +367,8 @@ class StatusService:
             "retrying": db["retrying"],
             "recent_errors": self.errors.latest(),
             "disk": disk,
+            # As of the monitor's last look (every second): no disk access here.
+            "spool": {"dir": str(self.spool.root), "problem": self.spool.problem},
             "certificate": self._cert,
             "worklist": worklist,
             "mpps": {
@@ -378,7 +380,8 @@ class StatusService:
                 ),
                 "oldest_pending_ts": _ts(db["mpps"]["oldest_pending_at"]),
             },
-            "config": config_summary(c),
+            # The file really open (an upgraded box may use one at the old default).
+            "config": {**config_summary(c), "database": str(self.store.path)},
             "snapshot_error": self.snapshot_error,
         }
         doc["health"] = health(doc)
@@ -421,6 +424,9 @@ def health(doc: dict[str, Any]) -> dict[str, Any]:
     degraded: list[str] = []
     if doc.get("snapshot_error"):
         failing.append(doc["snapshot_error"] + " (counts below may be stale)")
+    spool_problem = doc.get("spool", {}).get("problem")
+    if spool_problem:
+        failing.append(f"{spool_problem}: C-STOREs are refused")
     disk = doc["disk"]
     if disk.get("below_watermark"):
         failing.append(
@@ -471,7 +477,7 @@ def config_summary(c: Config) -> dict[str, Any]:
         "allowed_aets": list(c.dimse.allowed_aets),
         "spool_dir": str(c.spool.dir),
         "min_free_bytes": c.spool.min_free_bytes,
-        "database": str(c.database.path),
+        "database": str(c.database_path),
         "dicomweb_url": c.upload.dicomweb_url,
         "client_cert": str(c.upload.client_cert or ""),
         "client_key": str(c.upload.client_key or ""),

@@ -14,6 +14,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -65,9 +66,14 @@ class ReceivedInstance:
     path: str
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
     # Each connection is used by one thread only; False just lets close() run elsewhere.
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+    # Readers never create the file: with the spool (and the database in it) gone,
+    # an empty database would appear in whatever directory is now at that path.
+    target = str(path) if create else f"file:{urllib.parse.quote(str(path))}?mode=rw"
+    conn = sqlite3.connect(
+        target, isolation_level=None, timeout=30, check_same_thread=False, uri=not create
+    )
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA synchronous = FULL")
@@ -420,7 +426,7 @@ class Store:
     def reader(self) -> Iterator[sqlite3.Connection]:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path)
+            conn = _connect(self.path, create=False)
             self._local.conn = conn
             with self._lock:
                 self._readers.append(conn)

@@ -53,10 +53,14 @@ class GatewayProcess:
         self.port = free_port()
         self.config_path = write_config(root / "gateway.toml", root, self.port, **sections)
         self.spool = Path(sections.get("spool", {}).get("dir", root / "spool"))
-        self.db_path = root / "gateway.sqlite3"
+        # database = {"path": ""}: the default, inside the spool directory.
+        db = sections.get("database", {}).get("path", str(root / "gateway.sqlite3"))
+        self.db_path = Path(db) if db else self.spool / "gateway.sqlite3"
         self.log_path = root / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        #: The gateway's working directory (relative defaults resolve there); None: ours.
+        self.cwd: Path | None = None
 
     def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> GatewayProcess:
         self.starts += 1
@@ -68,6 +72,7 @@ class GatewayProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=self.cwd,
         )
         log.close()
         deadline = time.monotonic() + timeout

@@ -31,10 +31,27 @@ def test_defaults_match_the_documented_contract() -> None:
     assert c.dimse.port == 11112
     assert c.web.bind == "127.0.0.1" and c.web.port == 8080
     assert c.spool.dir == Path("var/spool")
-    assert c.database.path.parent == Path("var")
+    assert c.database.path is None
+    assert c.database_path == Path("var/spool/gateway.sqlite3")
     assert c.dimse.allowed_aets == ()
     assert c.upload.compression == "j2k-lossless"
     assert c.dimse.storage_sop_classes == ()  # every storage SOP class
+
+
+def test_database_lives_in_the_spool_unless_set() -> None:
+    only_spool = config.from_dict({"spool": {"dir": "/data/spool"}})
+    assert only_spool.database_path == Path("/data/spool/gateway.sqlite3")
+    explicit = config.from_dict({"spool": {"dir": "/data/spool"}, "database": {"path": "/x.db"}})
+    assert explicit.database_path == Path("/x.db")
+    # An empty string means "not set", as for every optional path.
+    assert config.from_dict({"database": {"path": ""}}).database.path is None
+
+
+@pytest.mark.parametrize("sub", ["tmp", "objects"])
+def test_database_inside_the_swept_spool_dirs_is_refused(sub: str) -> None:
+    raw = {"spool": {"dir": "/data/spool"}, "database": {"path": f"/data/spool/{sub}/q.db"}}
+    with pytest.raises(ConfigError, match=f"database.path: must not be inside spool.dir's {sub}/"):
+        config.from_dict(raw)
 
 
 def test_public_keys_exist() -> None:

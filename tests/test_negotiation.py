@@ -55,16 +55,18 @@ def test_table_ranks_every_transfer_syntax_pydicom_knows_once() -> None:
     rank = STORAGE_TRANSFER_SYNTAXES.index
     explicit = rank(ExplicitVRLittleEndian)
     assert rank(ExplicitVRBigEndian) == explicit + 1
+    # Deflated: after the native ones (the pipeline cannot recompress it to J2K).
+    assert rank(DeflatedExplicitVRLittleEndian) == explicit + 2
     # Lossless compressed (as sent) first, lossy ones after Explicit VR.
     for uid in ("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.201",
                 "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",
-                "1.2.840.10008.1.2.5", DeflatedExplicitVRLittleEndian):  # fmt: skip
+                "1.2.840.10008.1.2.5"):  # fmt: skip
         assert rank(UID(uid)) < explicit, uid
     for uid in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
                 "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203", "1.2.840.10008.1.2.4.100",
                 "1.2.840.10008.1.2.4.107"):  # fmt: skip
-        assert rank(UID(uid)) > explicit + 1, uid
-    assert all(rank(uid) > explicit + 1 for uid in LOSSY)
+        assert rank(UID(uid)) > explicit + 2, uid
+    assert all(rank(uid) > explicit + 2 for uid in LOSSY)
 
 
 def test_services_prefer_explicit_vr() -> None:
@@ -192,7 +194,7 @@ def test_implicit_only_is_still_accepted(gw: GatewayProcess, tmp_path: Path) -> 
         ("MR_small_RLE.dcm", True),
         ("emri_small_jpeg_2k_lossless.dcm", True),
         ("JPGLosslessP14SV1_1s_1f_8b.dcm", True),
-        ("image_dfl.dcm", True),
+        ("image_dfl.dcm", False),
         # Lossy in a context of its own (storescu's default): kept as sent.
         ("JPEG2000.dcm", False),
         ("SC_rgb_small_odd_jpeg.dcm", False),
@@ -210,6 +212,18 @@ def test_compressed_file_is_kept_as_sent(
     result = storescu(gw.port, [path], extra=extra)
     assert result.statuses == ["Success"], result.output
     assert _stored_syntax(gw, ds.SOPInstanceUID) == sent
+
+
+def test_deflated_with_explicit_in_one_context_gets_explicit(
+    gw: GatewayProcess, tmp_path: Path
+) -> None:
+    """[Deflated, Explicit, ...] in one context: Explicit VR, the same data set, and one
+    the pipeline can compress to JPEG 2000 (pynetdicom proposes Deflated by default)."""
+    path = tmp_path / "dfl.dcm"
+    ds = corpus.with_new_uids(corpus.testdata("image_dfl.dcm"), path)
+    result = storescu(gw.port, [path], extra=["-xd", "+C"])
+    assert result.statuses == ["Success"], result.output
+    assert _stored_syntax(gw, ds.SOPInstanceUID) == ExplicitVRLittleEndian
 
 
 def test_lossless_compressed_preferred_in_one_context(gw: GatewayProcess, tmp_path: Path) -> None:

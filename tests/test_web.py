@@ -155,16 +155,19 @@ def test_below_watermark_is_failing_and_unready(gateway_factory: GatewayFactory)
     assert status["disk"]["below_watermark"] is True
 
 
-def test_readyz_when_the_spool_is_not_writable(gateway_factory: GatewayFactory) -> None:
+def test_readyz_when_the_spool_tmp_dir_is_moved_away(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory()
     web = _client(gw)
     assert web.get("/readyz").status == 200
     tmp = gw.spool / "tmp"
-    tmp.rename(gw.spool / "tmp-moved")  # as good as an unwritable disk for the probe
+    tmp.rename(gw.spool / "tmp-moved")  # the gateway never writes into a stranger's tmp/
     try:
         ready = web.get("/readyz")
         assert ready.status == 503
-        assert any("spool not writable" in p for p in ready.json()["problems"])
+        assert any(
+            "spool directory is missing or replaced" in p and "tmp does not exist" in p
+            for p in ready.json()["problems"]
+        ), ready.text
     finally:
         (gw.spool / "tmp-moved").rename(tmp)
     assert web.get("/readyz").status == 200
