@@ -63,6 +63,12 @@ GATEWAY_TIMEOUT_S = 2
 #: Its own max PDU size, so that a P-DATA longer than that is a protocol violation.
 MAX_PDU = 65536
 DIMSE = {
+    # A peer that sends a few bytes and closes holds its association slot until the
+    # ACSE timeout (pynetdicom waits that long for the A-ASSOCIATE-RQ).  The random-byte
+    # tests open such connections faster than one per GATEWAY_TIMEOUT_S / 16 now that
+    # accepting a connection no longer copies every storage context (~200 ms before),
+    # so the default 16 slots would run out: test_too_many_associations tests the limit.
+    "max_associations": 64,
     "allowed_aets": ALLOWED_AETS,
     "acse_timeout": GATEWAY_TIMEOUT_S,
     "network_timeout": GATEWAY_TIMEOUT_S,
