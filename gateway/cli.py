@@ -231,6 +231,13 @@ def cmd_send(args: argparse.Namespace) -> int:
     return send([Path(f) for f in args.files], args.host, port, called, args.calling_ae, report)
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import render
+
+    sys.stdout.write(render())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-gateway", description="DICOM edge gateway for imaging sites."
@@ -293,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--common-name", metavar="CN", help="subject CN (default: host name)")
     enroll.add_argument("--force", action="store_true", help="replace an existing key")
     enroll.set_defaults(func=cmd_enroll)
+
+    conformance = sub.add_parser(
+        "conformance", help="print the DICOM Conformance Statement (Markdown)"
+    )
+    conformance.set_defaults(func=cmd_conformance)
 
     send = sub.add_parser("send", help="test C-STORE of files to a DICOM peer")
     send.add_argument("--config", metavar="FILE", help="defaults for port and called AE")

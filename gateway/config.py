@@ -48,6 +48,7 @@ class DimseConfig:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     drain_seconds: float = 20.0
+    storage_sop_classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,14 @@ def _valid_ae_title(title: str) -> bool:
     )
 
 
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def is_valid_uid(value: object) -> bool:
+    """PS3.5 9.1: digits and dots, no leading zeros in a component, at most 64 chars."""
+    return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+
+
 def _check_port(source: str, key: str, port: int, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if not low <= port <= 65535:
@@ -336,6 +345,9 @@ def _check(c: Config) -> None:
         raise ConfigError(
             s, "dimse.max_pdu_size", "must be 0 (unlimited) or between 4096 and 4294967295"
         )
+    for uid in c.dimse.storage_sop_classes:
+        if not is_valid_uid(uid):
+            raise ConfigError(s, "dimse.storage_sop_classes", f"not a valid UID: {uid!r}")
     for key in ("acse_timeout", "dimse_timeout", "network_timeout", "drain_seconds"):
         if getattr(c.dimse, key) <= 0:
             raise ConfigError(s, f"dimse.{key}", "must be a positive number of seconds")

@@ -35,6 +35,7 @@ def test_defaults_match_the_documented_contract() -> None:
     assert c.database_path == Path("var/spool/gateway.sqlite3")
     assert c.dimse.allowed_aets == ()
     assert c.upload.compression == "j2k-lossless"
+    assert c.dimse.storage_sop_classes == ()  # every storage SOP class
 
 
 def test_database_lives_in_the_spool_unless_set() -> None:
@@ -132,6 +133,12 @@ interval_seconds = 30
         ("[dimse]\nae_title = 'A_TITLE_THAT_IS_TOO_LONG'\n", "dimse.ae_title", "AE title"),
         ("[dimse]\nallowed_aets = 'CT1'\n", "dimse.allowed_aets", "list of strings"),
         ("[dimse]\nbind = 'my host'\n", "dimse.bind", "IP address"),
+        (
+            "[dimse]\nstorage_sop_classes = ['1.2.840.10008.5.1.4.1.1.2', '1.02.3']\n",
+            "dimse.storage_sop_classes",
+            "not a valid UID",
+        ),
+        ("[dimse]\nstorage_sop_classes = '1.2.3'\n", "dimse.storage_sop_classes", "list of"),
         ("[spool]\nmin_free_bytes = -1\n", "spool.min_free_bytes", "negative"),
         ("[upload]\ncompression = 'jpeg'\n", "upload.compression", "j2k-lossless"),
         ("[upload]\ndicomweb_url = 'http://x'\n", "upload.dicomweb_url", "https://"),

@@ -176,11 +176,17 @@ def test_readyz_when_the_spool_tmp_dir_is_moved_away(gateway_factory: GatewayFac
 def test_retry_and_pause_from_the_api(
     gateway_factory: GatewayFactory, archive_lab: ArchiveLab, tmp_path: Path
 ) -> None:
-    gw = gateway_factory(upload=_upload_config(archive_lab))
-    web = _client(gw)
+    gw = gateway_factory(start=False, upload=_upload_config(archive_lab))
     # The archive refuses an instance without Series Instance UID (HTTP 400, 0xC000):
-    # a permanent failure that only an operator's retry sends again.
-    bad = _send(gw, tmp_path, SeriesInstanceUID=None)
+    # a permanent failure that only an operator's retry sends again.  The gateway's
+    # own C-STORE check refuses such an instance, so it is queued directly.
+    bad = tmp_path / "no-series.dcm"
+    ds = corpus.with_new_uids(corpus.testdata("CT_small.dcm"), bad)
+    del ds.SeriesInstanceUID
+    ds.save_as(bad)
+    gw.enqueue_unchecked(bad)
+    gw.start()
+    web = _client(gw)
     wait_until("failed", lambda: web.status()["queue"]["failed"] == 1)
     failed = web.get("/api/queue?state=failed&limit=10").json()["items"]
     assert [f["sop_instance_uid"] for f in failed] == [pydicom.dcmread(bad).SOPInstanceUID]
