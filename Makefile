@@ -9,10 +9,10 @@ comma := ,
 
 # systemd-python builds from source: it needs the headers and a compiler.
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
-# The real peers the tests talk to: DCMTK as modality, Orthanc + DICOMweb behind
-# nginx (mutual TLS) as the cloud archive; Chromium looks at the status page; systemd
+# The real peers the tests talk to: DCMTK and GDCM (gdcmscu, gdcmconv) as modalities
+# and decoders, Orthanc + DICOMweb behind nginx (mutual TLS) as the cloud archive; Chromium looks at the status page; systemd
 # for systemd-analyze (unit checks).
-TEST_PACKAGES := $(RUN_PACKAGES) dcmtk orthanc orthanc-dicomweb nginx-light chromium systemd
+TEST_PACKAGES := $(RUN_PACKAGES) dcmtk libgdcm-tools orthanc orthanc-dicomweb nginx-light chromium systemd
 # The slow tests apply the Ansible role to a debootstrap chroot and build the image
 # with mkosi (which runs systemd-nspawn).
 SLOW_PACKAGES := debootstrap mkosi systemd-container
@@ -39,6 +39,8 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/crash_run.py --kills 200
 	$(BIN)/python tests/bench/status.py
 	$(BIN)/python tests/bench/worklist.py
+	$(BIN)/python tests/bench/conformance.py
+	$(BIN)/python tests/bench/chaos.py --seconds 1800
 
 lint: $(VENV)/.test-installed $(ANSIBLE_VENV)/.installed
 	$(BIN)/ruff check gateway tests

@@ -5,6 +5,16 @@ page, then the compress/upload pipeline, the worklist refresh, the MPPS forwarde
 the heartbeat, when configured); systemd hears READY=1 once the listener and the page
 are up, WATCHDOG=1 from the loop itself (gateway.notify), and STOPPING=1 when the stop
 begins.
+What stops the gateway (and what does not): the receiver must keep answering, so a
+component that crashes -- the pipeline, the worklist refresh, the MPPS forwarder, the
+heartbeat -- is logged with its traceback, counted in
+``dicom_gateway_component_restarts_total{component}``, shown as a degraded health
+state, and restarted in-process with backoff (:data:`_RESTART_INITIAL_S` doubling to
+:data:`_RESTART_MAX_S`).  The process exits (status 70, systemd restarts it) only for
+what a restart in-process cannot mend: a corrupt queue database (SQLite
+"database disk image is malformed" / "file is not a database"), the database
+writer thread dying, or the DIMSE acceptor thread dying.
+
 Stop (SIGTERM/SIGINT): close the listener and refuse new C-STOREs, let in-flight
 C-STOREs and MPPS requests finish for at most ``dimse.drain_seconds`` (they get their
 true answer), abort what is left; only then cancel the pipeline, the MPPS forwarder and
@@ -16,11 +26,13 @@ committed: its writer outlives every caller.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
+import sqlite3
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import __version__
@@ -35,13 +47,17 @@ from .reconcile import reconcile
 from .spool import Spool
 from .status import StatusService
 from .store import Store
+from .upgrade import adopt_legacy_database
 from .web import WEB_STOP_S, WebServer
 from .worklist import Worklist
 
 log = logging.getLogger(__name__)
 
-#: Exit status when a component dies under us (systemd restarts the service).
+#: Exit status when the gateway cannot go on (systemd restarts the service).
 EXIT_COMPONENT_FAILED = 70
+#: A crashed component is restarted after this, doubling up to _RESTART_MAX_S.
+_RESTART_INITIAL_S = 1.0
+_RESTART_MAX_S = 300.0
 _MONITOR_INTERVAL_S = 1.0
 _SWEEP_INTERVAL_S = 60.0
 
@@ -59,11 +75,40 @@ def stop_budget_seconds(config: Config) -> float:
     )
 
 
+def _describe(exc: BaseException) -> str:
+    """One line for the log: the errors inside a TaskGroup's group, not the group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside *exc*'s (nested) exception groups; *exc* if it is none.
+    A component's TaskGroup wraps what one of its tasks raised."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def is_corrupt_database(exc: BaseException) -> bool:
+    """SQLite says the database file itself is damaged (not busy, locked or full)."""
+    return any(
+        isinstance(e, sqlite3.DatabaseError)
+        and not isinstance(e, sqlite3.OperationalError)
+        and ("malformed" in str(e).lower() or "not a database" in str(e).lower())
+        for e in _leaves(exc)
+    )
+
+
+def describe_crash(exc: BaseException) -> str:
+    return "; ".join(repr(e) for e in _leaves(exc))
+
+
 class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.spool = Spool(config.spool.dir, config.spool.min_free_bytes)
-        self.store = Store(config.database.path, remove_file=self.spool.remove_unpinned)
+        self.store = Store(config.database_path, remove_file=self.spool.remove_unpinned)
         self.metrics = Metrics()
         self.pipeline = Pipeline(config, self.spool, self.store, self.metrics)
         self.worklist = Worklist(config, self.store)
@@ -137,24 +182,16 @@ class Gateway:
                 port,
                 self.spool.root,
             )
-            async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(self._monitor(), name="monitor"),
-                    tg.create_task(self._sweep_tmp(), name="sweep-tmp"),
-                    tg.create_task(self._supervise("pipeline", self.pipeline.run())),
-                    tg.create_task(self._supervise("worklist", self.worklist.run())),
-                    tg.create_task(self._supervise("mpps", self.mpps.run())),
-                ]
-                if self.config.heartbeat.url:
-                    beat = run_heartbeat(self.config, self.status)
-                    tasks.append(tg.create_task(self._supervise("heartbeat", beat)))
-                await self._stop.wait()
-                # In-flight DIMSE requests finish while the pipeline still runs.
-                self._state = "stopping: draining C-STOREs in progress"
-                self.notifier.stopping(self._state)
-                await asyncio.to_thread(self._drain_dimse)
-                for task in tasks:
-                    task.cancel()
+            try:
+                await self._run_tasks()
+            except Exception as exc:  # a bug in a task of ours: stop, and say so
+                log.critical("gateway task failed", exc_info=True)
+                self._failure = _describe(exc)
+        except BaseException as exc:
+            # Whatever ends the run from here on is not a clean stop.
+            if self._failure is None:
+                self._failure = _describe(exc)
+            raise
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -174,30 +211,69 @@ class Gateway:
             return EXIT_COMPONENT_FAILED
         return 0
 
+    async def _run_tasks(self) -> None:
+        """The background tasks, until a stop is requested."""
+        async with asyncio.TaskGroup() as tg:
+            tasks = [
+                tg.create_task(self._monitor(), name="monitor"),
+                tg.create_task(self._sweep_tmp(), name="sweep-tmp"),
+                tg.create_task(self._supervise("pipeline", self.pipeline.run)),
+                tg.create_task(self._supervise("worklist", self.worklist.run)),
+                tg.create_task(self._supervise("mpps", self.mpps.run)),
+            ]
+            if self.config.heartbeat.url:
+                beat = functools.partial(run_heartbeat, self.config, self.status)
+                tasks.append(tg.create_task(self._supervise("heartbeat", beat)))
+            await self._stop.wait()
+            # In-flight DIMSE requests finish while the pipeline still runs.
+            self._state = "stopping: draining C-STOREs in progress"
+            self.notifier.stopping(self._state)
+            await asyncio.to_thread(self._drain_dimse)
+            for task in tasks:
+                task.cancel()
+
     def _start(self) -> None:
         self.spool.prepare()
+        self.store.path = adopt_legacy_database(self.config)
         self.store.open()
         reconcile(self.spool, self.store)
         self.receiver.start()
 
-    async def _supervise(self, name: str, work: Coroutine[Any, Any, None]) -> None:
-        """Run one component; if it dies, say so loudly and stop the gateway (systemd
-        restarts it) rather than carry on half-working."""
-        try:
-            await work
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.critical("%s crashed", name, exc_info=True)
-            self._failure = f"{name} crashed"
-            self.request_stop(self._failure)
+    async def _supervise(self, name: str, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run one component and restart it, with backoff, each time it crashes: the
+        receiver goes on meanwhile, and the page says the component is degraded.  Only
+        a corrupt database stops the gateway (see the module docstring)."""
+        delay = _RESTART_INITIAL_S
+        while True:
+            started = time.monotonic()
+            try:
+                await work()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if is_corrupt_database(exc):
+                    log.critical("%s: the queue database is corrupt", name, exc_info=True)
+                    self._failure = f"queue database corrupt: {describe_crash(exc)}"
+                    self.request_stop(self._failure)
+                    return
+                if time.monotonic() - started > _RESTART_MAX_S:
+                    delay = _RESTART_INITIAL_S  # it ran well for a while: start over
+                log.error("%s crashed; restarting it in %.0f s", name, delay, exc_info=True)
+                self.metrics.component_restarts.labels(name).inc()
+                self.status.component_crashed(name, describe_crash(exc), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RESTART_MAX_S)
 
     async def _monitor(self) -> None:
-        """Turn a dead thread into a logged, visible failure instead of a silent hang."""
+        """Turn a dead thread into a logged, visible failure instead of a silent hang,
+        and notice a spool directory that vanished or was replaced (Spool.check logs
+        it, and the receiver and /readyz refuse until it is back)."""
         while True:
             await asyncio.sleep(_MONITOR_INTERVAL_S)
             if self._stop.is_set():
                 return  # the stop closes the listener first, on purpose
+            await asyncio.to_thread(self.spool.check)
             for name, alive in (
                 ("DIMSE acceptor", self.receiver.alive),
                 ("queue database writer", self.store.alive),
@@ -215,7 +291,11 @@ class Gateway:
         stale_after = c.network_timeout + c.dimse_timeout + COMMIT_TIMEOUT_S + 60
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL_S)
-            removed = await asyncio.to_thread(self.spool.sweep_tmp, stale_after)
+            try:
+                removed = await asyncio.to_thread(self.spool.sweep_tmp, stale_after)
+            except OSError as exc:  # the spool's trouble is reported by the monitor
+                log.error("sweeping the spool's tmp/ failed: %s", exc)
+                continue
             if removed:
                 log.warning("removed %d abandoned temp files from the spool", removed)
 
@@ -241,4 +321,9 @@ class Gateway:
         self._drain_dimse()
         # Last: every caller (handlers, pipeline, forwarder, page) is gone by now.
         self.store.close(timeout=_STORE_CLOSE_S)
-        log.info("stopped cleanly in %.1f s", time.monotonic() - self._stop_started)
+        self.spool.close()
+        took = time.monotonic() - self._stop_started
+        if self._failure is None:
+            log.info("stopped cleanly in %.1f s", took)
+        else:
+            log.error("stopped after an error (%s) in %.1f s", self._failure, took)

@@ -67,10 +67,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _database(config: Config) -> Path | None:
     """The queue database of *config*, or None (said on stderr) when there is none."""
-    if not config.database.path.exists():
-        print(f"dicom-gateway: no queue database at {config.database.path}", file=sys.stderr)
+    from .upgrade import database_in_use
+
+    path = database_in_use(config)
+    if not path.exists():
+        print(f"dicom-gateway: no queue database at {path}", file=sys.stderr)
         return None
-    return config.database.path
+    return path
 
 
 def _list(args: argparse.Namespace, select: str, order: str, line: Callable[[Row], str]) -> int:
@@ -228,6 +231,13 @@ def cmd_send(args: argparse.Namespace) -> int:
     return send([Path(f) for f in args.files], args.host, port, called, args.calling_ae, report)
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from .conformance import render
+
+    sys.stdout.write(render())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-gateway", description="DICOM edge gateway for imaging sites."
@@ -290,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--common-name", metavar="CN", help="subject CN (default: host name)")
     enroll.add_argument("--force", action="store_true", help="replace an existing key")
     enroll.set_defaults(func=cmd_enroll)
+
+    conformance = sub.add_parser(
+        "conformance", help="print the DICOM Conformance Statement (Markdown)"
+    )
+    conformance.set_defaults(func=cmd_conformance)
 
     send = sub.add_parser("send", help="test C-STORE of files to a DICOM peer")
     send.add_argument("--config", metavar="FILE", help="defaults for port and called AE")

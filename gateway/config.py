@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import tomllib
 import types
@@ -47,6 +48,7 @@ class DimseConfig:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     drain_seconds: float = 20.0
+    storage_sop_classes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,15 @@ class SpoolConfig:
     min_free_bytes: int = 512 * 1024 * 1024
 
 
+#: The queue database's file name inside ``spool.dir`` when ``database.path`` is not set.
+DATABASE_NAME = "gateway.sqlite3"
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
-    path: Path = Path("var/gateway.sqlite3")
+    # None: inside the spool directory (Config.database_path), so that the queue and
+    # the files it refers to share one file system, one backup and one mount.
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -72,8 +80,12 @@ class UploadConfig:
     batch_max_bytes: int = 64 * 1024 * 1024
     concurrent_requests: int = 2
     request_timeout_seconds: float = 300.0
+    min_bytes_per_second: int = 125_000
+    compress_timeout_seconds: float = 60.0
     backoff_initial_seconds: float = 5.0
     backoff_max_seconds: float = 900.0
+    max_attempts: int = 500
+    give_up_after_hours: float = 72.0
 
 
 @dataclass(frozen=True)
@@ -140,6 +152,13 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def database_path(self) -> Path:
+        """``database.path``, or when it is not set ``<spool.dir>/gateway.sqlite3``."""
+        if self.database.path is not None:
+            return self.database.path
+        return self.spool.dir / DATABASE_NAME
 
 
 SECTIONS: dict[str, type] = {
@@ -245,6 +264,14 @@ def _valid_ae_title(title: str) -> bool:
     )
 
 
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def is_valid_uid(value: object) -> bool:
+    """PS3.5 9.1: digits and dots, no leading zeros in a component, at most 64 chars."""
+    return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+
+
 def _check_port(source: str, key: str, port: int, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if not low <= port <= 65535:
@@ -318,11 +345,19 @@ def _check(c: Config) -> None:
         raise ConfigError(
             s, "dimse.max_pdu_size", "must be 0 (unlimited) or between 4096 and 4294967295"
         )
+    for uid in c.dimse.storage_sop_classes:
+        if not is_valid_uid(uid):
+            raise ConfigError(s, "dimse.storage_sop_classes", f"not a valid UID: {uid!r}")
     for key in ("acse_timeout", "dimse_timeout", "network_timeout", "drain_seconds"):
         if getattr(c.dimse, key) <= 0:
             raise ConfigError(s, f"dimse.{key}", "must be a positive number of seconds")
     if c.spool.min_free_bytes < 0:
         raise ConfigError(s, "spool.min_free_bytes", "must not be negative")
+    db = Path(os.path.abspath(c.database_path))
+    for sub in ("tmp", "objects"):
+        # The start-up sweep empties tmp/ and removes unreferenced files from objects/.
+        if db.is_relative_to(os.path.abspath(c.spool.dir / sub)):
+            raise ConfigError(s, "database.path", f"must not be inside spool.dir's {sub}/")
     url = c.upload.dicomweb_url
     if url and not url.startswith("https://"):
         # There is no plaintext mode: patient data only leaves the box over verified TLS.
@@ -340,10 +375,18 @@ def _check(c: Config) -> None:
         "batch_max_instances",
         "batch_max_bytes",
         "concurrent_requests",
+        "min_bytes_per_second",
+        "max_attempts",
     ):
         if getattr(c.upload, key) < 1:
             raise ConfigError(s, f"upload.{key}", "must be at least 1")
-    for key in ("request_timeout_seconds", "backoff_initial_seconds", "backoff_max_seconds"):
+    for key in (
+        "request_timeout_seconds",
+        "compress_timeout_seconds",
+        "backoff_initial_seconds",
+        "backoff_max_seconds",
+        "give_up_after_hours",
+    ):
         if getattr(c.upload, key) <= 0:
             raise ConfigError(s, f"upload.{key}", "must be a positive number of seconds")
     if c.upload.backoff_max_seconds < c.upload.backoff_initial_seconds:

@@ -43,9 +43,10 @@ class Check:
     ok: bool | None  # None: skipped (not configured)
     detail: str
     fix: str = ""
+    warn: bool = False  # works, but is a risk worth fixing (does not fail the doctor)
 
     def line(self) -> str:
-        mark = {True: "PASS", False: "FAIL", None: "SKIP"}[self.ok]
+        mark = "WARN" if self.warn else {True: "PASS", False: "FAIL", None: "SKIP"}[self.ok]
         text = f"{mark}  {self.name:<16} {self.detail}"
         return f"{text}\n      fix: {self.fix}" if self.fix else text
 
@@ -63,6 +64,7 @@ def doctor(config: Config, out: TextIO = sys.stdout) -> int:
 def _checks(config: Config) -> Iterator[Check]:
     yield Check("config", True, f"{config.source} is valid")
     yield check_spool(config)
+    yield check_database(config)
     yield check_dimse(config)
     yield check_certificate(config)
     yield check_archive(config)
@@ -102,6 +104,30 @@ def check_spool(config: Config) -> Check:
             " or move spool.dir to a larger disk",
         )
     return Check("spool", True, f"{spool} writable, {_mb(free)} free (minimum {_mb(need)})")
+
+
+def check_database(config: Config) -> Check:
+    """The queue database should share the spool's file system (see database.path)."""
+    from .upgrade import database_in_use
+
+    db = database_in_use(config)
+    try:
+        spool_dev = os.stat(_existing(config.spool.dir)).st_dev
+        db_dev = os.stat(_existing(db.parent)).st_dev
+    except OSError as exc:
+        return Check("database", False, f"cannot look at {db}: {exc.strerror}", "see the log")
+    if db_dev != spool_dev:
+        return Check(
+            "database",
+            True,
+            f"{db} is on another file system than the spool {config.spool.dir}: a backup,"
+            " restore or lost mount of one without the other loses acknowledged images",
+            "unset database.path (the queue then lives in spool.dir; stop the gateway and"
+            " move the file with its -wal and -shm first), or back both up together",
+            warn=True,
+        )
+    state = "exists" if db.exists() else "is created at the first start"
+    return Check("database", True, f"{db} {state}, on the spool's file system")
 
 
 def _mb(n: int) -> str:

@@ -9,6 +9,17 @@ moving them into its transient state; a crash leaves them there and the start-up
 reconciler hands them back.  Completions are guarded by the row's sha256 and state,
 so an instance re-received while it was being processed is not marked with the
 outcome of its older copy.
+
+Failure isolation: whatever goes wrong with one instance or one batch stays with it.
+An instance the compress stage cannot handle is quarantined as ``failed`` with the
+reason; an encode that hangs past its timeout or kills its worker goes up
+uncompressed, and only that one (the pool's other images are redone, each alone).
+Any error of one upload request is a retryable outcome of that batch; HTTP 413
+splits the batch, a timeout halves the following ones; retries end (``failed``, with
+the reason) after ``upload.max_attempts`` or ``upload.give_up_after_hours``.  A
+stage that still crashes (its database writes fail) takes the pipeline down, and the
+gateway restarts it in-process (gateway.app); :meth:`Pipeline.run` hands back what it
+had leased.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from .store import (
     COMPRESSING,
     FAILED,
     RECEIVED,
+    TRANSIENT_STATES,
     UPLOADED,
     UPLOADING,
     Store,
@@ -45,7 +57,7 @@ from .store import (
     utcnow,
 )
 from .transcode import TranscodeResult, transcode
-from .upload import InstanceOutcome, Item, RequestFailed, StowClient
+from .upload import InstanceOutcome, Item, RequestFailed, RequestTooBig, StowClient
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -60,6 +72,7 @@ _IDLE_POLL_S = 5.0
 _RETENTION_INTERVAL_S = 60.0
 #: Rows pruned per writer transaction (their files are unlinked by the writer).
 _PRUNE_MAX_ROWS = 500
+_BATCH_GROW_AFTER = 10
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -94,12 +107,57 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
+#: The exponent of the backoff stops growing here: 2**62 times any sane initial delay is
+#: far beyond any maximum, and a float power of it cannot overflow (2.0 ** 1024 does).
+_BACKOFF_MAX_EXPONENT = 62
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    # A J2K encode of a large instance can take many seconds; it is redone after
+    # restart, so the workers are stopped rather than waited for (and a hung one is
+    # killed: terminate() is SIGTERM, which a worker stuck in C may not act on).
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in processes:
+        proc.kill()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _fallback(claimed: Claimed, reason: str) -> TranscodeResult:
+    """Send the original as it was received, saying why it was not compressed."""
+    return TranscodeResult(
+        "fallback", reason, claimed.transfer_syntax, claimed.size, claimed.size, 0.0
+    )
+
+
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
     """Exponential backoff with jitter: attempt n waits between half and all of
     ``min(maximum, initial * 2**(n-1))``, so boxes that lost the archive together do
-    not all come back at the same second."""
-    ceiling = min(maximum, initial * 2.0 ** max(0, attempts - 1))
+    not all come back at the same second.  Any attempt count is fine (no overflow)."""
+    exponent = min(max(0, attempts - 1), _BACKOFF_MAX_EXPONENT)
+    ceiling = min(maximum, initial * 2.0**exponent)
     return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    """When retrying an upload stops and the instance becomes ``failed``."""
+
+    max_attempts: int
+    after_hours: float
+
+    def reason(self, attempts: int, failing_since: str, now: str) -> str | None:
+        """Why to stop now after *attempts* failed attempts, or None to go on."""
+        if attempts >= self.max_attempts:
+            return f"gave up after {attempts} attempts (upload.max_attempts)"
+        hours = (datetime.fromisoformat(now) - datetime.fromisoformat(failing_since)) / timedelta(
+            hours=1
+        )
+        if hours >= self.after_hours:
+            return (
+                f"gave up after {hours:.0f} hours of failed attempts ({attempts} attempts,"
+                " upload.give_up_after_hours)"
+            )
+        return None
 
 
 def _at(seconds_from_now: float) -> str:
@@ -202,32 +260,84 @@ def _next_due(conn: sqlite3.Connection) -> str | None:
 
 
 def _finish_uploads(
-    results: list[tuple[Claimed, InstanceOutcome]], backoff: Callable[[int], float]
-) -> Callable[[sqlite3.Connection], None]:
-    def write(conn: sqlite3.Connection) -> None:
+    results: list[tuple[Claimed, InstanceOutcome]],
+    backoff: Callable[[int], float],
+    give_up: GiveUp,
+) -> Callable[[sqlite3.Connection], list[tuple[Claimed, InstanceOutcome]]]:
+    """Record each outcome; returns them as recorded (a retryable failure past
+    *give_up*'s limits is recorded, and returned, as a permanent one)."""
+
+    def write(conn: sqlite3.Connection) -> list[tuple[Claimed, InstanceOutcome]]:
         now = utcnow()
+        recorded: list[tuple[Claimed, InstanceOutcome]] = []
         for claimed, outcome in results:
             guard = (claimed.sop_instance_uid, claimed.sha256, UPLOADING)
             if outcome.stored:
                 conn.execute(
                     "UPDATE instances SET state = ?, uploaded_at = ?, attempts = attempts + 1,"
-                    " last_error = NULL, updated_at = ?"
+                    " last_error = NULL, failing_since = NULL, updated_at = ?"
                     " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
                     (UPLOADED, now, now, *guard),
                 )
-            elif outcome.retryable:
-                conn.execute(
-                    "UPDATE instances SET state = ?, attempts = attempts + 1, last_error = ?,"
-                    " next_attempt_at = ?, updated_at = ?"
-                    " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-                    (COMPRESSED, outcome.reason, _at(backoff(claimed.attempts + 1)), now, *guard),
-                )
-            else:
-                conn.execute(
-                    "UPDATE instances SET state = ?, attempts = attempts + 1, last_error = ?,"
-                    " updated_at = ? WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-                    (FAILED, outcome.reason, now, *guard),
-                )
+                recorded.append((claimed, outcome))
+                continue
+            attempts = claimed.attempts + 1
+            if outcome.retryable:
+                row = conn.execute(
+                    "SELECT failing_since, received_at FROM instances WHERE sop_instance_uid = ?",
+                    (claimed.sop_instance_uid,),
+                ).fetchone()
+                since = row["failing_since"] if row is not None else None
+                if since is None or (row is not None and since < row["received_at"]):
+                    since = now  # the first failure since it was (re-)received
+                why = give_up.reason(attempts, since, now)
+                if why is None:
+                    conn.execute(
+                        "UPDATE instances SET state = ?, attempts = ?, last_error = ?,"
+                        " failing_since = ?, next_attempt_at = ?, updated_at = ?"
+                        " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
+                        (COMPRESSED, attempts, outcome.reason, since, _at(backoff(attempts)),
+                         now, *guard),
+                    )  # fmt: skip
+                    recorded.append((claimed, outcome))
+                    continue
+                outcome = InstanceOutcome(stored=False, reason=f"{outcome.reason}; {why}")
+            conn.execute(
+                "UPDATE instances SET state = ?, attempts = ?, last_error = ?,"
+                " failing_since = NULL, updated_at = ?"
+                " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
+                (FAILED, attempts, outcome.reason, now, *guard),
+            )
+            recorded.append((claimed, outcome))
+        return recorded
+
+    return write
+
+
+def _hand_back_leases(conn: sqlite3.Connection) -> int:
+    """Rows a stage had claimed go back to the state before it (what a crashed run of
+    the pipeline leaves; at start-up the reconciler has done this already)."""
+    now = utcnow()
+    return sum(
+        conn.execute(
+            "UPDATE instances SET state = ?, updated_at = ? WHERE state = ?", (back, now, leased)
+        ).rowcount
+        for leased, back in TRANSIENT_STATES.items()
+    )
+
+
+def _quarantine(claimed: Claimed, state: str, reason: str) -> Callable[[sqlite3.Connection], bool]:
+    """A row a stage cannot handle becomes ``failed`` with the reason (if it is still
+    the copy the stage claimed)."""
+
+    def write(conn: sqlite3.Connection) -> bool:
+        now = utcnow()
+        cur = conn.execute(
+            "UPDATE instances SET state = ?, last_error = ?, updated_at = ?"
+            " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
+            (FAILED, reason, now, claimed.sop_instance_uid, claimed.sha256, state),
+        )
+        return cur.rowcount == 1
 
     return write
 
@@ -237,7 +347,8 @@ def retry_failed(conn: sqlite3.Connection, sop_instance_uids: list[str] | None) 
     now = utcnow()
     sql = (
         "UPDATE instances SET state = CASE WHEN upload_path IS NULL THEN ? ELSE ? END,"
-        " attempts = 0, last_error = NULL, next_attempt_at = ?, updated_at = ?"
+        " attempts = 0, last_error = NULL, failing_since = NULL, next_attempt_at = ?,"
+        " updated_at = ?"
         " WHERE state = ?"
     )
     params: list[Any] = [RECEIVED, COMPRESSED, now, now, FAILED]
@@ -305,6 +416,11 @@ class Pipeline:
         self._upload_wake = asyncio.Event()
         self._prune_wake = asyncio.Event()
         self._pool: ProcessPoolExecutor | None = None
+        self._seen_errors: set[str] = set()
+        #: Instances per request after a timeout (None: upload.batch_max_instances).
+        self._batch_limit: int | None = None
+        self._batch_successes = 0
+        self._encoder_slots = asyncio.Semaphore(config.upload.compress_workers)
 
     # -- wiring -------------------------------------------------------------------------
     def wake(self) -> None:
@@ -329,11 +445,21 @@ class Pipeline:
 
     async def _db(self, fn: Callable[[sqlite3.Connection], T], durable: bool = False) -> T:
         # Pipeline transitions are redone if lost (see Store.submit); deletions are not.
-        return await asyncio.wrap_future(self.store.submit(fn, durable=durable))
+        # Shielded: a cancelled stage (a stop, or a sibling stage's crash before an
+        # in-process restart) must not cancel the submitted write's own future, which
+        # the writer completes anyway (a cancelled one used to kill the writer thread).
+        return await asyncio.shield(asyncio.wrap_future(self.store.submit(fn, durable=durable)))
 
     async def run(self) -> None:
+        """Run the stages until cancelled.  May be called again after it raised (the
+        gateway restarts a crashed pipeline): rows a crashed run left leased are
+        handed back first, as the start-up reconciler does."""
         self._loop = asyncio.get_running_loop()
         c = self.config.upload
+        returned = await self._db(_hand_back_leases)
+        if returned:
+            log.warning("%d instances left in progress by the last run are queued again",
+                        returned)  # fmt: skip
         if c.compression != "none":
             self._pool = _new_pool(c.compress_workers)
         try:
@@ -350,24 +476,36 @@ class Pipeline:
     def _shutdown_pool(self) -> None:
         if self._pool is None:
             return
-        # A J2K encode of a large instance can take many seconds; it is redone after
-        # restart, so the workers are stopped rather than waited for.
-        processes = list((getattr(self._pool, "_processes", None) or {}).values())
-        for proc in processes:
-            proc.terminate()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        _stop_pool(self._pool)
         self._pool = None
 
     # -- compress -----------------------------------------------------------------------
     async def _compress_loop(self) -> None:
         workers = self.config.upload.compress_workers
         while True:
+            if self.spool.problem is not None:
+                # The spool is gone or replaced (Spool.check): nothing to read or write.
+                await _wait(self._compress_wake, _IDLE_POLL_S)
+                continue
             claimed = await self._db(_claim_for_compression(workers * 2))
             if not claimed:
                 await _wait(self._compress_wake, _IDLE_POLL_S)
                 continue
-            await asyncio.gather(*(self._compress_one(c) for c in claimed))
+            await asyncio.gather(*(self._compress_isolated(c) for c in claimed))
             self._upload_wake.set()
+
+    async def _compress_isolated(self, claimed: Claimed) -> None:
+        """One instance through the compress stage; whatever goes wrong with it stays
+        with it: it is quarantined as ``failed`` with the reason, and the stage goes on."""
+        try:
+            await self._compress_one(claimed)
+        except Exception as exc:
+            reason = f"compress stage error: {exc!r}"
+            log.exception("sop=%s: %s", claimed.sop_instance_uid, reason)
+            # If the database itself fails here, the row stays `compressing` and is
+            # handed back when the pipeline (or the gateway) next starts.
+            with contextlib.suppress(Exception):
+                await self._db(_quarantine(claimed, COMPRESSING, reason))
 
     async def _compress_one(self, claimed: Claimed) -> None:
         # Registered as in use, so the temp sweep leaves it alone however long it takes.
@@ -386,10 +524,19 @@ class Pipeline:
         upload_path, upload_size = claimed.path, claimed.size
         pinned = False
         if result.outcome == "compressed":
-            spooled = await asyncio.to_thread(self.spool.commit_file, dst)
-            upload_path, upload_size, pinned = spooled.relpath, spooled.size, True
-            if self.metrics is not None and spooled.size:
-                self.metrics.compression_ratio.observe(claimed.size / spooled.size)
+            try:
+                spooled = await asyncio.to_thread(self.spool.commit_file, dst)
+            except OSError as exc:  # e.g. the spool vanished meanwhile (Spool.check)
+                log.error("sop=%s: keeping its J2K copy failed: %s", claimed.sop_instance_uid, exc)
+                # The encoder wrote by path: if another directory is there now, this
+                # takes back the one file it put into it.
+                with contextlib.suppress(OSError):
+                    dst.unlink()
+                result = _fallback(claimed, f"spool error: {exc}")
+            else:
+                upload_path, upload_size, pinned = spooled.relpath, spooled.size, True
+                if self.metrics is not None and spooled.size:
+                    self.metrics.compression_ratio.observe(claimed.size / spooled.size)
         elif result.outcome == "fallback":
             log.warning("sop=%s sent uncompressed: %s", claimed.sop_instance_uid, result.reason)
         mark = _mark_compressed(claimed, upload_path, upload_size, result)
@@ -397,33 +544,86 @@ class Pipeline:
         unpin = (lambda: self.spool.release(upload_path)) if pinned else None
         await asyncio.wrap_future(self.store.submit(mark, durable=False, when_done=unpin))
 
+    def _transcode_timeout(self, claimed: Claimed) -> float:
+        # One second per MB beyond the configured floor: a 500 MB multi-frame may take
+        # minutes, a hung encoder on a CT slice is noticed within the floor.
+        return max(self.config.upload.compress_timeout_seconds, claimed.size / 1_000_000)
+
     async def _transcode(self, src: Path, dst: Path, claimed: Claimed) -> TranscodeResult:
-        assert self._pool is not None and self._loop is not None
+        """Encode in the shared pool.  A worker that dies breaks the pool for every
+        image in it; the others are then encoded again, each in a process of its own,
+        so only the image that killed its worker goes up uncompressed."""
         try:
-            return await self._loop.run_in_executor(self._pool, transcode, src, dst)
+            return await self._run_encoder(src, dst, claimed, isolated=False)
         except BrokenProcessPool:
-            # The encoder took its process down: rebuild the pool, send the original.
-            log.error("J2K encoder process died on sop=%s", claimed.sop_instance_uid)
-            self._shutdown_pool()
-            self._pool = _new_pool(self.config.upload.compress_workers)
             with contextlib.suppress(FileNotFoundError):
                 dst.unlink()
-            return TranscodeResult(
-                "fallback", "encoder process crashed", claimed.transfer_syntax,
-                claimed.size, claimed.size, 0.0,
-            )  # fmt: skip
+        try:
+            return await self._run_encoder(src, dst, claimed, isolated=True)
+        except BrokenProcessPool:
+            log.error("J2K encoder process died on sop=%s", claimed.sop_instance_uid)
+            with contextlib.suppress(FileNotFoundError):
+                dst.unlink()
+            return _fallback(claimed, "encoder process crashed")
+
+    async def _run_encoder(
+        self, src: Path, dst: Path, claimed: Claimed, *, isolated: bool
+    ) -> TranscodeResult:
+        """One transcode, in the shared pool or in a pool of one of its own; raises
+        BrokenProcessPool when the worker died (not when we killed it on timeout)."""
+        timeout = self._transcode_timeout(claimed)
+        # No more images are encoded at once than there are workers: the timeout then
+        # measures this image's encode, not a wait behind another one, and the
+        # encoders redone alone after a crash do not take more cores than configured.
+        async with self._encoder_slots:
+            return await self._encode_in(src, dst, claimed, isolated=isolated, timeout=timeout)
+
+    async def _encode_in(
+        self, src: Path, dst: Path, claimed: Claimed, *, isolated: bool, timeout: float
+    ) -> TranscodeResult:
+        assert self._loop is not None
+        pool = _new_pool(1) if isolated else self._pool
+        assert pool is not None
+        try:
+            future = self._loop.run_in_executor(pool, transcode, src, dst)
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            log.error("J2K encode of sop=%s took over %.0f s: its worker is stopped",
+                      claimed.sop_instance_uid, timeout)  # fmt: skip
+            # There is no telling which worker runs it: the whole pool is replaced, and
+            # whatever else it was encoding gets BrokenProcessPool and is redone alone.
+            self._replace_pool(pool)
+            with contextlib.suppress(FileNotFoundError):
+                dst.unlink()
+            return _fallback(claimed, f"encoder timed out after {timeout:.0f} s")
+        except BrokenProcessPool:
+            self._replace_pool(pool)
+            raise
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            # Not us: the pool was shut down under this image (another one's timeout)
+            # before a worker took it.  Like a broken pool, it is redone alone.
+            raise BrokenProcessPool("the encoder pool was replaced") from None
         except (OSError, ValueError, TypeError, AttributeError, RuntimeError) as exc:
-            # Caught after BrokenProcessPool, itself a RuntimeError.  transcode() turns
-            # bad data into a fallback itself, so this is a bug in it: logged in full,
-            # and the instance goes up as received instead of taking the pipeline
-            # down (and, after the restart, down again).
+            # transcode() turns bad data into a fallback itself, so this is a bug in
+            # it: logged in full, and the instance goes up as received instead of
+            # taking the pipeline down (and, after the restart, down again).
             log.exception("transcode of sop=%s raised", claimed.sop_instance_uid)
             with contextlib.suppress(FileNotFoundError):
                 dst.unlink()
-            return TranscodeResult(
-                "fallback", f"transcode error: {exc!r}", claimed.transfer_syntax,
-                claimed.size, claimed.size, 0.0,
-            )  # fmt: skip
+            return _fallback(claimed, f"transcode error: {exc!r}")
+        finally:
+            if isolated:
+                _stop_pool(pool)
+
+    def _replace_pool(self, broken: ProcessPoolExecutor) -> None:
+        """Stop *broken* and, if it is the shared pool, start a new one (once, however
+        many of its images noticed)."""
+        if broken is self._pool:
+            self._pool = _new_pool(self.config.upload.compress_workers)
+        _stop_pool(broken)
 
     # -- upload -------------------------------------------------------------------------
     def _backoff(self, attempts: int) -> float:
@@ -440,8 +640,9 @@ class Pipeline:
                     continue
                 await slots.acquire()
                 batch = await self._db(
-                    _claim_upload_batch(c.batch_max_instances, c.batch_max_bytes)
-                )
+                    _claim_upload_batch(self._batch_limit or c.batch_max_instances,
+                                        c.batch_max_bytes)
+                )  # fmt: skip
                 if not batch:
                     slots.release()
                     await _wait(self._upload_wake, await self._idle_time())
@@ -463,20 +664,23 @@ class Pipeline:
         self, client: StowClient, batch: list[Claimed], slots: asyncio.Semaphore
     ) -> None:
         try:
-            items = [Item(c.sop_instance_uid, self.spool.path_of(c.upload_path)) for c in batch]
-            try:
-                outcomes = await client.store(items)
-            except (RequestFailed, OSError) as exc:
-                reason = str(exc)
-                log.error("upload of %d instances failed: %s", len(batch), reason)
-                self.last_upload_error = reason
-                self.last_upload_error_at = utcnow()
-                failed = InstanceOutcome(stored=False, retryable=True, reason=reason)
-                outcomes = {c.sop_instance_uid: failed for c in batch}
-            results = [(c, outcomes[c.sop_instance_uid]) for c in batch]
-            await self._db(_finish_uploads(results, self._backoff))
+            results = await self._send(client, batch)
+            c = self.config.upload
+            results = await self._db(
+                _finish_uploads(
+                    results, self._backoff, GiveUp(c.max_attempts, c.give_up_after_hours)
+                )
+            )
+        except Exception:
+            # Not even the outcome could be recorded (a database error): the rows stay
+            # `uploading` until the pipeline restarts and hands them back.
+            log.exception("upload of %d instances could not be recorded", len(batch))
+            raise
         finally:
             slots.release()
+            # The loop may be idling with no retry due in sight (these rows were
+            # `uploading` when it looked): it looks again now.
+            self._upload_wake.set()
         stored = sum(1 for _, o in results if o.stored)
         if self.metrics is not None:
             m = self.metrics
@@ -489,21 +693,93 @@ class Pipeline:
             if not outcome.stored and not outcome.retryable:
                 log.error("sop=%s failed permanently: %s", claimed.sop_instance_uid, outcome.reason)
         if stored:
+            self._batch_stored()
             self.last_upload_ok_at = utcnow()
             log.info("uploaded %d/%d instances of study %s", stored, len(batch),
                      batch[0].study_instance_uid)  # fmt: skip
             self._upload_wake.set()
             self._prune_wake.set()
 
+    async def _send(
+        self, client: StowClient, batch: list[Claimed]
+    ) -> list[tuple[Claimed, InstanceOutcome]]:
+        """One STOW-RS request for *batch*.  A batch too large for the archive (HTTP
+        413, a quick verdict) is sent again at once in halves, down to one instance
+        each.  A batch that timed out is retried with backoff, and the next requests
+        carry half as many instances, down to one (a stalled archive would otherwise
+        hold this slot for a timeout per half)."""
+        items = [Item(c.sop_instance_uid, self.spool.path_of(c.upload_path)) for c in batch]
+        try:
+            outcomes = await client.store(items)
+        except RequestTooBig as exc:
+            reason = str(exc)
+            if len(batch) > 1 and exc.refused:
+                log.warning("%s: splitting the batch of %d", exc, len(batch))
+                half = len(batch) // 2
+                return await self._send(client, batch[:half]) + await self._send(
+                    client, batch[half:]
+                )
+            if len(batch) > 1:
+                self._batch_limit = len(batch) // 2
+                self._batch_successes = 0
+                reason += f"; the next requests carry at most {self._batch_limit} instances"
+            log.error("upload of %d instances failed: %s", len(batch), reason)
+            self._note_upload_error(reason)
+            # 413 for one instance is the archive's verdict on it; a timeout is not.
+            failed = InstanceOutcome(stored=False, retryable=not exc.refused, reason=reason)
+            outcomes = {c.sop_instance_uid: failed for c in batch}
+        except (RequestFailed, OSError) as exc:
+            reason = str(exc) or repr(exc)
+            log.error("upload of %d instances failed: %s", len(batch), reason)
+            self._note_upload_error(reason)
+            failed = InstanceOutcome(stored=False, retryable=True, reason=reason)
+            outcomes = {c.sop_instance_uid: failed for c in batch}
+        except Exception as exc:
+            # Something this code does not understand (a bug, a library surprise): it
+            # fails this batch only, which is retried with backoff like any other.
+            # The traceback is logged the first time each kind is met.
+            kind = type(exc).__qualname__
+            log.error("upload of %d instances raised %r", len(batch), exc,
+                      exc_info=kind not in self._seen_errors)  # fmt: skip
+            self._seen_errors.add(kind)
+            reason = f"upload error: {exc!r}"
+            self._note_upload_error(reason)
+            failed = InstanceOutcome(stored=False, retryable=True, reason=reason)
+            outcomes = {c.sop_instance_uid: failed for c in batch}
+        return [(c, outcomes[c.sop_instance_uid]) for c in batch]
+
+    def _batch_stored(self) -> None:
+        """After a timeout shrank the batches, they grow again (double) once this
+        many requests in a row got through: a line that carries only small requests
+        does not time out every other one."""
+        if self._batch_limit is None:
+            return
+        self._batch_successes += 1
+        if self._batch_successes >= _BATCH_GROW_AFTER:
+            self._batch_successes = 0
+            doubled = self._batch_limit * 2
+            self._batch_limit = (
+                None if doubled >= self.config.upload.batch_max_instances else doubled
+            )
+
+    def _note_upload_error(self, reason: str) -> None:
+        self.last_upload_error = reason
+        self.last_upload_error_at = utcnow()
+
     # -- retention ----------------------------------------------------------------------
     async def _retention_loop(self) -> None:
         r = self.config.retention
         while True:
-            # Durable before any file goes: a row must never point at a deleted file.
-            # The writer itself removes the files (see gateway.store.discard_files).
-            files = await self._db(_prune(r.keep_bytes, r.keep_hours), durable=True)
-            if len(files) < _PRUNE_MAX_ROWS:  # else more are due: go on at once
-                await _wait(self._prune_wake, _RETENTION_INTERVAL_S)
+            try:
+                # Durable before any file goes: a row must never point at a deleted file.
+                # The writer itself removes the files (see gateway.store.discard_files).
+                files = await self._db(_prune(r.keep_bytes, r.keep_hours), durable=True)
+                if len(files) >= _PRUNE_MAX_ROWS:
+                    continue  # more are due: go on at once
+            except Exception:
+                # A file left behind costs disk, not data: tried again next round.
+                log.exception("retention round failed")
+            await _wait(self._prune_wake, _RETENTION_INTERVAL_S)
 
 
 async def _wait(event: asyncio.Event, timeout: float) -> None:

@@ -84,6 +84,14 @@ class Metrics:
             buckets=_RATIO_BUCKETS,
             registry=r,
         )
+        self.component_restarts = Counter(
+            f"{PREFIX}_component_restarts",
+            "crashed components restarted in-process (pipeline, worklist, mpps, heartbeat)",
+            ["component"],
+            registry=r,
+        )
+        for component in ("pipeline", "worklist", "mpps", "heartbeat"):
+            self.component_restarts.labels(component)
         for result in STORE_RESULTS.values():
             self.instances_received.labels(result)
         for outcome in ("stored", "retry", "failed"):

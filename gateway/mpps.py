@@ -44,7 +44,7 @@ from io import BytesIO
 from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import N_CREATE, N_SET
@@ -53,9 +53,9 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from .config import Config
+from . import negotiation
+from .config import Config, is_valid_uid
 from .jobs import backoff_seconds
-from .receive import is_valid_uid
 from .store import Store, WriteFn, utcnow
 
 log = logging.getLogger(__name__)
@@ -693,7 +693,7 @@ class Forwarder:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
         ae.connection_timeout = timeout
         ae.add_requested_context(
-            ModalityPerformedProcedureStep, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+            ModalityPerformedProcedureStep, list(negotiation.SCU_TRANSFER_SYNTAXES)
         )
         return ae
 

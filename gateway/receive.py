@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -25,22 +24,17 @@ from typing import TYPE_CHECKING, Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, _config, dimse_messages, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
-from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    ModalityPerformedProcedureStep,
-    ModalityWorklistInformationFind,
-    Verification,
-)
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import dul_guard, find_encoding, wakeup
-from .config import DimseConfig
+from . import dul_guard, find_encoding, negotiation, wakeup
+from .config import DimseConfig, is_valid_uid
 from .notify import CALLING_AE, SOP_INSTANCE_UID
-from .spool import NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolTempFile
+from .spool import MISSING_COMMENT, NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolMissing, SpoolTempFile
 from .store import ReceivedInstance, Store
 
 if TYPE_CHECKING:
@@ -51,11 +45,52 @@ log = logging.getLogger(__name__)
 
 # C-STORE statuses (PS3.4 B.2.3).  Each failure the handler can meet has its own.
 SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # spool below watermark, disk full, or shutting down
+OUT_OF_RESOURCES = 0xA700  # spool below watermark, disk full, spool gone, or shutting down
 DATASET_MISMATCH = 0xA900  # data set does not match the command or lacks Type 1 UIDs
 CANNOT_UNDERSTAND = 0xC000  # a UID in the command that is not a UID
 UNDECODABLE = 0xC210  # the data set cannot be parsed
 PROCESSING_FAILURE = 0xC001  # an I/O or database error other than "no space"
+
+#: Every C-STORE status the handler answers: (PS3.4 B.2.3 meaning, when).  The
+#: Conformance Statement's table is generated from it.
+STORE_STATUSES: dict[int, tuple[str, str]] = {
+    SUCCESS: ("Success", "the file and its queue row are durable"),
+    OUT_OF_RESOURCES: (
+        "Refused: Out of Resources",
+        "spool free space below `spool.min_free_bytes`, disk full, the spool directory"
+        " missing or replaced, or the gateway is stopping",
+    ),
+    DATASET_MISMATCH: (
+        "Error: Data Set does not match SOP Class",
+        "SOP Class/Instance UID in the data set differs from the command; Study or Series"
+        " Instance UID missing, empty or not a valid UID (no archive could store it)",
+    ),
+    CANNOT_UNDERSTAND: (
+        "Error: Cannot understand",
+        "Affected SOP Class/Instance UID in the command is not a valid UID",
+    ),
+    UNDECODABLE: (
+        "Error: Cannot understand (data set)",
+        "the data set cannot be decoded (truncated, garbage, not in the negotiated"
+        " transfer syntax)",
+    ),
+    PROCESSING_FAILURE: (
+        "Error: Cannot understand (processing failure)",
+        "an I/O or database error other than no space",
+    ),
+}
+
+# Modality Worklist C-FIND statuses (PS3.4 K.4.1.1.4).
+FIND_SUCCESS = 0x0000
+FIND_PENDING = 0xFF00
+FIND_CANCELLED = 0xFE00
+FIND_FAILED = 0xC001
+FIND_STATUSES: dict[int, tuple[str, str]] = {
+    FIND_PENDING: ("Pending", "one matching worklist item follows"),
+    FIND_SUCCESS: ("Success", "all matches sent"),
+    FIND_CANCELLED: ("Cancel", "the SCU sent C-CANCEL"),
+    FIND_FAILED: ("Failed: Unable to process", "the query could not be answered"),
+}
 
 #: How long a C-STORE waits for its queue row to commit before answering failure.
 COMMIT_TIMEOUT_S = 60.0
@@ -63,13 +98,8 @@ COMMIT_TIMEOUT_S = 60.0
 #: release before they are aborted (within dimse.drain_seconds).
 _ANSWER_GRACE_S = 2.0
 
-_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 _HEADER_TAGS = ["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]
-
-
-def is_valid_uid(value: object) -> bool:
-    """PS3.5 9.1: digits and dots, no leading zeros in a component, at most 64 chars."""
-    return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None
+_NAMES = {"StudyInstanceUID": "Study Instance UID", "SeriesInstanceUID": "Series Instance UID"}
 
 
 @dataclass(frozen=True)
@@ -121,6 +151,11 @@ def _spool_write_failed(
     if exc.errno in NO_SPACE_ERRNOS:
         return StoreOutcome(OUT_OF_RESOURCES, "spool disk is full")
     return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
+
+
+def _spool_missing(where: str, sop_instance: str, fields: dict[str, str]) -> StoreOutcome:
+    log.error("C-STORE %s sop=%s refused: %s", where, sop_instance, MISSING_COMMENT, extra=fields)
+    return StoreOutcome(OUT_OF_RESOURCES, MISSING_COMMENT)
 
 
 def _check_dataset(
@@ -178,14 +213,15 @@ def _check_dataset(
     if found["SOPClassUID"] != sop_class:
         raise _Refusal(DATASET_MISMATCH, "SOP Class UID differs from the C-STORE command")
     for kw in ("StudyInstanceUID", "SeriesInstanceUID"):
-        # Type 1 in every image IOD, but some devices omit them: keep the image (the
-        # archive has the last word and its refusal shows in the queue), refuse only
-        # a value that is present and not a UID.
-        if found[kw] is None:
-            log.warning("sop=%s has no %s; accepted", sop_instance, kw)
-        elif not is_valid_uid(found[kw]):
-            raise _Refusal(DATASET_MISMATCH, f"{kw} is not a valid UID")
-    return str(found["StudyInstanceUID"] or ""), str(found["SeriesInstanceUID"] or "")
+        # Type 1 in every composite IOD, and the key a DICOMweb archive stores by: an
+        # instance without them can never be delivered, so the modality hears it now
+        # (its operator can fix it) instead of an acknowledged image failing later.
+        value = found[kw]
+        if value is None or value == "":
+            raise _Refusal(DATASET_MISMATCH, f"no {_NAMES[kw]} in the data set")
+        if not is_valid_uid(value):
+            raise _Refusal(DATASET_MISMATCH, f"{_NAMES[kw]} is not a valid UID")
+    return str(found["StudyInstanceUID"]), str(found["SeriesInstanceUID"])
 
 
 def _data_set_size(path: Path, ds: Dataset) -> int:
@@ -261,18 +297,17 @@ class Receiver:
         ae.network_timeout = c.network_timeout
         ae.require_called_aet = True
         ae.require_calling_aet = list(c.allowed_aets)
-        # Every transfer syntax is accepted as sent: compressed data is never
-        # recompressed or decoded on the receive path.
-        every_syntax: list[str] = list(AllTransferSyntaxes)
-        ae.add_supported_context(Verification, every_syntax)
+        # Storage contexts are added per association when its request arrives
+        # (_on_acse_recv): private and unknown classes cannot be listed in advance.
+        negotiation.install()
+        services = list(negotiation.SERVICE_TRANSFER_SYNTAXES)
+        ae.add_supported_context(negotiation.VERIFICATION, services)
         if self.worklist is not None:
-            ae.add_supported_context(ModalityWorklistInformationFind, every_syntax)
+            ae.add_supported_context(negotiation.MODALITY_WORKLIST_FIND, services)
         if self.mpps is not None:
-            ae.add_supported_context(ModalityPerformedProcedureStep, every_syntax)
-        for cx in AllStoragePresentationContexts:
-            assert cx.abstract_syntax is not None
-            ae.add_supported_context(cx.abstract_syntax, every_syntax)
+            ae.add_supported_context(negotiation.MPPS, services)
         handlers: list[Any] = [
+            (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, self._on_find),
@@ -335,6 +370,27 @@ class Receiver:
         return finished
 
     # -- handlers -------------------------------------------------------------------
+    def _on_acse_recv(self, event: evt.Event) -> None:
+        """Support the storage classes this A-ASSOCIATE-RQ proposes, before pynetdicom
+        negotiates it (in this same thread, right after this event)."""
+        request = getattr(event, "primitive", None)
+        acceptor = event.assoc.acceptor
+        if not (isinstance(request, A_ASSOCIATE) and event.assoc.is_acceptor):
+            return
+        if not acceptor.writeable or request.result is not None:
+            return  # not a request, or negotiation is already under way
+        proposed = [
+            str(cx.abstract_syntax)
+            for cx in request.presentation_context_definition_list
+            if cx.abstract_syntax is not None
+        ]
+        supported = acceptor.supported_contexts
+        have = {str(cx.abstract_syntax) for cx in supported}
+        added = negotiation.storage_contexts(
+            (uid for uid in proposed if uid not in have), self.config.storage_sop_classes
+        )
+        acceptor.supported_contexts = supported + added
+
     def _on_established(self, event: evt.Event) -> None:
         r = event.assoc.requestor
         log.info("association from %s:%s calling AE %r accepted", r.address, r.port, r.ae_title)
@@ -345,14 +401,14 @@ class Receiver:
         r = event.assoc.requestor
         request = r.primitive
         called = request.called_ae_title if request is not None else "?"
+        rj = event.assoc.acceptor.primitive
+        why = (getattr(rj, "result_source", 0) or 0, getattr(rj, "diagnostic", 0) or 0)
+        reason = _REJECT_REASONS.get((int(why[0]), int(why[1])), "other")
         if self.metrics is not None:
-            rj = event.assoc.acceptor.primitive
-            why = (getattr(rj, "result_source", 0) or 0, getattr(rj, "diagnostic", 0) or 0)
-            reason = _REJECT_REASONS.get((int(why[0]), int(why[1])), "other")
             self.metrics.associations_rejected.labels(reason).inc()
         log.warning(
-            "association from %s:%s calling AE %r called AE %r rejected",
-            r.address, r.port, r.ae_title, called,
+            "association from %s:%s calling AE %r called AE %r rejected: %s",
+            r.address, r.port, r.ae_title, called, reason,
         )  # fmt: skip
 
     def _on_conn_close(self, event: evt.Event) -> None:
@@ -376,16 +432,16 @@ class Receiver:
             for response in self.worklist(query):
                 if event.is_cancelled:
                     log.info("worklist query from %r cancelled", requestor.ae_title)
-                    yield 0xFE00, None
+                    yield FIND_CANCELLED, None
                     return
                 found += 1
-                yield 0xFF00, response
+                yield FIND_PENDING, response
         except Exception:  # any failure must reach the modality as a status
             log.exception("worklist query from %r failed", requestor.ae_title)
-            yield 0xC001, None
+            yield FIND_FAILED, None
             return
         log.info("worklist query from %r: %d items", requestor.ae_title, found)
-        yield 0x0000, None
+        yield FIND_SUCCESS, None
 
     # -- MPPS (gateway/mpps.py); counted in flight like C-STOREs, so a stop lets an
     # accepted N-CREATE/N-SET reach its answer.
@@ -456,6 +512,11 @@ class Receiver:
             return StoreOutcome(CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID is invalid")
         tmp_path = Path(event.dataset_path)
         received = getattr(req, "_dataset_file", None)
+        if self.spool.check() is not None:
+            # Never written into a directory other than the one we started with.
+            if isinstance(received, SpoolTempFile):
+                received.discard()
+            return _spool_missing(where, sop_instance, fields)
         if isinstance(received, SpoolTempFile) and received.error is not None:
             return _spool_write_failed(where, sop_instance, received.error, fields)
         try:
@@ -464,6 +525,8 @@ class Receiver:
                 tmp_path, sop_class, sop_instance, event.context.transfer_syntax
             )
             spooled = self.spool.commit_file(tmp_path)
+        except SpoolMissing:
+            return _spool_missing(where, sop_instance, fields)
         except SpoolFull as exc:
             log.error("C-STORE %s sop=%s refused: %s", where, sop_instance, exc, extra=fields)
             return StoreOutcome(OUT_OF_RESOURCES, "spool is full")
@@ -485,6 +548,9 @@ class Receiver:
             sha256=spooled.sha256,
             path=spooled.relpath,
         )
+        if self.spool.check() is not None:
+            # Gone while we wrote: no row, so the file is an orphan the next start removes.
+            return _spool_missing(where, sop_instance, fields)
         try:
             self._record(instance)
         except Exception as exc:  # StoreClosed, a timeout, any database error

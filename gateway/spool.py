@@ -11,6 +11,14 @@ renamed the same content onto it but not yet committed its row.  A spool file is
 therefore pinned from just before its rename until its row's write is resolved
 (:meth:`Spool.commit_file`, :meth:`Spool.release`), and the queue's writer removes a
 file no row refers to only through :meth:`Spool.remove_unpinned` (gateway/store.py).
+
+The spool keeps its directories open from :meth:`Spool.prepare` on, and creates,
+renames and removes relative to those descriptors: if the directory is deleted, its
+mount drops, or another directory appears under its path, nothing is ever written
+into what is now at that path.  :meth:`Spool.check` compares the path's device and
+inode with the ones seen at start; while they differ, :attr:`Spool.problem` says so,
+C-STOREs are refused and ``/readyz`` fails.  The same directory coming back (a remount)
+makes it usable again; a different one needs a restart, which prepares it afresh.
 """
 
 from __future__ import annotations
@@ -20,8 +28,8 @@ import errno
 import hashlib
 import logging
 import os
+import secrets
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -43,6 +51,10 @@ class SpoolFull(Exception):
     """Free space on the spool filesystem is below the configured watermark."""
 
 
+class SpoolMissing(OSError):
+    """The spool directory is gone or another directory is in its place."""
+
+
 @dataclass(frozen=True)
 class SpooledFile:
     relpath: str
@@ -62,16 +74,45 @@ class SpoolTempFile:
     discarded as it arrives, and the C-STORE handler answers with a failure status.
     """
 
-    def __init__(self, directory: Path, registry: dict[str, SpoolTempFile]) -> None:
-        fd, name = tempfile.mkstemp(suffix=".dcm", dir=directory)
-        self.name = name
-        self.error: OSError | None = None
-        self.closed = False
-        self._f = os.fdopen(fd, "wb")
-        self._registry = registry
-        registry[name] = self
+    def __init__(
+        self,
+        directory: Path,
+        registry: dict[str, SpoolTempFile],
+        dir_fd: int | None = None,
+        refused: OSError | None = None,
+    ) -> None:
+        self._dir_fd = dir_fd
         # pynetdicom calls ``tmp.file.flush()`` after each fragment.
         self.file = self
+        self.closed = False
+        self._registry = registry
+        self.error: OSError | None = refused
+        self._refused = refused is not None
+        if refused is not None:
+            # No file at all: the data set is discarded as it arrives, and the handler
+            # answers with the reason.  The name exists nowhere (pynetdicom unlinks it).
+            self._basename = f"refused-{secrets.token_hex(8)}.dcm"
+            self.name = str(directory / self._basename)
+            self.closed = True
+            return
+        fd = -1
+        for _ in range(100):
+            self._basename = f"tmp{secrets.token_hex(8)}.dcm"
+            self.name = str(directory / self._basename)
+            try:
+                fd = os.open(self._own_name, _CREATE_FLAGS, 0o600, dir_fd=dir_fd)
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - 100 random 64-bit names taken
+            raise FileExistsError(errno.EEXIST, "no free temp file name", str(directory))
+        self._f = os.fdopen(fd, "wb")
+        registry[self.name] = self
+
+    @property
+    def _own_name(self) -> str:
+        # Relative to the directory held open when there is one (see Spool).
+        return self._basename if self._dir_fd is not None else self.name
 
     def write(self, data: bytes) -> int:
         if self.error is None:
@@ -98,7 +139,11 @@ class SpoolTempFile:
         with contextlib.suppress(OSError):
             self._f.close()
         with contextlib.suppress(OSError):
-            os.truncate(self.name, 0)
+            fd = os.open(self._own_name, os.O_WRONLY | os.O_CLOEXEC, dir_fd=self._dir_fd)
+            try:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         if self.closed:
@@ -114,16 +159,34 @@ class SpoolTempFile:
     def discard(self) -> None:
         """Close and delete: the C-STORE it belonged to will never complete."""
         self.close()
+        if self._refused:
+            return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.name)
+            os.unlink(self._own_name, dir_fd=self._dir_fd)
+
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path, _DIR_FLAGS)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_fd_dir(name: str, dir_fd: int) -> None:
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: The Error Comment (and readiness reason) while the spool directory is not intact.
+MISSING_COMMENT = "spool directory is missing or replaced"
 
 
 class Spool:
@@ -139,14 +202,34 @@ class Spool:
         self._pins: Counter[str] = Counter()
         self._pin_lock = threading.Lock()
         self._outputs: set[str] = set()
+        # Set by prepare(): the directories held open, and (st_dev, st_ino) of each.
+        self._fds: dict[Path, int] = {}
+        self._identity: dict[Path, tuple[int, int]] = {}
+        #: Why the spool cannot be used now (None: it can), as of the last check().
+        self.problem: str | None = None
+        self._check_lock = threading.Lock()
 
     def temp_file_factory(self, *_args: Any, **_kwargs: Any) -> SpoolTempFile:
         """Called by pynetdicom where it would call ``NamedTemporaryFile``."""
+        problem = self.check()
         with self._open_lock:
-            return SpoolTempFile(self.tmp_dir, self._open_temp)
+            refused: OSError
+            if problem is not None:
+                refused = SpoolMissing(errno.ENOENT, problem, str(self.root))
+            else:
+                try:
+                    return SpoolTempFile(
+                        self.tmp_dir, self._open_temp, dir_fd=self._fd(self.tmp_dir)
+                    )
+                except OSError as exc:  # no space even for the file, or tmp/ just went
+                    log.error("cannot create a temp file in %s: %s", self.tmp_dir, exc)
+                    refused = exc
+            # An exception here would abort the association in pynetdicom's thread; a
+            # refused file lets the C-STORE handler answer with the reason instead.
+            return SpoolTempFile(self.tmp_dir, self._open_temp, refused=refused)
 
     def prepare(self) -> None:
-        """Create the directory tree (idempotent) and make it durable."""
+        """Create the directory tree (idempotent), make it durable, and hold it open."""
         for d in (self.root, self.tmp_dir, self.objects_dir):
             d.mkdir(parents=True, exist_ok=True)
         for shard in _SHARDS:
@@ -154,6 +237,58 @@ class Spool:
         fsync_dir(self.objects_dir)
         fsync_dir(self.root)
         fsync_dir(self.root.parent)
+        self.close()
+        for d in (self.root, self.tmp_dir, self.objects_dir):
+            fd = os.open(d, _DIR_FLAGS)
+            self._fds[d] = fd
+            st = os.fstat(fd)
+            self._identity[d] = (st.st_dev, st.st_ino)
+        self.problem = None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, directory: Path) -> int:
+        try:
+            return self._fds[directory]
+        except KeyError:
+            raise RuntimeError("Spool.prepare() was not called") from None
+
+    def check(self) -> str | None:
+        """Is the spool still the directory it was at start?  Sets :attr:`problem`.
+
+        A few stat calls: cheap enough for every C-STORE.  A change is logged once.
+        """
+        problem = None
+        for d, expected in self._identity.items():
+            try:
+                st = os.stat(d)
+            except FileNotFoundError:
+                problem = f"{MISSING_COMMENT}: {d} does not exist"
+                break
+            except OSError as exc:
+                problem = f"{MISSING_COMMENT}: {d}: {exc.strerror or exc}"
+                break
+            if (st.st_dev, st.st_ino) != expected:
+                problem = (
+                    f"{MISSING_COMMENT}: {d} is not the directory the gateway started with"
+                    " (device/inode changed); restart the gateway to use the new one"
+                )
+                break
+        with self._check_lock:
+            before, self.problem = self.problem, problem
+        if problem is not None and before is None:
+            log.critical("%s: C-STOREs are refused until it is back", problem)
+        elif problem is None and before is not None:
+            log.warning("spool directory %s is back (same device and inode)", self.root)
+        return problem
+
+    def _require(self) -> None:
+        problem = self.check()
+        if problem is not None:
+            raise SpoolMissing(errno.ENOENT, problem, str(self.root))
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -165,35 +300,53 @@ class Spool:
                 f"spool free space {free} bytes is below min_free_bytes {self.min_free_bytes}"
             )
 
+    def probe_write(self) -> None:
+        """Create, write, fsync and remove a file in ``tmp/`` (the readiness check)."""
+        self._require()
+        tmp_fd = self._fd(self.tmp_dir)
+        name = f"readyz-{secrets.token_hex(8)}"
+        fd = os.open(name, _CREATE_FLAGS, 0o600, dir_fd=tmp_fd)
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(name, dir_fd=tmp_fd)
+
     def path_of(self, relpath: str) -> Path:
         return self.root / relpath
 
     def commit_file(self, tmp_path: Path, pin: bool = True) -> SpooledFile:
-        """Hash, fsync and rename *tmp_path* into ``objects/``; fsync the directory.
+        """Hash, fsync and rename *tmp_path* (a file in ``tmp/``) into ``objects/``;
+        fsync the directory.
 
-        On return the file survives power loss.  *tmp_path* must be on the spool
-        filesystem (the receiver points ``tempfile.tempdir`` at :attr:`tmp_dir`).
+        On return the file survives power loss.  Both ends are taken relative to the
+        directories opened at start, never to whatever is at their path now.
 
         The returned path is pinned (taken before the rename, so no removal can come
         between the rename and the row that refers to it): the caller calls
         :meth:`release` once the write recording it is resolved, whatever its outcome.
         ``pin=False`` is for callers with no row to commit.
         """
+        if tmp_path.parent != self.tmp_dir:
+            raise ValueError(f"{tmp_path} is not in {self.tmp_dir}")
+        self._require()
+        tmp_fd, objects_fd = self._fd(self.tmp_dir), self._fd(self.objects_dir)
         digest = hashlib.sha256()
-        with open(tmp_path, "rb") as f:
+        with open(os.open(tmp_path.name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=tmp_fd), "rb") as f:
             while chunk := f.read(_CHUNK):
                 digest.update(chunk)
             size = f.tell()
             os.fsync(f.fileno())
         sha = digest.hexdigest()
-        relpath = f"objects/{sha[:2]}/{sha}.dcm"
-        final = self.root / relpath
+        inside = f"{sha[:2]}/{sha}.dcm"
+        relpath = f"objects/{inside}"
         if pin:
             with self._pin_lock:
                 self._pins[relpath] += 1
         try:
-            os.replace(tmp_path, final)
-            fsync_dir(final.parent)
+            os.replace(tmp_path.name, inside, src_dir_fd=tmp_fd, dst_dir_fd=objects_fd)
+            _fsync_fd_dir(sha[:2], objects_fd)
         except BaseException:
             if pin:
                 self.release(relpath)
@@ -227,8 +380,12 @@ class Spool:
     def remove(self, relpath: str) -> None:
         """Unlink unconditionally: only the start-up reconciler (nothing else runs then)
         and :meth:`remove_unpinned` call this."""
+        inside = relpath.removeprefix("objects/")
+        if inside == relpath or ".." in inside.split("/"):
+            log.error("not removing %r: not a file of the spool's objects/", relpath)
+            return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.root / relpath)
+            os.unlink(inside, dir_fd=self._fd(self.objects_dir))
 
     @contextlib.contextmanager
     def temp_output(self, prefix: str) -> Iterator[Path]:
@@ -242,16 +399,17 @@ class Spool:
             yield path
         finally:
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                os.unlink(path.name, dir_fd=self._fd(self.tmp_dir))
             with self._open_lock:
                 self._outputs.discard(str(path))
 
     def clean_tmp(self) -> int:
         """Remove every temp file: at start none of them belongs to a live C-STORE."""
+        tmp_fd = self._fd(self.tmp_dir)
         removed = 0
-        for entry in os.scandir(self.tmp_dir):
+        for entry in os.scandir(tmp_fd):
             if entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
+                os.unlink(entry.name, dir_fd=tmp_fd)
                 removed += 1
         return removed
 
@@ -261,34 +419,43 @@ class Spool:
         Aborted associations normally clean up after themselves; this catches what
         they miss, so that a box running for months does not fill up with fragments.
         Outputs still in use (:meth:`temp_output`) are kept, however old.
+        A spool that is not intact is left alone (see :meth:`check`).
         """
+        if self.check() is not None:
+            return 0
+        tmp_fd = self._fd(self.tmp_dir)
         removed = 0
         cutoff = time.time() - older_than_s
-        for entry in os.scandir(self.tmp_dir):
+        for entry in os.scandir(tmp_fd):
             try:
                 stale = entry.stat(follow_symlinks=False).st_mtime < cutoff
             except FileNotFoundError:
                 continue
             if stale:
                 with self._open_lock:
-                    open_file = self._open_temp.get(entry.path)
-                    in_use = entry.path in self._outputs
+                    open_file = self._open_temp.get(str(self.tmp_dir / entry.name))
+                    in_use = str(self.tmp_dir / entry.name) in self._outputs
                 if in_use:
                     continue
                 if open_file is not None:
                     open_file.discard()
                 else:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(entry.path)
+                        os.unlink(entry.name, dir_fd=tmp_fd)
                 removed += 1
         return removed
 
     def stored_relpaths(self) -> set[str]:
         found: set[str] = set()
+        objects_fd = self._fd(self.objects_dir)
         for shard in _SHARDS:
-            d = self.objects_dir / shard
-            if not d.is_dir():
+            try:
+                fd = os.open(shard, _DIR_FLAGS, dir_fd=objects_fd)
+            except (FileNotFoundError, NotADirectoryError):
                 continue
-            for entry in os.scandir(d):
-                found.add(f"objects/{shard}/{entry.name}")
+            try:
+                for entry in os.scandir(fd):
+                    found.add(f"objects/{shard}/{entry.name}")
+            finally:
+                os.close(fd)
         return found

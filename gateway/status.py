@@ -56,6 +56,8 @@ CERT_WARN_DAYS = 30
 THROUGHPUT_MINUTES = 60
 FAILED_SHOWN = 50
 RECENT_ERRORS = 20
+#: A component restarted after a crash shows as "degraded" for this long.
+RESTART_SHOWN_S = 600.0
 PENDING_STATES = (RECEIVED, COMPRESSING, COMPRESSED)
 
 
@@ -270,6 +272,19 @@ class StatusService:
         self._refreshing: asyncio.Task[None] | None = None
         self.snapshot_error: str | None = None
         self.last: dict[str, Any] | None = None
+        #: Components that crashed lately and were restarted: name -> what happened.
+        self.restarts: dict[str, dict[str, Any]] = {}
+
+    def component_crashed(self, name: str, error: str, restart_in: float) -> None:
+        """Called by the gateway's supervisor: *name* crashed and restarts shortly."""
+        previous = self.restarts.get(name, {}).get("count", 0)
+        self.restarts[name] = {
+            "error": error,
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "ts": time.time(),
+            "count": previous + 1,
+            "restart_in_seconds": restart_in,
+        }
 
     # -- snapshot -------------------------------------------------------------------
     def _take(self) -> None:
@@ -367,6 +382,8 @@ class StatusService:
             "retrying": db["retrying"],
             "recent_errors": self.errors.latest(),
             "disk": disk,
+            # As of the monitor's last look (every second): no disk access here.
+            "spool": {"dir": str(self.spool.root), "problem": self.spool.problem},
             "certificate": self._cert,
             "worklist": worklist,
             "mpps": {
@@ -378,9 +395,14 @@ class StatusService:
                 ),
                 "oldest_pending_ts": _ts(db["mpps"]["oldest_pending_at"]),
             },
-            "config": config_summary(c),
+            # The file really open (an upgraded box may use one at the old default).
+            "config": {**config_summary(c), "database": str(self.store.path)},
             "snapshot_error": self.snapshot_error,
-        }
+            "components": {
+                name: r for name, r in self.restarts.items()
+                if time.time() - r["ts"] < RESTART_SHOWN_S
+            },
+        }  # fmt: skip
         doc["health"] = health(doc)
         return doc
 
@@ -421,6 +443,9 @@ def health(doc: dict[str, Any]) -> dict[str, Any]:
     degraded: list[str] = []
     if doc.get("snapshot_error"):
         failing.append(doc["snapshot_error"] + " (counts below may be stale)")
+    spool_problem = doc.get("spool", {}).get("problem")
+    if spool_problem:
+        failing.append(f"{spool_problem}: C-STOREs are refused")
     disk = doc["disk"]
     if disk.get("below_watermark"):
         failing.append(
@@ -452,6 +477,11 @@ def health(doc: dict[str, Any]) -> dict[str, Any]:
         degraded.append(
             f"oldest MPPS message waits for {(time.time() - waiting) / 60:.0f} min to reach the RIS"
         )
+    for name, r in doc.get("components", {}).items():
+        degraded.append(
+            f"{name} restarting after error {r['error']} ({r['count']} restart(s), last at"
+            f" {r['at']})"
+        )
     for w in doc["worklist"]:
         if w.get("last_error"):
             degraded.append(f"worklist source {w['source']}: {w['last_error']}")
@@ -471,7 +501,7 @@ def config_summary(c: Config) -> dict[str, Any]:
         "allowed_aets": list(c.dimse.allowed_aets),
         "spool_dir": str(c.spool.dir),
         "min_free_bytes": c.spool.min_free_bytes,
-        "database": str(c.database.path),
+        "database": str(c.database_path),
         "dicomweb_url": c.upload.dicomweb_url,
         "client_cert": str(c.upload.client_cert or ""),
         "client_key": str(c.upload.client_key or ""),

@@ -25,6 +25,7 @@ import os
 import queue
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
@@ -76,9 +77,14 @@ class ReceivedInstance:
     path: str
 
 
-def _connect(path: Path) -> sqlite3.Connection:
+def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
     # Each connection is used by one thread only; False just lets close() run elsewhere.
-    conn = sqlite3.connect(path, isolation_level=None, timeout=30, check_same_thread=False)
+    # Readers never create the file: with the spool (and the database in it) gone,
+    # an empty database would appear in whatever directory is now at that path.
+    target = str(path) if create else f"file:{urllib.parse.quote(str(path))}?mode=rw"
+    conn = sqlite3.connect(
+        target, isolation_level=None, timeout=30, check_same_thread=False, uri=not create
+    )
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA synchronous = FULL")
@@ -215,6 +221,13 @@ def _migration_6(db: sqlite_utils.Database) -> None:
 
 
 def _migration_7(db: sqlite_utils.Database) -> None:
+    # When the current run of failed upload attempts began (NULL: none failed since
+    # the instance was received, uploaded or retried by an operator), for
+    # upload.give_up_after_hours (issue 12).
+    db["instances"].add_column("failing_since", str)  # type: ignore[union-attr]
+
+
+def _migration_8(db: sqlite_utils.Database) -> None:
     # The writer checks that no row refers to a file before it goes (discard_files):
     # path is covered by idx_instances_on_disk, upload_path needs its own index.
     db.execute(
@@ -231,6 +244,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 ]
 
 
@@ -545,7 +559,7 @@ class Store:
     def reader(self) -> Iterator[sqlite3.Connection]:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = _connect(self.path)
+            conn = _connect(self.path, create=False)
             self._local.conn = conn
             with self._lock:
                 self._readers.append(conn)

@@ -17,17 +17,48 @@ the bits above Bits Stored, so noise or overlays in those bits are never silentl
 dropped), each frame is one codestream with the original's precision and
 signedness, and every other data element, at every sequence depth, has the same
 value bytes as received (byte-swapped where a big endian original requires it).
-What may change is listed in :data:`_CHANGED_BY_COMPRESSION` and the File Meta
-Information's Transfer Syntax and Implementation identifiers.
+With an Explicit VR original, each element keeps the VR written in the file
+(an Implicit VR original has none; the copy then carries the dictionary's VR, or UN
+for private tags pydicom does not know).  What may change is listed in
+:data:`_CHANGED_BY_COMPRESSION` (:data:`_ICON_CHANGED` in each icon) and the File
+Meta Information's Transfer Syntax and Implementation identifiers.  Lossy Image
+Compression (0028,2110) is not set: JPEG 2000 lossless is not lossy (PS3.3 C.7.6.1.1.5).
 
 **What is compressed.**  Native (Implicit/Explicit VR Little Endian, Explicit VR Big
 Endian) data sets whose top-level Pixel Data has Bits Allocated 8 or 16, Bits Stored
-2..Bits Allocated with High Bit = Bits Stored - 1, at least 32x32 pixels, and one of
-MONOCHROME1/2 (signed or unsigned), PALETTE COLOR, RGB or YBR_FULL (unsigned): the
-combinations PS3.5 Table 8.2.4-1 allows for 1.2.840.10008.1.2.4.90.  RGB is stored as
-YBR_RCT (the reversible colour transform: ultrasound comes out at less than half the
+2..Bits Allocated with High Bit = Bits Stored - 1, any number of rows and columns, and
+one of MONOCHROME1/2 (signed or unsigned), PALETTE COLOR, RGB or YBR_FULL (unsigned):
+the combinations PS3.5 Table 8.2.4-1 allows for 1.2.840.10008.1.2.4.90.  RGB is stored
+as YBR_RCT (the reversible colour transform: ultrasound comes out at less than half the
 size it has with RGB kept); colour is written with Planar Configuration 0 as PS3.5
 8.2.4 requires; PALETTE COLOR is one component and its LUTs stay as they are.
+
+**Encoders.**  Both are OpenJPEG: reversible 5/3 wavelet, one raw J2K codestream per
+frame (PS3.5 A.4.4: no JP2 wrapper), Bits Stored as the precision.  Images at least
+32 pixels a side go through pydicom's ``Dataset.compress`` with pylibjpeg-openjpeg,
+which always uses 6 resolutions; OpenJPEG refuses that for a side under 2**5 pixels.
+PS3.5 sets no minimum size, so smaller images (16x16 test patterns, 1xN strips, most
+icons) are encoded with imagecodecs, which takes the number of resolutions (see
+:func:`_encode_small`), and encapsulated with pydicom's ``encapsulate``.  Either way
+the result is verified the same, decoded by pylibjpeg-openjpeg (for small images
+another build and binding of OpenJPEG than the one that encoded them).
+
+**Icon images.**  The Transfer Syntax applies to the whole data set (PS3.5 A.4;
+PS3.10 7.2: it cannot change inside it).  Read that way, every Pixel Data
+(7FE0,0010), an icon's included, is encoded with it (CP-165, which brought the Icon
+Image Sequence into composite images, starts from that reading).  Readers also meet
+native icons inside compressed data sets (DCMTK keeps one native if it was received
+so, and tells the two apart by the Value Length), but the encoding that conforms
+under any reading is encapsulated JPEG 2000 for the icon too.  So an icon is
+compressed with the image (keeping its Photometric Interpretation, without the
+colour transform: icons are a few KB; colour with Planar Configuration 0), and
+verified like it.  An instance whose icon cannot be compressed passes through whole:
+never a J2K data set with a native icon.
+
+**Byte for byte.**  Implicit VR and big endian originals are rewritten as Explicit
+VR Little Endian from the received value bytes (swapped per VR for big endian), not
+decoded and encoded again by pydicom, which would drop trailing spaces, change bytes
+not valid in the character set, and leave OW/OF/OL/OD/OV values in big endian order.
 
 Everything else passes through:
 
@@ -38,9 +69,10 @@ Everything else passes through:
 * Bits Allocated 1 (packed bits) or more than 16, and Bits Stored 1:
   pylibjpeg-openjpeg 2.6 fails on some 1-bit images and silently mis-encodes others;
 * YBR_FULL_422 and other colour models J2K lossless does not allow, signed colour;
-* sides under 32 pixels: the encoder always uses 6 resolution levels;
-* Pixel Data nested in a sequence (icon images; whether those must be encapsulated
-  too is unclear in PS3.5, so such instances are not touched);
+* an icon image (an item of the top-level Icon Image Sequence (0088,0200)) that
+  could not itself be compressed by these rules, e.g. a YBR_FULL_422 one, and Pixel
+  Data nested anywhere else (a private sequence, an icon below the top level), which
+  PS3.3 does not define;
 * pixel cells with bits set above Bits Stored (overlays, noise), which J2K drops.
 
 **Memory.**  The worker holds the original Pixel Data once (the reference array is
@@ -64,13 +96,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import pydicom
 from pydicom.datadict import dictionary_VR
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import generate_frames
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.encoders.base import get_encoder
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -84,6 +119,7 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLSNearLossless,
 )
+from pydicom.valuerep import AMBIGUOUS_VR
 
 COMPRESSED = "compressed"
 PASSTHROUGH = "passthrough"
@@ -104,12 +140,17 @@ _PHOTOMETRIC = {
     ("YBR_FULL", 3): False,
 }
 
+#: Images with a side under this go to imagecodecs: pylibjpeg-openjpeg always asks
+#: OpenJPEG for 6 resolution levels, which needs 2**5 pixels a side.
 _MIN_SIDE = 32
 _PIXEL_DATA = 0x7FE00010
 _FLOAT_PIXEL_DATA = {0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Data"}
 _EXTENDED_OFFSETS = {0x7FE00001, 0x7FE00002}
 _PHOTOMETRIC_TAG = 0x00280004
 _PLANAR_TAG = 0x00280006
+_ICON_SEQUENCE = 0x00880200
+#: Elements of an Icon Image Sequence item compression rewrites; checked on their own.
+_ICON_CHANGED = frozenset({_PIXEL_DATA, _PLANAR_TAG})
 #: Top-level elements compression rewrites; each is checked on its own instead.
 _CHANGED_BY_COMPRESSION = frozenset(
     {_PIXEL_DATA, _PHOTOMETRIC_TAG, _PLANAR_TAG, *_EXTENDED_OFFSETS}
@@ -206,13 +247,60 @@ def transcode(src: Path, dst: Path) -> TranscodeResult:
         raise
 
 
-def _compress(ds: Dataset, src: Path, dst: Path) -> None:
+def compressibility(src: Path) -> tuple[bool, str]:
+    """Whether :func:`transcode` would try to compress *src*, and if not, why.
+
+    The policy checks only, without encoding: ``(True, "")`` means the instance is
+    one PS3.5 lets this stage store as JPEG 2000 Lossless, and :func:`transcode` only
+    falls back from it on an encoder or verification failure.  The pixel data is
+    decoded (bits above Bits Stored are a policy question), so this costs about a
+    tenth of a transcode.  Raises only for an unreadable *src* path.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with _stage("cannot read data set"):
+                ds = pydicom.dcmread(src)
+            _check_policy(ds)
+    except _NotCompressed as nc:
+        return False, f"{nc.outcome}: {nc.reason}"
+    return True, ""
+
+
+@dataclass(frozen=True)
+class _Icon:
+    """An Icon Image Sequence item with Pixel Data, and its stored pixel cells."""
+
+    index: int
+    original: np.ndarray[Any, Any]
+
+
+def _check_policy(ds: Dataset) -> tuple[UID, np.ndarray[Any, Any], list[_Icon]]:
     ts = _check_transfer_syntax(ds)
     with _stage("invalid Image Pixel module"):
-        _check_pixel_module(ds)
+        icon_indexes = _check_pixel_module(ds)
     with _stage("cannot decode original pixels"):
         original = _stored_pixels(ds, ts)
     _check_unused_bits(ds, original)
+    icons = []
+    for index in icon_indexes:
+        item = ds[_ICON_SEQUENCE].value[index]
+        with _stage(f"cannot decode original icon image {index}"):
+            arr = _stored_pixels(item, ts)
+        _check_unused_bits(item, arr, where=f"icon image {index}: ")
+        icons.append(_Icon(index, arr))
+    return ts, original, icons
+
+
+def _compress(ds: Dataset, src: Path, dst: Path) -> None:
+    _, original, icons = _check_policy(ds)
+
+    # PS3.5 A.4: the Transfer Syntax applies to the whole data set, so an icon's
+    # Pixel Data is encapsulated JPEG 2000 too; it keeps its Photometric
+    # Interpretation (no colour transform: icons are tiny, and fewer elements change).
+    for icon in icons:
+        with _stage(f"encoder error in icon image {icon.index}"):
+            _compress_icon(ds[_ICON_SEQUENCE].value[icon.index], icon.original)
 
     rgb = ds.PhotometricInterpretation == "RGB"
     with _stage("encoder error"):
@@ -223,15 +311,23 @@ def _compress(ds: Dataset, src: Path, dst: Path) -> None:
         if ds.SamplesPerPixel == 3:
             # The reference array is colour-by-pixel whatever the original layout.
             ds.PlanarConfiguration = 0
-        # From the array, not the data set's buffer: pydicom 3.0 hands a big endian
-        # buffer to the encoder as if it were little endian, and ignores Planar
-        # Configuration 1 for JPEG 2000.
-        ds.compress(
-            JPEG2000Lossless,
-            original,
-            encoding_plugin="pylibjpeg",
-            generate_instance_uid=False,
-        )
+        if _is_small(ds):
+            _encapsulate(ds, _encode_small(ds, original, mct=rgb))
+            ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+        else:
+            # From the array, not the data set's buffer: pydicom 3.0 hands a big endian
+            # buffer to the encoder as if it were little endian, and ignores Planar
+            # Configuration 1 for JPEG 2000.
+            ds.compress(
+                JPEG2000Lossless,
+                original,
+                encoding_plugin="pylibjpeg",
+                generate_instance_uid=False,
+            )
+    implicit, little = ds.original_encoding
+    if implicit or not little:
+        with _stage("cannot convert to Explicit VR Little Endian"):
+            _to_explicit_little(ds, implicit=bool(implicit), big=not little, ancestors=[])
     meta: FileMetaDataset = ds.file_meta
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
@@ -243,10 +339,143 @@ def _compress(ds: Dataset, src: Path, dst: Path) -> None:
     with _stage("cannot read result"):
         out = pydicom.dcmread(dst)
     _verify_pixels(out, original, rgb=rgb)
+    _verify_icons(out, icons)
     # The original pixels (viewed by ``original``) and the result are not needed to
     # compare the other elements: let them go before both files are read again.
     del out, original
-    _verify_elements(src, dst, was_rgb=rgb)
+    _verify_elements(src, dst, was_rgb=rgb, icons=[icon.index for icon in icons])
+
+
+def _to_explicit_little(
+    ds: Dataset, *, implicit: bool, big: bool, ancestors: list[Dataset]
+) -> None:
+    """Make *ds* and its items write every value with the bytes as received.
+
+    J2K is Explicit VR Little Endian.  Left to itself, pydicom converts an Implicit
+    VR or big endian data set by decoding each value and encoding it again, which
+    changes bytes (trailing spaces of a string dropped, values not valid in the
+    character set) and, for OW/OF/OL/OD/OV, does not swap the byte order at all.
+    Instead each raw element gets its VR (as written, or the one pydicom picks for
+    Implicit VR: the dictionary's, UN for an unknown private tag) and its received
+    bytes, byte-swapped per VR for a big endian original, so the writer copies them.
+    Pixel Data is left alone: it is replaced by the encapsulated frames.
+    """
+    for tag in _tags(ds):
+        if tag == _PIXEL_DATA:
+            continue
+        if _is_sequence(ds, tag):
+            for item in ds[tag].value:
+                _to_explicit_little(item, implicit=implicit, big=big, ancestors=[ds, *ancestors])
+            continue
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement):
+            # Already decoded (read by the checks above): pydicom encodes it again,
+            # which the element comparison checks like every other value.
+            if elem.VR in AMBIGUOUS_VR:
+                correct_ambiguous_vr_element(elem, ds, True, [ds, *ancestors])
+            continue
+        vr = elem.VR
+        if vr is None:
+            converted = convert_raw_data_element(elem, ds=ds)
+            vr = str(converted.VR)
+            if vr == "SQ":  # a private sequence pydicom knows by its creator
+                ds[tag] = converted
+                for item in converted.value:
+                    _to_explicit_little(
+                        item, implicit=implicit, big=big, ancestors=[ds, *ancestors]
+                    )
+                continue
+            if vr in AMBIGUOUS_VR:
+                # "US or SS" and the like: decided by other elements; numbers come
+                # out of pydicom's round trip unchanged.
+                ds[tag] = converted
+                correct_ambiguous_vr_element(converted, ds, True, [ds, *ancestors])
+                continue
+        value = elem.value
+        if big and value and vr in _SWAP_SIZE:
+            value = _byteswap(bytes(value), _SWAP_SIZE[vr])
+        ds[tag] = elem._replace(VR=vr, value=value, is_implicit_VR=False, is_little_endian=True)
+    ds.set_original_encoding(False, True)
+
+
+def _compress_icon(item: Dataset, original: np.ndarray[Any, Any]) -> None:
+    if int(item.SamplesPerPixel) == 3:
+        item.PlanarConfiguration = 0
+    if _is_small(item):
+        _encapsulate(item, _encode_small(item, original, mct=False))
+        return
+    options: dict[str, Any] = {
+        "rows": int(item.Rows),
+        "columns": int(item.Columns),
+        "samples_per_pixel": int(item.SamplesPerPixel),
+        "bits_allocated": int(item.BitsAllocated),
+        "bits_stored": int(item.BitsStored),
+        "pixel_representation": int(item.PixelRepresentation),
+        "photometric_interpretation": str(item.PhotometricInterpretation),
+        "planar_configuration": 0,  # the reference array is colour-by-pixel
+        "number_of_frames": 1,
+    }
+    encoder = get_encoder(JPEG2000Lossless)
+    encoded = [
+        encoder.encode(frame, encoding_plugin="pylibjpeg", **options)
+        for frame in _frames(item, original)
+    ]
+    _encapsulate(item, encoded)
+
+
+def _is_small(ds: Dataset) -> bool:
+    return min(int(ds.Rows), int(ds.Columns)) < _MIN_SIDE
+
+
+def _frames(ds: Dataset, original: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """*original* (the stored pixel cells of *ds*) with the frame as first axis."""
+    return original if int(ds.get("NumberOfFrames") or 1) > 1 else original[np.newaxis]
+
+
+def _encode_small(ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool) -> list[bytes]:
+    """One J2K codestream per frame of an image with a side under :data:`_MIN_SIDE`.
+
+    imagecodecs (OpenJPEG) lets the number of resolutions be chosen: asked for the
+    most OpenJPEG allows for the smaller side, 2**(resolutions-1) <= side, at least 1
+    (no wavelet decomposition at all for a 1xN image); imagecodecs lowers it further
+    to keep the lowest resolution 8 pixels or more (one level for 16x16).  Reversible
+    5/3 wavelet, raw codestream (codecformat J2K), Bits Stored as the precision,
+    signed when Pixel Representation is 1; *mct* applies the reversible colour
+    transform (RGB stored as YBR_RCT).  The caller's verification decodes with
+    pylibjpeg-openjpeg and checks precision, sign and transform in each codestream's
+    header.
+    """
+    bits_stored = int(ds.BitsStored)
+    signed = bool(ds.PixelRepresentation)
+    resolutions = max(1, min(int(ds.Rows), int(ds.Columns)).bit_length())
+    # imagecodecs writes the array's item size as the precision unless bitspersample
+    # fits in that item (9..16 for a 16-bit array), and reads the array in native byte
+    # order whatever its dtype says: give it native 8-bit cells for Bits Stored <= 8
+    # (the policy made sure the values fit), 16-bit ones otherwise.
+    dtype = np.dtype(f"{'i' if signed else 'u'}{1 if bits_stored <= 8 else 2}")
+    return [
+        bytes(
+            imagecodecs.jpeg2k_encode(
+                frame.astype(dtype, order="C"),
+                level=0,
+                codecformat="J2K",
+                reversible=True,
+                bitspersample=bits_stored,
+                resolutions=resolutions,
+                mct=mct,
+                planar=False,  # colour-by-pixel, as the reference array is
+                numthreads=1,
+            )
+        )
+        for frame in _frames(ds, original)
+    ]
+
+
+def _encapsulate(ds: Dataset, frames: list[bytes]) -> None:
+    """Store *frames* as encapsulated Pixel Data (PS3.5 A.4) with a Basic Offset Table."""
+    ds.PixelData = encapsulate(frames)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
 
 
 # -- policy ----------------------------------------------------------------------------
@@ -265,7 +494,8 @@ def _check_transfer_syntax(ds: Dataset) -> UID:
     raise _passthrough(f"unknown transfer syntax ({ts})")
 
 
-def _check_pixel_module(ds: Dataset) -> None:
+def _check_pixel_module(ds: Dataset) -> list[int]:
+    """Check the top-level image and each icon image; return the icons' item indexes."""
     for tag, name in _FLOAT_PIXEL_DATA.items():
         if tag in ds:
             raise _passthrough(f"{name.lower()}")
@@ -273,48 +503,76 @@ def _check_pixel_module(ds: Dataset) -> None:
         raise _passthrough("no pixel data")
     if _EXTENDED_OFFSETS & set(_tags(ds)):
         raise _passthrough("Extended Offset Table with native pixel data")
-    if _nested_pixel_data(ds):
-        raise _passthrough("pixel data inside a sequence (icon image)")
+    icons = _icon_indexes(ds)
+    _check_image(ds, where="")
+    for index in icons:
+        item = ds[_ICON_SEQUENCE].value[index]
+        where = f"icon image {index}: "
+        if any(tag in item for tag in (*_FLOAT_PIXEL_DATA, *_EXTENDED_OFFSETS)):
+            raise _passthrough(f"{where}float pixel data or Extended Offset Table")
+        if item["PixelData"].is_undefined_length:
+            raise _fallback(f"{where}encapsulated pixel data in a native data set")
+        _check_image(item, where=where)
+    return icons
 
+
+def _icon_indexes(ds: Dataset) -> list[int]:
+    """Items of the top-level Icon Image Sequence with Pixel Data.
+
+    Pixel Data anywhere else below the top level (a private sequence, an icon in a
+    nested item) is not a place PS3.3 defines, so the instance passes through.
+    """
+    icons = []
+    for tag in _tags(ds):
+        if not _is_sequence(ds, tag):
+            continue
+        for index, item in enumerate(ds[tag].value):
+            if _PIXEL_DATA in item:
+                if tag != _ICON_SEQUENCE:
+                    raise _passthrough(f"pixel data inside sequence {tag}, not an icon image")
+                icons.append(index)
+            if where := _nested_pixel_data(item):
+                raise _passthrough(f"pixel data inside sequence {where}, not an icon image")
+    return icons
+
+
+def _check_image(ds: Dataset, *, where: str) -> None:
+    """The Image Pixel module of *ds* (the data set or an icon item) fits J2K lossless."""
     pi = str(ds.PhotometricInterpretation).strip()
     spp = int(ds.SamplesPerPixel)
     bits_allocated = int(ds.BitsAllocated)
     bits_stored = int(ds.BitsStored)
     signed = int(ds.PixelRepresentation)
     if (pi, spp) not in _PHOTOMETRIC:
-        raise _passthrough(f"photometric interpretation {pi} with {spp} samples")
+        raise _passthrough(f"{where}photometric interpretation {pi} with {spp} samples")
     if bits_allocated not in (8, 16):
-        raise _passthrough(f"Bits Allocated {bits_allocated}")
+        raise _passthrough(f"{where}Bits Allocated {bits_allocated}")
     if not 1 <= bits_stored <= bits_allocated:
-        raise _fallback(f"Bits Stored {bits_stored} with Bits Allocated {bits_allocated}")
+        raise _fallback(f"{where}Bits Stored {bits_stored} with Bits Allocated {bits_allocated}")
     if bits_stored == 1:
         # pylibjpeg-openjpeg 2.6 fails on, or worse silently mis-encodes, some 1-bit
         # images (noise-like masks): verification would catch it, but it is known.
-        raise _passthrough("Bits Stored 1, not reliably lossless in the encoder")
+        raise _passthrough(f"{where}Bits Stored 1, not reliably lossless in the encoder")
     high_bit = ds.get("HighBit")
     if high_bit is not None and int(high_bit) != bits_stored - 1:
         # Pixel cells not aligned to bit 0: J2K would keep only the low bits.
-        raise _passthrough(f"High Bit {high_bit} with Bits Stored {bits_stored}")
+        raise _passthrough(f"{where}High Bit {high_bit} with Bits Stored {bits_stored}")
     if signed not in (0, 1):
-        raise _fallback(f"Pixel Representation {signed}")
+        raise _fallback(f"{where}Pixel Representation {signed}")
     if signed and not _PHOTOMETRIC[(pi, spp)]:
-        raise _passthrough(f"signed {pi}")
+        raise _passthrough(f"{where}signed {pi}")
     if spp == 3 and ds.get("PlanarConfiguration") not in (0, 1):
-        raise _fallback(f"Planar Configuration {ds.get('PlanarConfiguration')}")
+        raise _fallback(f"{where}Planar Configuration {ds.get('PlanarConfiguration')}")
 
     rows, columns = int(ds.Rows), int(ds.Columns)
     # pydicom would take a 0 or empty Number of Frames as 1; that is not ours to fix.
     frames = int(ds.NumberOfFrames) if "NumberOfFrames" in ds else 1
     if rows < 1 or columns < 1 or frames < 1:
-        raise _fallback(f"{rows}x{columns} pixels, {frames} frames")
-    if rows < _MIN_SIDE or columns < _MIN_SIDE:
-        # pylibjpeg-openjpeg always uses 6 DWT resolutions, which OpenJPEG refuses for
-        # a side under 2**5 pixels ("Number of resolutions is too high").
-        raise _passthrough(f"{rows}x{columns} pixels, smaller than the encoder's minimum")
+        raise _fallback(f"{where}{rows}x{columns} pixels, {frames} frames")
     expected = rows * columns * spp * frames * bits_allocated // 8
     actual = len(ds.PixelData)
     if actual not in (expected, expected + expected % 2):
-        raise _fallback(f"pixel data is {actual} bytes, {expected} expected")
+        raise _fallback(f"{where}pixel data is {actual} bytes, {expected} expected")
 
 
 def _tags(ds: Dataset) -> list[BaseTag]:
@@ -322,13 +580,16 @@ def _tags(ds: Dataset) -> list[BaseTag]:
     return list(ds.keys())
 
 
-def _nested_pixel_data(ds: Dataset) -> bool:
+def _nested_pixel_data(ds: Dataset) -> str:
+    """Where Pixel Data is inside a sequence of *ds* ("" if nowhere)."""
     for tag in _tags(ds):
         if _is_sequence(ds, tag):
             for item in ds[tag].value:
-                if _PIXEL_DATA in item or _nested_pixel_data(item):
-                    return True
-    return False
+                if _PIXEL_DATA in item:
+                    return str(tag)
+                if where := _nested_pixel_data(item):
+                    return f"{tag}/{where}"
+    return ""
 
 
 def _is_sequence(ds: Dataset, tag: Any) -> bool:
@@ -358,7 +619,7 @@ def _stored_pixels(ds: Dataset, ts: UID) -> np.ndarray[Any, Any]:
     return arr
 
 
-def _check_unused_bits(ds: Dataset, original: np.ndarray[Any, Any]) -> None:
+def _check_unused_bits(ds: Dataset, original: np.ndarray[Any, Any], *, where: str = "") -> None:
     bits_stored = int(ds.BitsStored)
     if bits_stored == int(ds.BitsAllocated):
         return
@@ -368,53 +629,71 @@ def _check_unused_bits(ds: Dataset, original: np.ndarray[Any, Any]) -> None:
         low, high = 0, (1 << bits_stored) - 1
     if original.size and (original.min() < low or original.max() > high):
         raise _passthrough(
-            f"pixel cells use bits above Bits Stored {bits_stored} "
+            f"{where}pixel cells use bits above Bits Stored {bits_stored} "
             "(overlay or noise J2K cannot keep)"
         )
 
 
 # -- verification ----------------------------------------------------------------------
-def _verify_pixels(out: Dataset, original: np.ndarray[Any, Any], *, rgb: bool) -> None:
+def _verify_pixels(
+    out: Dataset, original: np.ndarray[Any, Any], *, rgb: bool, where: str = ""
+) -> None:
+    """*out* (the result, or one of its icon items) decodes to exactly *original*."""
+    if _PIXEL_DATA not in out or not out["PixelData"].is_undefined_length:
+        raise _fallback(f"{where}result pixel data is not encapsulated")
     frames = int(out.get("NumberOfFrames") or 1)
     reference = original if frames > 1 else original[np.newaxis]
     signed = bool(out.PixelRepresentation)
-    with _stage("cannot parse result"):
+    with _stage(f"{where}cannot parse result"):
         codestreams = list(generate_frames(out.PixelData, number_of_frames=frames))
     if len(codestreams) != frames:
-        raise _fallback(f"result has {len(codestreams)} codestreams for {frames} frames")
+        raise _fallback(f"{where}result has {len(codestreams)} codestreams for {frames} frames")
     for cs in codestreams:
-        _check_codestream(cs, int(out.BitsStored), signed=signed, mct=rgb)
+        _check_codestream(cs, int(out.BitsStored), signed=signed, mct=rgb, where=where)
 
     decoder = get_decoder(JPEG2000Lossless)
     count = 0
-    with _stage("cannot decode result"):
+    with _stage(f"{where}cannot decode result"):
         # raw=True: a YBR_RCT codestream decodes to RGB inside OpenJPEG already, and
         # YBR_FULL must be compared as stored, not converted to RGB.
         for index, (frame, _) in enumerate(decoder.iter_array(out, raw=True)):
             if index >= frames or not np.array_equal(frame, reference[index]):
-                raise _fallback("decoded pixels differ from the original")
+                raise _fallback(f"{where}decoded pixels differ from the original")
             count += 1
     if count != frames:
-        raise _fallback(f"result decodes to {count} frames, {frames} expected")
+        raise _fallback(f"{where}result decodes to {count} frames, {frames} expected")
 
 
-def _check_codestream(cs: bytes, bits_stored: int, *, signed: bool, mct: bool) -> None:
+def _verify_icons(out: Dataset, icons: list[_Icon]) -> None:
+    items = out[_ICON_SEQUENCE].value if icons else []
+    for icon in icons:
+        if icon.index >= len(items):
+            raise _fallback(f"icon image {icon.index} missing from the result")
+        # Icons keep RGB (no colour transform), so no codestream may use one.
+        _verify_pixels(
+            items[icon.index], icon.original, rgb=False, where=f"icon image {icon.index}: "
+        )
+
+
+def _check_codestream(
+    cs: bytes, bits_stored: int, *, signed: bool, mct: bool, where: str = ""
+) -> None:
     """Check the J2K main header: precision, signedness, and the colour transform.
 
     Other decoders trust these over the data set (PS3.5 8.2.4), so a codestream that
     decodes right here but says e.g. 16 bits for Bits Stored 12 is not accepted.
     """
     if cs[:4] != b"\xff\x4f\xff\x51":
-        raise _fallback("result is not a JPEG 2000 codestream")
+        raise _fallback(f"{where}result is not a JPEG 2000 codestream")
     siz_len = int.from_bytes(cs[4:6], "big")
     components = int.from_bytes(cs[40:42], "big")
     ssiz = cs[42 : 42 + 3 * components : 3]
     if len(ssiz) != components:
-        raise _fallback("truncated JPEG 2000 header")
+        raise _fallback(f"{where}truncated JPEG 2000 header")
     for s in ssiz:
         if (s & 0x7F) + 1 != bits_stored or bool(s & 0x80) != signed:
             raise _fallback(
-                f"codestream precision {(s & 0x7F) + 1} signed={bool(s & 0x80)}, "
+                f"{where}codestream precision {(s & 0x7F) + 1} signed={bool(s & 0x80)}, "
                 f"data set has Bits Stored {bits_stored} signed={signed}"
             )
     pos = 4 + siz_len
@@ -424,15 +703,17 @@ def _check_codestream(cs: bytes, bits_stored: int, *, signed: bool, mct: bool) -
             if pos + 9 >= len(cs):
                 break
             if bool(cs[pos + 8]) != mct:
-                raise _fallback(f"codestream colour transform {bool(cs[pos + 8])}, expected {mct}")
+                raise _fallback(
+                    f"{where}codestream colour transform {bool(cs[pos + 8])}, expected {mct}"
+                )
             return
         if marker == 0x90:  # SOT: tile data starts, main header is over
             break
         pos += 2 + int.from_bytes(cs[pos + 2 : pos + 4], "big")
-    raise _fallback("no COD marker in the JPEG 2000 main header")
+    raise _fallback(f"{where}no COD marker in the JPEG 2000 main header")
 
 
-def _verify_elements(src: Path, dst: Path, *, was_rgb: bool) -> None:
+def _verify_elements(src: Path, dst: Path, *, was_rgb: bool, icons: list[int]) -> None:
     with _stage("cannot read data sets to compare"):
         orig = pydicom.dcmread(src, defer_size=_DEFER_BYTES)
         out = pydicom.dcmread(dst, defer_size=_DEFER_BYTES)
@@ -452,10 +733,23 @@ def _verify_elements(src: Path, dst: Path, *, was_rgb: bool) -> None:
     expected_planar = 0 if orig.SamplesPerPixel == 3 else orig.get("PlanarConfiguration")
     if out.get("PlanarConfiguration") != expected_planar:
         raise _fallback(f"Planar Configuration {out.get('PlanarConfiguration')}")
+    for index in icons:
+        item_a, item_b = orig[_ICON_SEQUENCE].value[index], out[_ICON_SEQUENCE].value[index]
+        planar = 0 if item_a.SamplesPerPixel == 3 else item_a.get("PlanarConfiguration")
+        if item_b.get("PlanarConfiguration") != planar:
+            raise _fallback(f"icon image {index}: Planar Configuration changed")
 
     with _stage("cannot compare data elements"):
         diff = _diff_datasets(
-            orig, out, src=(src, dst), swap=swap, path="", skip=_CHANGED_BY_COMPRESSION
+            orig,
+            out,
+            src=(src, dst),
+            swap=swap,
+            # Implicit VR originals have no VR to keep: the copy has the dictionary's.
+            explicit=not orig.original_encoding[0],
+            path="",
+            skip=_CHANGED_BY_COMPRESSION,
+            icons=frozenset(icons),
         )
     if diff:
         raise _fallback(f"data element {diff} changed")
@@ -467,12 +761,19 @@ def _diff_datasets(
     *,
     src: tuple[Path, Path],
     swap: bool,
+    explicit: bool,
     path: str,
     skip: frozenset[int] = frozenset(),
+    icons: frozenset[int] = frozenset(),
 ) -> str:
-    """The first element whose value differs between *a* (original) and *b*, or "".
+    """The first element whose VR or value differs between *a* (original) and *b*.
 
-    Group lengths are not compared: pydicom does not write them (retired, PS3.5 7.2).
+    "" when none does.  The VR is the one written in the file; with an *explicit* VR
+    original it must be the same (a private OB must not come back as UN, nor an UN
+    as its dictionary VR).  *icons* are the items of the top-level Icon Image
+    Sequence whose Pixel Data was compressed; :data:`_ICON_CHANGED` is skipped in
+    them.  Group lengths are not compared: pydicom does not write them (retired,
+    PS3.5 7.2).
     """
     tags_a = {t for t in _tags(a) if t.element != 0 and t not in skip}
     tags_b = {t for t in _tags(b) if t.element != 0 and t not in skip}
@@ -480,16 +781,29 @@ def _diff_datasets(
         return f"{path}{sorted(tags_a ^ tags_b)[0]} (present in one only)"
     for tag in sorted(tags_a):
         where = f"{path}{tag}"
+        elem_a = a.get_item(tag, keep_deferred=True)
+        elem_b = b.get_item(tag, keep_deferred=True)
+        # Implicit VR items inside an explicit VR file (an undefined-length UN
+        # sequence) have no VR either.
+        if explicit and elem_a.VR is not None and elem_a.VR != elem_b.VR:
+            return f"{where} (VR {elem_a.VR} written as {elem_b.VR})"
         if _is_sequence(b, tag) or _is_sequence(a, tag):
             seq_a, seq_b = a[tag].value, b[tag].value
             if len(seq_a) != len(seq_b):
                 return f"{where} ({len(seq_a)} vs {len(seq_b)} items)"
             for i, (item_a, item_b) in enumerate(zip(seq_a, seq_b, strict=True)):
-                if d := _diff_datasets(item_a, item_b, src=src, swap=swap, path=f"{where}[{i}]"):
+                changed = _ICON_CHANGED if tag == _ICON_SEQUENCE and i in icons else frozenset()
+                if d := _diff_datasets(
+                    item_a,
+                    item_b,
+                    src=src,
+                    swap=swap,
+                    explicit=explicit,
+                    path=f"{where}[{i}]",
+                    skip=changed,
+                ):
                     return d
             continue
-        elem_a = a.get_item(tag, keep_deferred=True)
-        elem_b = b.get_item(tag, keep_deferred=True)
         if isinstance(elem_a, RawDataElement) and isinstance(elem_b, RawDataElement):
             bytes_a = _raw_bytes(elem_a, src[0])
             bytes_b = _raw_bytes(elem_b, src[1])

@@ -8,14 +8,22 @@ A request stores one batch of instances of one study as
 ``multipart/related; type="application/dicom"``, streamed from the spool files.  The
 answer is read per instance (PS3.18 10.5.3): ReferencedSOPSequence items are stored;
 FailedSOPSequence items carry the archive's FailureReason.  What went wrong with the
-request as a whole (connection, TLS, HTTP 5xx/429, no parsable answer) is a
-:class:`RequestFailed`, and the whole batch is retried later.
+request as a whole (connection, TLS, HTTP 5xx/429) is a :class:`RequestFailed`, and
+the whole batch is retried later; a timeout or HTTP 413 is a :class:`RequestTooBig`,
+and the pipeline splits the batch.  An answer that cannot be read (not JSON, not an
+object, items of the wrong kind) never raises: each instance is retried, with a
+reason that says what was wrong with the answer.
+
+Timeouts: connecting gets ``upload.request_timeout_seconds``; the request as a whole
+gets that plus the body size at ``upload.min_bytes_per_second``, so a big instance
+can finish on a slow line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import ssl
 import time
 from collections.abc import Sequence
@@ -40,6 +48,16 @@ _RETRYABLE_REASONS = {0x0110, 0x0212, 0x0213} | set(range(0xA700, 0xA800))
 
 class RequestFailed(Exception):
     """The request as a whole failed; nothing in it is known to be stored."""
+
+
+class RequestTooBig(RequestFailed):
+    """The request timed out or the archive refused its size (HTTP 413): a smaller
+    batch may get through, so the batch is split before it is retried."""
+
+    def __init__(self, message: str, *, refused: bool) -> None:
+        super().__init__(message)
+        #: True for HTTP 413 (the archive's verdict), False for a timeout.
+        self.refused = refused
 
 
 @dataclass(frozen=True)
@@ -86,23 +104,23 @@ def describe_failure(code: int | None) -> str:
 
 
 def parse_response(status: int, body: bytes, items: Sequence[Item]) -> dict[str, InstanceOutcome]:
-    """Map the archive's STOW-RS answer to an outcome for each instance sent."""
+    """Map the archive's STOW-RS answer (PS3.18 10.5.3) to an outcome for each item.
+
+    Never raises: an answer that cannot be read says nothing about the instances, so
+    each gets a retryable outcome naming what was wrong with it."""
     try:
-        ds = Dataset.from_json(json.loads(body)) if body.strip() else Dataset()
-    except (ValueError, TypeError, KeyError) as exc:
-        raise RequestFailed(f"HTTP {status} with an unparsable STOW-RS answer: {exc}") from exc
-    outcomes: dict[str, InstanceOutcome] = {}
-    for ref in ds.get("ReferencedSOPSequence", []):
-        uid = str(ref.get("ReferencedSOPInstanceUID", ""))
-        outcomes[uid] = InstanceOutcome(stored=True)
-    for failed in ds.get("FailedSOPSequence", []):
-        uid = str(failed.get("ReferencedSOPInstanceUID", ""))
-        code = failed.get("FailureReason")
-        code = int(code) if code is not None else None
-        outcomes[uid] = InstanceOutcome(
-            stored=False, retryable=code is None or code in _RETRYABLE_REASONS,
-            reason=describe_failure(code),
-        )  # fmt: skip
+        value: Any = json.loads(body) if body.strip() else {}
+    except ValueError as exc:
+        return _all_retry(items, f"HTTP {status} with an unparsable STOW-RS answer: {exc}")
+    if not isinstance(value, dict):
+        text = " ".join(body[:80].decode("utf-8", "replace").split())
+        return _all_retry(items, f"HTTP {status} with a STOW-RS answer that is not a JSON "
+                                 f"object: {text}")  # fmt: skip
+    try:
+        ds = Dataset.from_json(value)
+        outcomes = _outcomes(ds)
+    except Exception as exc:  # from_json raises anything on odd JSON
+        return _all_retry(items, f"HTTP {status} with an unreadable STOW-RS answer: {exc!r}")
     result: dict[str, InstanceOutcome] = {}
     for item in items:
         outcome = outcomes.get(item.sop_instance_uid)
@@ -113,6 +131,49 @@ def parse_response(status: int, body: bytes, items: Sequence[Item]) -> dict[str,
             )
         result[item.sop_instance_uid] = outcome
     return result
+
+
+def _all_retry(items: Sequence[Item], reason: str) -> dict[str, InstanceOutcome]:
+    outcome = InstanceOutcome(stored=False, retryable=True, reason=reason)
+    return {item.sop_instance_uid: outcome for item in items}
+
+
+def _items(ds: Dataset, keyword: str) -> list[Dataset]:
+    """The items of a sequence, or none when the element is something else."""
+    value = ds.get(keyword)
+    if value is None or isinstance(value, (str, bytes)):
+        return []
+    try:
+        return [item for item in value if isinstance(item, Dataset)]
+    except TypeError:  # a single non-sequence value
+        return []
+
+
+def _uid(item: Dataset) -> str | None:
+    value = item.get("ReferencedSOPInstanceUID")
+    return value if isinstance(value, str) and value else None
+
+
+def _outcomes(ds: Dataset) -> dict[str, InstanceOutcome]:
+    outcomes: dict[str, InstanceOutcome] = {}
+    for ref in _items(ds, "ReferencedSOPSequence"):
+        if (uid := _uid(ref)) is not None:
+            outcomes[uid] = InstanceOutcome(stored=True)
+    for failed in _items(ds, "FailedSOPSequence"):
+        if (uid := _uid(failed)) is None:
+            continue
+        code = failed.get("FailureReason")
+        if code is None or isinstance(code, int):
+            outcomes[uid] = InstanceOutcome(
+                stored=False, retryable=code is None or code in _RETRYABLE_REASONS,
+                reason=describe_failure(code),
+            )  # fmt: skip
+        else:  # multi-valued or not a number: not a verdict we can act on
+            outcomes[uid] = InstanceOutcome(
+                stored=False, retryable=True,
+                reason=f"archive refused with an unreadable FailureReason {code!r}",
+            )  # fmt: skip
+    return outcomes
 
 
 def http_hint(peer: str, status: int, body: bytes) -> str:
@@ -137,9 +198,19 @@ class StowClient:
 
     async def __aenter__(self) -> StowClient:
         connector = aiohttp.TCPConnector(ssl=ssl_context(self.config), limit=16)
-        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_seconds, sock_connect=30)
-        self._session = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        self._session = aiohttp.ClientSession(connector=connector)
         return self
+
+    def timeout_for(self, body_bytes: int) -> aiohttp.ClientTimeout:
+        """request_timeout_seconds for connecting, and for the request as a whole
+        that plus the time the body takes at the slowest uplink we allow for, so a
+        large instance can finish on a slow line.  (No sock_read: aiohttp may arm it
+        while a TLS body is still being written, which cuts a slow upload short.)"""
+        c = self.config
+        return aiohttp.ClientTimeout(
+            total=c.request_timeout_seconds + body_bytes / c.min_bytes_per_second,
+            sock_connect=c.request_timeout_seconds,
+        )
 
     async def __aexit__(self, *exc: object) -> None:
         if self._session is not None:
@@ -149,25 +220,29 @@ class StowClient:
         assert self._session is not None, "use StowClient as an async context manager"
         files = []
         try:
+            size = 0
             with aiohttp.MultipartWriter('related; type="application/dicom"') as body:
                 for item in items:
                     f = open(item.path, "rb")  # noqa: SIM115 - closed in finally
                     files.append(f)
+                    size += os.fstat(f.fileno()).st_size
                     body.append(f, {"Content-Type": "application/dicom"})
-            return await self._post(body, items)
+            return await self._post(body, items, self.timeout_for(size))
         finally:
             for f in files:
                 f.close()
 
     async def _post(
-        self, body: aiohttp.MultipartWriter, items: Sequence[Item]
+        self, body: aiohttp.MultipartWriter, items: Sequence[Item], timeout: aiohttp.ClientTimeout
     ) -> dict[str, InstanceOutcome]:
         assert self._session is not None
         headers = {"Accept": "application/dicom+json"}
         started = time.monotonic()
         code = "error"
         try:
-            async with self._session.post(self.url, data=body, headers=headers) as resp:
+            async with self._session.post(
+                self.url, data=body, headers=headers, timeout=timeout
+            ) as resp:
                 code = str(resp.status)
                 payload = await resp.read()
                 status = resp.status
@@ -180,12 +255,22 @@ class StowClient:
             raise RequestFailed(f"TLS handshake with the archive failed: {exc}") from exc
         except aiohttp.ClientConnectorError as exc:
             raise RequestFailed(f"cannot connect to the archive: {exc.os_error}") from exc
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise RequestFailed(f"cannot connect to the archive: {exc!r}") from exc
+        except TimeoutError as exc:
+            raise RequestTooBig(
+                f"request to the archive timed out after {time.monotonic() - started:.0f} s"
+                f" ({len(items)} instances)",
+                refused=False,
+            ) from exc
+        except aiohttp.ClientError as exc:
             raise RequestFailed(f"request to the archive failed: {exc!r}") from exc
         finally:
             if self.metrics is not None:
                 self.metrics.stow_requests.labels(code).inc()
                 self.metrics.stow_duration.observe(time.monotonic() - started)
+        if status == 413:
+            raise RequestTooBig("archive refuses the size (HTTP 413)", refused=True)
         if status in (200, 202, 409) or (400 <= status < 500 and _is_dicom_json(payload)):
             return parse_response(status, payload, items)
         # Anything else (5xx, 429, a proxy's error page, a refused client certificate)

@@ -27,11 +27,9 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import shutil
 import ssl
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -406,15 +404,13 @@ class WebServer:
 
     def _readiness_problems(self) -> list[str]:
         problems: list[str] = []
-        probe = self.spool.tmp_dir / f"readyz-{uuid.uuid4().hex}"
+        missing = self.spool.check()
+        if missing is not None:
+            # Nothing else about the spool is worth asking, and the database may live
+            # in it: opening it by path could create a file in the new directory.
+            return [missing]
         try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, b"ok")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(probe)
+            self.spool.probe_write()
         except OSError as exc:
             problems.append(f"spool not writable: {exc.strerror or exc}")
         try:

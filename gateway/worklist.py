@@ -37,6 +37,7 @@ from pydicom.sequence import Sequence
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
+from . import negotiation
 from .config import Config
 from .find_encoding import PreEncoded
 from .store import Store, WriteFn, utcnow
@@ -282,7 +283,9 @@ def query_upstream(config: Config) -> list[Dataset]:
     w = config.worklist
     ae = AE(ae_title=config.dimse.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    ae.add_requested_context(ModalityWorklistInformationFind)
+    ae.add_requested_context(
+        ModalityWorklistInformationFind, list(negotiation.SCU_TRANSFER_SYNTAXES)
+    )
     assoc = ae.associate(w.upstream_host, w.upstream_port, ae_title=w.upstream_ae)
     if not assoc.is_established:
         raise ConnectionError(

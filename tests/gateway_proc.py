@@ -53,10 +53,14 @@ class GatewayProcess:
         self.port = free_port()
         self.config_path = write_config(root / "gateway.toml", root, self.port, **sections)
         self.spool = Path(sections.get("spool", {}).get("dir", root / "spool"))
-        self.db_path = root / "gateway.sqlite3"
+        # database = {"path": ""}: the default, inside the spool directory.
+        db = sections.get("database", {}).get("path", str(root / "gateway.sqlite3"))
+        self.db_path = Path(db) if db else self.spool / "gateway.sqlite3"
         self.log_path = root / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        #: The gateway's working directory (relative defaults resolve there); None: ours.
+        self.cwd: Path | None = None
 
     def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> GatewayProcess:
         self.starts += 1
@@ -68,6 +72,7 @@ class GatewayProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=self.cwd,
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -94,6 +99,45 @@ class GatewayProcess:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(timeout=10)
+
+    def enqueue_unchecked(self, path: Path) -> None:
+        """Put the DICOM file *path* in the queue as if received, without C-STORE.
+
+        For instances an archive refuses for good: the gateway's own ingest refuses the
+        ones it can tell (no Study/Series UID), so a test of what happens after the
+        archive's refusal places one directly.  Call before :meth:`start`.
+        """
+        import pydicom
+
+        from gateway.spool import Spool
+        from gateway.store import ReceivedInstance, Store
+
+        assert self.proc is None or self.proc.poll() is not None, "stop the gateway first"
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        spool = Spool(self.spool, 0)
+        spool.prepare()
+        tmp = spool.tmp_dir / "enqueued.dcm"
+        tmp.write_bytes(Path(path).read_bytes())
+        spooled = spool.commit_file(tmp)
+        store = Store(self.db_path)
+        store.open()
+        try:
+            store.record_instance(
+                ReceivedInstance(
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID),
+                    study_instance_uid=str(ds.get("StudyInstanceUID", "")),
+                    series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+                    calling_ae="CT_ROOM1",
+                    peer_address="127.0.0.1:0",
+                    transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+                    size=spooled.size,
+                    sha256=spooled.sha256,
+                    path=spooled.relpath,
+                )
+            ).result(timeout=30)
+        finally:
+            store.close()
 
     def rows(self, sql: str = "SELECT * FROM instances", params: tuple[Any, ...] = ()) -> list[Any]:
         conn = sqlite3.connect(self.db_path)

@@ -63,6 +63,12 @@ GATEWAY_TIMEOUT_S = 2
 #: Its own max PDU size, so that a P-DATA longer than that is a protocol violation.
 MAX_PDU = 65536
 DIMSE = {
+    # A peer that sends a few bytes and closes holds its association slot until the
+    # ACSE timeout (pynetdicom waits that long for the A-ASSOCIATE-RQ).  The random-byte
+    # tests open such connections faster than one per GATEWAY_TIMEOUT_S / 16 now that
+    # accepting a connection no longer copies every storage context (~200 ms before),
+    # so the default 16 slots would run out: test_too_many_associations tests the limit.
+    "max_associations": 64,
     "allowed_aets": ALLOWED_AETS,
     "acse_timeout": GATEWAY_TIMEOUT_S,
     "network_timeout": GATEWAY_TIMEOUT_S,
@@ -762,6 +768,21 @@ def _bad_study_uid(ds: Dataset) -> bytes:
     return explicit_le(ds)
 
 
+def _no_study_uid(ds: Dataset) -> bytes:
+    del ds.StudyInstanceUID
+    return explicit_le(ds)
+
+
+def _no_series_uid(ds: Dataset) -> bytes:
+    del ds.SeriesInstanceUID
+    return explicit_le(ds)
+
+
+def _empty_series_uid(ds: Dataset) -> bytes:
+    ds.SeriesInstanceUID = ""
+    return explicit_le(ds)
+
+
 MALFORMED: dict[str, tuple[Callable[[Dataset], bytes], set[int | None]]] = {
     "truncated inside a value": (_truncated_in_value, {UNDECODABLE}),
     "truncated inside pixel data": (_truncated_in_pixel_data, {UNDECODABLE}),
@@ -777,6 +798,10 @@ MALFORMED: dict[str, tuple[Callable[[Dataset], bytes], set[int | None]]] = {
     "SOP Instance UID differs from the command": (_other_sop_instance, {DATASET_MISMATCH}),
     "SOP Class UID differs from the command": (_other_sop_class, {DATASET_MISMATCH}),
     "Study Instance UID ../../x": (_bad_study_uid, {DATASET_MISMATCH}),
+    # No archive stores an instance without them: refused, never acknowledged.
+    "no Study Instance UID": (_no_study_uid, {DATASET_MISMATCH}),
+    "no Series Instance UID": (_no_series_uid, {DATASET_MISMATCH}),
+    "empty Series Instance UID": (_empty_series_uid, {DATASET_MISMATCH}),
 }
 
 

@@ -31,9 +31,27 @@ def test_defaults_match_the_documented_contract() -> None:
     assert c.dimse.port == 11112
     assert c.web.bind == "127.0.0.1" and c.web.port == 8080
     assert c.spool.dir == Path("var/spool")
-    assert c.database.path.parent == Path("var")
+    assert c.database.path is None
+    assert c.database_path == Path("var/spool/gateway.sqlite3")
     assert c.dimse.allowed_aets == ()
     assert c.upload.compression == "j2k-lossless"
+    assert c.dimse.storage_sop_classes == ()  # every storage SOP class
+
+
+def test_database_lives_in_the_spool_unless_set() -> None:
+    only_spool = config.from_dict({"spool": {"dir": "/data/spool"}})
+    assert only_spool.database_path == Path("/data/spool/gateway.sqlite3")
+    explicit = config.from_dict({"spool": {"dir": "/data/spool"}, "database": {"path": "/x.db"}})
+    assert explicit.database_path == Path("/x.db")
+    # An empty string means "not set", as for every optional path.
+    assert config.from_dict({"database": {"path": ""}}).database.path is None
+
+
+@pytest.mark.parametrize("sub", ["tmp", "objects"])
+def test_database_inside_the_swept_spool_dirs_is_refused(sub: str) -> None:
+    raw = {"spool": {"dir": "/data/spool"}, "database": {"path": f"/data/spool/{sub}/q.db"}}
+    with pytest.raises(ConfigError, match=f"database.path: must not be inside spool.dir's {sub}/"):
+        config.from_dict(raw)
 
 
 def test_public_keys_exist() -> None:
@@ -115,9 +133,23 @@ interval_seconds = 30
         ("[dimse]\nae_title = 'A_TITLE_THAT_IS_TOO_LONG'\n", "dimse.ae_title", "AE title"),
         ("[dimse]\nallowed_aets = 'CT1'\n", "dimse.allowed_aets", "list of strings"),
         ("[dimse]\nbind = 'my host'\n", "dimse.bind", "IP address"),
+        (
+            "[dimse]\nstorage_sop_classes = ['1.2.840.10008.5.1.4.1.1.2', '1.02.3']\n",
+            "dimse.storage_sop_classes",
+            "not a valid UID",
+        ),
+        ("[dimse]\nstorage_sop_classes = '1.2.3'\n", "dimse.storage_sop_classes", "list of"),
         ("[spool]\nmin_free_bytes = -1\n", "spool.min_free_bytes", "negative"),
         ("[upload]\ncompression = 'jpeg'\n", "upload.compression", "j2k-lossless"),
         ("[upload]\ndicomweb_url = 'http://x'\n", "upload.dicomweb_url", "https://"),
+        ("[upload]\nmax_attempts = 0\n", "upload.max_attempts", "at least 1"),
+        ("[upload]\ngive_up_after_hours = 0\n", "upload.give_up_after_hours", "positive"),
+        ("[upload]\nmin_bytes_per_second = 0\n", "upload.min_bytes_per_second", "at least 1"),
+        (
+            "[upload]\ncompress_timeout_seconds = -1\n",
+            "upload.compress_timeout_seconds",
+            "positive",
+        ),
         ("[worklist]\nupstream_host = 'ris'\n", "worklist.upstream_ae", "required"),
         ("[logging]\nlevel = 'LOUD'\n", "logging.level", "DEBUG"),
         ("[web]\nbind = '0.0.0.0'\n", "web.bind", "not a loopback address"),

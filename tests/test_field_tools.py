@@ -33,12 +33,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def doctor(config: Path) -> tuple[int, dict[str, str]]:
-    """Exit status and ``{check: "PASS ..."|"FAIL ... fix: ..."}``."""
+    """Exit status and ``{check: "PASS ..."|"FAIL ... fix: ..."|"WARN ... fix: ..."}``."""
     proc = run_cli("doctor", "--config", str(config))
     lines: dict[str, str] = {}
     name = ""
     for line in proc.stdout.splitlines():
-        if line.startswith(("PASS", "FAIL", "SKIP")):
+        if line.startswith(("PASS", "FAIL", "SKIP", "WARN")):
             name = line.split()[1]
             lines[name] = line
         elif line.strip().startswith("fix:"):
@@ -70,7 +70,9 @@ def test_doctor_good_setup_passes_every_line(
     worklist = {"upstream_host": "127.0.0.1", "upstream_port": ris.port, "upstream_ae": "RIS"}
     gw = gateway_factory(upload=upload_section(archive_lab), worklist=worklist)
     code, lines = doctor(gw.config_path)
-    assert set(lines) == {"config", "spool", "dimse", "certificate", "archive", "worklist"}
+    assert set(lines) == {
+        "config", "spool", "database", "dimse", "certificate", "archive", "worklist"
+    }  # fmt: skip
     assert all(line.startswith("PASS") for line in lines.values()), lines
     assert code == 0
     assert "answers C-ECHO" in lines["dimse"] and "QIDO answered" in lines["archive"]
@@ -151,6 +153,23 @@ def test_spool_disk_full(small_fs: Path, tmp_path: Path) -> None:
     assert code == 1
     assert lines["spool"].startswith("FAIL") and "cannot write" in lines["spool"], lines
     assert "fix: make" in lines["spool"] and "free its disk" in lines["spool"]
+
+
+def test_database_on_another_file_system_warns(small_fs: Path, tmp_path: Path) -> None:
+    spool = {"dir": str(small_fs / "spool")}
+    # write_config puts the database beside the config, on tmp_path's file system.
+    _, lines = doctor(_doctor_config(tmp_path, spool=spool))
+    assert lines["database"].startswith("WARN"), lines
+    assert "on another file system than the spool" in lines["database"]
+    assert "fix: unset database.path" in lines["database"]
+
+    # Unset: the queue lives in the spool, so the two cannot be apart.
+    _, lines = doctor(_doctor_config(tmp_path, spool=spool, database={"path": ""}))
+    assert lines["database"].startswith("PASS"), lines
+    assert (
+        f"{small_fs / 'spool' / 'gateway.sqlite3'} is created at the first start"
+        in lines["database"]
+    )
 
 
 def test_dimse_port_not_bound(tmp_path: Path) -> None:

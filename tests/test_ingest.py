@@ -80,6 +80,18 @@ def test_every_transfer_syntax_stored_as_sent(
 ) -> None:
     path = corpus.testdata(name)
     assert transfer_syntax_of(path) == ts
+    original = pydicom.dcmread(path, stop_before_pixels=True)
+    if "SeriesInstanceUID" not in original or "StudyInstanceUID" not in original:
+        # No archive stores an instance without them: refused at once, never
+        # acknowledged (the queue has no row).  A copy with them goes through.
+        refused = store_one(shared_gateway.port, path)
+        assert refused.statuses == ["Error: DataSetDoesNotMatchSOPClass"], refused.output
+        assert not shared_gateway.rows(
+            "SELECT * FROM instances WHERE sop_instance_uid = ?", (original.SOPInstanceUID,)
+        )
+        path = tmp_path / name
+        corpus.with_new_uids(corpus.testdata(name), path)
+        assert transfer_syntax_of(path) == ts
     _assert_same_as_sent(shared_gateway, reference, path, tmp_path)
 
 
@@ -157,3 +169,26 @@ def test_resend_is_idempotent(gateway_factory: GatewayFactory, tmp_path: Path) -
     assert only_file.name == f"{new_row['sha256']}.dcm"
     assert pydicom.dcmread(only_file).PatientComments == "corrected by the technologist"
     assert gw.stop() == 0
+
+
+@pytest.mark.parametrize("missing", ["SeriesInstanceUID", "StudyInstanceUID"])
+def test_instance_no_archive_would_store_is_refused(
+    gateway: GatewayProcess, tmp_path: Path, missing: str
+) -> None:
+    """Without a Series (or Study) Instance UID no archive can store the instance: the
+    modality is told at once (0xA900 with an Error Comment), nothing is acknowledged,
+    queued or left in the spool."""
+    path = tmp_path / "no-uid.dcm"
+    ds = pydicom.dcmread(corpus.testdata("CT_small.dcm"))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    delattr(ds, missing)
+    ds.save_as(path, enforce_file_format=True)
+    result = storescu(gateway.port, [path], extra=["-d"])
+    assert "DIMSE Status                  : 0xa900" in result.output, result.output
+    assert result.returncode != 0, "storescu reports the failure"
+    name = {"SeriesInstanceUID": "Series", "StudyInstanceUID": "Study"}[missing]
+    comment = f"no {name} Instance UID in the data set"
+    assert comment in result.output, "the Error Comment reaches the modality"
+    assert gateway.rows() == []
+    assert gateway.spool_files() == [] and gateway.temp_files() == []
+    assert f"sop={ds.SOPInstanceUID} refused: {comment}" in gateway.log

@@ -12,9 +12,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import UploadConfig
-from gateway.jobs import _prune, backoff_seconds, retry_failed
-from gateway.store import COMPRESSED, FAILED, RECEIVED, UPLOADED, ReceivedInstance, Store
-from gateway.upload import Item, RequestFailed, parse_response, ssl_context
+from gateway.jobs import Claimed, GiveUp, _finish_uploads, _prune, backoff_seconds, retry_failed
+from gateway.store import (
+    COMPRESSED,
+    FAILED,
+    RECEIVED,
+    UPLOADED,
+    UPLOADING,
+    ReceivedInstance,
+    Store,
+)
+from gateway.upload import InstanceOutcome, Item, parse_response, ssl_context
 
 
 def _add(store: Store, uid: str, size: int, state: str, hours_ago: float = 0.0) -> None:
@@ -108,9 +116,125 @@ def test_parse_response_per_instance() -> None:
     assert not out["1.4"].stored and out["1.4"].retryable  # not mentioned: send again
 
 
-def test_unparsable_answer_is_a_request_failure() -> None:
-    with pytest.raises(RequestFailed, match="unparsable"):
-        parse_response(200, b"<html>oops</html>", [Item("1.1", Path("/x"))])
+def test_unparsable_answer_is_retried_with_the_reason() -> None:
+    (out,) = parse_response(200, b"<html>oops</html>", [Item("1.1", Path("/x"))]).values()
+    assert not out.stored and out.retryable and "unparsable" in out.reason
+
+
+def _seq(*items: object, vr: str = "SQ") -> dict[str, object]:
+    return {"vr": vr, "Value": list(items)}
+
+
+def _uid_el(uid: str) -> dict[str, object]:
+    return {"vr": "UI", "Value": [uid]}
+
+
+# Answers a STOW-RS archive must not give (PS3.18 10.5.3 wants a JSON object), and
+# what each must become: (body, reason part) -- every instance retried, none raising.
+_ODD_ANSWERS = [
+    (b"[]", "not a JSON object"),
+    (b"null", "not a JSON object"),
+    (b"42", "not a JSON object"),
+    (b'"stored"', "not a JSON object"),
+    (b"{not json", "unparsable"),
+    # Referenced SOP Sequence that is not a sequence
+    (json.dumps({"00081199": _uid_el("1.1")}).encode(), "did not confirm"),
+    # items of the sequence are not objects
+    (json.dumps({"00081199": _seq("1.1", 7)}).encode(), "unreadable STOW-RS answer"),
+    # an item without Referenced SOP Instance UID
+    (json.dumps({"00081199": _seq({"00081150": _uid_el("1.2.3")})}).encode(), "did not confirm"),
+    # garbage DICOM JSON: unknown VR, wrong value types, a bulk data URI nobody serves
+    (json.dumps({"00081199": {"vr": "XX", "Value": [1]}}).encode(), ""),
+    (json.dumps({"00100010": {"vr": "PN", "Value": [5]}}).encode(), ""),
+    (json.dumps({"7FE00010": {"vr": "OB", "BulkDataURI": "http://x/"}}).encode(), ""),
+    (json.dumps({"00081199": {"vr": "SQ", "Value": "abc"}}).encode(), ""),
+    (json.dumps({"0008": 1}).encode(), ""),
+]
+
+
+@pytest.mark.parametrize(("body", "reason"), _ODD_ANSWERS)
+def test_odd_200_answers_retry_the_batch_never_raise(body: bytes, reason: str) -> None:
+    items = [Item("1.1", Path("/x")), Item("1.2", Path("/x"))]
+    out = parse_response(200, body, items)
+    assert set(out) == {"1.1", "1.2"}
+    for outcome in out.values():
+        assert not outcome.stored and outcome.retryable, (body, outcome)
+        assert reason in outcome.reason and outcome.reason.startswith("HTTP 200"), outcome
+
+
+def _failed_with(code_element: dict[str, object]) -> bytes:
+    item = {"00081155": _uid_el("1.1"), "00081197": code_element}
+    return json.dumps({"00081198": _seq(item)}).encode()
+
+
+@pytest.mark.parametrize(
+    "code_element",
+    [
+        {"vr": "US", "Value": [0xC000, 0xA700]},  # multi-valued
+        {"vr": "LO", "Value": ["C000"]},  # not a number
+        {"vr": "US", "Value": [None]},
+    ],
+)
+def test_unreadable_failure_reason_is_retried(code_element: dict[str, object]) -> None:
+    out = parse_response(409, _failed_with(code_element), [Item("1.1", Path("/x"))])["1.1"]
+    assert not out.stored and out.retryable
+    assert "FailureReason" in out.reason or "no failure reason" in out.reason
+
+
+def test_backoff_never_overflows() -> None:
+    for attempts in (1024, 1025, 10_000, 10**18):
+        assert 450 <= backoff_seconds(attempts, initial=5, maximum=900) <= 900
+
+
+def _finish(store: Store, attempts: int, give_up: GiveUp, failing_since: str | None) -> None:
+    store.submit(
+        lambda c: c.execute(
+            "UPDATE instances SET state = ?, attempts = ?, failing_since = ?",
+            (UPLOADING, attempts, failing_since),
+        )
+    ).result()
+    (row,) = store.rows("SELECT * FROM instances")
+    claimed = Claimed(
+        row["sop_instance_uid"], row["study_instance_uid"], row["sha256"], row["path"],
+        row["upload_path"], row["transfer_syntax"], row["size"], row["attempts"],
+    )  # fmt: skip
+    outcome = InstanceOutcome(stored=False, retryable=True, reason="HTTP 503: busy")
+    store.submit(_finish_uploads([(claimed, outcome)], lambda n: 1.0, give_up)).result()
+
+
+def test_attempts_beyond_the_cap_end_as_failed_with_the_reason(store: Store) -> None:
+    """Done-when 3: 10,000 attempts in the database (2.0 ** 9999 overflowed before)."""
+    _add(store, "1.1", 10, COMPRESSED)
+    _finish(store, 10_000, GiveUp(max_attempts=500, after_hours=72), None)
+    (row,) = store.rows("SELECT * FROM instances")
+    assert row["state"] == FAILED
+    assert row["attempts"] == 10_001
+    assert row["last_error"] == (
+        "HTTP 503: busy; gave up after 10001 attempts (upload.max_attempts)"
+    )
+    # An operator's retry gives it a fresh start.
+    assert store.submit(lambda c: retry_failed(c, None)).result() == 1
+    (row,) = store.rows("SELECT * FROM instances")
+    assert (row["state"], row["attempts"], row["failing_since"]) == (COMPRESSED, 0, None)
+
+
+def test_gives_up_after_hours_of_failures(store: Store) -> None:
+    _add(store, "1.1", 10, COMPRESSED, hours_ago=100)
+    store.submit(
+        lambda c: c.execute(
+            "UPDATE instances SET received_at = ?",
+            ((datetime.now(UTC) - timedelta(hours=100)).isoformat(),),
+        )
+    ).result()
+    limits = GiveUp(max_attempts=500, after_hours=72)
+    _finish(store, 3, limits, None)  # the first failure starts the clock now
+    (row,) = store.rows("SELECT * FROM instances")
+    assert row["state"] == COMPRESSED and row["failing_since"] is not None
+    since = (datetime.now(UTC) - timedelta(hours=73)).isoformat()
+    _finish(store, 4, limits, since)
+    (row,) = store.rows("SELECT * FROM instances")
+    assert row["state"] == FAILED
+    assert row["last_error"].startswith("HTTP 503: busy; gave up after 73 hours")
 
 
 def test_tls_context_always_verifies(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
-from gateway.receive import is_valid_uid
+from gateway.config import is_valid_uid
 from gateway.reconcile import reconcile
 from gateway.spool import Spool
 from gateway.store import (

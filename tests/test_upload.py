@@ -249,14 +249,17 @@ def test_untrusted_archive_certificate(
 def test_rejected_instance_fails_without_blocking_the_rest(
     gateway_factory: GatewayFactory, archive_lab: ArchiveLab, tmp_path: Path
 ) -> None:
-    gw = _gateway(gateway_factory, archive_lab)
     paths, sent = _study(tmp_path, ["CT_small.dcm"] * 4)
-    # The gateway keeps an instance without Series Instance UID (some devices send
-    # them); this archive refuses it (FailedSOPSequence, 0xC000).
+    # This archive refuses an instance without Series Instance UID (FailedSOPSequence,
+    # 0xC000).  The gateway's own C-STORE check refuses such an instance, so it is
+    # queued directly, before the gateway starts.
     bad = pydicom.dcmread(paths[1])
     del bad.SeriesInstanceUID
     bad.save_as(paths[1])
-    assert storescu(gw.port, paths).acknowledged == 4
+    gw = gateway_factory(start=False, upload=_upload_config(archive_lab))
+    gw.enqueue_unchecked(paths[1])
+    gw.start()
+    assert storescu(gw.port, paths[:1] + paths[2:]).acknowledged == 3
     wait_until(
         "three uploaded, one failed",
         lambda: _states(gw) == {"uploaded": 3, "failed": 1},

@@ -155,16 +155,19 @@ def test_below_watermark_is_failing_and_unready(gateway_factory: GatewayFactory)
     assert status["disk"]["below_watermark"] is True
 
 
-def test_readyz_when_the_spool_is_not_writable(gateway_factory: GatewayFactory) -> None:
+def test_readyz_when_the_spool_tmp_dir_is_moved_away(gateway_factory: GatewayFactory) -> None:
     gw = gateway_factory()
     web = _client(gw)
     assert web.get("/readyz").status == 200
     tmp = gw.spool / "tmp"
-    tmp.rename(gw.spool / "tmp-moved")  # as good as an unwritable disk for the probe
+    tmp.rename(gw.spool / "tmp-moved")  # the gateway never writes into a stranger's tmp/
     try:
         ready = web.get("/readyz")
         assert ready.status == 503
-        assert any("spool not writable" in p for p in ready.json()["problems"])
+        assert any(
+            "spool directory is missing or replaced" in p and "tmp does not exist" in p
+            for p in ready.json()["problems"]
+        ), ready.text
     finally:
         (gw.spool / "tmp-moved").rename(tmp)
     assert web.get("/readyz").status == 200
@@ -173,11 +176,17 @@ def test_readyz_when_the_spool_is_not_writable(gateway_factory: GatewayFactory) 
 def test_retry_and_pause_from_the_api(
     gateway_factory: GatewayFactory, archive_lab: ArchiveLab, tmp_path: Path
 ) -> None:
-    gw = gateway_factory(upload=_upload_config(archive_lab))
-    web = _client(gw)
+    gw = gateway_factory(start=False, upload=_upload_config(archive_lab))
     # The archive refuses an instance without Series Instance UID (HTTP 400, 0xC000):
-    # a permanent failure that only an operator's retry sends again.
-    bad = _send(gw, tmp_path, SeriesInstanceUID=None)
+    # a permanent failure that only an operator's retry sends again.  The gateway's
+    # own C-STORE check refuses such an instance, so it is queued directly.
+    bad = tmp_path / "no-series.dcm"
+    ds = corpus.with_new_uids(corpus.testdata("CT_small.dcm"), bad)
+    del ds.SeriesInstanceUID
+    ds.save_as(bad)
+    gw.enqueue_unchecked(bad)
+    gw.start()
+    web = _client(gw)
     wait_until("failed", lambda: web.status()["queue"]["failed"] == 1)
     failed = web.get("/api/queue?state=failed&limit=10").json()["items"]
     assert [f["sop_instance_uid"] for f in failed] == [pydicom.dcmread(bad).SOPInstanceUID]

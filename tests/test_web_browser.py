@@ -116,14 +116,18 @@ def test_page_follows_an_outage_and_its_recovery(
 def test_retry_a_failed_instance_from_the_page(
     gateway_factory: GatewayFactory, archive_lab: ArchiveLab, browser: Browser, tmp_path: Path
 ) -> None:
-    gw = gateway_factory(upload=_upload_config(archive_lab), web={"refresh_seconds": 1})
-    api = WebClient(web_port(gw))
-    # No Series Instance UID: the archive refuses it for good (0xC000).
+    gw = gateway_factory(
+        start=False, upload=_upload_config(archive_lab), web={"refresh_seconds": 1}
+    )
+    # No Series Instance UID: the archive refuses it for good (0xC000).  The gateway's
+    # own C-STORE check refuses such an instance, so it is queued directly.
     path = tmp_path / "no-series.dcm"
     ds = corpus.with_new_uids(corpus.testdata("CT_small.dcm"), path)
     del ds.SeriesInstanceUID
     ds.save_as(path)
-    assert storescu(gw.port, [path]).acknowledged == 1
+    gw.enqueue_unchecked(path)
+    gw.start()
+    api = WebClient(web_port(gw))
     wait_until("failed", lambda: api.status()["queue"]["failed"] == 1)
 
     page = browser.new_page()
