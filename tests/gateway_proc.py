@@ -70,7 +70,15 @@ class GatewayProcess:
         offset = log.tell()
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
+            [
+                *self.prefix,
+                sys.executable,
+                "-m",
+                "gateway",
+                "run",
+                "--config",
+                str(self.config_path),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

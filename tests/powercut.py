@@ -128,9 +128,7 @@ class DiskLab:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def _attach(
-        self, image: Path, *options: str, stack: contextlib.ExitStack | None = None
-    ) -> str:
+    def _attach(self, image: Path, *options: str, stack: contextlib.ExitStack | None = None) -> str:
         dev = run("losetup", "--find", "--show", *options, image).strip()
         (stack or self._stack).callback(_detach, dev)
         return dev

@@ -75,7 +75,9 @@ class PowerCutReport:
 
 def _gateway(root: Path, spool: Path) -> GatewayProcess:
     # database.path unset: the queue database inside the spool, on the same disk.
-    return GatewayProcess(root, spool={"dir": str(spool), "min_free_bytes": 0}, database={"path": ""})
+    return GatewayProcess(
+        root, spool={"dir": str(spool), "min_free_bytes": 0}, database={"path": ""}
+    )
 
 
 def _stop(gw: GatewayProcess) -> None:
@@ -145,9 +147,7 @@ def power_cut_run(tmp_path: Path, variant: str) -> PowerCutReport:
             gw.start()
             assert _uses_eatmydata(gw) == (variant == "eatmydata")
             files = [i.path for i in instances]
-            senders = [
-                Sender(gw.port, files[k::SENDERS], f"MODALITY{k}") for k in range(SENDERS)
-            ]
+            senders = [Sender(gw.port, files[k::SENDERS], f"MODALITY{k}") for k in range(SENDERS)]
             report.snapshots = snapshot_while_sending(lab, senders, rng, SNAPSHOT_GAP, 180)
         finally:
             for s in senders:
