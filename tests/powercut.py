@@ -19,14 +19,15 @@ Why a reflink copy is a crash-consistent image (kernel 6.x, ``fs/btrfs/reflink.c
   write that back (``btrfs_wait_ordered_range``), holding the inode lock longer; the
   copy's *contents* would be the same (completed writes), so direct I/O is chosen for
   less memory and shorter, cheaper snapshots, not for different semantics.
-- ``btrfs_remap_file_range`` takes the source inode's ``i_rwsem`` and mmap lock
-  exclusively, and ``generic_remap_file_range_prep`` then waits for direct I/O in
-  flight (``inode_dio_wait``).  btrfs direct writes take the same inode lock, so no new
-  write can start while the extents are cloned.  The copy therefore holds every loop
-  write that completed before the clone and none that started after it; a write in
-  flight when the clone began is either wholly in (it finished first) or wholly out.
+- ``btrfs_remap_file_range_prep`` takes the source inode's ``i_rwsem`` (and mmap
+  lock) exclusively, and then waits for the direct I/O still in flight
+  (``inode_dio_wait``; an async direct write may have dropped the inode lock after
+  submitting its bios) and for the ordered extents of the range.  A new btrfs direct
+  write needs the inode lock (shared) to start, so none starts during the clone.  The
+  copy therefore holds every loop write that btrfs had begun before the clone took
+  the lock (those in flight finish first, each iocb whole) and none begun after it.
   That is a state a real disk can be in after a power cut: every write the device
-  acknowledged is there, nothing else is.
+  acknowledged before that instant is there, and no write is torn.
 - What it does not model: a disk with a volatile write cache that loses *acknowledged
   but not yet flushed* writes, or tears a sector.  ext4 and SQLite only count on what
   was flushed (``fsync``: data, journal commit, cache flush), and a flushed write is
