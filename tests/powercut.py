@@ -107,6 +107,7 @@ class DiskLab:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             outer = self.root / "btrfs.img"
+            self._stack.callback(outer.unlink, missing_ok=True)  # last: after detaching
             with open(outer, "wb") as f:
                 f.truncate(BTRFS_BYTES)
             run("mkfs.btrfs", "-q", outer)
