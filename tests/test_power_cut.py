@@ -40,10 +40,10 @@ from .powercut import DiskLab, Sender, Snapshot, snapshot_while_sending
 pytestmark = pytest.mark.slow
 
 #: Instances per run, sent by SENDERS storescu processes at once (one association each).
-INSTANCES = 200
+INSTANCES = 300
 SENDERS = 2
 #: Random pause before each copy of the disk, in seconds.
-SNAPSHOT_GAP = (0.2, 0.9)
+SNAPSHOT_GAP = (0.15, 0.7)
 
 
 @dataclass
