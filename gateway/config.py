@@ -364,11 +364,11 @@ def _check(c: Config) -> None:
         raise ConfigError(s, "upload.dicomweb_url", f"must be an https:// URL, got {url!r}")
     if url and (c.upload.client_cert is None) != (c.upload.client_key is None):
         raise ConfigError(s, "upload.client_key", "client_cert and client_key go together")
-    if c.upload.compression not in ("j2k-lossless", "none"):
+    if c.upload.compression not in ("j2k-lossless", "htj2k-lossless", "none"):
         raise ConfigError(
             s,
             "upload.compression",
-            f'must be "j2k-lossless" or "none", got {c.upload.compression!r}',
+            f'must be "j2k-lossless", "htj2k-lossless" or "none", got {c.upload.compression!r}',
         )
     for key in (
         "compress_workers",
