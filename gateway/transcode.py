@@ -1,9 +1,11 @@
 """JPEG 2000 lossless transcoding of one spooled instance, verified before it is used.
 
-:func:`transcode` is a pure function of its two paths, run in a worker process by the
-pipeline.  It either writes a complete JPEG 2000 Lossless (1.2.840.10008.1.2.4.90)
-copy of *src* to *dst* and returns outcome ``"compressed"``, or leaves no *dst* and
-says why the original should be uploaded as it is:
+:func:`transcode` is a pure function of its paths and codec, run in a worker process
+by the pipeline.  It either writes a complete JPEG 2000 Lossless (1.2.840.10008.1.2.4.90)
+copy of *src* to *dst* (or, as configured, High-Throughput JPEG 2000 Lossless:
+1.2.840.10008.1.2.4.201, or .202 with the RPCL options; see **HTJ2K** below) and
+returns outcome ``"compressed"``, or leaves no *dst* and says why the original should
+be uploaded as it is:
 
 * ``"passthrough"``: by policy, before any encoding: already compressed, no pixel
   data, a pixel format J2K lossless cannot hold exactly.
@@ -42,6 +44,14 @@ icons) are encoded with imagecodecs, which takes the number of resolutions (see
 :func:`_encode_small`), and encapsulated with pydicom's ``encapsulate``.  Either way
 the result is verified the same, decoded by pylibjpeg-openjpeg (for small images
 another build and binding of OpenJPEG than the one that encoded them).
+
+**HTJ2K.**  JPEG 2000 Part 15 codestreams (PS3.5 8.2.14: the same Photometric
+Interpretations, so the same policy and RGB as YBR_RCT) encoded by OpenJPH through
+imagecodecs, and verified exactly like J2K but decoded by OpenJPEG (pylibjpeg-openjpeg),
+another implementation; the header check also requires Part 15 in Rsiz and CAP and HT
+code blocks, and for .202 RPCL order, TLM markers and a lowest resolution of at most
+64 pixels a side (PS3.5 10.18).  OpenJPH takes any image size.  See
+:func:`_encode_htj2k` for how Bits Stored below 8 or 16 becomes the precision.
 
 **Icon images.**  The Transfer Syntax applies to the whole data set (PS3.5 A.4;
 PS3.10 7.2: it cannot change inside it).  Read that way, every Pixel Data
@@ -114,6 +124,7 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -130,7 +141,11 @@ FALLBACK = "fallback"
 CODECS: dict[str, UID] = {
     "j2k-lossless": JPEG2000Lossless,
     "htj2k-lossless": HTJ2KLossless,
+    "htj2k-lossless-rpcl": HTJ2KLosslessRPCL,
 }
+_HTJ2K = frozenset({HTJ2KLossless, HTJ2KLosslessRPCL})
+#: PS3.5 10.18: with RPCL, the lowest resolution is at most this many pixels a side.
+_RPCL_BASE = 64
 
 _NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 # Transfer syntaxes that are lossy by definition; the other encapsulated ones may be
@@ -225,7 +240,8 @@ def transcode(src: Path, dst: Path, codec: str = "j2k-lossless") -> TranscodeRes
     """Write a verified JPEG 2000 Lossless copy of *src* to *dst*, or say why not.
 
     *codec* is a key of :data:`CODECS`: ``"htj2k-lossless"`` writes High-Throughput
-    JPEG 2000 (Lossless Only) instead, verified the same way.
+    JPEG 2000 (Lossless Only) instead, ``"htj2k-lossless-rpcl"`` its RPCL variant,
+    verified the same way.
 
     *dst* exists afterwards only when the outcome is ``"compressed"``; it is complete
     and closed, and the caller fsyncs and renames it.  Raises only for an unreadable
@@ -305,7 +321,8 @@ def _check_policy(ds: Dataset) -> tuple[UID, np.ndarray[Any, Any], list[_Icon]]:
 
 def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
     _, original, icons = _check_policy(ds)
-    ht = ts_out == HTJ2KLossless
+    ht = ts_out in _HTJ2K
+    rpcl = ts_out == HTJ2KLosslessRPCL
 
     # PS3.5 A.4: the Transfer Syntax applies to the whole data set, so an icon's
     # Pixel Data is encapsulated JPEG 2000 too; it keeps its Photometric
@@ -316,7 +333,7 @@ def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
             if ht:
                 if int(item.SamplesPerPixel) == 3:
                     item.PlanarConfiguration = 0
-                _encapsulate(item, _encode_htj2k(item, icon.original, mct=False))
+                _encapsulate(item, _encode_htj2k(item, icon.original, mct=False, rpcl=rpcl))
             else:
                 _compress_icon(item, icon.original)
 
@@ -330,8 +347,8 @@ def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
             # The reference array is colour-by-pixel whatever the original layout.
             ds.PlanarConfiguration = 0
         if ht:
-            _encapsulate(ds, _encode_htj2k(ds, original, mct=rgb))
-            ds.file_meta.TransferSyntaxUID = HTJ2KLossless
+            _encapsulate(ds, _encode_htj2k(ds, original, mct=rgb, rpcl=rpcl))
+            ds.file_meta.TransferSyntaxUID = ts_out
         elif _is_small(ds):
             _encapsulate(ds, _encode_small(ds, original, mct=rgb))
             ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
@@ -492,7 +509,9 @@ def _encode_small(ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool) -> 
     ]
 
 
-def _encode_htj2k(ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool) -> list[bytes]:
+def _encode_htj2k(
+    ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool, rpcl: bool
+) -> list[bytes]:
     """One HTJ2K codestream per frame, by OpenJPH (imagecodecs' ``htj2k_encode``).
 
     Reversible 5/3 wavelet with OpenJPH's defaults (5 decomposition levels, 64x64
@@ -500,6 +519,11 @@ def _encode_htj2k(ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool) -> 
     the reversible colour transform (RGB stored as YBR_RCT).  OpenJPH takes any image
     size, 1x1 included: levels beyond the image's size leave empty subbands, which
     Part 1 allows, and the verification decodes them with OpenJPEG.
+
+    *rpcl* meets what 1.2.840.10008.1.2.4.202 adds (PS3.5 10.18): RPCL progression
+    (OpenJPH's own), enough levels for a lowest resolution of at most 64 pixels a
+    side, and TLM markers, here with one tile-part per resolution so the markers
+    give the resolution breakpoints.
 
     imagecodecs offers no precision option: Ssiz is the array's item size (8 or 16)
     and its signedness.  So for Bits Stored B below that, each codestream's Ssiz is
@@ -518,6 +542,11 @@ def _encode_htj2k(ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool) -> 
     size = 1 if bits_stored <= 8 else 2
     shift = not signed and bits_stored < 8 * size
     dtype = np.dtype(f"{'i' if signed or shift else 'u'}{size}")
+    options: dict[str, Any] = {}
+    if rpcl:
+        levels = max(5, _rpcl_levels(int(ds.Rows), int(ds.Columns)))
+        # imagecodecs passes "resolutions" to OpenJPH as the number of decompositions.
+        options = {"resolutions": levels, "tlm": True, "tilepart": 1}  # 1: by resolution
     encoded = []
     for frame in _frames(ds, original):
         # The policy made sure every value fits Bits Stored, so the casts are exact.
@@ -528,12 +557,21 @@ def _encode_htj2k(ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool) -> 
                 reversible=True,
                 rgb=mct,
                 planar=False,  # colour-by-pixel, as the reference array is
+                **options,
             )
         )
         if bits_stored != 8 * size:
             cs = _set_precision(cs, bits_stored, signed=signed)
         encoded.append(cs)
     return encoded
+
+
+def _rpcl_levels(rows: int, columns: int) -> int:
+    """Fewest wavelet levels that bring both sides to :data:`_RPCL_BASE` or less."""
+    levels = 0
+    while -(-max(rows, columns) // (1 << levels)) > _RPCL_BASE:
+        levels += 1
+    return levels
 
 
 def _set_precision(cs: bytes, bits: int, *, signed: bool) -> bytes:
@@ -720,13 +758,16 @@ def _verify_pixels(
     frames = int(out.get("NumberOfFrames") or 1)
     reference = original if frames > 1 else original[np.newaxis]
     signed = bool(out.PixelRepresentation)
-    ht = ts == HTJ2KLossless
+    ht = ts in _HTJ2K
+    rpcl = ts == HTJ2KLosslessRPCL
     with _stage(f"{where}cannot parse result"):
         codestreams = list(generate_frames(out.PixelData, number_of_frames=frames))
     if len(codestreams) != frames:
         raise _fallback(f"{where}result has {len(codestreams)} codestreams for {frames} frames")
     for cs in codestreams:
-        _check_codestream(cs, int(out.BitsStored), signed=signed, mct=rgb, ht=ht, where=where)
+        _check_codestream(
+            cs, int(out.BitsStored), signed=signed, mct=rgb, ht=ht, rpcl=rpcl, where=where
+        )
 
     # pylibjpeg-openjpeg (OpenJPEG) for both: for HTJ2K another implementation than
     # OpenJPH, which encoded it.
@@ -755,7 +796,14 @@ def _verify_icons(out: Dataset, icons: list[_Icon], *, ts: UID) -> None:
 
 
 def _check_codestream(
-    cs: bytes, bits_stored: int, *, signed: bool, mct: bool, ht: bool = False, where: str = ""
+    cs: bytes,
+    bits_stored: int,
+    *,
+    signed: bool,
+    mct: bool,
+    ht: bool = False,
+    rpcl: bool = False,
+    where: str = "",
 ) -> None:
     """Check the J2K main header: precision, signedness, the colour transform, and
     which part of JPEG 2000 the codestream needs.
@@ -765,7 +813,9 @@ def _check_codestream(
     1.2.840.10008.1.2.4.90 codestream must be Part 1 only: no CAP marker, no HT code
     blocks, which a Part 1 decoder cannot read.  An HTJ2K one (PS3.5 8.2.14, Part 15)
     says so in Rsiz and CAP and uses HT code blocks.  Either way the wavelet must be
-    the reversible 5/3 one.
+    the reversible 5/3 one.  With *rpcl* (1.2.840.10008.1.2.4.202, PS3.5 10.18) the
+    progression must be RPCL, TLM markers present, and the lowest resolution at most
+    64 pixels a side.
     """
     if cs[:4] != b"\xff\x4f\xff\x51" or len(cs) < 42:
         raise _fallback(f"{where}result is not a JPEG 2000 codestream")
@@ -784,7 +834,7 @@ def _check_codestream(
                 f"data set has Bits Stored {bits_stored} signed={signed}"
             )
     pos = 2 + 2 + siz_len
-    cap = False
+    cap = tlm = False
     cod = -1
     while pos + 4 <= len(cs) and cs[pos] == 0xFF:
         marker = cs[pos + 1]
@@ -792,6 +842,8 @@ def _check_codestream(
             break
         if marker == 0x50:  # CAP: extended capabilities (Part 15 for HTJ2K)
             cap = True
+        elif marker == 0x55:  # TLM: tile-part lengths
+            tlm = True
         elif marker == 0x52 and cod < 0:
             cod = pos
         pos += 2 + int.from_bytes(cs[pos + 2 : pos + 4], "big")
@@ -807,6 +859,18 @@ def _check_codestream(
         raise _fallback(f"{where}codestream code-block style {cs[cod + 12]:#04x}")
     if cs[cod + 13] != 1:
         raise _fallback(f"{where}codestream wavelet is not the reversible 5/3 one")
+    if rpcl:
+        # SIZ: image extent (Xsiz, Ysiz) less its offset (XOsiz, YOsiz).
+        width = int.from_bytes(cs[8:12], "big") - int.from_bytes(cs[16:20], "big")
+        height = int.from_bytes(cs[12:16], "big") - int.from_bytes(cs[20:24], "big")
+        if cs[cod + 5] != 2:  # SGcod progression order: 2 is RPCL
+            raise _fallback(f"{where}codestream progression order {cs[cod + 5]} is not RPCL")
+        if not tlm:
+            raise _fallback(f"{where}codestream has no TLM marker")
+        if cs[cod + 9] < _rpcl_levels(height, width):
+            raise _fallback(
+                f"{where}codestream has {cs[cod + 9]} wavelet levels for {width}x{height}"
+            )
 
 
 def _verify_elements(src: Path, dst: Path, *, was_rgb: bool, icons: list[int]) -> None:

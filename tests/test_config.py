@@ -38,9 +38,15 @@ def test_defaults_match_the_documented_contract() -> None:
     assert c.dimse.storage_sop_classes == ()  # every storage SOP class
 
 
-@pytest.mark.parametrize("codec", ["j2k-lossless", "htj2k-lossless", "none"])
+@pytest.mark.parametrize("codec", ["j2k-lossless", "htj2k-lossless", "htj2k-lossless-rpcl", "none"])
 def test_compression_codecs(codec: str) -> None:
     assert config.from_dict({"upload": {"compression": codec}}).upload.compression == codec
+
+
+def test_every_codec_of_the_compress_stage_is_configurable() -> None:
+    from gateway.transcode import CODECS
+
+    assert set(config._COMPRESSION) == {*CODECS, "none"}
 
 
 def test_database_lives_in_the_spool_unless_set() -> None:

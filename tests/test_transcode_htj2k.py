@@ -1,4 +1,4 @@
-"""HTJ2K lossless (1.2.840.10008.1.2.4.201): encoded by OpenJPH, verified by OpenJPEG.
+"""HTJ2K lossless (1.2.840.10008.1.2.4.201, and .202 RPCL): by OpenJPH, verified by OpenJPEG.
 
 The same public files and generated images as the JPEG 2000 tests, each checked here
 independently of the stage's own verification: pixels decoded by pydicom (its
@@ -12,6 +12,7 @@ syntax ("Could not read (pixmap)"), so it is not a decoder here.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -24,6 +25,7 @@ from .test_transcode import compressed, fragments, make_image, run, siz, stored,
 from .test_transcode_icon import assert_icon_compressed, stored_icon, with_icon
 
 HT = "htj2k-lossless"
+RPCL = "htj2k-lossless-rpcl"
 BIG = "1.2.840.10008.1.2.2"
 ILE = "1.2.840.10008.1.2"
 
@@ -39,13 +41,20 @@ def main_header(cs: bytes) -> dict[int, bytes]:
     return segments
 
 
-def assert_htj2k(dst: Path, *, bits: int, signed: bool, spp: int, mct: bool) -> None:
+def assert_htj2k(
+    dst: Path, *, bits: int, signed: bool, spp: int, mct: bool, rpcl: bool = False
+) -> None:
     ds = pydicom.dcmread(dst, stop_before_pixels=True)
-    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.201"
+    assert ds.file_meta.TransferSyntaxUID == f"1.2.840.10008.1.2.4.{202 if rpcl else 201}"
     _, frags = fragments(dst)
     assert len(frags) == int(ds.get("NumberOfFrames") or 1)
     for cs in frags:
         header = main_header(cs)
+        if rpcl:  # PS3.5 10.18
+            assert header[0x52][1] == 2  # progression order RPCL
+            assert 0x55 in header  # TLM
+            levels = header[0x52][5]
+            assert max(-(-ds.Rows // 2**levels), -(-ds.Columns // 2**levels)) <= 64
         assert int.from_bytes(header[0x51][:2], "big") & 0x4000  # Rsiz: Part 15
         assert 0x50 in header  # CAP
         cod = header[0x52]
@@ -74,14 +83,15 @@ def assert_htj2k(dst: Path, *, bits: int, signed: bool, spp: int, mct: bool) -> 
         ("SC_rgb_small_odd.dcm", 8, False, 3, True),  # 3x3 RGB
     ],
 )
+@pytest.mark.parametrize("codec", [HT, RPCL])
 def test_public_file(
-    name: str, bits: int, signed: bool, spp: int, mct: bool, tmp_path: Path
+    name: str, bits: int, signed: bool, spp: int, mct: bool, codec: str, tmp_path: Path
 ) -> None:
     src = corpus.testdata(name)
     a = pydicom.dcmread(src, stop_before_pixels=True)
     assert (a.BitsStored, bool(a.PixelRepresentation), a.SamplesPerPixel) == (bits, signed, spp)
-    _, dst = compressed(src, tmp_path, HT)  # pixels, elements, offsets
-    assert_htj2k(dst, bits=bits, signed=signed, spp=spp, mct=mct)
+    _, dst = compressed(src, tmp_path, codec)  # pixels, elements, offsets
+    assert_htj2k(dst, bits=bits, signed=signed, spp=spp, mct=mct, rpcl=codec == RPCL)
 
 
 def test_rgb_is_smaller_as_ybr_rct(tmp_path: Path) -> None:
@@ -192,7 +202,10 @@ def test_precision_left_at_the_item_size_is_refused(
 def test_a_part_1_codestream_is_not_htj2k(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An OpenJPEG (Part 1) codestream under the HTJ2K transfer syntax decodes fine, but
     # is not what the transfer syntax promises: the header check refuses it.
-    monkeypatch.setattr(transcode_module, "_encode_htj2k", transcode_module._encode_small)
+    def part_1(ds: Any, original: Any, *, mct: bool, rpcl: bool) -> list[bytes]:
+        return transcode_module._encode_small(ds, original, mct=mct)
+
+    monkeypatch.setattr(transcode_module, "_encode_htj2k", part_1)
     result, _ = run(corpus.testdata("CT_small.dcm"), tmp_path, HT)
     assert result.outcome == "fallback"
     assert "Rsiz" in result.reason
@@ -211,3 +224,42 @@ def test_an_htj2k_codestream_is_not_j2k() -> None:
 def test_already_compressed_passes_through(tmp_path: Path) -> None:
     result, _ = run(corpus.testdata("JPEG2000.dcm"), tmp_path, HT)
     assert result.outcome == "passthrough" and "already compressed" in result.reason
+
+
+# -- RPCL (1.2.840.10008.1.2.4.202) ----------------------------------------------------
+@pytest.mark.parametrize(("shape", "levels"), [((1, 4100), 7), ((2100, 3), 6), ((64, 64), 5)])
+def test_rpcl_levels_reach_a_base_resolution_of_64(
+    shape: tuple[int, int], levels: int, tmp_path: Path
+) -> None:
+    img = np.random.default_rng(1).integers(0, 4095, size=shape)
+    src = make_image(
+        tmp_path / "wide.dcm", img, bits_allocated=16, bits_stored=12, signed=False,
+        photometric="MONOCHROME2",
+    )  # fmt: skip
+    _, dst = compressed(src, tmp_path, RPCL)
+    assert_htj2k(dst, bits=12, signed=False, spp=1, mct=False, rpcl=True)
+    (cs,) = fragments(dst)[1]
+    assert main_header(cs)[0x52][5] == levels
+    assert cs.count(b"\xff\x90") == levels + 1  # a tile-part per resolution
+    assert np.array_equal(stored(dst), img)
+
+
+def test_rpcl_icon(tmp_path: Path) -> None:
+    src, arr = with_icon(corpus.testdata("CT_small.dcm"), tmp_path / "in.dcm", "MONOCHROME2")
+    _, dst = compressed(src, tmp_path, RPCL)
+    assert_icon_compressed(dst, arr)
+    (cs,) = fragments_of(pydicom.dcmread(dst).IconImageSequence[0].PixelData)
+    assert 0x55 in main_header(cs)
+
+
+def test_a_codestream_without_tlm_is_not_rpcl() -> None:
+    img = np.arange(300 * 200, dtype=np.uint16).reshape(300, 200)
+    plain = bytes(transcode_module.imagecodecs.htj2k_encode(img, reversible=True))
+    transcode_module._check_codestream(plain, 16, signed=False, mct=False, ht=True)
+    with pytest.raises(transcode_module._NotCompressed, match="TLM"):
+        transcode_module._check_codestream(plain, 16, signed=False, mct=False, ht=True, rpcl=True)
+    few = bytes(
+        transcode_module.imagecodecs.htj2k_encode(img, reversible=True, tlm=True, resolutions=1)
+    )
+    with pytest.raises(transcode_module._NotCompressed, match="1 wavelet levels for 200x300"):
+        transcode_module._check_codestream(few, 16, signed=False, mct=False, ht=True, rpcl=True)

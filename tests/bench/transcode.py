@@ -25,7 +25,7 @@ NAMES = [
     "US1_UNCR.dcm",
     "RG1_UNCR.dcm",
 ]
-CODECS = ["j2k-lossless", "htj2k-lossless"]
+CODECS = ["j2k-lossless", "htj2k-lossless", "htj2k-lossless-rpcl"]
 
 
 def measure_one(name: str, codec: str) -> None:
