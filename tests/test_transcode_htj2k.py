@@ -11,17 +11,30 @@ syntax ("Could not read (pixmap)"), so it is not a decoder here.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from gateway import transcode as transcode_module
 
 from . import corpus
-from .test_transcode import compressed, fragments, make_image, run, siz, stored, uses_mct
+from .test_transcode import (
+    assert_same_elements,
+    compressed,
+    fragments,
+    images,
+    make_image,
+    run,
+    siz,
+    stored,
+    uses_mct,
+)
 from .test_transcode_icon import assert_icon_compressed, stored_icon, with_icon
 
 HT = "htj2k-lossless"
@@ -263,3 +276,33 @@ def test_a_codestream_without_tlm_is_not_rpcl() -> None:
     )
     with pytest.raises(transcode_module._NotCompressed, match="1 wavelet levels for 200x300"):
         transcode_module._check_codestream(few, 16, signed=False, mct=False, ht=True, rpcl=True)
+
+
+# -- property --------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(images(), st.sampled_from([HT, RPCL]))
+def test_round_trip_is_pixel_identical(image: dict[str, Any], codec: str) -> None:
+    # Every side from 1 to 64, 2..16 Bits Stored, signed or not, colour, 1-3 frames,
+    # every byte order; the same generator as the J2K property.
+    arr = image["arr"]
+    with tempfile.TemporaryDirectory() as tmp:
+        params = {k: v for k, v in image.items() if k != "arr"}
+        src = make_image(Path(tmp) / "in.dcm", arr, **params)
+        dst = Path(tmp) / "out.dcm"
+        result = transcode_module.transcode(src, dst, codec)
+        event(result.outcome)
+        rgb = image["photometric"] == "RGB"
+        if image["bits_stored"] == 1:
+            assert result.outcome == "passthrough" and "Bits Stored 1" in result.reason
+        elif rgb and image["signed"]:
+            assert (result.outcome, result.reason) == ("passthrough", "signed RGB")
+        else:
+            assert result.outcome == "compressed", result.reason
+            assert np.array_equal(stored(dst), arr)
+            assert_same_elements(src, dst, ts=result.transfer_syntax)
+            spp = 3 if rgb else 1
+            assert_htj2k(
+                dst, bits=image["bits_stored"], signed=image["signed"], spp=spp, mct=rgb,
+                rpcl=codec == RPCL,
+            )  # fmt: skip
+        assert dst.exists() == (result.outcome == "compressed")
