@@ -546,7 +546,11 @@ def _encode_htj2k(
     if rpcl:
         levels = max(5, _rpcl_levels(int(ds.Rows), int(ds.Columns)))
         # imagecodecs passes "resolutions" to OpenJPH as the number of decompositions.
-        options = {"resolutions": levels, "tlm": True, "tilepart": 1}  # 1: by resolution
+        options = {
+            "resolutions": levels,
+            "tlm": True,
+            "tilepart": imagecodecs.HTJ2K.TILEPART.RESOLUTIONS,
+        }
     encoded = []
     for frame in _frames(ds, original):
         # The policy made sure every value fits Bits Stored, so the casts are exact.
