@@ -36,6 +36,11 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {key}: {problem}")
 
 
+#: upload.compression values: "none" and the codecs of gateway.transcode.CODECS (not
+#: imported here: that would load the codecs into every process that reads config).
+_COMPRESSION = ("j2k-lossless", "htj2k-lossless", "htj2k-lossless-rpcl", "none")
+
+
 @dataclass(frozen=True)
 class DimseConfig:
     ae_title: str = "DICOMGW"
@@ -364,11 +369,11 @@ def _check(c: Config) -> None:
         raise ConfigError(s, "upload.dicomweb_url", f"must be an https:// URL, got {url!r}")
     if url and (c.upload.client_cert is None) != (c.upload.client_key is None):
         raise ConfigError(s, "upload.client_key", "client_cert and client_key go together")
-    if c.upload.compression not in ("j2k-lossless", "none"):
+    if c.upload.compression not in _COMPRESSION:
         raise ConfigError(
             s,
             "upload.compression",
-            f'must be "j2k-lossless" or "none", got {c.upload.compression!r}',
+            f"must be one of {', '.join(map(repr, _COMPRESSION))}, got {c.upload.compression!r}",
         )
     for key in (
         "compress_workers",

@@ -585,7 +585,8 @@ class Pipeline:
         pool = _new_pool(1) if isolated else self._pool
         assert pool is not None
         try:
-            future = self._loop.run_in_executor(pool, transcode, src, dst)
+            codec = self.config.upload.compression
+            future = self._loop.run_in_executor(pool, transcode, src, dst, codec)
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             log.error("J2K encode of sop=%s took over %.0f s: its worker is stopped",

@@ -55,16 +55,16 @@ CRASH_ME = "CRASH-ME"
 # -- encoder stand-ins (module level: the pool's spawned workers import them) ------------
 
 
-def _hanging_transcode(src: Path, dst: Path) -> TranscodeResult:
+def _hanging_transcode(src: Path, dst: Path, codec: str) -> TranscodeResult:
     if pydicom.dcmread(src, stop_before_pixels=True).PatientID == HANG_ME:
         time.sleep(3600)
-    return transcode(src, dst)
+    return transcode(src, dst, codec)
 
 
-def _crashing_transcode(src: Path, dst: Path) -> TranscodeResult:
+def _crashing_transcode(src: Path, dst: Path, codec: str) -> TranscodeResult:
     if pydicom.dcmread(src, stop_before_pixels=True).PatientID == CRASH_ME:
         os._exit(9)
-    return transcode(src, dst)
+    return transcode(src, dst, codec)
 
 
 # -- a pipeline on a real spool and database -----------------------------------------------

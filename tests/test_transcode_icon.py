@@ -123,7 +123,7 @@ def assert_icon_compressed(dst: Path, want: np.ndarray[Any, Any]) -> None:
     assert not uses_mct(cs)  # the icon keeps its Photometric Interpretation
     if spp == 3:
         assert item.PlanarConfiguration == 0
-    decoded, _ = get_decoder(JPEG2000Lossless).as_array(item, raw=True)
+    decoded, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(item, raw=True)
     assert np.array_equal(decoded, want)
 
 
