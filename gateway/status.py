@@ -374,7 +374,7 @@ class StatusService:
             "snapshot_age_seconds": round(time.monotonic() - self._taken, 3) if self._db else None,
             "queue": queue,
             "archive": archive,
-            "uploads": {"paused": self.pipeline.paused},
+            "uploads": {"paused": self.pipeline.paused, **self.pipeline.bandwidth.state()},
             "associations_active": self.receiver.active_associations,
             "throughput": db["throughput"],
             "modalities": db["modalities"],
