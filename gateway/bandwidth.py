@@ -87,13 +87,12 @@ def parse_window(text: str) -> Window:
     """``"mon-fri 19:00-07:00"`` -> :class:`Window`; raises :class:`WindowError`."""
     parts = text.lower().split()
     if len(parts) != 2 or parts[1].count("-") != 1:
-        raise WindowError(f'{text!r} is not DAYS HH:MM-HH:MM (e.g. "mon-fri 19:00-07:00")')
+        raise WindowError('not DAYS HH:MM-HH:MM (e.g. "mon-fri 19:00-07:00")')
     days = _parse_days(parts[0])
     start_text, end_text = parts[1].split("-")
     start, end = _parse_time(start_text, end=False), _parse_time(end_text, end=True)
     if start == end:
-        raise WindowError(f"{text!r} starts and ends at the same time (a whole day is"
-                          " 00:00-24:00)")  # fmt: skip
+        raise WindowError("starts and ends at the same time (a whole day is 00:00-24:00)")
     return Window(days, start, end, text)
 
 

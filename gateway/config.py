@@ -404,7 +404,7 @@ def _check(c: Config) -> None:
         try:
             parse_window(text)
         except WindowError as exc:
-            raise ConfigError(s, "upload.windows", str(exc)) from None
+            raise ConfigError(s, "upload.windows", f"{text!r}: {exc}") from None
     for aet in c.upload.priority_aets:
         if not _valid_ae_title(aet):
             raise ConfigError(s, "upload.priority_aets", f"not a valid AE title: {aet!r}")
