@@ -462,7 +462,8 @@ def health(doc: dict[str, Any]) -> dict[str, Any]:
     if q["failed"]:
         degraded.append(f"{q['failed']} instance(s) failed; retry them or check the reason")
     age = q["oldest_pending_age_seconds"]
-    if age is not None and age > PENDING_TOO_OLD_S:
+    # A closed upload window holds the queue on purpose (upload.windows): not a fault.
+    if age is not None and age > PENDING_TOO_OLD_S and doc["uploads"].get("window_open", True):
         degraded.append(f"oldest pending instance waits for {age / 60:.0f} min")
     cert = doc["certificate"]
     if cert["error"]:

@@ -35,7 +35,7 @@ from gateway.store import COMPRESSED, UPLOADED, ReceivedInstance
 from . import corpus
 from .conftest import GatewayFactory
 from .peers import storescu
-from .scripted_archive import ScriptedArchive, scripted_archive
+from .scripted_archive import ScriptedArchive, reset, scripted_archive
 from .test_isolation import Bench, _all
 from .test_upload import wait_until
 from .web_client import WebClient, web_port
@@ -339,3 +339,18 @@ def test_closed_window_holds_uploads_while_storescu_is_accepted_and_the_stat_lan
     metrics = WebClient(web_port(gw)).get("/metrics").text
     assert _gauge(metrics, "dicom_gateway_upload_window_open") == 1
     assert gw.stop() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_paced_request_cut_short_is_retried(
+    scripted_archive: ScriptedArchive, tmp_path: Path
+) -> None:
+    """A connection reset in the middle of a paced body: the batch is retried, and the
+    paced payload's generator is left cleanly (warnings are errors here)."""
+    scripted_archive.script(reset())
+    bench = Bench(tmp_path, max_bytes_per_second=1_000_000, **scripted_archive.upload_config())
+    uid = _add(bench, "CT", pydicom.uid.generate_uid(), padding=300_000)
+    async with bench.running() as task:
+        rows = await bench.until("uploaded", task, _all(UPLOADED))
+    assert rows[uid]["attempts"] == 2
+    assert scripted_archive.stored == {uid}
