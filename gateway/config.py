@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bandwidth import WindowError, parse_window
+
 #: Exit status for a configuration error (sysexits.h EX_CONFIG).  The systemd unit
 #: lists it in ``RestartPreventExitStatus=`` so a broken file is not restarted in a loop.
 EXIT_CONFIG = 78
@@ -91,6 +93,9 @@ class UploadConfig:
     backoff_max_seconds: float = 900.0
     max_attempts: int = 500
     give_up_after_hours: float = 72.0
+    max_bytes_per_second: int = 0
+    windows: tuple[str, ...] = ()
+    priority_aets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -398,6 +403,16 @@ def _check(c: Config) -> None:
         raise ConfigError(
             s, "upload.backoff_max_seconds", "must not be less than backoff_initial_seconds"
         )
+    if c.upload.max_bytes_per_second < 0:
+        raise ConfigError(s, "upload.max_bytes_per_second", "must not be negative (0: unlimited)")
+    for text in c.upload.windows:
+        try:
+            parse_window(text)
+        except WindowError as exc:
+            raise ConfigError(s, "upload.windows", f"{text!r}: {exc}") from None
+    for aet in c.upload.priority_aets:
+        if not _valid_ae_title(aet):
+            raise ConfigError(s, "upload.priority_aets", f"not a valid AE title: {aet!r}")
     for key in ("keep_bytes", "keep_hours"):
         if getattr(c.retention, key) < 0:
             raise ConfigError(s, f"retention.{key}", "must not be negative")

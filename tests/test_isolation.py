@@ -291,12 +291,12 @@ async def test_an_unexpected_upload_error_fails_only_its_batch(
     real_store = jobs.StowClient.store
     calls = 0
 
-    async def buggy_store(self: jobs.StowClient, items: Any) -> Any:
+    async def buggy_store(self: jobs.StowClient, items: Any, priority: bool = False) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise KeyError("a bug in the upload glue")
-        return await real_store(self, items)
+        return await real_store(self, items, priority)
 
     monkeypatch.setattr(jobs.StowClient, "store", buggy_store)
     bench = Bench(tmp_path, **scripted_archive.upload_config())
