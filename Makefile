@@ -13,6 +13,8 @@ RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
 # and decoders, Orthanc + DICOMweb behind nginx (mutual TLS) as the cloud archive; Chromium looks at the status page; systemd
 # for systemd-analyze (unit checks).
 TEST_PACKAGES := $(RUN_PACKAGES) dcmtk libgdcm-tools orthanc orthanc-dicomweb nginx-light chromium systemd
+# The end-to-end benchmark's Orthanc edge peer transcodes to JPEG 2000 with the GDCM plugin.
+BENCH_PACKAGES := orthanc-gdcm
 # The slow tests apply the Ansible role to a debootstrap chroot and build the image
 # with mkosi (which runs systemd-nspawn). The power-cut test puts the spool's ext4 on
 # btrfs (reflink snapshots) and runs a gateway under eatmydata (fsync disabled).
@@ -34,7 +36,9 @@ test-slow: $(VENV)/.test-installed $(ANSIBLE_VENV)/.installed
 	$(BIN)/python -m pytest -m slow
 
 bench: $(VENV)/.test-installed
+	scripts/ensure-packages $(BENCH_PACKAGES)
 	$(BIN)/python tests/bench/ingest.py
+	$(BIN)/python tests/bench/e2e.py --repeats 3
 	$(BIN)/python tests/bench/transcode.py
 	$(BIN)/python tests/bench/mpps.py --steps 200
 	$(BIN)/python tests/bench/crash_run.py --kills 200
