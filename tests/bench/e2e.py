@@ -525,7 +525,6 @@ def main(argv: list[str] | None = None) -> int:
                 lambda r: r <= 1.3,
             )
         )
-    idle = cell("CT", "gateway", "none", "ingest")
     for mode, rs in busy_runs.items():
         b = statistics.median(r.ingest_s for r in rs)
         own_idle = cell("CT", "gateway", mode, "ingest")
@@ -548,7 +547,6 @@ def main(argv: list[str] | None = None) -> int:
                 lambda r: r <= 1.0,
             )
         )
-    del idle
     if assoc:
         one, four = statistics.median(assoc[1]), statistics.median(assoc[4])
         out.append(
