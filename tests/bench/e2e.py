@@ -295,14 +295,15 @@ def one_run(
         busy: Run | None = None
         total = len(files)
         if busy_files is not None:
+            pending_before = total - lab.instance_count()
             b_ingest, _ = send(node.port, busy_files, timeout=900)
-            backlog = total - lab.instance_count()
-            log(f"  busy batch sent with {backlog} of the first batch not yet in the archive")
             total += len(busy_files)
-            busy = Run(
-                set_name + "-busy", node_kind, mode, len(busy_files), size, b_ingest, 0.0, ""
+            pending_after = total - lab.instance_count()
+            busy = Run(f"{set_name}-busy", node_kind, mode, len(busy_files), size, b_ingest, 0, "")
+            busy.pixels = (
+                f"not yet in the archive: {pending_before} of the first batch when the "
+                f"second started, {pending_after} of both when it was acknowledged"
             )
-            busy.pixels = f"first-batch backlog at end: {backlog}"
         e2e = wait_in_archive(lab, node, total, started)
         run = Run(set_name, node_kind, mode, len(files), size, ingest, e2e, "")
         run.archive_ts = archive_transfer_syntax(lab)
@@ -387,8 +388,8 @@ def ratio_line(
     if num is None or den is None or den == 0:
         return f"- {label}: n/a (not measured)"
     r = num / den
-    verdict = "MET" if ok(r) else "NOT MET"
-    return f"- {label}: {num:.2f} / {den:.2f} = **{r:.2f}x** (target {target}): {verdict}"
+    verdict = ("MET" if ok(r) else "NOT MET") if target != "none" else "for information"
+    return f"- {label}: {num:.2f} / {den:.2f} = **{r:.3f}x** (target {target}): {verdict}"
 
 
 def uptime() -> str:
@@ -451,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                     busy_runs.setdefault(mode, []).append(busy)
                     log(
                         f"CT gateway {mode} busy {i + 1}: "
-                        f"ingest {busy.ingest_s:.2f} s ({busy.pixels})"
+                        f"ingest {busy.ingest_s:.2f} s; {busy.pixels}"
                     )
             for i in range(args.repeats):
                 for parallel in (1, 4):
@@ -525,18 +526,30 @@ def main(argv: list[str] | None = None) -> int:
                 lambda r: r <= 1.3,
             )
         )
+    # "Idle" is the gateway receiving alone: one association, fresh gateway, no upload
+    # configured (the 1.8 s "alone").  The same-mode ingest of the main table
+    # already overlaps the gateway's own uploads, so it is shown too, not used as target.
+    idle = statistics.median(assoc[1]) if assoc else None
     for mode, rs in busy_runs.items():
         b = statistics.median(r.ingest_s for r in rs)
-        own_idle = cell("CT", "gateway", mode, "ingest")
         out.append(
             ratio_line(
-                f"3. CT ingest while busy ({mode}) / idle ingest ({mode})",
+                f"3. CT ingest while busy ({mode}) / idle ingest (receiving alone)",
                 b,
-                own_idle,
+                idle,
                 "<= 1.2x",
                 lambda r: r <= 1.2,
             )
             + f" [{rs[0].pixels}]"
+        )
+        out.append(
+            ratio_line(
+                f"3. (info) CT ingest while busy ({mode}) / first batch's ingest ({mode})",
+                b,
+                cell("CT", "gateway", mode, "ingest"),
+                "none",
+                lambda r: True,
+            )
         )
         out.append(
             ratio_line(
