@@ -14,8 +14,9 @@ RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
 # for systemd-analyze (unit checks).
 TEST_PACKAGES := $(RUN_PACKAGES) dcmtk libgdcm-tools orthanc orthanc-dicomweb nginx-light chromium systemd
 # The slow tests apply the Ansible role to a debootstrap chroot and build the image
-# with mkosi (which runs systemd-nspawn).
-SLOW_PACKAGES := debootstrap mkosi systemd-container
+# with mkosi (which runs systemd-nspawn). The power-cut test puts the spool's ext4 on
+# btrfs (reflink snapshots) and runs a gateway under eatmydata (fsync disabled).
+SLOW_PACKAGES := debootstrap mkosi systemd-container btrfs-progs eatmydata
 # ansible-playbook and ansible-lint live in their own venv: many dependencies.
 ANSIBLE_VENV := .venv-ansible
 
@@ -40,6 +41,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/status.py
 	$(BIN)/python tests/bench/worklist.py
 	$(BIN)/python tests/bench/conformance.py
+	$(BIN)/python tests/bench/bandwidth.py --seconds 30
 	$(BIN)/python tests/bench/chaos.py --seconds 1800
 
 lint: $(VENV)/.test-installed $(ANSIBLE_VENV)/.installed

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bandwidth import WindowError, parse_window
+
 #: Exit status for a configuration error (sysexits.h EX_CONFIG).  The systemd unit
 #: lists it in ``RestartPreventExitStatus=`` so a broken file is not restarted in a loop.
 EXIT_CONFIG = 78
@@ -34,6 +36,11 @@ class ConfigError(Exception):
         self.key = key
         self.problem = problem
         super().__init__(f"{source}: {key}: {problem}")
+
+
+#: upload.compression values: "none" and the codecs of gateway.transcode.CODECS (not
+#: imported here: that would load the codecs into every process that reads config).
+_COMPRESSION = ("j2k-lossless", "htj2k-lossless", "htj2k-lossless-rpcl", "none")
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,9 @@ class UploadConfig:
     backoff_max_seconds: float = 900.0
     max_attempts: int = 500
     give_up_after_hours: float = 72.0
+    max_bytes_per_second: int = 0
+    windows: tuple[str, ...] = ()
+    priority_aets: tuple[str, ...] = ()
 
     @property
     def encoder_processes(self) -> int:
@@ -374,11 +384,11 @@ def _check(c: Config) -> None:
         raise ConfigError(s, "upload.dicomweb_url", f"must be an https:// URL, got {url!r}")
     if url and (c.upload.client_cert is None) != (c.upload.client_key is None):
         raise ConfigError(s, "upload.client_key", "client_cert and client_key go together")
-    if c.upload.compression not in ("j2k-lossless", "none"):
+    if c.upload.compression not in _COMPRESSION:
         raise ConfigError(
             s,
             "upload.compression",
-            f'must be "j2k-lossless" or "none", got {c.upload.compression!r}',
+            f"must be one of {', '.join(map(repr, _COMPRESSION))}, got {c.upload.compression!r}",
         )
     if c.upload.compress_workers < 0:
         raise ConfigError(s, "upload.compress_workers", "must be 0 (one per core) or more")
@@ -404,6 +414,16 @@ def _check(c: Config) -> None:
         raise ConfigError(
             s, "upload.backoff_max_seconds", "must not be less than backoff_initial_seconds"
         )
+    if c.upload.max_bytes_per_second < 0:
+        raise ConfigError(s, "upload.max_bytes_per_second", "must not be negative (0: unlimited)")
+    for text in c.upload.windows:
+        try:
+            parse_window(text)
+        except WindowError as exc:
+            raise ConfigError(s, "upload.windows", f"{text!r}: {exc}") from None
+    for aet in c.upload.priority_aets:
+        if not _valid_ae_title(aet):
+            raise ConfigError(s, "upload.priority_aets", f"not a valid AE title: {aet!r}")
     for key in ("keep_bytes", "keep_hours"):
         if getattr(c.retention, key) < 0:
             raise ConfigError(s, f"retention.{key}", "must not be negative")

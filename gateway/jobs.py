@@ -42,6 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .bandwidth import Bandwidth
 from .config import Config
 from .spool import Spool
 from .store import (
@@ -226,26 +227,52 @@ def _mark_compressed(
 
 
 def _claim_upload_batch(
-    max_instances: int, max_bytes: int
-) -> Callable[[sqlite3.Connection], list[Claimed]]:
-    def write(conn: sqlite3.Connection) -> list[Claimed]:
+    max_instances: int,
+    max_bytes: int,
+    priority_aets: tuple[str, ...] = (),
+    *,
+    others: bool = True,
+) -> Callable[[sqlite3.Connection], tuple[list[Claimed], bool]]:
+    """Claim the next batch: instances of one study, oldest first.  The priority lane
+    comes first: the oldest due instance from one of *priority_aets* picks the study,
+    and only that study's instances from those AEs go in.  Otherwise (and only when
+    *others*: an upload window is open) the study of the oldest due instance.  Returns
+    the batch and whether it is the priority lane's."""
+
+    def write(conn: sqlite3.Connection) -> tuple[list[Claimed], bool]:
         now = utcnow()
-        first = conn.execute(
-            "SELECT study_instance_uid FROM instances WHERE state = ? AND next_attempt_at <= ?"
-            " ORDER BY next_attempt_at, received_at LIMIT 1",
-            (COMPRESSED, now),
-        ).fetchone()
+        first = None
+        lane = ""
+        lane_params: tuple[str, ...] = ()
+        if priority_aets:
+            # Unary +: not along the (calling_ae, received_at) index, which would walk
+            # every row ever received from these AEs; the due rows are few.
+            lane = f" AND +calling_ae IN ({','.join('?' * len(priority_aets))})"
+            lane_params = priority_aets
+            first = conn.execute(
+                "SELECT study_instance_uid FROM instances WHERE state = ? AND next_attempt_at <= ?"
+                f"{lane} ORDER BY next_attempt_at, received_at LIMIT 1",
+                (COMPRESSED, now, *lane_params),
+            ).fetchone()
+        priority = first is not None
+        if first is None and others:
+            lane, lane_params = "", ()
+            first = conn.execute(
+                "SELECT study_instance_uid FROM instances WHERE state = ? AND next_attempt_at <= ?"
+                " ORDER BY next_attempt_at, received_at LIMIT 1",
+                (COMPRESSED, now),
+            ).fetchone()
         if first is None:
-            return []
+            return [], False
         rows = conn.execute(
-            """
+            f"""
             SELECT sop_instance_uid, study_instance_uid, sha256, path, upload_path,
                    transfer_syntax, upload_size AS size, attempts
             FROM instances
-            WHERE state = ? AND study_instance_uid = ? AND next_attempt_at <= ?
+            WHERE state = ? AND study_instance_uid = ? AND next_attempt_at <= ?{lane}
             ORDER BY received_at LIMIT ?
             """,
-            (COMPRESSED, first["study_instance_uid"], now, max_instances),
+            (COMPRESSED, first["study_instance_uid"], now, *lane_params, max_instances),
         ).fetchall()
         batch: list[Claimed] = []
         total = 0
@@ -258,7 +285,7 @@ def _claim_upload_batch(
             "UPDATE instances SET state = ?, updated_at = ? WHERE sop_instance_uid = ?",
             [(UPLOADING, now, c.sop_instance_uid) for c in batch],
         )
-        return batch
+        return batch, priority
 
     return write
 
@@ -432,6 +459,9 @@ class Pipeline:
         self._batch_limit: int | None = None
         self._batch_successes = 0
         self._encoder_slots = asyncio.Semaphore(config.upload.encoder_processes)
+        u = config.upload
+        #: The cap, the windows and the priority lane (tests may replace it: its clock).
+        self.bandwidth = Bandwidth(u.max_bytes_per_second, u.windows, u.priority_aets)
 
     # -- wiring -------------------------------------------------------------------------
     def wake(self) -> None:
@@ -596,7 +626,8 @@ class Pipeline:
         pool = _new_pool(1) if isolated else self._pool
         assert pool is not None
         try:
-            future = self._loop.run_in_executor(pool, transcode, src, dst)
+            codec = self.config.upload.compression
+            future = self._loop.run_in_executor(pool, transcode, src, dst, codec)
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             log.error("J2K encode of sop=%s took over %.0f s: its worker is stopped",
@@ -643,22 +674,44 @@ class Pipeline:
 
     async def _upload_loop(self) -> None:
         c = self.config.upload
+        bw = self.bandwidth
         slots = asyncio.Semaphore(c.concurrent_requests)
-        async with StowClient(c, self.metrics) as client, asyncio.TaskGroup() as tg:
+        # The priority lane has a request slot of its own: a STAT image does not wait
+        # behind paced batches that hold every other slot.
+        lane_slot = asyncio.Semaphore(1)
+        async with StowClient(c, self.metrics, bw.bucket) as client, asyncio.TaskGroup() as tg:
             while True:
                 if self.paused:
                     await _wait(self._upload_wake, _IDLE_POLL_S)
                     continue
+                limit = self._batch_limit or c.batch_max_instances
+                if bw.priority_aets and not lane_slot.locked():
+                    batch, _ = await self._db(
+                        _claim_upload_batch(limit, c.batch_max_bytes, bw.priority_aets,
+                                            others=False)
+                    )  # fmt: skip
+                    if batch:
+                        await lane_slot.acquire()
+                        tg.create_task(self._upload_batch(client, batch, lane_slot, True))
+                        continue
+                if slots.locked():
+                    # Woken when a request finishes (or new work arrives).
+                    await _wait(self._upload_wake, _IDLE_POLL_S)
+                    continue
                 await slots.acquire()
-                batch = await self._db(
-                    _claim_upload_batch(self._batch_limit or c.batch_max_instances,
-                                        c.batch_max_bytes)
+                window_open = bw.window_open()
+                batch, priority = await self._db(
+                    _claim_upload_batch(limit, c.batch_max_bytes, bw.priority_aets,
+                                        others=window_open)
                 )  # fmt: skip
                 if not batch:
                     slots.release()
-                    await _wait(self._upload_wake, await self._idle_time())
+                    # A closed window is looked at again within the idle poll (the rows
+                    # it holds are due, which would otherwise mean a busy loop).
+                    idle = await self._idle_time() if window_open else _IDLE_POLL_S
+                    await _wait(self._upload_wake, idle)
                     continue
-                tg.create_task(self._upload_batch(client, batch, slots))
+                tg.create_task(self._upload_batch(client, batch, slots, priority))
 
     async def _idle_time(self) -> float:
         due = await asyncio.to_thread(self._read, _next_due)
@@ -672,10 +725,14 @@ class Pipeline:
             return fn(conn)
 
     async def _upload_batch(
-        self, client: StowClient, batch: list[Claimed], slots: asyncio.Semaphore
+        self,
+        client: StowClient,
+        batch: list[Claimed],
+        slots: asyncio.Semaphore,
+        priority: bool = False,
     ) -> None:
         try:
-            results = await self._send(client, batch)
+            results = await self._send(client, batch, priority)
             c = self.config.upload
             results = await self._db(
                 _finish_uploads(
@@ -712,7 +769,7 @@ class Pipeline:
             self._prune_wake.set()
 
     async def _send(
-        self, client: StowClient, batch: list[Claimed]
+        self, client: StowClient, batch: list[Claimed], priority: bool = False
     ) -> list[tuple[Claimed, InstanceOutcome]]:
         """One STOW-RS request for *batch*.  A batch too large for the archive (HTTP
         413, a quick verdict) is sent again at once in halves, down to one instance
@@ -721,14 +778,14 @@ class Pipeline:
         hold this slot for a timeout per half)."""
         items = [Item(c.sop_instance_uid, self.spool.path_of(c.upload_path)) for c in batch]
         try:
-            outcomes = await client.store(items)
+            outcomes = await client.store(items, priority)
         except RequestTooBig as exc:
             reason = str(exc)
             if len(batch) > 1 and exc.refused:
                 log.warning("%s: splitting the batch of %d", exc, len(batch))
                 half = len(batch) // 2
-                return await self._send(client, batch[:half]) + await self._send(
-                    client, batch[half:]
+                return await self._send(client, batch[:half], priority) + await self._send(
+                    client, batch[half:], priority
                 )
             if len(batch) > 1:
                 self._batch_limit = len(batch) // 2

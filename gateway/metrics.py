@@ -138,7 +138,18 @@ class SnapshotCollector(Collector):
             "when the archive last confirmed an instance (0: never)",
             s["archive"]["last_success_ts"] or 0,
         )
-        yield _gauge("uploads_paused", "1 when uploads are paused", int(s["uploads"]["paused"]))
+        uploads = s["uploads"]
+        yield _gauge("uploads_paused", "1 when uploads are paused", int(uploads["paused"]))
+        yield _gauge(
+            "upload_limit_bytes_per_second",
+            "upload.max_bytes_per_second, the cap on upload body bytes (0: unlimited)",
+            uploads["limit_bytes_per_second"],
+        )
+        yield _gauge(
+            "upload_window_open",
+            "1 when an upload window is open (or none is configured), 0 when uploads wait",
+            int(uploads["window_open"]),
+        )
         disk = s["disk"]
         yield _gauge("spool_bytes", "bytes of instances held in the spool", disk["spool_bytes"])
         yield _gauge("spool_free_bytes", "free bytes on the spool file system", disk["free_bytes"])

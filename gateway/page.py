@@ -103,6 +103,27 @@ def chart(throughput: list[dict[str, Any]], key: str, title: str, scale: float =
     )
 
 
+def _bandwidth(u: dict[str, Any]) -> str:
+    """The cap, the window and the priority lane (upload.max_bytes_per_second...)."""
+    limit = u["limit_bytes_per_second"]
+    text = f'<br>Limit: <span id="upload-limit">{_size(limit) + "/s" if limit else "none"}</span>'
+    if u["windows"]:
+        state = "open" if u["window_open"] else "closed: only the priority lane is sent"
+        cls = "good" if u["window_open"] else "warn"
+        text += (
+            f'<br>Upload window: <span id="upload-window" class="{cls}">{_e(state)}</span>'
+            f" ({_e(', '.join(u['windows']))})"
+        )
+        if u["window_changes_at"]:
+            verb = "closes" if u["window_open"] else "opens"
+            text += f" · {verb} {_e(u['window_changes_at'].replace('T', ' '))}"
+    else:
+        text += '<br>Upload window: <span id="upload-window" class="good">always open</span>'
+    if u["priority_aets"]:
+        text += f"<br>Priority lane: {_e(', '.join(u['priority_aets']))}"
+    return text
+
+
 def render_page(
     doc: dict[str, Any],
     *,
@@ -162,6 +183,7 @@ def render_page(
         if paused
         else _form("/api/uploads/pause", csrf, "Pause uploads")
     )
+    out.append(_bandwidth(doc["uploads"]))
     out.append("</p>")
 
     out += [

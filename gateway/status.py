@@ -374,7 +374,7 @@ class StatusService:
             "snapshot_age_seconds": round(time.monotonic() - self._taken, 3) if self._db else None,
             "queue": queue,
             "archive": archive,
-            "uploads": {"paused": self.pipeline.paused},
+            "uploads": {"paused": self.pipeline.paused, **self.pipeline.bandwidth.state()},
             "associations_active": self.receiver.active_associations,
             "throughput": db["throughput"],
             "modalities": db["modalities"],
@@ -462,7 +462,8 @@ def health(doc: dict[str, Any]) -> dict[str, Any]:
     if q["failed"]:
         degraded.append(f"{q['failed']} instance(s) failed; retry them or check the reason")
     age = q["oldest_pending_age_seconds"]
-    if age is not None and age > PENDING_TOO_OLD_S:
+    # A closed upload window holds the queue on purpose (upload.windows): not a fault.
+    if age is not None and age > PENDING_TOO_OLD_S and doc["uploads"].get("window_open", True):
         degraded.append(f"oldest pending instance waits for {age / 60:.0f} min")
     cert = doc["certificate"]
     if cert["error"]:

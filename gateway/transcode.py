@@ -1,9 +1,11 @@
 """JPEG 2000 lossless transcoding of one spooled instance, verified before it is used.
 
-:func:`transcode` is a pure function of its two paths, run in a worker process by the
-pipeline.  It either writes a complete JPEG 2000 Lossless (1.2.840.10008.1.2.4.90)
-copy of *src* to *dst* and returns outcome ``"compressed"``, or leaves no *dst* and
-says why the original should be uploaded as it is:
+:func:`transcode` is a pure function of its paths and codec, run in a worker process
+by the pipeline.  It either writes a complete JPEG 2000 Lossless (1.2.840.10008.1.2.4.90)
+copy of *src* to *dst* (or, as configured, High-Throughput JPEG 2000 Lossless:
+1.2.840.10008.1.2.4.201, or .202 with the RPCL options; see **HTJ2K** below) and
+returns outcome ``"compressed"``, or leaves no *dst* and says why the original should
+be uploaded as it is:
 
 * ``"passthrough"``: by policy, before any encoding: already compressed, no pixel
   data, a pixel format J2K lossless cannot hold exactly.
@@ -44,6 +46,14 @@ is used on every image size: the frames of a multi-frame instance are encoded in
 thread pool (imagecodecs lets go of the interpreter lock), a single frame with
 OpenJPEG's own encoder threads, while the calling thread verifies the codestreams
 already done.
+
+**HTJ2K.**  JPEG 2000 Part 15 codestreams (PS3.5 8.2.14: the same Photometric
+Interpretations, so the same policy and RGB as YBR_RCT) encoded by OpenJPH through
+imagecodecs, and verified exactly like J2K but decoded by OpenJPEG (pylibjpeg-openjpeg),
+another implementation; the header check also requires Part 15 in Rsiz and CAP and HT
+code blocks, and for .202 RPCL order, TLM markers and a lowest resolution of at most
+64 pixels a side (PS3.5 10.18).  OpenJPH takes any image size.  See
+:func:`_encode_htj2k` for how Bits Stored below 8 or 16 becomes the precision.
 
 **Icon images.**  The Transfer Syntax applies to the whole data set (PS3.5 A.4;
 PS3.10 7.2: it cannot change inside it).  Read that way, every Pixel Data
@@ -117,6 +127,8 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -128,6 +140,16 @@ from pydicom.valuerep import AMBIGUOUS_VR
 COMPRESSED = "compressed"
 PASSTHROUGH = "passthrough"
 FALLBACK = "fallback"
+
+#: ``upload.compression`` values that compress, and the transfer syntax each writes.
+CODECS: dict[str, UID] = {
+    "j2k-lossless": JPEG2000Lossless,
+    "htj2k-lossless": HTJ2KLossless,
+    "htj2k-lossless-rpcl": HTJ2KLosslessRPCL,
+}
+_HTJ2K = frozenset({HTJ2KLossless, HTJ2KLosslessRPCL})
+#: PS3.5 10.18: with RPCL, the lowest resolution is at most this many pixels a side.
+_RPCL_BASE = 64
 
 _NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 # Transfer syntaxes that are lossy by definition; the other encapsulated ones may be
@@ -215,14 +237,19 @@ def _stage(what: str) -> Iterator[None]:
         raise _fallback(f"{what}: {type(exc).__name__}: {detail}".rstrip(": ")) from exc
 
 
-def transcode(src: Path, dst: Path) -> TranscodeResult:
+def transcode(src: Path, dst: Path, codec: str = "j2k-lossless") -> TranscodeResult:
     """Write a verified JPEG 2000 Lossless copy of *src* to *dst*, or say why not.
+
+    *codec* is a key of :data:`CODECS`: ``"htj2k-lossless"`` writes High-Throughput
+    JPEG 2000 (Lossless Only) instead, ``"htj2k-lossless-rpcl"`` its RPCL variant,
+    verified the same way.
 
     *dst* exists afterwards only when the outcome is ``"compressed"``; it is complete
     and closed, and the caller fsyncs and renames it.  Raises only for an unreadable
     *src* path (OSError) and programming errors.
     """
     start = time.perf_counter()
+    ts_out = CODECS[codec]  # KeyError: a programming error, config validates it
     size_in = src.stat().st_size
     ts_in = ""
     try:
@@ -233,10 +260,10 @@ def transcode(src: Path, dst: Path) -> TranscodeResult:
             with _stage("cannot read data set"):
                 ds = pydicom.dcmread(src)
                 ts_in = str(ds.file_meta.get("TransferSyntaxUID", ""))
-            _compress(ds, src, dst)
+            _compress(ds, src, dst, ts_out)
         size_out = dst.stat().st_size
         return TranscodeResult(
-            COMPRESSED, "", JPEG2000Lossless, size_in, size_out, time.perf_counter() - start
+            COMPRESSED, "", ts_out, size_in, size_out, time.perf_counter() - start
         )
     except _NotCompressed as nc:
         dst.unlink(missing_ok=True)
@@ -293,7 +320,7 @@ def _check_policy(ds: Dataset) -> tuple[UID, np.ndarray[Any, Any], list[_Icon]]:
     return ts, original, icons
 
 
-def _compress(ds: Dataset, src: Path, dst: Path) -> None:
+def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
     _, original, icons = _check_policy(ds)
 
     # PS3.5 A.4: the Transfer Syntax applies to the whole data set, so an icon's
@@ -302,12 +329,12 @@ def _compress(ds: Dataset, src: Path, dst: Path) -> None:
     encoded_icons: dict[int, list[bytes]] = {}
     for icon in icons:
         encoded_icons[icon.index] = _compress_icon(
-            ds[_ICON_SEQUENCE].value[icon.index], icon.original, index=icon.index
+            ds[_ICON_SEQUENCE].value[icon.index], icon.original, index=icon.index, ts_out=ts_out
         )
 
     rgb = ds.PhotometricInterpretation == "RGB"
     if rgb:
-        # OpenJPEG applies the reversible colour transform when asked to (mct); the
+        # Both encoders apply the reversible colour transform when asked to (mct); the
         # data set then says YBR_RCT.
         ds.PhotometricInterpretation = "YBR_RCT"
     if ds.SamplesPerPixel == 3:
@@ -315,10 +342,12 @@ def _compress(ds: Dataset, src: Path, dst: Path) -> None:
         ds.PlanarConfiguration = 0
     # From the array, not the data set's buffer: it is in native byte order and
     # colour-by-pixel whatever the original's byte order and Planar Configuration.
-    encoded = _encode_verified(ds, original, mct=rgb, stage="encoder error", where="")
+    encoded = _encode_verified(
+        ds, original, mct=rgb, stage="encoder error", where="", ts_out=ts_out
+    )
     del original, icons  # the original pixels: only the codestreams are needed now
     _encapsulate(ds, encoded)
-    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+    ds.file_meta.TransferSyntaxUID = ts_out
     implicit, little = ds.original_encoding
     if implicit or not little:
         with _stage("cannot convert to Explicit VR Little Endian"):
@@ -388,12 +417,19 @@ def _to_explicit_little(
     ds.set_original_encoding(False, True)
 
 
-def _compress_icon(item: Dataset, original: np.ndarray[Any, Any], *, index: int) -> list[bytes]:
+def _compress_icon(
+    item: Dataset, original: np.ndarray[Any, Any], *, index: int, ts_out: UID
+) -> list[bytes]:
     if int(item.SamplesPerPixel) == 3:
         item.PlanarConfiguration = 0
     where = f"icon image {index}: "
     encoded = _encode_verified(
-        item, original, mct=False, stage=f"encoder error in icon image {index}", where=where
+        item,
+        original,
+        mct=False,
+        stage=f"encoder error in icon image {index}",
+        where=where,
+        ts_out=ts_out,
     )
     _encapsulate(item, encoded)
     return encoded
@@ -451,28 +487,41 @@ def _encode_frame(
 
 
 def _encode_verified(
-    ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool, stage: str, where: str
+    ds: Dataset,
+    original: np.ndarray[Any, Any],
+    *,
+    mct: bool,
+    stage: str,
+    where: str,
+    ts_out: UID = JPEG2000Lossless,
 ) -> list[bytes]:
-    """One J2K codestream per frame of *ds* (its stored cells *original*), verified.
+    """One codestream per frame of *ds* (its stored cells *original*), verified.
 
-    Frames are encoded in a thread pool (imagecodecs releases the interpreter lock
-    while OpenJPEG runs), a single frame with OpenJPEG's own threads.  Meanwhile
-    this thread checks each codestream's main header (:func:`_check_codestream`) and
-    decodes it with pylibjpeg-openjpeg, another build and binding of OpenJPEG than
-    the encoder's, to exactly the original's stored cells.  The written file is
+    JPEG 2000 (*ts_out* 1.2.840.10008.1.2.4.90): frames are encoded in a thread pool
+    (imagecodecs releases the interpreter lock while OpenJPEG runs), a single frame
+    with OpenJPEG's own threads.  HTJ2K: OpenJPH (:func:`_encode_htj2k`), frame after
+    frame.  Meanwhile this thread checks each codestream's main header
+    (:func:`_check_codestream`) and decodes it with pylibjpeg-openjpeg (for J2K
+    another build and binding of OpenJPEG than the encoder's, for HTJ2K another
+    implementation) to exactly the original's stored cells.  The written file is
     then checked to hold these very codestreams (:func:`_verify_pixels`).
     """
+    ht = ts_out in _HTJ2K
+    rpcl = ts_out == HTJ2KLosslessRPCL
     frames = _frames(ds, original)
     bits_stored = int(ds.BitsStored)
     signed = bool(ds.PixelRepresentation)
     dtype = np.dtype(f"{'i' if signed else 'u'}{1 if bits_stored <= 8 else 2}")
     threads = _threads()
-    parallel = len(frames) > 1 and threads > 1
+    parallel = len(frames) > 1 and threads > 1 and not ht
     options = _encoder_options(ds, mct=mct, numthreads=1 if parallel else threads)
     encoded: list[bytes] = []
     with contextlib.ExitStack() as stack:
         results: Iterator[bytes]
-        if parallel:
+        if ht:
+            with _stage(stage):
+                results = iter(_encode_htj2k(ds, original, mct=mct, rpcl=rpcl))
+        elif parallel:
             pool = stack.enter_context(ThreadPoolExecutor(threads))
             # On an error, frames not started yet are dropped, not encoded for nothing.
             stack.callback(pool.shutdown, cancel_futures=True)
@@ -482,7 +531,9 @@ def _encode_verified(
         for reference in frames:
             with _stage(stage):
                 cs = next(results)
-            _check_codestream(cs, bits_stored, signed=signed, mct=mct, where=where)
+            _check_codestream(
+                cs, bits_stored, signed=signed, mct=mct, ht=ht, rpcl=rpcl, where=where
+            )
             with _stage(f"{where}cannot decode result"):
                 # As stored: a YBR_RCT codestream decodes to RGB inside OpenJPEG
                 # already, and YBR_FULL is compared without any conversion.
@@ -491,6 +542,86 @@ def _encode_verified(
                 raise _fallback(f"{where}decoded pixels differ from the original")
             encoded.append(cs)
     return encoded
+
+
+def _encode_htj2k(
+    ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool, rpcl: bool
+) -> list[bytes]:
+    """One HTJ2K codestream per frame, by OpenJPH (imagecodecs' ``htj2k_encode``).
+
+    Reversible 5/3 wavelet with OpenJPH's defaults (5 decomposition levels, 64x64
+    HT code blocks, RPCL), a raw codestream without the JPH wrapper; *mct* applies
+    the reversible colour transform (RGB stored as YBR_RCT).  OpenJPH takes any image
+    size, 1x1 included: levels beyond the image's size leave empty subbands, which
+    Part 1 allows, and the verification decodes them with OpenJPEG.
+
+    *rpcl* meets what 1.2.840.10008.1.2.4.202 adds (PS3.5 10.18): RPCL progression
+    (OpenJPH's own), enough levels for a lowest resolution of at most 64 pixels a
+    side, and TLM markers, here with one tile-part per resolution so the markers
+    give the resolution breakpoints.
+
+    imagecodecs offers no precision option: Ssiz is the array's item size (8 or 16)
+    and its signedness.  So for Bits Stored B below that, each codestream's Ssiz is
+    set to B afterwards (:func:`_set_precision`), which needs the coded coefficients
+    to be the same ones a B-bit encoder would code.  Signed cells are coded as they
+    are (no level shift for signed components).  Unsigned cells are level-shifted
+    here, by 2**(B-1) as the standard does for a B-bit unsigned component, and coded
+    as signed, which OpenJPH does not shift again; the decoder then adds 2**(B-1)
+    back, as the B-bit Ssiz tells it to.  The only difference left to a native B-bit
+    encoder is a larger bound on magnitude bit-planes in QCD and CAP, which is an
+    upper bound a decoder reads and does not require to be tight.  Verification then
+    decodes every codestream with OpenJPEG, a different implementation.
+    """
+    bits_stored = int(ds.BitsStored)
+    signed = bool(ds.PixelRepresentation)
+    size = 1 if bits_stored <= 8 else 2
+    shift = not signed and bits_stored < 8 * size
+    dtype = np.dtype(f"{'i' if signed or shift else 'u'}{size}")
+    options: dict[str, Any] = {}
+    if rpcl:
+        levels = max(5, _rpcl_levels(int(ds.Rows), int(ds.Columns)))
+        # imagecodecs passes "resolutions" to OpenJPH as the number of decompositions.
+        options = {
+            "resolutions": levels,
+            "tlm": True,
+            "tilepart": imagecodecs.HTJ2K.TILEPART.RESOLUTIONS,
+        }
+    encoded = []
+    for frame in _frames(ds, original):
+        # The policy made sure every value fits Bits Stored, so the casts are exact.
+        cells = frame.astype(np.int32) - (1 << (bits_stored - 1)) if shift else frame
+        cs = bytes(
+            imagecodecs.htj2k_encode(
+                np.ascontiguousarray(cells, dtype=dtype),
+                reversible=True,
+                rgb=mct,
+                planar=False,  # colour-by-pixel, as the reference array is
+                **options,
+            )
+        )
+        if bits_stored != 8 * size:
+            cs = _set_precision(cs, bits_stored, signed=signed)
+        encoded.append(cs)
+    return encoded
+
+
+def _rpcl_levels(rows: int, columns: int) -> int:
+    """Fewest wavelet levels that bring both sides to :data:`_RPCL_BASE` or less."""
+    levels = 0
+    while -(-max(rows, columns) // (1 << levels)) > _RPCL_BASE:
+        levels += 1
+    return levels
+
+
+def _set_precision(cs: bytes, bits: int, *, signed: bool) -> bytes:
+    """*cs* with every component's Ssiz (precision and sign) set to *bits*, *signed*."""
+    if cs[:4] != b"\xff\x4f\xff\x51":
+        raise _fallback("encoder did not write a JPEG 2000 codestream")
+    components = int.from_bytes(cs[40:42], "big")
+    out = bytearray(cs)
+    for c in range(components):
+        out[42 + 3 * c] = (bits - 1) | (0x80 if signed else 0)
+    return bytes(out)
 
 
 def _encapsulate(ds: Dataset, frames: list[bytes]) -> None:
@@ -696,16 +827,33 @@ def _verify_icons(out: Dataset, icons: dict[int, list[bytes]], path: Path) -> No
 
 
 def _check_codestream(
-    cs: bytes, bits_stored: int, *, signed: bool, mct: bool, where: str = ""
+    cs: bytes,
+    bits_stored: int,
+    *,
+    signed: bool,
+    mct: bool,
+    ht: bool = False,
+    rpcl: bool = False,
+    where: str = "",
 ) -> None:
-    """Check the J2K main header: precision, signedness, and the colour transform.
+    """Check the J2K main header: precision, signedness, the colour transform, and
+    which part of JPEG 2000 the codestream needs.
 
     Other decoders trust these over the data set (PS3.5 8.2.4), so a codestream that
-    decodes right here but says e.g. 16 bits for Bits Stored 12 is not accepted.
+    decodes right here but says e.g. 16 bits for Bits Stored 12 is not accepted.  A
+    1.2.840.10008.1.2.4.90 codestream must be Part 1 only: no CAP marker, no HT code
+    blocks, which a Part 1 decoder cannot read.  An HTJ2K one (PS3.5 8.2.14, Part 15)
+    says so in Rsiz and CAP and uses HT code blocks.  Either way the wavelet must be
+    the reversible 5/3 one.  With *rpcl* (1.2.840.10008.1.2.4.202, PS3.5 10.18) the
+    progression must be RPCL, TLM markers present, and the lowest resolution at most
+    64 pixels a side.
     """
-    if cs[:4] != b"\xff\x4f\xff\x51":
+    if cs[:4] != b"\xff\x4f\xff\x51" or len(cs) < 42:
         raise _fallback(f"{where}result is not a JPEG 2000 codestream")
     siz_len = int.from_bytes(cs[4:6], "big")
+    rsiz = int.from_bytes(cs[6:8], "big")
+    if bool(rsiz & 0x4000) != ht:  # Rsiz bit 14: Part 15 capabilities (CAP) in use
+        raise _fallback(f"{where}codestream Rsiz {rsiz:#06x} for {'HTJ2K' if ht else 'J2K'}")
     components = int.from_bytes(cs[40:42], "big")
     ssiz = cs[42 : 42 + 3 * components : 3]
     if len(ssiz) != components:
@@ -716,21 +864,44 @@ def _check_codestream(
                 f"{where}codestream precision {(s & 0x7F) + 1} signed={bool(s & 0x80)}, "
                 f"data set has Bits Stored {bits_stored} signed={signed}"
             )
-    pos = 4 + siz_len
+    pos = 2 + 2 + siz_len
+    cap = tlm = False
+    cod = -1
     while pos + 4 <= len(cs) and cs[pos] == 0xFF:
         marker = cs[pos + 1]
-        if marker == 0x52:  # COD; SGcod's last byte is the multiple component transform
-            if pos + 9 >= len(cs):
-                break
-            if bool(cs[pos + 8]) != mct:
-                raise _fallback(
-                    f"{where}codestream colour transform {bool(cs[pos + 8])}, expected {mct}"
-                )
-            return
-        if marker == 0x90:  # SOT: tile data starts, main header is over
+        if marker == 0x90:  # SOT: tile data starts, the main header is over
             break
+        if marker == 0x50:  # CAP: extended capabilities (Part 15 for HTJ2K)
+            cap = True
+        elif marker == 0x55:  # TLM: tile-part lengths
+            tlm = True
+        elif marker == 0x52 and cod < 0:
+            cod = pos
         pos += 2 + int.from_bytes(cs[pos + 2 : pos + 4], "big")
-    raise _fallback(f"{where}no COD marker in the JPEG 2000 main header")
+    if cod < 0 or cod + 14 > len(cs):
+        raise _fallback(f"{where}no COD marker in the JPEG 2000 main header")
+    if cap != ht:
+        raise _fallback(f"{where}codestream CAP marker {'missing' if ht else 'present'}")
+    # SGcod: progression, layers (2 bytes), multiple component transform; SPcod:
+    # decomposition levels, code-block width and height, code-block style, wavelet.
+    if bool(cs[cod + 8]) != mct:
+        raise _fallback(f"{where}codestream colour transform {bool(cs[cod + 8])}, expected {mct}")
+    if bool(cs[cod + 12] & 0x40) != ht:  # code-block style bit 6: HT code blocks
+        raise _fallback(f"{where}codestream code-block style {cs[cod + 12]:#04x}")
+    if cs[cod + 13] != 1:
+        raise _fallback(f"{where}codestream wavelet is not the reversible 5/3 one")
+    if rpcl:
+        # SIZ: image extent (Xsiz, Ysiz) less its offset (XOsiz, YOsiz).
+        width = int.from_bytes(cs[8:12], "big") - int.from_bytes(cs[16:20], "big")
+        height = int.from_bytes(cs[12:16], "big") - int.from_bytes(cs[20:24], "big")
+        if cs[cod + 5] != 2:  # SGcod progression order: 2 is RPCL
+            raise _fallback(f"{where}codestream progression order {cs[cod + 5]} is not RPCL")
+        if not tlm:
+            raise _fallback(f"{where}codestream has no TLM marker")
+        if cs[cod + 9] < _rpcl_levels(height, width):
+            raise _fallback(
+                f"{where}codestream has {cs[cod + 9]} wavelet levels for {width}x{height}"
+            )
 
 
 def _verify_elements(

@@ -16,24 +16,33 @@ reason that says what was wrong with the answer.
 
 Timeouts: connecting gets ``upload.request_timeout_seconds``; the request as a whole
 gets that plus the body size at ``upload.min_bytes_per_second``, so a big instance
-can finish on a slow line.
+can finish on a slow line.  With ``upload.max_bytes_per_second`` set, a paced request
+is given the time its body takes at its share of the cap when that is slower.
+
+Pacing (gateway.bandwidth): with a cap, each spool file goes out as a payload that
+reads it in chunks and pays for each chunk in the shared token bucket before handing
+it on; the files are never read into memory as a whole.  A priority-lane request is
+not paced, but its bytes are charged to the bucket.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import aiohttp
+import aiohttp.payload
 from pydicom.dataset import Dataset
 
+from .bandwidth import CHUNK, TokenBucket
 from .config import UploadConfig
 
 if TYPE_CHECKING:
@@ -189,10 +198,38 @@ def http_hint(peer: str, status: int, body: bytes) -> str:
     return f"{peer} answered HTTP {status}: {text[:160]}"
 
 
+async def _paced_chunks(f: BinaryIO, bucket: TokenBucket) -> AsyncIterator[bytes]:
+    # Read in a thread: a slow disk must not stall the loop (the receiver's acks).
+    while chunk := await asyncio.to_thread(f.read, CHUNK):
+        await bucket.take(len(chunk))
+        yield chunk
+
+
+class PacedFile(aiohttp.payload.AsyncIterablePayload):
+    """One spool file as a multipart part whose chunks are paid for in *bucket* before
+    they are sent.  Its size is known, so the request keeps its Content-Length (no
+    chunked transfer encoding, which some archives' proxies refuse)."""
+
+    def __init__(self, f: BinaryIO, size: int, bucket: TokenBucket) -> None:
+        self._file_size = size
+        super().__init__(_paced_chunks(f, bucket), content_type="application/dicom")
+
+    @property
+    def size(self) -> int:
+        return self._file_size
+
+
 class StowClient:
-    def __init__(self, config: UploadConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: UploadConfig,
+        metrics: Metrics | None = None,
+        bucket: TokenBucket | None = None,
+    ) -> None:
         self.config = config
         self.metrics = metrics
+        #: Shared by every request of this client (None or rate 0: not paced).
+        self.bucket = bucket
         self.url = config.dicomweb_url.rstrip("/") + "/studies"
         self._session: aiohttp.ClientSession | None = None
 
@@ -201,23 +238,37 @@ class StowClient:
         self._session = aiohttp.ClientSession(connector=connector)
         return self
 
-    def timeout_for(self, body_bytes: int) -> aiohttp.ClientTimeout:
+    def timeout_for(self, body_bytes: int, paced: bool = False) -> aiohttp.ClientTimeout:
         """request_timeout_seconds for connecting, and for the request as a whole
         that plus the time the body takes at the slowest uplink we allow for, so a
-        large instance can finish on a slow line.  (No sock_read: aiohttp may arm it
-        while a TLS body is still being written, which cuts a slow upload short.)"""
+        large instance can finish on a slow line.  A paced request may be slower
+        still: the cap is shared by every request in flight, so its share is the cap
+        over ``concurrent_requests``.  (No sock_read: aiohttp may arm it while a TLS
+        body is still being written, which cuts a slow upload short.)"""
         c = self.config
+        rate: float = c.min_bytes_per_second
+        if paced and c.max_bytes_per_second > 0:
+            rate = min(rate, c.max_bytes_per_second / c.concurrent_requests)
         return aiohttp.ClientTimeout(
-            total=c.request_timeout_seconds + body_bytes / c.min_bytes_per_second,
+            total=c.request_timeout_seconds + body_bytes / rate,
             sock_connect=c.request_timeout_seconds,
         )
+
+    def _paced(self, priority: bool) -> TokenBucket | None:
+        bucket = self.bucket
+        return bucket if bucket is not None and bucket.rate > 0 and not priority else None
 
     async def __aexit__(self, *exc: object) -> None:
         if self._session is not None:
             await self._session.close()
 
-    async def store(self, items: Sequence[Item]) -> dict[str, InstanceOutcome]:
+    async def store(
+        self, items: Sequence[Item], priority: bool = False
+    ) -> dict[str, InstanceOutcome]:
+        """One request for *items*: paced by the bucket, unless *priority* (then its
+        bytes are only charged to the bucket)."""
         assert self._session is not None, "use StowClient as an async context manager"
+        bucket = self._paced(priority)
         files = []
         try:
             size = 0
@@ -225,9 +276,15 @@ class StowClient:
                 for item in items:
                     f = open(item.path, "rb")  # noqa: SIM115 - closed in finally
                     files.append(f)
-                    size += os.fstat(f.fileno()).st_size
-                    body.append(f, {"Content-Type": "application/dicom"})
-            return await self._post(body, items, self.timeout_for(size))
+                    file_size = os.fstat(f.fileno()).st_size
+                    size += file_size
+                    if bucket is None:
+                        body.append(f, {"Content-Type": "application/dicom"})
+                    else:
+                        body.append_payload(PacedFile(f, file_size, bucket))
+            if priority and self.bucket is not None:
+                self.bucket.charge(size)
+            return await self._post(body, items, self.timeout_for(size, bucket is not None))
         finally:
             for f in files:
                 f.close()

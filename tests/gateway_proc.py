@@ -61,6 +61,8 @@ class GatewayProcess:
         self.starts = 0
         #: The gateway's working directory (relative defaults resolve there); None: ours.
         self.cwd: Path | None = None
+        #: A command the gateway runs under (e.g. ``["eatmydata"]``); empty: none.
+        self.prefix: list[str] = []
 
     def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> GatewayProcess:
         self.starts += 1
@@ -68,7 +70,15 @@ class GatewayProcess:
         offset = log.tell()
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "run", "--config", str(self.config_path)],
+            [
+                *self.prefix,
+                sys.executable,
+                "-m",
+                "gateway",
+                "run",
+                "--config",
+                str(self.config_path),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

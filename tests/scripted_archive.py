@@ -33,6 +33,7 @@ import io
 import json
 import ssl
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ class Exchange:
             chunks = []
             while chunk := await part.read_chunk(64 * 1024):
                 chunks.append(chunk)
+                self.archive.chunks.append((time.monotonic(), len(chunk)))
                 if bytes_per_second:
                     await asyncio.sleep(len(chunk) / bytes_per_second)
             data = b"".join(chunks)
@@ -219,6 +221,8 @@ class ScriptedArchive:
         #: Each instance's bytes as last received, and the UIDs answered as stored.
         self.received: dict[str, bytes] = {}
         self.stored: set[str] = set()
+        #: (time.monotonic(), bytes) of each body chunk read, for throughput tests.
+        self.chunks: list[tuple[float, int]] = []
         #: How many requests were answered (scripted or default).
         self.answered = 0
         self.port = 0

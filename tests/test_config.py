@@ -38,6 +38,17 @@ def test_defaults_match_the_documented_contract() -> None:
     assert c.dimse.storage_sop_classes == ()  # every storage SOP class
 
 
+@pytest.mark.parametrize("codec", ["j2k-lossless", "htj2k-lossless", "htj2k-lossless-rpcl", "none"])
+def test_compression_codecs(codec: str) -> None:
+    assert config.from_dict({"upload": {"compression": codec}}).upload.compression == codec
+
+
+def test_every_codec_of_the_compress_stage_is_configurable() -> None:
+    from gateway.transcode import CODECS
+
+    assert set(config._COMPRESSION) == {*CODECS, "none"}
+
+
 def test_database_lives_in_the_spool_unless_set() -> None:
     only_spool = config.from_dict({"spool": {"dir": "/data/spool"}})
     assert only_spool.database_path == Path("/data/spool/gateway.sqlite3")
@@ -140,7 +151,7 @@ interval_seconds = 30
         ),
         ("[dimse]\nstorage_sop_classes = '1.2.3'\n", "dimse.storage_sop_classes", "list of"),
         ("[spool]\nmin_free_bytes = -1\n", "spool.min_free_bytes", "negative"),
-        ("[upload]\ncompression = 'jpeg'\n", "upload.compression", "j2k-lossless"),
+        ("[upload]\ncompression = 'jpeg'\n", "upload.compression", "htj2k-lossless"),
         ("[upload]\ndicomweb_url = 'http://x'\n", "upload.dicomweb_url", "https://"),
         ("[upload]\nmax_attempts = 0\n", "upload.max_attempts", "at least 1"),
         ("[upload]\ngive_up_after_hours = 0\n", "upload.give_up_after_hours", "positive"),

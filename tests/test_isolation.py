@@ -55,16 +55,16 @@ CRASH_ME = "CRASH-ME"
 # -- encoder stand-ins (module level: the pool's spawned workers import them) ------------
 
 
-def _hanging_transcode(src: Path, dst: Path) -> TranscodeResult:
+def _hanging_transcode(src: Path, dst: Path, codec: str) -> TranscodeResult:
     if pydicom.dcmread(src, stop_before_pixels=True).PatientID == HANG_ME:
         time.sleep(3600)
-    return transcode(src, dst)
+    return transcode(src, dst, codec)
 
 
-def _crashing_transcode(src: Path, dst: Path) -> TranscodeResult:
+def _crashing_transcode(src: Path, dst: Path, codec: str) -> TranscodeResult:
     if pydicom.dcmread(src, stop_before_pixels=True).PatientID == CRASH_ME:
         os._exit(9)
-    return transcode(src, dst)
+    return transcode(src, dst, codec)
 
 
 # -- a pipeline on a real spool and database -----------------------------------------------
@@ -291,12 +291,12 @@ async def test_an_unexpected_upload_error_fails_only_its_batch(
     real_store = jobs.StowClient.store
     calls = 0
 
-    async def buggy_store(self: jobs.StowClient, items: Any) -> Any:
+    async def buggy_store(self: jobs.StowClient, items: Any, priority: bool = False) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise KeyError("a bug in the upload glue")
-        return await real_store(self, items)
+        return await real_store(self, items, priority)
 
     monkeypatch.setattr(jobs.StowClient, "store", buggy_store)
     bench = Bench(tmp_path, **scripted_archive.upload_config())

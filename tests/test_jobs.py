@@ -269,7 +269,7 @@ def test_tls_context_always_verifies(tmp_path: Path) -> None:
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
 
 
-def _buggy_transcode(src: Path, dst: Path) -> object:
+def _buggy_transcode(src: Path, dst: Path, codec: str) -> object:
     """Stands in for a bug inside transcode() (module level: the pool pickles it)."""
     raise ValueError("bug in the encoder glue")
 

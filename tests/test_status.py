@@ -39,6 +39,9 @@ def test_health_ok_degraded_failing() -> None:
     assert nowhere["state"] == "degraded" and "upload.dicomweb_url" in nowhere["reasons"][0]
     assert health(_doc(queue__failed=2))["state"] == "degraded"
     assert health(_doc(queue__oldest_pending_age_seconds=7200))["state"] == "degraded"
+    # ...unless an upload window is closed: then the queue waits on purpose.
+    held = _doc(queue__oldest_pending_age_seconds=7200, uploads__window_open=False)
+    assert health(held)["state"] == "ok"
     cert = health(_doc(certificate__warning=True, certificate__days_left=12))
     assert cert["state"] == "degraded" and "12 days" in cert["reasons"][0]
     stale = health(_doc(worklist=[{"source": "ris", "last_error": "timed out"}]))

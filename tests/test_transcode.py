@@ -32,6 +32,9 @@ from gateway.transcode import TranscodeResult, transcode
 from . import corpus
 
 J2K = "1.2.840.10008.1.2.4.90"
+HTJ2K = "1.2.840.10008.1.2.4.201"
+HTJ2K_RPCL = "1.2.840.10008.1.2.4.202"
+CODEC_TS = {"j2k-lossless": J2K, "htj2k-lossless": HTJ2K, "htj2k-lossless-rpcl": HTJ2K_RPCL}
 ELE = "1.2.840.10008.1.2.1"
 ILE = "1.2.840.10008.1.2"
 # What compressing may change; everything else must come back identical.
@@ -47,14 +50,14 @@ META_CHANGED = {
 
 
 # -- helpers ---------------------------------------------------------------------------
-def run(src: Path, tmp_path: Path) -> tuple[TranscodeResult, Path]:
+def run(src: Path, tmp_path: Path, codec: str = "j2k-lossless") -> tuple[TranscodeResult, Path]:
     dst = tmp_path / f"out-{src.name}"
-    result = transcode(src, dst)
+    result = transcode(src, dst, codec)
     assert result.size_in == src.stat().st_size
     assert result.seconds >= 0
     if result.outcome == "compressed":
         assert result.reason == ""
-        assert result.transfer_syntax == J2K
+        assert result.transfer_syntax == CODEC_TS[codec]
         assert result.size_out == dst.stat().st_size
     else:
         assert result.reason
@@ -67,11 +70,13 @@ def run(src: Path, tmp_path: Path) -> tuple[TranscodeResult, Path]:
     return result, dst
 
 
-def compressed(src: Path, tmp_path: Path) -> tuple[TranscodeResult, Path]:
-    result, dst = run(src, tmp_path)
+def compressed(
+    src: Path, tmp_path: Path, codec: str = "j2k-lossless"
+) -> tuple[TranscodeResult, Path]:
+    result, dst = run(src, tmp_path, codec)
     assert result.outcome == "compressed", result.reason
     assert_pixels_equal(src, dst)
-    assert_same_elements(src, dst)
+    assert_same_elements(src, dst, ts=result.transfer_syntax)
     assert_one_codestream_per_frame(dst)
     return result, dst
 
@@ -103,7 +108,7 @@ def _elements(ds: Dataset, path: str = "") -> Iterator[tuple[str, Any]]:
             yield where, (elem.VR, elem.value)
 
 
-def assert_same_elements(src: Path, dst: Path) -> None:
+def assert_same_elements(src: Path, dst: Path, ts: str = J2K) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         a, b = pydicom.dcmread(src), pydicom.dcmread(dst)
@@ -126,7 +131,7 @@ def assert_same_elements(src: Path, dst: Path) -> None:
     for kw in a.file_meta.dir():
         if kw not in META_CHANGED:
             assert b.file_meta[kw].value == a.file_meta[kw].value, kw
-    assert b.file_meta.TransferSyntaxUID == J2K
+    assert b.file_meta.TransferSyntaxUID == ts
     assert b.SOPInstanceUID == a.SOPInstanceUID == b.file_meta.MediaStorageSOPInstanceUID
     assert b.get("LossyImageCompression") == a.get("LossyImageCompression")
     want_pi = "YBR_RCT" if a.PhotometricInterpretation == "RGB" else a.PhotometricInterpretation

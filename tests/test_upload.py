@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.uid import JPEG2000Lossless, UncompressedTransferSyntaxes
 
 from . import corpus
@@ -285,4 +286,49 @@ def test_rejected_instance_fails_without_blocking_the_rest(
         ),
     )
     assert (gw.spool / failed["path"]).exists()
+    assert gw.stop() == 0
+
+
+HTJ2K_SET = [
+    "CT_small.dcm",  # 16-bit signed
+    "MR2_UNCR.dcm",  # 12 of 16 bits
+    "MR_small_bigendian.dcm",
+    "SC_rgb.dcm",  # RGB -> YBR_RCT
+    "emri_small.dcm",  # 10 frames
+    "6154",  # under 32 pixels a side
+]
+
+
+@pytest.mark.parametrize(
+    ("codec", "ts"),
+    [
+        ("htj2k-lossless", "1.2.840.10008.1.2.4.201"),
+        ("htj2k-lossless-rpcl", "1.2.840.10008.1.2.4.202"),
+    ],
+)
+def test_htj2k_is_stored_and_handed_back_byte_identical(
+    codec: str, ts: str, gateway_factory: GatewayFactory, archive_lab: ArchiveLab, tmp_path: Path
+) -> None:
+    # Orthanc stores what STOW-RS gave it whatever the transfer syntax; this shows it
+    # does for 1.2.840.10008.1.2.4.201 too, and hands the same bytes back.  The cache
+    # keeps the uploaded files to compare with.
+    gw = gateway_factory(
+        upload=_upload_config(archive_lab, compression=codec),
+        retention={"keep_bytes": 1 << 30},
+    )
+    paths, sent = _study(tmp_path, HTJ2K_SET)
+    assert storescu(gw.port, paths).acknowledged == len(paths)
+    wait_until("all uploaded", _all_uploaded(gw, len(paths)))
+
+    rows = {r["sop_instance_uid"]: r for r in gw.rows()}
+    for original in sent:
+        row = rows[original.SOPInstanceUID]
+        assert row["transcode_outcome"] == "compressed", row["transcode_reason"]
+        assert row["upload_transfer_syntax"] == ts
+        uploaded = (gw.spool / row["upload_path"]).read_bytes()
+        in_archive = archive_lab.instance_file(original.SOPInstanceUID)
+        assert in_archive == uploaded, f"{original.SOPInstanceUID} changed in the archive"
+        stored = pydicom.dcmread(io.BytesIO(in_archive))
+        assert stored.file_meta.TransferSyntaxUID == ts
+        _assert_same_pixels(original, stored)
     assert gw.stop() == 0

@@ -107,6 +107,8 @@ def test_metrics_after_an_upload(
     assert _value(m[p + "client_certificate_expiry_timestamp_seconds"]) > now + 300 * 86400
     assert _value(m[p + "build_info"], version=web.status()["version"]) == 1
     assert _value(m[p + "uploads_paused"]) == 0
+    assert _value(m[p + "upload_limit_bytes_per_second"]) == 0  # no cap
+    assert _value(m[p + "upload_window_open"]) == 1  # no windows: always open
 
     status = web.status()
     assert status["queue"]["pending"] == 0 and status["queue"]["done_today"] == 1
