@@ -82,7 +82,7 @@ class UploadConfig:
     client_cert: Path | None = None
     client_key: Path | None = None
     compression: str = "j2k-lossless"
-    compress_workers: int = 1
+    compress_workers: int = 0  # 0: one per CPU core (encoder_processes)
     batch_max_instances: int = 50
     batch_max_bytes: int = 64 * 1024 * 1024
     concurrent_requests: int = 2
@@ -96,6 +96,16 @@ class UploadConfig:
     max_bytes_per_second: int = 0
     windows: tuple[str, ...] = ()
     priority_aets: tuple[str, ...] = ()
+
+    @property
+    def encoder_processes(self) -> int:
+        """J2K encoder processes: ``compress_workers``, or one per usable CPU core."""
+        if self.compress_workers:
+            return self.compress_workers
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            return max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -380,8 +390,9 @@ def _check(c: Config) -> None:
             "upload.compression",
             f"must be one of {', '.join(map(repr, _COMPRESSION))}, got {c.upload.compression!r}",
         )
+    if c.upload.compress_workers < 0:
+        raise ConfigError(s, "upload.compress_workers", "must be 0 (one per core) or more")
     for key in (
-        "compress_workers",
         "batch_max_instances",
         "batch_max_bytes",
         "concurrent_requests",

@@ -99,12 +99,23 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
+#: Encoder processes run at this niceness: the receiver and the uploader come first.
+_ENCODER_NICENESS = 10
+
+
+def _init_encoder() -> None:
+    """Process-pool initializer: die with the gateway, and yield the CPU to it."""
+    _die_with_parent()
+    with contextlib.suppress(OSError):
+        os.nice(_ENCODER_NICENESS)
+
+
 def _new_pool(workers: int) -> ProcessPoolExecutor:
     # spawn, not fork: the gateway has many threads (pynetdicom, SQLite writer).
     return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_die_with_parent,
+        initializer=_init_encoder,
     )
 
 
@@ -447,7 +458,7 @@ class Pipeline:
         #: Instances per request after a timeout (None: upload.batch_max_instances).
         self._batch_limit: int | None = None
         self._batch_successes = 0
-        self._encoder_slots = asyncio.Semaphore(config.upload.compress_workers)
+        self._encoder_slots = asyncio.Semaphore(config.upload.encoder_processes)
         u = config.upload
         #: The cap, the windows and the priority lane (tests may replace it: its clock).
         self.bandwidth = Bandwidth(u.max_bytes_per_second, u.windows, u.priority_aets)
@@ -491,7 +502,7 @@ class Pipeline:
             log.warning("%d instances left in progress by the last run are queued again",
                         returned)  # fmt: skip
         if c.compression != "none":
-            self._pool = _new_pool(c.compress_workers)
+            self._pool = _new_pool(c.encoder_processes)
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._compress_loop(), name="compress")
@@ -511,7 +522,7 @@ class Pipeline:
 
     # -- compress -----------------------------------------------------------------------
     async def _compress_loop(self) -> None:
-        workers = self.config.upload.compress_workers
+        workers = self.config.upload.encoder_processes
         while True:
             if self.spool.problem is not None:
                 # The spool is gone or replaced (Spool.check): nothing to read or write.
@@ -653,7 +664,7 @@ class Pipeline:
         """Stop *broken* and, if it is the shared pool, start a new one (once, however
         many of its images noticed)."""
         if broken is self._pool:
-            self._pool = _new_pool(self.config.upload.compress_workers)
+            self._pool = _new_pool(self.config.upload.encoder_processes)
         _stop_pool(broken)
 
     # -- upload -------------------------------------------------------------------------

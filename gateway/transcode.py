@@ -12,13 +12,15 @@ be uploaded as it is:
 * ``"fallback"``: the input is malformed, a codec or write failed, or the result did
   not verify.  Bad input never raises; every such case ends here with a reason.
 
-**Verification.**  The written file is read back and must equal the original in
-every respect compression is not meant to change: each frame decodes to the same
-integers as the original's stored pixel cells (compared as stored, *without* masking
-the bits above Bits Stored, so noise or overlays in those bits are never silently
-dropped), each frame is one codestream with the original's precision and
-signedness, and every other data element, at every sequence depth, has the same
-value bytes as received (byte-swapped where a big endian original requires it).
+**Verification.**  Each codestream is checked before the file is written: it
+decodes, with pylibjpeg-openjpeg (another build and binding of OpenJPEG than the
+encoder's), to the same integers as the original's stored pixel cells (compared as
+stored, *without* masking the bits above Bits Stored, so noise or overlays in those
+bits are never silently dropped), and its main header has the original's precision
+and signedness.  The written file is then read back: its Pixel Data must be exactly
+those codestreams, one per frame, and every other data element, at every sequence
+depth, must have the same value bytes as received (byte-swapped where a big endian
+original requires it).
 With an Explicit VR original, each element keeps the VR written in the file
 (an Implicit VR original has none; the copy then carries the dictionary's VR, or UN
 for private tags pydicom does not know).  What may change is listed in
@@ -35,15 +37,15 @@ as YBR_RCT (the reversible colour transform: ultrasound comes out at less than h
 size it has with RGB kept); colour is written with Planar Configuration 0 as PS3.5
 8.2.4 requires; PALETTE COLOR is one component and its LUTs stay as they are.
 
-**Encoders.**  Both are OpenJPEG: reversible 5/3 wavelet, one raw J2K codestream per
-frame (PS3.5 A.4.4: no JP2 wrapper), Bits Stored as the precision.  Images at least
-32 pixels a side go through pydicom's ``Dataset.compress`` with pylibjpeg-openjpeg,
-which always uses 6 resolutions; OpenJPEG refuses that for a side under 2**5 pixels.
-PS3.5 sets no minimum size, so smaller images (16x16 test patterns, 1xN strips, most
-icons) are encoded with imagecodecs, which takes the number of resolutions (see
-:func:`_encode_small`), and encapsulated with pydicom's ``encapsulate``.  Either way
-the result is verified the same, decoded by pylibjpeg-openjpeg (for small images
-another build and binding of OpenJPEG than the one that encoded them).
+**Encoder.**  OpenJPEG through imagecodecs: reversible 5/3 wavelet, one raw J2K
+codestream per frame (PS3.5 A.4.4: no JP2 wrapper), one tile, Bits Stored as the
+precision, 6 resolutions where both sides allow it (what pydicom's pylibjpeg-openjpeg
+encoder writes, byte for byte), fewer for smaller images (see
+:func:`_encoder_options`), encapsulated with pydicom's ``encapsulate``.  Every core
+is used on every image size: the frames of a multi-frame instance are encoded in a
+thread pool (imagecodecs lets go of the interpreter lock), a single frame with
+OpenJPEG's own encoder threads, while the calling thread verifies the codestreams
+already done.
 
 **HTJ2K.**  JPEG 2000 Part 15 codestreams (PS3.5 8.2.14: the same Photometric
 Interpretations, so the same policy and RGB as YBR_RCT) encoded by OpenJPH through
@@ -86,13 +88,13 @@ Everything else passes through:
 * pixel cells with bits set above Bits Stored (overlays, noise), which J2K drops.
 
 **Memory.**  The worker holds the original Pixel Data once (the reference array is
-a view on it; big endian input adds one byte-swapped copy), the encoded frames twice
-(the frame list and the encapsulated value built from it), the written file once
-more when it is read back, and one decoded frame at a time, plus OpenJPEG's own
-per-frame buffers, which dominate for a single large frame: the 7.2 MB RG1_UNCR CR
-peaks about 60 MB above the interpreter's baseline (~8x its pixel data).  So the
-peak is about input + 3x output + 8x one frame; a 500 MB multi-frame needs about
-1 GB.  Nothing is cached between calls.
+a view on it; big endian input or 8 bits stored in 16 add a copy of each frame
+being encoded), the encoded frames twice while the file is written (the frame list
+and the encapsulated value built from it; the original is let go first), and one
+decoded frame at a time per thread, plus OpenJPEG's own per-frame buffers, which
+dominate for a single large frame.  Reading the result back does not load its
+Pixel Data: it is compared with the frames one fragment at a time.  Nothing is
+cached between calls.
 """
 
 from __future__ import annotations
@@ -102,20 +104,22 @@ import os
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import imagecodecs
 import numpy as np
 import pydicom
+from openjpeg.utils import decode as openjpeg_decode
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.encoders.base import get_encoder
 from pydicom.tag import BaseTag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
@@ -162,9 +166,6 @@ _PHOTOMETRIC = {
     ("YBR_FULL", 3): False,
 }
 
-#: Images with a side under this go to imagecodecs: pylibjpeg-openjpeg always asks
-#: OpenJPEG for 6 resolution levels, which needs 2**5 pixels a side.
-_MIN_SIDE = 32
 _PIXEL_DATA = 0x7FE00010
 _FLOAT_PIXEL_DATA = {0x7FE00008: "Float Pixel Data", 0x7FE00009: "Double Float Pixel Data"}
 _EXTENDED_OFFSETS = {0x7FE00001, 0x7FE00002}
@@ -321,47 +322,32 @@ def _check_policy(ds: Dataset) -> tuple[UID, np.ndarray[Any, Any], list[_Icon]]:
 
 def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
     _, original, icons = _check_policy(ds)
-    ht = ts_out in _HTJ2K
-    rpcl = ts_out == HTJ2KLosslessRPCL
 
     # PS3.5 A.4: the Transfer Syntax applies to the whole data set, so an icon's
     # Pixel Data is encapsulated JPEG 2000 too; it keeps its Photometric
     # Interpretation (no colour transform: icons are tiny, and fewer elements change).
+    encoded_icons: dict[int, list[bytes]] = {}
     for icon in icons:
-        with _stage(f"encoder error in icon image {icon.index}"):
-            item = ds[_ICON_SEQUENCE].value[icon.index]
-            if ht:
-                if int(item.SamplesPerPixel) == 3:
-                    item.PlanarConfiguration = 0
-                _encapsulate(item, _encode_htj2k(item, icon.original, mct=False, rpcl=rpcl))
-            else:
-                _compress_icon(item, icon.original)
+        encoded_icons[icon.index] = _compress_icon(
+            ds[_ICON_SEQUENCE].value[icon.index], icon.original, index=icon.index, ts_out=ts_out
+        )
 
     rgb = ds.PhotometricInterpretation == "RGB"
-    with _stage("encoder error"):
-        if rgb:
-            # openjpeg applies the reversible colour transform only when told the
-            # target is YBR_RCT; pydicom turns it off for "RGB" (use_mct=False).
-            ds.PhotometricInterpretation = "YBR_RCT"
-        if ds.SamplesPerPixel == 3:
-            # The reference array is colour-by-pixel whatever the original layout.
-            ds.PlanarConfiguration = 0
-        if ht:
-            _encapsulate(ds, _encode_htj2k(ds, original, mct=rgb, rpcl=rpcl))
-            ds.file_meta.TransferSyntaxUID = ts_out
-        elif _is_small(ds):
-            _encapsulate(ds, _encode_small(ds, original, mct=rgb))
-            ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-        else:
-            # From the array, not the data set's buffer: pydicom 3.0 hands a big endian
-            # buffer to the encoder as if it were little endian, and ignores Planar
-            # Configuration 1 for JPEG 2000.
-            ds.compress(
-                JPEG2000Lossless,
-                original,
-                encoding_plugin="pylibjpeg",
-                generate_instance_uid=False,
-            )
+    if rgb:
+        # Both encoders apply the reversible colour transform when asked to (mct); the
+        # data set then says YBR_RCT.
+        ds.PhotometricInterpretation = "YBR_RCT"
+    if ds.SamplesPerPixel == 3:
+        # The reference array is colour-by-pixel whatever the original layout.
+        ds.PlanarConfiguration = 0
+    # From the array, not the data set's buffer: it is in native byte order and
+    # colour-by-pixel whatever the original's byte order and Planar Configuration.
+    encoded = _encode_verified(
+        ds, original, mct=rgb, stage="encoder error", where="", ts_out=ts_out
+    )
+    del original, icons  # the original pixels: only the codestreams are needed now
+    _encapsulate(ds, encoded)
+    ds.file_meta.TransferSyntaxUID = ts_out
     implicit, little = ds.original_encoding
     if implicit or not little:
         with _stage("cannot convert to Explicit VR Little Endian"):
@@ -373,15 +359,10 @@ def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
     with _stage("cannot write output"), open(dst, "wb") as f:
         # save_as() refuses to change byte order; dcmwrite() does it when asked.
         pydicom.dcmwrite(f, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
-
-    with _stage("cannot read result"):
-        out = pydicom.dcmread(dst)
-    _verify_pixels(out, original, rgb=rgb, ts=ts_out)
-    _verify_icons(out, icons, ts=ts_out)
-    # The original pixels (viewed by ``original``) and the result are not needed to
-    # compare the other elements: let them go before both files are read again.
-    del out, original
-    _verify_elements(src, dst, was_rgb=rgb, icons=[icon.index for icon in icons])
+    # The encapsulated copy of the codestreams is written: let it go before the
+    # result is read back.  (*ds* is the caller's, which does not use it again.)
+    del ds[_PIXEL_DATA]
+    _verify_elements(src, dst, was_rgb=rgb, encoded=encoded, icons=encoded_icons)
 
 
 def _to_explicit_little(
@@ -436,33 +417,22 @@ def _to_explicit_little(
     ds.set_original_encoding(False, True)
 
 
-def _compress_icon(item: Dataset, original: np.ndarray[Any, Any]) -> None:
+def _compress_icon(
+    item: Dataset, original: np.ndarray[Any, Any], *, index: int, ts_out: UID
+) -> list[bytes]:
     if int(item.SamplesPerPixel) == 3:
         item.PlanarConfiguration = 0
-    if _is_small(item):
-        _encapsulate(item, _encode_small(item, original, mct=False))
-        return
-    options: dict[str, Any] = {
-        "rows": int(item.Rows),
-        "columns": int(item.Columns),
-        "samples_per_pixel": int(item.SamplesPerPixel),
-        "bits_allocated": int(item.BitsAllocated),
-        "bits_stored": int(item.BitsStored),
-        "pixel_representation": int(item.PixelRepresentation),
-        "photometric_interpretation": str(item.PhotometricInterpretation),
-        "planar_configuration": 0,  # the reference array is colour-by-pixel
-        "number_of_frames": 1,
-    }
-    encoder = get_encoder(JPEG2000Lossless)
-    encoded = [
-        encoder.encode(frame, encoding_plugin="pylibjpeg", **options)
-        for frame in _frames(item, original)
-    ]
+    where = f"icon image {index}: "
+    encoded = _encode_verified(
+        item,
+        original,
+        mct=False,
+        stage=f"encoder error in icon image {index}",
+        where=where,
+        ts_out=ts_out,
+    )
     _encapsulate(item, encoded)
-
-
-def _is_small(ds: Dataset) -> bool:
-    return min(int(ds.Rows), int(ds.Columns)) < _MIN_SIDE
+    return encoded
 
 
 def _frames(ds: Dataset, original: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -470,43 +440,108 @@ def _frames(ds: Dataset, original: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]
     return original if int(ds.get("NumberOfFrames") or 1) > 1 else original[np.newaxis]
 
 
-def _encode_small(ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool) -> list[bytes]:
-    """One J2K codestream per frame of an image with a side under :data:`_MIN_SIDE`.
+def _threads() -> int:
+    """Encoder threads for one image: the cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
-    imagecodecs (OpenJPEG) lets the number of resolutions be chosen: asked for the
-    most OpenJPEG allows for the smaller side, 2**(resolutions-1) <= side, at least 1
-    (no wavelet decomposition at all for a 1xN image); imagecodecs lowers it further
-    to keep the lowest resolution 8 pixels or more (one level for 16x16).  Reversible
-    5/3 wavelet, raw codestream (codecformat J2K), Bits Stored as the precision,
-    signed when Pixel Representation is 1; *mct* applies the reversible colour
-    transform (RGB stored as YBR_RCT).  The caller's verification decodes with
-    pylibjpeg-openjpeg and checks precision, sign and transform in each codestream's
-    header.
+
+def _encoder_options(ds: Dataset, *, mct: bool, numthreads: int) -> dict[str, Any]:
+    """imagecodecs (OpenJPEG) settings for the frames of *ds*: lossless Part 1.
+
+    Reversible 5/3 wavelet, raw codestream (codecformat J2K: PS3.5 A.4.4, no JP2
+    wrapper), one tile, one quality layer, Bits Stored as the precision, signed when
+    Pixel Representation is 1; *mct* applies the reversible colour transform (RGB
+    stored as YBR_RCT).  Resolutions: OpenJPEG's default of 6 (what pydicom's
+    pylibjpeg-openjpeg encoder always asks for: the codestreams are the same bytes),
+    fewer where a side is under 2**5 pixels, which OpenJPEG refuses 6 for: then the
+    most it allows for the smaller side, 2**(resolutions-1) <= side, at least 1 (no
+    wavelet decomposition at all for a 1xN image); imagecodecs lowers it further to
+    keep the lowest resolution 8 pixels or more (one level for 16x16).  PS3.5 sets
+    no minimum size.  *numthreads* are OpenJPEG's own threads for one frame.
     """
-    bits_stored = int(ds.BitsStored)
-    signed = bool(ds.PixelRepresentation)
-    resolutions = max(1, min(int(ds.Rows), int(ds.Columns)).bit_length())
+    return {
+        "level": 0,
+        "codecformat": "J2K",
+        "reversible": True,
+        "bitspersample": int(ds.BitsStored),
+        "resolutions": max(1, min(6, min(int(ds.Rows), int(ds.Columns)).bit_length())),
+        "mct": mct,
+        "planar": False,  # colour-by-pixel, as the reference array is
+        "numthreads": numthreads,
+    }
+
+
+def _encode_frame(
+    frame: np.ndarray[Any, Any], dtype: np.dtype[Any], options: dict[str, Any]
+) -> bytes:
     # imagecodecs writes the array's item size as the precision unless bitspersample
     # fits in that item (9..16 for a 16-bit array), and reads the array in native byte
-    # order whatever its dtype says: give it native 8-bit cells for Bits Stored <= 8
-    # (the policy made sure the values fit), 16-bit ones otherwise.
+    # order whatever its dtype says: it gets native 8-bit cells for Bits Stored <= 8
+    # (the policy made sure the values fit), 16-bit ones otherwise.  A copy only
+    # where the original differs (big endian, 8 bits stored in 16).
+    data = np.ascontiguousarray(frame, dtype=dtype)
+    return bytes(imagecodecs.jpeg2k_encode(data, **options))
+
+
+def _encode_verified(
+    ds: Dataset,
+    original: np.ndarray[Any, Any],
+    *,
+    mct: bool,
+    stage: str,
+    where: str,
+    ts_out: UID = JPEG2000Lossless,
+) -> list[bytes]:
+    """One codestream per frame of *ds* (its stored cells *original*), verified.
+
+    JPEG 2000 (*ts_out* 1.2.840.10008.1.2.4.90): frames are encoded in a thread pool
+    (imagecodecs releases the interpreter lock while OpenJPEG runs), a single frame
+    with OpenJPEG's own threads.  HTJ2K: OpenJPH (:func:`_encode_htj2k`), frame after
+    frame.  Meanwhile this thread checks each codestream's main header
+    (:func:`_check_codestream`) and decodes it with pylibjpeg-openjpeg (for J2K
+    another build and binding of OpenJPEG than the encoder's, for HTJ2K another
+    implementation) to exactly the original's stored cells.  The written file is
+    then checked to hold these very codestreams (:func:`_verify_pixels`).
+    """
+    ht = ts_out in _HTJ2K
+    rpcl = ts_out == HTJ2KLosslessRPCL
+    frames = _frames(ds, original)
+    bits_stored = int(ds.BitsStored)
+    signed = bool(ds.PixelRepresentation)
     dtype = np.dtype(f"{'i' if signed else 'u'}{1 if bits_stored <= 8 else 2}")
-    return [
-        bytes(
-            imagecodecs.jpeg2k_encode(
-                frame.astype(dtype, order="C"),
-                level=0,
-                codecformat="J2K",
-                reversible=True,
-                bitspersample=bits_stored,
-                resolutions=resolutions,
-                mct=mct,
-                planar=False,  # colour-by-pixel, as the reference array is
-                numthreads=1,
+    threads = _threads()
+    parallel = len(frames) > 1 and threads > 1 and not ht
+    options = _encoder_options(ds, mct=mct, numthreads=1 if parallel else threads)
+    encoded: list[bytes] = []
+    with contextlib.ExitStack() as stack:
+        results: Iterator[bytes]
+        if ht:
+            with _stage(stage):
+                results = iter(_encode_htj2k(ds, original, mct=mct, rpcl=rpcl))
+        elif parallel:
+            pool = stack.enter_context(ThreadPoolExecutor(threads))
+            # On an error, frames not started yet are dropped, not encoded for nothing.
+            stack.callback(pool.shutdown, cancel_futures=True)
+            results = pool.map(_encode_frame, frames, repeat(dtype), repeat(options))
+        else:
+            results = (_encode_frame(frame, dtype, options) for frame in frames)
+        for reference in frames:
+            with _stage(stage):
+                cs = next(results)
+            _check_codestream(
+                cs, bits_stored, signed=signed, mct=mct, ht=ht, rpcl=rpcl, where=where
             )
-        )
-        for frame in _frames(ds, original)
-    ]
+            with _stage(f"{where}cannot decode result"):
+                # As stored: a YBR_RCT codestream decodes to RGB inside OpenJPEG
+                # already, and YBR_FULL is compared without any conversion.
+                decoded = openjpeg_decode(cs)
+            if decoded.shape != reference.shape or not np.array_equal(decoded, reference):
+                raise _fallback(f"{where}decoded pixels differ from the original")
+            encoded.append(cs)
+    return encoded
 
 
 def _encode_htj2k(
@@ -753,50 +788,42 @@ def _check_unused_bits(ds: Dataset, original: np.ndarray[Any, Any], *, where: st
 
 
 # -- verification ----------------------------------------------------------------------
-def _verify_pixels(
-    out: Dataset, original: np.ndarray[Any, Any], *, rgb: bool, ts: UID, where: str = ""
-) -> None:
-    """*out* (the result, or one of its icon items) decodes to exactly *original*."""
-    if _PIXEL_DATA not in out or not out["PixelData"].is_undefined_length:
+def _verify_pixels(out: Dataset, encoded: list[bytes], path: Path, *, where: str = "") -> None:
+    """*out* (the result read from *path*, or one of its icon items) holds *encoded*.
+
+    Each of those codestreams was decoded and compared with the original's frame
+    before the file was written (:func:`_encode_verified`); here the file's
+    encapsulated Pixel Data must parse to as many frames, each the same bytes.  A
+    deferred value is read from the file one fragment at a time.
+    """
+    elem = out.get_item(_PIXEL_DATA, keep_deferred=True) if _PIXEL_DATA in out else None
+    if not isinstance(elem, RawDataElement) or elem.length != _UNDEFINED_LENGTH or elem.VR != "OB":
         raise _fallback(f"{where}result pixel data is not encapsulated")
     frames = int(out.get("NumberOfFrames") or 1)
-    reference = original if frames > 1 else original[np.newaxis]
-    signed = bool(out.PixelRepresentation)
-    ht = ts in _HTJ2K
-    rpcl = ts == HTJ2KLosslessRPCL
-    with _stage(f"{where}cannot parse result"):
-        codestreams = list(generate_frames(out.PixelData, number_of_frames=frames))
-    if len(codestreams) != frames:
-        raise _fallback(f"{where}result has {len(codestreams)} codestreams for {frames} frames")
-    for cs in codestreams:
-        _check_codestream(
-            cs, int(out.BitsStored), signed=signed, mct=rgb, ht=ht, rpcl=rpcl, where=where
-        )
-
-    # pylibjpeg-openjpeg (OpenJPEG) for both: for HTJ2K another implementation than
-    # OpenJPH, which encoded it.
-    decoder = get_decoder(ts)
-    count = 0
-    with _stage(f"{where}cannot decode result"):
-        # raw=True: a YBR_RCT codestream decodes to RGB inside OpenJPEG already, and
-        # YBR_FULL must be compared as stored, not converted to RGB.
-        for index, (frame, _) in enumerate(decoder.iter_array(out, raw=True)):
-            if index >= frames or not np.array_equal(frame, reference[index]):
-                raise _fallback(f"{where}decoded pixels differ from the original")
-            count += 1
-    if count != frames:
-        raise _fallback(f"{where}result decodes to {count} frames, {frames} expected")
+    if frames != len(encoded):
+        raise _fallback(f"{where}result has {frames} frames, {len(encoded)} encoded")
+    with contextlib.ExitStack() as stack, _stage(f"{where}cannot parse result"):
+        if elem.value is None:  # deferred: read it where it is in the file
+            f = stack.enter_context(open(path, "rb"))
+            f.seek(elem.value_tell)
+            buffer: Any = f
+        else:
+            buffer = bytes(elem.value)
+        written = generate_frames(buffer, number_of_frames=frames)
+        for index, cs in enumerate(encoded):
+            # A fragment has even length (PS3.5 A.4): one zero pads an odd codestream.
+            if next(written, None) != (cs + b"\0" if len(cs) % 2 else cs):
+                raise _fallback(f"{where}written frame {index} is not the verified codestream")
+        if next(written, None) is not None:
+            raise _fallback(f"{where}result has more codestreams than {frames} frames")
 
 
-def _verify_icons(out: Dataset, icons: list[_Icon], *, ts: UID) -> None:
+def _verify_icons(out: Dataset, icons: dict[int, list[bytes]], path: Path) -> None:
     items = out[_ICON_SEQUENCE].value if icons else []
-    for icon in icons:
-        if icon.index >= len(items):
-            raise _fallback(f"icon image {icon.index} missing from the result")
-        # Icons keep RGB (no colour transform), so no codestream may use one.
-        _verify_pixels(
-            items[icon.index], icon.original, rgb=False, ts=ts, where=f"icon image {icon.index}: "
-        )
+    for index, encoded in icons.items():
+        if index >= len(items):
+            raise _fallback(f"icon image {index} missing from the result")
+        _verify_pixels(items[index], encoded, path, where=f"icon image {index}: ")
 
 
 def _check_codestream(
@@ -877,10 +904,17 @@ def _check_codestream(
             )
 
 
-def _verify_elements(src: Path, dst: Path, *, was_rgb: bool, icons: list[int]) -> None:
+def _verify_elements(
+    src: Path, dst: Path, *, was_rgb: bool, encoded: list[bytes], icons: dict[int, list[bytes]]
+) -> None:
+    """The written file holds the verified codestreams and every other element as
+    received (see the module docstring)."""
+    with _stage("cannot read result"):
+        out = pydicom.dcmread(dst, defer_size=_DEFER_BYTES)
+    _verify_pixels(out, encoded, dst)
+    _verify_icons(out, icons, dst)
     with _stage("cannot read data sets to compare"):
         orig = pydicom.dcmread(src, defer_size=_DEFER_BYTES)
-        out = pydicom.dcmread(dst, defer_size=_DEFER_BYTES)
     swap = not orig.original_encoding[1]  # big endian original
 
     for tag in _tags(orig.file_meta):

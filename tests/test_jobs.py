@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import ssl
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,8 +12,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config import UploadConfig
-from gateway.jobs import Claimed, GiveUp, _finish_uploads, _prune, backoff_seconds, retry_failed
+from gateway.config import ConfigError, UploadConfig, from_dict
+from gateway.jobs import (
+    _ENCODER_NICENESS,
+    Claimed,
+    GiveUp,
+    _finish_uploads,
+    _new_pool,
+    _prune,
+    _stop_pool,
+    backoff_seconds,
+    retry_failed,
+)
 from gateway.store import (
     COMPRESSED,
     FAILED,
@@ -270,7 +281,6 @@ async def test_a_transcode_bug_falls_back_to_the_original(
     import asyncio
 
     from gateway import jobs
-    from gateway.config import from_dict
     from gateway.spool import Spool
 
     from . import corpus
@@ -321,3 +331,20 @@ async def test_a_transcode_bug_falls_back_to_the_original(
         with pytest.raises(asyncio.CancelledError):
             await task
         store.close()
+
+
+def test_encoder_processes_default_to_one_per_core() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert from_dict({}).upload.encoder_processes == cores
+    assert from_dict({"upload": {"compress_workers": 3}}).upload.encoder_processes == 3
+    with pytest.raises(ConfigError, match=r"upload\.compress_workers"):
+        from_dict({"upload": {"compress_workers": -1}})
+
+
+def test_encoder_workers_run_at_lower_priority() -> None:
+    pool = _new_pool(1)
+    try:
+        niceness = pool.submit(os.nice, 0).result(timeout=60)
+    finally:
+        _stop_pool(pool)
+    assert niceness == min(19, os.nice(0) + _ENCODER_NICENESS)

@@ -216,7 +216,10 @@ def test_a_part_1_codestream_is_not_htj2k(tmp_path: Path, monkeypatch: pytest.Mo
     # An OpenJPEG (Part 1) codestream under the HTJ2K transfer syntax decodes fine, but
     # is not what the transfer syntax promises: the header check refuses it.
     def part_1(ds: Any, original: Any, *, mct: bool, rpcl: bool) -> list[bytes]:
-        return transcode_module._encode_small(ds, original, mct=mct)
+        options = transcode_module._encoder_options(ds, mct=mct, numthreads=1)
+        dtype = original.dtype.newbyteorder("=")
+        frames = transcode_module._frames(ds, original)
+        return [transcode_module._encode_frame(f, dtype, options) for f in frames]
 
     monkeypatch.setattr(transcode_module, "_encode_htj2k", part_1)
     result, _ = run(corpus.testdata("CT_small.dcm"), tmp_path, HT)

@@ -20,14 +20,13 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments, parse_basic_offsets
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.encoders import pylibjpeg as pydicom_pylibjpeg
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from gateway.transcode import transcode
 
 from . import corpus
-from .test_transcode import compressed, run, siz, uses_mct
+from .test_transcode import compressed, patch_encoder, run, siz, uses_mct
 
 BIG = "1.2.840.10008.1.2.2"
 REAL_ICONS = ["MR-SIEMENS-DICOM-WithOverlays.dcm", "examples_overlay.dcm"]
@@ -231,16 +230,13 @@ def test_icon_encoder_output_that_decodes_differently(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     src, _ = with_icon(corpus.testdata("CT_small.dcm"), tmp_path / "in.dcm", "MONOCHROME2")
-    real = pydicom_pylibjpeg._ENCODERS[JPEG2000Lossless]
 
-    def lossy_for_icons(src: bytes, **kwargs: Any) -> bytes:
-        if kwargs["rows"] == 64:  # the icon; CT_small itself is 128x128
-            changed = bytearray(src)
-            changed[0] ^= 1
-            src = bytes(changed)
-        return real(src, **kwargs)  # type: ignore[no-any-return]
+    def lossy_for_icons(data: np.ndarray[Any, Any], kwargs: Any) -> Any:
+        if data.shape[0] == 64:  # the icon; CT_small itself is 128x128
+            data.flat[0] ^= 1
+        return data, kwargs
 
-    monkeypatch.setitem(pydicom_pylibjpeg._ENCODERS, JPEG2000Lossless, lossy_for_icons)
+    patch_encoder(monkeypatch, lossy_for_icons)
     result, _ = run(src, tmp_path)
     assert (result.outcome, result.reason) == (
         "fallback",
