@@ -13,11 +13,18 @@ goes (no probing):
 The rule (:func:`decide`), with *size* the instance's size:
 
 1. Not enough measurements yet: compress (optimistic; ``always`` is the default too).
-2. The link is busy: the backlog takes at least as long to send as this instance takes
-   to compress.  Compressing then costs no time (the link would not take it sooner)
-   and saves link time later: compress.
-3. The link is idle.  Raw goes up in ``size / link``; compressed in ``size / compress
-   + size / ratio / link``.  Whichever is sooner.
+2. Otherwise whichever copy would be in the archive sooner, counted from now:
+
+   * raw: after the backlog, ``(backlog + size) / link``;
+   * compressed: when both the encoder is done with it (the encodes queued before it
+     in this stage, plus ``size / compress``) and the link with the backlog, then
+     ``size / ratio / link``.
+
+   So while the link is busy for longer than the encode takes, compressing costs no
+   time and saves link time ("link busy": compress); when the link would wait for the
+   encoder, raw often wins ("link idle": raw); on a slow idle link the smaller copy
+   wins ("compressing is quicker").  Counting the encodes ahead keeps the encoder
+   from becoming the bottleneck on a fast link.
 
 An instance sent raw is recorded as outcome ``passthrough`` with the reason, so the
 queue shows why.
@@ -48,21 +55,24 @@ def decide(
     compress_bps: float | None,
     ratio: float | None,
     backlog_bytes: int,
+    encodes_ahead_s: float = 0.0,
 ) -> Decision:
-    """Whether to compress an instance of *size* bytes (see the module docstring)."""
+    """Whether to compress an instance of *size* bytes (see the module docstring).
+    *encodes_ahead_s*: encoding time queued before this one's, per encoder."""
     if not link_bps or not compress_bps or not ratio:
         return Decision(True, "if-faster: no measurements yet")
-    compress_s = size / compress_bps
     drain_s = backlog_bytes / link_bps
-    if drain_s >= compress_s:
-        return Decision(
-            True, f"if-faster: link busy ({drain_s:.2f} s queued >= {compress_s:.2f} s to compress)"
-        )
-    raw_s = size / link_bps
-    compressed_s = compress_s + size / ratio / link_bps
+    encoded_s = encodes_ahead_s + size / compress_bps
+    # When each copy would be in the archive, counted from now.
+    raw_s = drain_s + size / link_bps
+    compressed_s = max(encoded_s, drain_s) + size / ratio / link_bps
     if raw_s <= compressed_s:
         return Decision(
             False, f"if-faster: link idle (raw {raw_s:.2f} s <= compressed {compressed_s:.2f} s)"
+        )
+    if drain_s >= encoded_s:
+        return Decision(
+            True, f"if-faster: link busy ({drain_s:.2f} s queued >= {encoded_s:.2f} s to compress)"
         )
     return Decision(
         True, f"if-faster: compressing is quicker ({compressed_s:.2f} s < raw {raw_s:.2f} s)"
@@ -140,11 +150,16 @@ class IfFaster:
             return min(rate, float(self.cap))
         return rate
 
-    def decide(self, size: int, backlog_bytes: int) -> Decision:
+    def decide(self, size: int, backlog_bytes: int, encodes_ahead_s: float = 0.0) -> Decision:
         return decide(
             size,
             link_bps=self.link_rate(),
             compress_bps=self.encoder.rate(),
             ratio=self.encoder.ratio(),
             backlog_bytes=backlog_bytes,
+            encodes_ahead_s=encodes_ahead_s,
         )
+
+    def encode_seconds(self, size: int) -> float:
+        rate = self.encoder.rate()
+        return size / rate if rate else 0.0

@@ -547,10 +547,16 @@ class Pipeline:
             return [None] * len(claimed)
         backlog = await asyncio.to_thread(self._read, _upload_backlog)
         decisions: list[Decision | None] = []
+        ahead = 0.0  # encoding seconds (per encoder) decided for this claim so far
+        workers = self.config.upload.compress_workers
         for c in claimed:
-            d = self.if_faster.decide(c.size, backlog)
-            # What this claim sends raw is on the link's backlog for the next one.
-            backlog += 0 if d.compress else c.size
+            d = self.if_faster.decide(c.size, backlog, ahead)
+            # What this claim sends raw is on the link's backlog for the next one, what
+            # it compresses in the encoders' queue.
+            if d.compress:
+                ahead += self.if_faster.encode_seconds(c.size) / workers
+            else:
+                backlog += c.size
             decisions.append(d)
         return decisions
 

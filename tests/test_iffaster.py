@@ -66,6 +66,14 @@ def test_a_busy_link_compresses_even_when_fast() -> None:
     assert not decide(500_000, backlog_bytes=1 * MB, **kw).compress
 
 
+def test_encodes_queued_ahead_count() -> None:
+    # A link busy for 0.2 s: enough for one 0.05 s encode, not behind 0.3 s of others.
+    kw = {"link_bps": 125 * MB, "compress_bps": 10 * MB, "ratio": 2.0}
+    assert decide(500_000, backlog_bytes=25 * MB, **kw).compress
+    d = decide(500_000, backlog_bytes=25 * MB, encodes_ahead_s=0.3, **kw)
+    assert not d.compress and d.reason.startswith("if-faster: link idle")
+
+
 def test_link_meter_counts_busy_time_once_and_skips_gaps() -> None:
     meter = LinkMeter()
     assert meter.rate() is None
