@@ -1,37 +1,33 @@
-"""``upload.compress_when = "if-faster"``: compress an instance only when that does not
-delay it.
+"""``upload.compress_when = "if-faster"``: compress only as much as does not delay.
 
-The compress stage decides per claimed instance, from figures the pipeline keeps as it
-goes (no probing):
+The compress stage decides for each claim of instances, from figures the pipeline
+keeps as it goes (no probing):
 
-* the link rate: bytes the upload stage delivered per second of *busy* time (at least
-  one request in flight) over its last requests, at most ``upload.max_bytes_per_second``;
-* the compress rate: input bytes per second of one encoder, and the compression ratio,
+* L, the link rate: bytes the upload stage delivered per second of *busy* time (at
+  least one request in flight) over its last requests, at most
+  ``upload.max_bytes_per_second``;
+* C, the rate of one encoder (input bytes per second) and r, the compression ratio,
   over the last encodes;
-* the upload backlog: bytes compressed (or passed through) and waiting to go up.
+* B, the upload backlog: bytes compressed (or passed through) waiting to go up;
+* R, the bytes still to decide: received, not yet through the compress stage.
 
-The rule (:func:`decide`), with *size* the instance's size:
+Link and encoders work in parallel.  If a share f of R is compressed, the encoders
+need ``f R / (C w)`` (w encoders) and the link ``(B + R - f R (1 - 1/r)) / L``; the
+share that makes both equal (the sooner end of the two) is
 
-1. Not enough measurements yet: compress (optimistic; ``always`` is the default too).
-2. Otherwise whichever copy would be in the archive sooner, counted from now:
+    f = ((B + R) / L) / (R / (C w) + R (1 - 1/r) / L),   clamped to [0, 1].
 
-   * raw: after the backlog, ``(backlog + size) / link``;
-   * compressed: when both the encoder is done with it (the encodes queued before it
-     in this stage, plus ``size / compress``) and the link with the backlog, then
-     ``size / ratio / link``.
-
-   So while the link is busy for longer than the encode takes, compressing costs no
-   time and saves link time ("link busy": compress); when the link would wait for the
-   encoder, raw often wins ("link idle": raw); on a slow idle link the smaller copy
-   wins ("compressing is quicker").  Counting the encodes ahead keeps the encoder
-   from becoming the bottleneck on a fast link.
-
-An instance sent raw is recorded as outcome ``passthrough`` with the reason, so the
-queue shows why.
+Of a claim of k instances the first ``floor(f k)`` are compressed, the others go up
+raw (outcome ``passthrough``).  f >= 1 is a link that is the bottleneck (a slow link,
+or a long backlog): everything is compressed.  For one instance on an idle link
+(B = 0, R = its size) f >= 1 exactly when ``size / L >= size / C + size / r / L``:
+raw is no sooner.  Until there are measurements, everything is compressed.  Each
+queue row gives the reason with the figures.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -48,35 +44,41 @@ class Decision:
     reason: str
 
 
-def decide(
-    size: int,
+def compress_share(
+    *, link_bps: float, compress_bps: float, ratio: float, backlog_bytes: int, pending_bytes: int
+) -> float:
+    """f of the module docstring (*compress_bps*: of all encoders together)."""
+    r_bytes = max(pending_bytes, 1)
+    link_s = (backlog_bytes + r_bytes) / link_bps
+    per_share_s = r_bytes / compress_bps + r_bytes * (1 - 1 / ratio) / link_bps
+    return max(0.0, min(1.0, link_s / per_share_s)) if per_share_s > 0 else 1.0
+
+
+def plan(
+    sizes: list[int],
     *,
     link_bps: float | None,
     compress_bps: float | None,
     ratio: float | None,
     backlog_bytes: int,
-    encodes_ahead_s: float = 0.0,
-) -> Decision:
-    """Whether to compress an instance of *size* bytes (see the module docstring).
-    *encodes_ahead_s*: encoding time queued before this one's, per encoder."""
+    pending_bytes: int,
+) -> list[Decision]:
+    """For each instance of a claim (sizes in claim order), whether to compress it."""
     if not link_bps or not compress_bps or not ratio:
-        return Decision(True, "if-faster: no measurements yet")
-    drain_s = backlog_bytes / link_bps
-    encoded_s = encodes_ahead_s + size / compress_bps
-    # When each copy would be in the archive, counted from now.
-    raw_s = drain_s + size / link_bps
-    compressed_s = max(encoded_s, drain_s) + size / ratio / link_bps
-    if raw_s <= compressed_s:
-        return Decision(
-            False, f"if-faster: link idle (raw {raw_s:.2f} s <= compressed {compressed_s:.2f} s)"
-        )
-    if drain_s >= encoded_s:
-        return Decision(
-            True, f"if-faster: link busy ({drain_s:.2f} s queued >= {encoded_s:.2f} s to compress)"
-        )
-    return Decision(
-        True, f"if-faster: compressing is quicker ({compressed_s:.2f} s < raw {raw_s:.2f} s)"
+        return [Decision(True, "if-faster: no measurements yet")] * len(sizes)
+    f = compress_share(
+        link_bps=link_bps, compress_bps=compress_bps, ratio=ratio,
+        backlog_bytes=backlog_bytes, pending_bytes=max(pending_bytes, sum(sizes)),
+    )  # fmt: skip
+    figures = (
+        f"compress {f:.0%}: link {link_bps / 1e6:.1f} MB/s, encoders {compress_bps / 1e6:.1f}"
+        f" MB/s, ratio {ratio:.2f}, {backlog_bytes / 1e6:.1f} MB queued to upload,"
+        f" {pending_bytes / 1e6:.1f} MB to compress"
     )
+    n = math.floor(f * len(sizes) + 1e-9)
+    busy = Decision(True, f"if-faster: link busy ({figures})")
+    idle = Decision(False, f"if-faster: link idle ({figures})")
+    return [busy if i < n else idle for i in range(len(sizes))]
 
 
 class LinkMeter:
@@ -150,16 +152,15 @@ class IfFaster:
             return min(rate, float(self.cap))
         return rate
 
-    def decide(self, size: int, backlog_bytes: int, encodes_ahead_s: float = 0.0) -> Decision:
-        return decide(
-            size,
+    def plan(
+        self, sizes: list[int], backlog_bytes: int, pending_bytes: int, workers: int
+    ) -> list[Decision]:
+        rate = self.encoder.rate()
+        return plan(
+            sizes,
             link_bps=self.link_rate(),
-            compress_bps=self.encoder.rate(),
+            compress_bps=rate * workers if rate else None,
             ratio=self.encoder.ratio(),
             backlog_bytes=backlog_bytes,
-            encodes_ahead_s=encodes_ahead_s,
+            pending_bytes=pending_bytes,
         )
-
-    def encode_seconds(self, size: int) -> float:
-        rate = self.encoder.rate()
-        return size / rate if rate else 0.0

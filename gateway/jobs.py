@@ -280,13 +280,17 @@ def _claim_upload_batch(
     return write
 
 
-def _upload_backlog(conn: sqlite3.Connection) -> int:
-    """Bytes waiting to go up or going up now (what the link has still to carry)."""
-    row = conn.execute(
-        "SELECT coalesce(sum(upload_size), 0) AS n FROM instances WHERE state IN (?, ?)",
-        (COMPRESSED, UPLOADING),
-    ).fetchone()
-    return int(row["n"])
+def _queued_bytes(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Bytes the link has still to carry (waiting to go up or going up), and bytes the
+    compress stage has still to decide on (received or being compressed)."""
+    rows = conn.execute(
+        "SELECT state, coalesce(sum(upload_size), 0) AS up, coalesce(sum(size), 0) AS n"
+        " FROM instances WHERE state IN (?, ?, ?, ?) GROUP BY state",
+        (COMPRESSED, UPLOADING, RECEIVED, COMPRESSING),
+    ).fetchall()
+    link = sum(int(r["up"]) for r in rows if r["state"] in (COMPRESSED, UPLOADING))
+    pending = sum(int(r["n"]) for r in rows if r["state"] in (RECEIVED, COMPRESSING))
+    return link, pending
 
 
 def _next_due(conn: sqlite3.Connection) -> str | None:
@@ -545,20 +549,10 @@ class Pipeline:
         """With ``if-faster``: for each instance whether to compress it (None: do)."""
         if self.if_faster is None or self._pool is None:
             return [None] * len(claimed)
-        backlog = await asyncio.to_thread(self._read, _upload_backlog)
-        decisions: list[Decision | None] = []
-        ahead = 0.0  # encoding seconds (per encoder) decided for this claim so far
+        backlog, pending = await asyncio.to_thread(self._read, _queued_bytes)
         workers = self.config.upload.compress_workers
-        for c in claimed:
-            d = self.if_faster.decide(c.size, backlog, ahead)
-            # What this claim sends raw is on the link's backlog for the next one, what
-            # it compresses in the encoders' queue.
-            if d.compress:
-                ahead += self.if_faster.encode_seconds(c.size) / workers
-            else:
-                backlog += c.size
-            decisions.append(d)
-        return decisions
+        plan = self.if_faster.plan([c.size for c in claimed], backlog, pending, workers)
+        return list(plan)
 
     async def _compress_isolated(self, claimed: Claimed, decision: Decision | None = None) -> None:
         """One instance through the compress stage; whatever goes wrong with it stays

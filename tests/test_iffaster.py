@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.iffaster import CompressMeter, IfFaster, LinkMeter, decide
+from gateway.iffaster import CompressMeter, IfFaster, LinkMeter, compress_share, plan
 from gateway.store import UPLOADED
 
 from .scripted_archive import ScriptedArchive, scripted_archive, throttled
@@ -27,51 +27,62 @@ __all__ = ["scripted_archive"]
 MB = 1_000_000
 
 
+def _plan(sizes: list[int], **kw: float) -> list[bool]:
+    return [d.compress for d in plan(sizes, **kw)]  # type: ignore[arg-type]
+
+
 def test_no_measurements_compresses() -> None:
     for link, comp, ratio in [(None, 10 * MB, 2.0), (10 * MB, None, 2.0), (10 * MB, 10 * MB, None)]:
-        d = decide(MB, link_bps=link, compress_bps=comp, ratio=ratio, backlog_bytes=0)
+        (d,) = plan([MB], link_bps=link, compress_bps=comp, ratio=ratio, backlog_bytes=0,
+                    pending_bytes=MB)  # fmt: skip
         assert d.compress and "no measurements" in d.reason
 
 
 def test_an_idle_fast_link_sends_raw() -> None:
     # 1 Gbit/s (125 MB/s) against one encoder at 10 MB/s: raw 0.004 s, J2K 0.1 s + 0.002.
-    d = decide(500_000, link_bps=125 * MB, compress_bps=10 * MB, ratio=2.0, backlog_bytes=0)
+    (d,) = plan([500_000], link_bps=125 * MB, compress_bps=10 * MB, ratio=2.0,
+                backlog_bytes=0, pending_bytes=500_000)  # fmt: skip
     assert not d.compress
-    assert d.reason.startswith("if-faster: link idle")
+    assert d.reason.startswith("if-faster: link idle (compress 8%: link 125.0 MB/s")
 
 
 def test_a_slow_link_compresses() -> None:
-    # 20 Mbit/s (2.5 MB/s): raw 0.2 s, J2K 0.05 s + 0.1 s.
-    d = decide(500_000, link_bps=2.5 * MB, compress_bps=10 * MB, ratio=2.0, backlog_bytes=0)
-    assert d.compress
-    assert d.reason.startswith("if-faster: compressing is quicker")
+    # 20 Mbit/s (2.5 MB/s): raw 0.2 s, J2K 0.05 s + 0.1 s; and all of a long queue.
+    kw = {"link_bps": 2.5 * MB, "compress_bps": 10 * MB, "ratio": 2.0, "backlog_bytes": 0}
+    assert _plan([500_000], pending_bytes=500_000, **kw) == [True]
+    assert _plan([500_000] * 2, pending_bytes=50 * MB, **kw) == [True, True]
+    (d,) = plan([500_000], pending_bytes=500_000, **kw)  # type: ignore[arg-type]
+    assert d.reason.startswith("if-faster: link busy (compress 100%")
 
 
-def test_the_break_even_point() -> None:
+def test_the_break_even_point_of_one_instance() -> None:
     # raw = size/L; compressed = size/C + size/(r*L): equal at L = C * (1 - 1/r).
     comp, ratio = 10 * MB, 2.0
     even = comp * (1 - 1 / ratio)
-    below = decide(MB, link_bps=even * 0.95, compress_bps=comp, ratio=ratio, backlog_bytes=0)
-    above = decide(MB, link_bps=even * 1.05, compress_bps=comp, ratio=ratio, backlog_bytes=0)
-    assert below.compress and not above.compress
+    kw = {"compress_bps": comp, "ratio": ratio, "backlog_bytes": 0, "pending_bytes": MB}
+    assert _plan([MB], link_bps=even * 0.95, **kw) == [True]
+    assert _plan([MB], link_bps=even * 1.05, **kw) == [False]
 
 
 def test_a_busy_link_compresses_even_when_fast() -> None:
     # The link is fast, but 20 MB are queued: 0.16 s to send, more than the 0.05 s
-    # this instance takes to compress, so compressing it costs no time.
-    kw = {"link_bps": 125 * MB, "compress_bps": 10 * MB, "ratio": 2.0}
-    d = decide(500_000, backlog_bytes=20 * MB, **kw)
-    assert d.compress and d.reason.startswith("if-faster: link busy")
-    # A backlog shorter than the encode does not count as busy.
-    assert not decide(500_000, backlog_bytes=1 * MB, **kw).compress
+    # this instance takes to compress.
+    kw = {"link_bps": 125 * MB, "compress_bps": 10 * MB, "ratio": 2.0, "pending_bytes": 500_000}
+    assert _plan([500_000], backlog_bytes=20 * MB, **kw) == [True]
+    assert not _plan([500_000], backlog_bytes=1 * MB, **kw)[0]
 
 
-def test_encodes_queued_ahead_count() -> None:
-    # A link busy for 0.2 s: enough for one 0.05 s encode, not behind 0.3 s of others.
-    kw = {"link_bps": 125 * MB, "compress_bps": 10 * MB, "ratio": 2.0}
-    assert decide(500_000, backlog_bytes=25 * MB, **kw).compress
-    d = decide(500_000, backlog_bytes=25 * MB, encodes_ahead_s=0.3, **kw)
-    assert not d.compress and d.reason.startswith("if-faster: link idle")
+def test_a_share_keeps_link_and_encoder_both_busy() -> None:
+    # 100 Mbit/s, one encoder at 10 MB/s, ratio 2, 50 MB waiting: compressing f of it
+    # takes 5 f s to encode and (50 - 25 f) / 12.5 s to send: equal at f = 4/7.
+    f = compress_share(link_bps=12.5 * MB, compress_bps=10 * MB, ratio=2.0, backlog_bytes=0,
+                       pending_bytes=50 * MB)  # fmt: skip
+    assert f == pytest.approx(4 / 7)
+    kw = {"link_bps": 12.5 * MB, "compress_bps": 10 * MB, "ratio": 2.0, "backlog_bytes": 0}
+    assert _plan([500_000] * 4, pending_bytes=50 * MB, **kw) == [True, True, False, False]
+    # The encoder far slower than the link: all raw, however much waits.
+    slow = {**kw, "compress_bps": 0.5 * MB}
+    assert _plan([500_000] * 4, pending_bytes=50 * MB, **slow) == [False] * 4
 
 
 def test_link_meter_counts_busy_time_once_and_skips_gaps() -> None:
@@ -107,7 +118,7 @@ def test_compress_meter_and_the_cap() -> None:
     assert f.link_rate() == 1000  # at most the cap
     f.encoder.add(MB, MB // 2, 0.1)
     f.encoder.add(MB, MB // 2, 0.1)
-    assert f.decide(MB, 0).compress  # 1000 B/s: the link is the bottleneck
+    assert f.plan([MB], 0, MB, 1)[0].compress  # 1000 B/s: the link is the bottleneck
 
 
 # -- the real pipeline -------------------------------------------------------------------
@@ -161,6 +172,6 @@ async def test_throttled_archive_gets_compressed(
     for uid in later:
         assert rows[uid]["transcode_outcome"] == "compressed", rows[uid]["transcode_reason"]
         reason = rows[uid]["transcode_reason"]
-        assert reason.startswith(("if-faster: compressing is quicker", "if-faster: link busy"))
+        assert reason.startswith("if-faster: link busy")
         assert rows[uid]["upload_transfer_syntax"] == "1.2.840.10008.1.2.4.90"
         assert rows[uid]["upload_size"] < rows[uid]["size"]
