@@ -46,6 +46,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/worklist.py
 	$(BIN)/python tests/bench/conformance.py
 	$(BIN)/python tests/bench/bandwidth.py --seconds 30
+	$(BIN)/python tests/bench/uplink.py
 	$(BIN)/python tests/bench/chaos.py --seconds 1800
 
 lint: $(VENV)/.test-installed $(ANSIBLE_VENV)/.installed

@@ -41,6 +41,8 @@ class ConfigError(Exception):
 #: upload.compression values: "none" and the codecs of gateway.transcode.CODECS (not
 #: imported here: that would load the codecs into every process that reads config).
 _COMPRESSION = ("j2k-lossless", "htj2k-lossless", "htj2k-lossless-rpcl", "none")
+#: upload.compress_when values (see gateway.iffaster).
+_COMPRESS_WHEN = ("always", "if-faster")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class UploadConfig:
     client_key: Path | None = None
     compression: str = "j2k-lossless"
     compress_workers: int = 0  # 0: one per CPU core (encoder_processes)
+    compress_when: str = "always"
     batch_max_instances: int = 50
     batch_max_bytes: int = 64 * 1024 * 1024
     concurrent_requests: int = 2
@@ -392,6 +395,13 @@ def _check(c: Config) -> None:
         )
     if c.upload.compress_workers < 0:
         raise ConfigError(s, "upload.compress_workers", "must be 0 (one per core) or more")
+    if c.upload.compress_when not in _COMPRESS_WHEN:
+        raise ConfigError(
+            s,
+            "upload.compress_when",
+            f"must be one of {', '.join(map(repr, _COMPRESS_WHEN))},"
+            f" got {c.upload.compress_when!r}",
+        )
     for key in (
         "batch_max_instances",
         "batch_max_bytes",

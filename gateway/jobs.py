@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .bandwidth import Bandwidth
 from .config import Config
+from .iffaster import Decision, IfFaster
 from .spool import Spool
 from .store import (
     COMPRESSED,
@@ -290,6 +291,19 @@ def _claim_upload_batch(
     return write
 
 
+def _queued_bytes(conn: sqlite3.Connection) -> tuple[int, int]:
+    """Bytes the link has still to carry (waiting to go up or going up), and bytes the
+    compress stage has still to decide on (received or being compressed)."""
+    rows = conn.execute(
+        "SELECT state, coalesce(sum(upload_size), 0) AS up, coalesce(sum(size), 0) AS n"
+        " FROM instances WHERE state IN (?, ?, ?, ?) GROUP BY state",
+        (COMPRESSED, UPLOADING, RECEIVED, COMPRESSING),
+    ).fetchall()
+    link = sum(int(r["up"]) for r in rows if r["state"] in (COMPRESSED, UPLOADING))
+    pending = sum(int(r["n"]) for r in rows if r["state"] in (RECEIVED, COMPRESSING))
+    return link, pending
+
+
 def _next_due(conn: sqlite3.Connection) -> str | None:
     row = conn.execute(
         "SELECT min(next_attempt_at) AS due FROM instances WHERE state = ?", (COMPRESSED,)
@@ -462,6 +476,10 @@ class Pipeline:
         u = config.upload
         #: The cap, the windows and the priority lane (tests may replace it: its clock).
         self.bandwidth = Bandwidth(u.max_bytes_per_second, u.windows, u.priority_aets)
+        #: The figures of ``upload.compress_when = "if-faster"`` (None: always compress).
+        self.if_faster = (
+            IfFaster(u.max_bytes_per_second) if u.compress_when == "if-faster" else None
+        )
 
     # -- wiring -------------------------------------------------------------------------
     def wake(self) -> None:
@@ -532,14 +550,26 @@ class Pipeline:
             if not claimed:
                 await _wait(self._compress_wake, _IDLE_POLL_S)
                 continue
-            await asyncio.gather(*(self._compress_isolated(c) for c in claimed))
+            decisions = await self._decide(claimed)
+            await asyncio.gather(
+                *(self._compress_isolated(c, d) for c, d in zip(claimed, decisions, strict=True))
+            )
             self._upload_wake.set()
 
-    async def _compress_isolated(self, claimed: Claimed) -> None:
+    async def _decide(self, claimed: list[Claimed]) -> list[Decision | None]:
+        """With ``if-faster``: for each instance whether to compress it (None: do)."""
+        if self.if_faster is None or self._pool is None:
+            return [None] * len(claimed)
+        backlog, pending = await asyncio.to_thread(self._read, _queued_bytes)
+        workers = self.config.upload.encoder_processes
+        plan = self.if_faster.plan([c.size for c in claimed], backlog, pending, workers)
+        return list(plan)
+
+    async def _compress_isolated(self, claimed: Claimed, decision: Decision | None = None) -> None:
         """One instance through the compress stage; whatever goes wrong with it stays
         with it: it is quarantined as ``failed`` with the reason, and the stage goes on."""
         try:
-            await self._compress_one(claimed)
+            await self._compress_one(claimed, decision)
         except Exception as exc:
             reason = f"compress stage error: {exc!r}"
             log.exception("sop=%s: %s", claimed.sop_instance_uid, reason)
@@ -548,20 +578,24 @@ class Pipeline:
             with contextlib.suppress(Exception):
                 await self._db(_quarantine(claimed, COMPRESSING, reason))
 
-    async def _compress_one(self, claimed: Claimed) -> None:
+    async def _compress_one(self, claimed: Claimed, decision: Decision | None = None) -> None:
         # Registered as in use, so the temp sweep leaves it alone however long it takes.
         with self.spool.temp_output("j2k-") as dst:
-            await self._compress_into(claimed, dst)
+            await self._compress_into(claimed, dst, decision)
 
-    async def _compress_into(self, claimed: Claimed, dst: Path) -> None:
+    async def _compress_into(
+        self, claimed: Claimed, dst: Path, decision: Decision | None = None
+    ) -> None:
         src = self.spool.path_of(claimed.path)
-        if self._pool is None:
+        if self._pool is None or (decision is not None and not decision.compress):
+            why = "compression is off" if decision is None else decision.reason
             result = TranscodeResult(
-                "passthrough", "compression is off", claimed.transfer_syntax,
-                claimed.size, claimed.size, 0.0,
-            )  # fmt: skip
+                "passthrough", why, claimed.transfer_syntax, claimed.size, claimed.size, 0.0
+            )
         else:
             result = await self._transcode(src, dst, claimed)
+            if self.if_faster is not None and result.outcome == "compressed":
+                self.if_faster.encoder.add(result.size_in, result.size_out, result.seconds)
         upload_path, upload_size = claimed.path, claimed.size
         pinned = False
         if result.outcome == "compressed":
@@ -580,10 +614,18 @@ class Pipeline:
                     self.metrics.compression_ratio.observe(claimed.size / spooled.size)
         elif result.outcome == "fallback":
             log.warning("sop=%s sent uncompressed: %s", claimed.sop_instance_uid, result.reason)
+        if decision is not None and result.outcome == "compressed":
+            # The queue row says why it was compressed too.
+            result = TranscodeResult(
+                result.outcome, decision.reason, result.transfer_syntax,
+                result.size_in, result.size_out, result.seconds,
+            )  # fmt: skip
         mark = _mark_compressed(claimed, upload_path, upload_size, result)
         # commit_file pinned the output until the write naming it is resolved.
         unpin = (lambda: self.spool.release(upload_path)) if pinned else None
         await asyncio.wrap_future(self.store.submit(mark, durable=False, when_done=unpin))
+        if result.outcome == "passthrough" and decision is not None:
+            self._upload_wake.set()  # the link is idle: it need not wait for the others
 
     def _transcode_timeout(self, claimed: Claimed) -> float:
         # One second per MB beyond the configured floor: a 500 MB multi-frame may take
@@ -778,7 +820,7 @@ class Pipeline:
         hold this slot for a timeout per half)."""
         items = [Item(c.sop_instance_uid, self.spool.path_of(c.upload_path)) for c in batch]
         try:
-            outcomes = await client.store(items, priority)
+            outcomes = await self._store_measured(client, items, priority, batch)
         except RequestTooBig as exc:
             reason = str(exc)
             if len(batch) > 1 and exc.refused:
@@ -815,6 +857,24 @@ class Pipeline:
             failed = InstanceOutcome(stored=False, retryable=True, reason=reason)
             outcomes = {c.sop_instance_uid: failed for c in batch}
         return [(c, outcomes[c.sop_instance_uid]) for c in batch]
+
+    async def _store_measured(
+        self, client: StowClient, items: list[Item], priority: bool, batch: list[Claimed]
+    ) -> dict[str, InstanceOutcome]:
+        """client.store, timed for ``if-faster``'s link rate."""
+        if self.if_faster is None:
+            return await client.store(items, priority)
+        meter = self.if_faster.link
+        meter.started()
+        outcomes: dict[str, InstanceOutcome] = {}
+        try:
+            outcomes = await client.store(items, priority)
+            return outcomes
+        finally:
+            delivered = sum(
+                c.size for c in batch if (o := outcomes.get(c.sop_instance_uid)) and o.stored
+            )
+            meter.finished(delivered, ok=delivered > 0)
 
     def _batch_stored(self) -> None:
         """After a timeout shrank the batches, they grow again (double) once this

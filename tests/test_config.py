@@ -43,6 +43,14 @@ def test_compression_codecs(codec: str) -> None:
     assert config.from_dict({"upload": {"compression": codec}}).upload.compression == codec
 
 
+def test_compress_when() -> None:
+    assert config.load(None).upload.compress_when == "always"
+    c = config.from_dict({"upload": {"compress_when": "if-faster"}})
+    assert c.upload.compress_when == "if-faster"
+    with pytest.raises(config.ConfigError, match=r"upload\.compress_when"):
+        config.from_dict({"upload": {"compress_when": "sometimes"}})
+
+
 def test_every_codec_of_the_compress_stage_is_configurable() -> None:
     from gateway.transcode import CODECS
 
