@@ -138,7 +138,7 @@ async def test_fast_idle_archive_gets_raw(
     scripted_archive: ScriptedArchive, tmp_path: Path
 ) -> None:
     bench = Bench(
-        tmp_path, compression="j2k-lossless", compress_when="if-faster",
+        tmp_path, compression="j2k-lossless", compress_when="if-faster", compress_workers=1,
         **scripted_archive.upload_config(),
     )  # fmt: skip
     async with bench.running() as task:
@@ -162,7 +162,8 @@ async def test_throttled_archive_gets_compressed(
 ) -> None:
     scripted_archive.default = throttled(400_000)  # 3.2 Mbit/s
     bench = Bench(
-        tmp_path, compression="j2k-lossless", compress_when="if-faster", batch_max_instances=1,
+        tmp_path, compression="j2k-lossless", compress_when="if-faster", compress_workers=1,
+        batch_max_instances=1,
         **scripted_archive.upload_config(),
     )  # fmt: skip
     async with bench.running() as task:
