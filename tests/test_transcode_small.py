@@ -23,7 +23,18 @@ from pydicom.uid import ExplicitVRLittleEndian
 from gateway import transcode as transcode_module
 
 from . import corpus
-from .test_transcode import ELE, ILE, compressed, fragments, make_image, run, siz, stored, uses_mct
+from .test_transcode import (
+    ELE,
+    ILE,
+    compressed,
+    fragments,
+    make_image,
+    patch_encoder,
+    run,
+    siz,
+    stored,
+    uses_mct,
+)
 from .test_transcode_icon import assert_icon_compressed, icon_pixels, stored_icon, with_icon
 
 BIG = "1.2.840.10008.1.2.2"
@@ -240,21 +251,11 @@ def test_gdcm_decodes_small_image_and_icon(base: str, kind: str | None, tmp_path
 
 
 # -- verification still decides --------------------------------------------------------
-def _patch_encoder(monkeypatch: pytest.MonkeyPatch, change: Any) -> None:
-    real = transcode_module.imagecodecs.jpeg2k_encode
-
-    def patched(data: np.ndarray[Any, Any], **kwargs: Any) -> bytes:
-        data, kwargs = change(data.copy(), kwargs)
-        return real(data, **kwargs)  # type: ignore[no-any-return]
-
-    monkeypatch.setattr(transcode_module.imagecodecs, "jpeg2k_encode", patched)
-
-
 def test_encoder_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(data: Any, kwargs: Any) -> Any:
         raise RuntimeError("codec exploded")
 
-    _patch_encoder(monkeypatch, broken)
+    patch_encoder(monkeypatch, broken)
     result, _ = run(corpus.testdata("6154"), tmp_path)
     assert result.outcome == "fallback"
     assert result.reason.startswith("encoder error: RuntimeError: codec exploded")
@@ -273,7 +274,7 @@ def test_changed_pixels_are_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         data.flat[0] ^= 1
         return data, kwargs
 
-    _patch_encoder(monkeypatch, one_pixel_off)
+    patch_encoder(monkeypatch, one_pixel_off)
     result, _ = run(corpus.testdata("SC_rgb_small_odd.dcm"), tmp_path)
     assert (result.outcome, result.reason) == (
         "fallback",
@@ -287,7 +288,7 @@ def test_wrong_signedness_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     def unsigned(data: np.ndarray[Any, Any], kwargs: Any) -> Any:
         return data.view(data.dtype.str.replace("i", "u")), kwargs
 
-    _patch_encoder(monkeypatch, unsigned)
+    patch_encoder(monkeypatch, unsigned)
     result, _ = run(corpus.testdata("17106"), tmp_path)
     assert (result.outcome, result.reason) == (
         "fallback",
@@ -299,7 +300,7 @@ def test_wrong_precision_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def sixteen_bits(data: np.ndarray[Any, Any], kwargs: Any) -> Any:
         return data, {**kwargs, "bitspersample": 16}
 
-    _patch_encoder(monkeypatch, sixteen_bits)
+    patch_encoder(monkeypatch, sixteen_bits)
     result, _ = run(corpus.testdata("6154"), tmp_path)  # Bits Stored 12
     assert (result.outcome, result.reason) == (
         "fallback",
