@@ -51,11 +51,11 @@ from .store import (
     COMPRESSING,
     FAILED,
     RECEIVED,
-    TRANSIENT_STATES,
     UPLOADED,
     UPLOADING,
     Store,
     discard_files,
+    hand_back_leases,
     utcnow,
 )
 from .transcode import TranscodeResult, transcode
@@ -366,18 +366,6 @@ def _finish_uploads(
     return write
 
 
-def _hand_back_leases(conn: sqlite3.Connection) -> int:
-    """Rows a stage had claimed go back to the state before it (what a crashed run of
-    the pipeline leaves; at start-up the reconciler has done this already)."""
-    now = utcnow()
-    return sum(
-        conn.execute(
-            "UPDATE instances SET state = ?, updated_at = ? WHERE state = ?", (back, now, leased)
-        ).rowcount
-        for leased, back in TRANSIENT_STATES.items()
-    )
-
-
 def _quarantine(claimed: Claimed, state: str, reason: str) -> Callable[[sqlite3.Connection], bool]:
     """A row a stage cannot handle becomes ``failed`` with the reason (if it is still
     the copy the stage claimed)."""
@@ -515,7 +503,7 @@ class Pipeline:
         handed back first, as the start-up reconciler does."""
         self._loop = asyncio.get_running_loop()
         c = self.config.upload
-        returned = await self._db(_hand_back_leases)
+        returned = await self._db(hand_back_leases)
         if returned:
             log.warning("%d instances left in progress by the last run are queued again",
                         returned)  # fmt: skip

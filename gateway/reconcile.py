@@ -22,7 +22,7 @@ import sqlite3
 from dataclasses import dataclass
 
 from .spool import Spool
-from .store import COMPRESSED, FAILED, RECEIVED, TRANSIENT_STATES, UPLOADING, Store, utcnow
+from .store import COMPRESSED, FAILED, RECEIVED, UPLOADING, Store, hand_back_leases, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,7 @@ def reconcile(spool: Spool, store: Store) -> Reconciliation:
 
     def fix_rows(conn: sqlite3.Connection) -> tuple[int, int]:
         now = utcnow()
-        requeued = 0
-        for transient, back_to in TRANSIENT_STATES.items():
-            requeued += conn.execute(
-                "UPDATE instances SET state = ?, updated_at = ? WHERE state = ?",
-                (back_to, now, transient),
-            ).rowcount
+        requeued = hand_back_leases(conn)
         for relpath in missing:
             conn.execute(
                 "UPDATE instances SET state = ?, last_error = ?, updated_at = ? WHERE path = ?",

@@ -63,6 +63,18 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def hand_back_leases(conn: sqlite3.Connection) -> int:
+    """Rows a stage had claimed go back to the state before it: what a crash (at
+    start-up, the reconciler) or a crashed run of the pipeline leaves behind."""
+    now = utcnow()
+    return sum(
+        conn.execute(
+            "UPDATE instances SET state = ?, updated_at = ? WHERE state = ?", (back, now, leased)
+        ).rowcount
+        for leased, back in TRANSIENT_STATES.items()
+    )
+
+
 @dataclass(frozen=True)
 class ReceivedInstance:
     sop_instance_uid: str
