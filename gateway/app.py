@@ -1,10 +1,10 @@
 """The Gateway: start order, the main wait, and a two-phase stop.
 
-Start:  spool directories -> queue database -> reconcile -> DIMSE listener -> status
-page, then the compress/upload pipeline, the worklist refresh, the MPPS forwarder (and
-the heartbeat, when configured); systemd hears READY=1 once the listener and the page
-are up, WATCHDOG=1 from the loop itself (gateway.notify), and STOPPING=1 when the stop
-begins.
+Start:  spool directories -> queue database -> reconcile -> DIMSE listener and its
+receiver processes (gateway/receivers.py) -> status page, then the compress/upload
+pipeline, the worklist refresh, the MPPS forwarder (and the heartbeat, when configured);
+systemd hears READY=1 once the listener and the page are up, WATCHDOG=1 from the loop
+itself (gateway.notify), and STOPPING=1 when the stop begins.
 What stops the gateway (and what does not): the receiver must keep answering, so a
 component that crashes -- the pipeline, the worklist refresh, the MPPS forwarder, the
 heartbeat -- is logged with its traceback, counted in
@@ -13,7 +13,8 @@ state, and restarted in-process with backoff (:data:`_RESTART_INITIAL_S` doublin
 :data:`_RESTART_MAX_S`).  The process exits (status 70, systemd restarts it) only for
 what a restart in-process cannot mend: a corrupt queue database (SQLite
 "database disk image is malformed" / "file is not a database"), the database
-writer thread dying, or the DIMSE acceptor thread dying.
+writer thread dying, or the thread that restarts dead receiver processes dying (a
+receiver process that dies is started again, and counted like a component).
 
 Stop (SIGTERM/SIGINT): close the listener and refuse new C-STOREs, let in-flight
 C-STOREs and MPPS requests finish for at most ``dimse.drain_seconds`` (they get their
@@ -40,9 +41,10 @@ from .config import Config
 from .heartbeat import run_heartbeat
 from .jobs import Pipeline
 from .metrics import Metrics
-from .mpps import Forwarder, MppsScp
+from .mpps import Forwarder
 from .notify import Notifier
-from .receive import COMMIT_TIMEOUT_S, Receiver
+from .receive import COMMIT_TIMEOUT_S
+from .receivers import ReceiverPool
 from .reconcile import reconcile
 from .spool import Spool
 from .status import StatusService
@@ -113,13 +115,13 @@ class Gateway:
         self.pipeline = Pipeline(config, self.spool, self.store, self.metrics)
         self.worklist = Worklist(config, self.store)
         self.mpps = Forwarder(config, self.store)
-        self.receiver = Receiver(
-            config.dimse,
-            self.spool,
-            self.store,
-            on_stored=self._on_stored,
-            worklist=self.worklist.answer,
-            mpps=MppsScp(self.store, on_accepted=self.mpps.wake),
+        # C-STORE, MWL and MPPS are answered in processes of their own.
+        self.receiver = ReceiverPool(
+            config,
+            spool_identity=self.spool.identity,
+            database=lambda: self.store.path,
+            on_stored=lambda: self._on_stored(None),
+            on_mpps=self.mpps.wake,
             metrics=self.metrics,
         )
         self.notifier = Notifier()
@@ -275,7 +277,7 @@ class Gateway:
                 return  # the stop closes the listener first, on purpose
             await asyncio.to_thread(self.spool.check)
             for name, alive in (
-                ("DIMSE acceptor", self.receiver.alive),
+                ("DIMSE receiver supervisor", self.receiver.alive),
                 ("queue database writer", self.store.alive),
             ):
                 if not alive:

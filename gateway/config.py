@@ -58,6 +58,8 @@ class DimseConfig:
     network_timeout: float = 60.0
     drain_seconds: float = 20.0
     storage_sop_classes: tuple[str, ...] = ()
+    # 0: one receiver process per usable core (gateway/receivers.py).
+    receiver_processes: int = 0
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,10 @@ def _check(c: Config) -> None:
     _check_port(s, "dimse.port", c.dimse.port, allow_zero=True)
     if c.dimse.max_associations < 1:
         raise ConfigError(s, "dimse.max_associations", "must be at least 1")
+    if not 0 <= c.dimse.receiver_processes <= 64:
+        raise ConfigError(
+            s, "dimse.receiver_processes", "must be 0 (one per core) or between 1 and 64"
+        )
     if c.dimse.max_pdu_size != 0 and not 4096 <= c.dimse.max_pdu_size <= 2**32 - 1:
         raise ConfigError(
             s, "dimse.max_pdu_size", "must be 0 (unlimited) or between 4096 and 4294967295"

@@ -10,9 +10,12 @@ maps to a failure status; nothing is acknowledged that is not on disk.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import os
 import socket
+import struct
 import threading
 import time
 import zlib
@@ -129,9 +132,42 @@ _REJECT_REASONS = {
 
 class _NoDelayServer(ThreadedAssociationServer):
     """Sets TCP_NODELAY on every accepted socket: DIMSE is request/response, and
-    Nagle plus delayed ACK otherwise adds ~40 ms to each small PDU."""
+    Nagle plus delayed ACK otherwise adds ~40 ms to each small PDU.
+
+    With *listen_socket* it serves a socket the gateway bound and listens on, which
+    the other receiver processes accept from too (gateway/receivers.py): it is not
+    bound again, its accept does not wait (another process may have taken the
+    connection the wake-up was for), and closing it here does not shut it down for
+    the others.
+    """
 
     daemon_threads = True
+
+    def __init__(
+        self, *args: Any, listen_socket: socket.socket | None = None, **kwargs: Any
+    ) -> None:
+        self._inherited = listen_socket
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self._inherited is None:
+            super().server_bind()
+            return
+        if self.socket is not None:
+            self.socket.close()
+        self.socket = self._inherited
+        self.socket.settimeout(0)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._inherited is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self._inherited is None:
+            super().server_close()
+        elif self.socket is not None:
+            self.socket.close()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = super().get_request()
@@ -140,6 +176,56 @@ class _NoDelayServer(ThreadedAssociationServer):
         # peer that sends half a PDU holds the connection's thread in recv() forever.
         sock.settimeout(self.ae.network_timeout)
         return sock, address
+
+
+#: The slots file of the gateway-wide association limit, in the spool's root.
+SLOTS_FILE = "associations.lock"
+_refused = threading.local()
+
+
+class _AssociationSlots:
+    """``dimse.max_associations`` across every receiver process.
+
+    An association holds one byte of ``<spool>/associations.lock`` with an
+    open-file-description lock on a descriptor of its own, from its A-ASSOCIATE-RQ
+    until its connection closes (or its process ends: the kernel drops the lock).  No
+    free byte: pynetdicom rejects it as its own limit would (:class:`_AE`).
+    """
+
+    def __init__(self, path: Path, count: int) -> None:
+        self.path = path
+        self.count = count
+
+    def take(self) -> int | None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        for slot in range(self.count):
+            arg = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0)
+            try:
+                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    continue
+                os.close(fd)
+                raise
+            return fd
+        os.close(fd)
+        return None
+
+
+class _AE(AE):
+    """pynetdicom's acceptor rejects with "local limit exceeded" (PS3.8 A-ASSOCIATE-RJ
+    2, 3, 2) when its own associations exceed ``maximum_associations``; in an
+    association's thread whose request found no gateway-wide slot, the limit reads 0."""
+
+    @property
+    def maximum_associations(self) -> int:
+        if getattr(_refused, "refused", False):
+            return 0
+        return self._maximum_associations
+
+    @maximum_associations.setter
+    def maximum_associations(self, value: int) -> None:
+        AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
 
 
 def _spool_write_failed(
@@ -257,8 +343,13 @@ class Receiver:
         worklist: Callable[[Dataset], Iterator[Dataset]] | None = None,
         mpps: MppsScp | None = None,
         metrics: Metrics | None = None,
+        listen_socket: socket.socket | None = None,
     ) -> None:
+        """*listen_socket*: serve this listening socket (bound by the gateway, shared
+        with the other receiver processes) instead of binding ``dimse.bind:port``."""
         self.metrics = metrics
+        self._listen_socket = listen_socket
+        self._slots = _AssociationSlots(spool.root / SLOTS_FILE, config.max_associations)
         self.config = config
         self.spool = spool
         self.store = store
@@ -289,7 +380,7 @@ class Receiver:
         dul_guard.install(c.max_pdu_size)
         wakeup.install()
         find_encoding.install()
-        ae = AE(ae_title=c.ae_title)
+        ae = _AE(ae_title=c.ae_title)
         ae.maximum_associations = c.max_associations
         ae.maximum_pdu_size = c.max_pdu_size
         ae.acse_timeout = c.acse_timeout
@@ -317,8 +408,14 @@ class Receiver:
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
         ]
+        address = (c.bind, c.port)
+        if self._listen_socket is not None:
+            address = self._listen_socket.getsockname()[:2]
         server = ae.make_server(
-            (c.bind, c.port), evt_handlers=handlers, server_class=_NoDelayServer
+            address,
+            evt_handlers=handlers,
+            server_class=_NoDelayServer,
+            listen_socket=self._listen_socket,
         )
         assert isinstance(server, _NoDelayServer)
         # start_server() would register it; shutdown() expects to find it there.
@@ -379,6 +476,10 @@ class Receiver:
             return
         if not acceptor.writeable or request.result is not None:
             return  # not a request, or negotiation is already under way
+        slot = self._slots.take()
+        _refused.refused = slot is None
+        if slot is not None:
+            event.assoc._gateway_slot = slot  # type: ignore[attr-defined]
         proposed = [
             str(cx.abstract_syntax)
             for cx in request.presentation_context_definition_list
@@ -412,6 +513,10 @@ class Receiver:
         )  # fmt: skip
 
     def _on_conn_close(self, event: evt.Event) -> None:
+        slot = getattr(event.assoc, "_gateway_slot", None)
+        if slot is not None:
+            event.assoc._gateway_slot = None  # type: ignore[attr-defined]
+            os.close(slot)  # the association's slot is free again
         # A connection that closes halfway through a data set (abort, timeout, peer
         # gone) leaves pynetdicom's partial message behind: drop its temp file now.
         message = event.assoc.dimse.message

@@ -12,6 +12,15 @@ therefore pinned from just before its rename until its row's write is resolved
 (:meth:`Spool.commit_file`, :meth:`Spool.release`), and the queue's writer removes a
 file no row refers to only through :meth:`Spool.remove_unpinned` (gateway/store.py).
 
+The DIMSE receivers and the pipeline are separate processes (gateway/receivers.py),
+each with its own queue writer, so a pin must be seen across processes: besides the
+in-process count, a pinned path holds a shared open-file-description lock
+(``F_OFD_SETLKW``) on one byte of ``<spool>/pins.lock``, at an offset taken from the
+path's hash.  A removal takes an exclusive lock on that byte without waiting; if it
+gets it, no process is between a rename and its row, and, still holding it, it checks
+that no committed row refers to the path before it unlinks (with one writer per
+process, the check inside the remover's own transaction is no longer enough).
+
 The spool keeps its directories open from :meth:`Spool.prepare` on, and creates,
 renames and removes relative to those descriptors: if the directory is deleted, its
 mount drops, or another directory appears under its path, nothing is ever written
@@ -25,16 +34,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import secrets
 import shutil
+import struct
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +56,35 @@ _CHUNK = 1024 * 1024
 _SHARDS = [f"{i:02x}" for i in range(256)]
 #: errno values meaning "no room": answered as 0xA700 (out of resources).
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: The lock file of the cross-process pins, in the spool's root.
+PINS_FILE = "pins.lock"
+
+
+def _pin_offset(relpath: str) -> int:
+    """The byte of ``pins.lock`` that stands for *relpath*: 60 bits of its content hash
+    (its file name), or of the path's own hash for any other name."""
+    name = relpath.rsplit("/", 1)[-1].removesuffix(".dcm")
+    try:
+        if len(name) == 64:
+            return int(name[:15], 16)
+    except ValueError:
+        pass
+    return int(hashlib.sha256(relpath.encode()).hexdigest()[:15], 16)
+
+
+def _ofd_lock(fd: int, kind: int, offset: int, *, wait: bool) -> bool:
+    """An open-file-description lock on one byte: owned by the descriptor, not the
+    process, so two descriptors of one process conflict like two processes do.
+    False when *wait* is off and another holder is in the way."""
+    # struct flock: l_type, l_whence, l_start, l_len, l_pid (Linux, 64-bit off_t).
+    arg = struct.pack("hhqqi4x", kind, os.SEEK_SET, offset, 1, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, arg)
+    except OSError as exc:
+        if not wait and exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 class SpoolFull(Exception):
@@ -201,6 +241,9 @@ class Spool:
         # still writing in tmp/ (sweep_tmp leaves those alone).
         self._pins: Counter[str] = Counter()
         self._pin_lock = threading.Lock()
+        # pins.lock, twice: the pins of this process, and the probe of a removal.
+        self._pin_fd = -1
+        self._probe_fd = -1
         self._outputs: set[str] = set()
         # Set by prepare(): the directories held open, and (st_dev, st_ino) of each.
         self._fds: dict[Path, int] = {}
@@ -238,17 +281,44 @@ class Spool:
         fsync_dir(self.root)
         fsync_dir(self.root.parent)
         self.close()
-        for d in (self.root, self.tmp_dir, self.objects_dir):
-            fd = os.open(d, _DIR_FLAGS)
-            self._fds[d] = fd
+        self._open_dirs()
+        for d, fd in self._fds.items():
             st = os.fstat(fd)
             self._identity[d] = (st.st_dev, st.st_ino)
         self.problem = None
+
+    def identity(self) -> dict[str, tuple[int, int]]:
+        """(st_dev, st_ino) of each directory as :meth:`prepare` found it."""
+        return {str(d): ident for d, ident in self._identity.items()}
+
+    def attach(self, identity: dict[str, tuple[int, int]]) -> None:
+        """For a receiver process: open the tree the gateway prepared, and hold it to
+        the identity the gateway saw at start (*identity*, from :meth:`identity`), so a
+        directory replaced since is refused here too (:meth:`check`)."""
+        self.close()
+        self._identity = {Path(d): (int(dev), int(ino)) for d, (dev, ino) in identity.items()}
+        self._open_dirs()
+        for d, fd in self._fds.items():
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != self._identity.get(d):
+                self._identity[d] = (-1, -1)  # never matches: check() reports it
+        self.check()
+
+    def _open_dirs(self) -> None:
+        for d in (self.root, self.tmp_dir, self.objects_dir):
+            self._fds[d] = os.open(d, _DIR_FLAGS)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._pin_fd = os.open(PINS_FILE, flags, 0o600, dir_fd=self._fds[self.root])
+        self._probe_fd = os.open(PINS_FILE, flags, 0o600, dir_fd=self._fds[self.root])
 
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+        for fd in (self._pin_fd, self._probe_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._pin_fd = self._probe_fd = -1
 
     def _fd(self, directory: Path) -> int:
         try:
@@ -342,8 +412,7 @@ class Spool:
         inside = f"{sha[:2]}/{sha}.dcm"
         relpath = f"objects/{inside}"
         if pin:
-            with self._pin_lock:
-                self._pins[relpath] += 1
+            self._pin(relpath)
         try:
             os.replace(tmp_path.name, inside, src_dir_fd=tmp_fd, dst_dir_fd=objects_fd)
             _fsync_fd_dir(sha[:2], objects_fd)
@@ -353,29 +422,56 @@ class Spool:
             raise
         return SpooledFile(relpath=relpath, sha256=sha, size=size)
 
+    def _pin(self, relpath: str) -> None:
+        with self._pin_lock:
+            if self._pins[relpath] == 0:
+                # Waits only for a removal in progress (it never waits for anyone).
+                _ofd_lock(self._pin_fd, fcntl.F_RDLCK, _pin_offset(relpath), wait=True)
+            self._pins[relpath] += 1
+
     def release(self, relpath: str) -> None:
         """Drop one pin that :meth:`commit_file` took on *relpath*."""
         with self._pin_lock:
             self._pins[relpath] -= 1
             if self._pins[relpath] <= 0:
                 del self._pins[relpath]
+                if self._pin_fd >= 0:
+                    _ofd_lock(self._pin_fd, fcntl.F_UNLCK, _pin_offset(relpath), wait=False)
 
     def pinned(self, relpath: str) -> bool:
+        """Pinned by this process, or by another one (a receiver, the pipeline)."""
         with self._pin_lock:
-            return relpath in self._pins
+            if relpath in self._pins:
+                return True
+            offset = _pin_offset(relpath)
+            if not _ofd_lock(self._probe_fd, fcntl.F_WRLCK, offset, wait=False):
+                return True
+            _ofd_lock(self._probe_fd, fcntl.F_UNLCK, offset, wait=False)
+            return False
 
-    def remove_unpinned(self, relpath: str) -> bool:
-        """Unlink *relpath* unless it is pinned; False if it was kept.
+    def remove_unpinned(self, relpath: str, referenced: Callable[[], bool] | None = None) -> bool:
+        """Unlink *relpath* unless it is pinned, here or in another process, or
+        *referenced* says a committed row refers to it; False if it was kept.
 
-        Only for the queue's writer, after the commit that left no row referring to
-        it.  The check and the unlink hold the pin lock, so a C-STORE of the same
-        content either pinned it before (and it stays) or renames after the unlink.
+        Only for a queue writer, after the commit that left no row of its own
+        referring to it.  The pin check, *referenced* and the unlink all happen under
+        the exclusive lock on the path's byte of ``pins.lock``: a C-STORE of the same
+        content (in any process) either pinned it before (and it stays), or committed
+        its row before (and *referenced* sees it), or renames after the unlink.
         """
         with self._pin_lock:
             if relpath in self._pins:
                 return False
-            self.remove(relpath)
-            return True
+            offset = _pin_offset(relpath)
+            if not _ofd_lock(self._probe_fd, fcntl.F_WRLCK, offset, wait=False):
+                return False
+            try:
+                if referenced is not None and referenced():
+                    return False
+                self.remove(relpath)
+                return True
+            finally:
+                _ofd_lock(self._probe_fd, fcntl.F_UNLCK, offset, wait=False)
 
     def remove(self, relpath: str) -> None:
         """Unlink unconditionally: only the start-up reconciler (nothing else runs then)

@@ -39,7 +39,7 @@ from .store import (
 
 if TYPE_CHECKING:
     from .jobs import Pipeline
-    from .receive import Receiver
+    from .receivers import ReceiverPool
     from .spool import Spool
     from .worklist import Worklist
 
@@ -251,7 +251,7 @@ class StatusService:
         store: Store,
         spool: Spool,
         pipeline: Pipeline,
-        receiver: Receiver,
+        receiver: ReceiverPool,
         worklist: Worklist | None,
         started_at: float,
     ) -> None:

@@ -13,8 +13,11 @@ itself: a write names the files it stopped referencing with :func:`discard_files
 writer checks at the end of the batch, inside the transaction, that no row refers to
 them any more, and after the commit hands the rest to the spool, which skips any path a
 C-STORE or the compress stage holds pinned between its rename and its commit
-(:meth:`gateway.spool.Spool.commit_file`).  Since rows only change in this thread,
-nothing can start referring to a path between the check and the unlink.
+(:meth:`gateway.spool.Spool.commit_file`), in this process or another one.  Each
+process has its own writer (the receivers, gateway/receivers.py, and the rest), so
+rows can also change elsewhere between the check and the unlink: the spool asks
+again, under the path's cross-process lock, whether a committed row refers to it
+(:meth:`gateway.spool.Spool.remove_unpinned`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 WriteFn = Callable[[sqlite3.Connection], T]
+#: Unlinks a spool file unless pinned or the callable says a row refers to it.
+RemoveFile = Callable[[str, Callable[[], bool]], bool]
 
 # Queue states.  RECEIVED is where the receiver leaves a row; the transient states
 # are leases that a crash can leave behind, and the reconciler hands them back.
@@ -285,6 +290,16 @@ def _unreferenced_discards(conn: sqlite3.Connection) -> list[str]:
     return [r[0] for r in rows]
 
 
+def is_referenced(conn: sqlite3.Connection, relpath: str) -> bool:
+    """Does any row refer to *relpath*, as ``path`` or ``upload_path``?"""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM instances WHERE path = ?)"
+        " OR EXISTS (SELECT 1 FROM instances WHERE upload_path = ?)",
+        (relpath, relpath),
+    ).fetchone()
+    return bool(row[0])
+
+
 def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[list[str]]:
     def write(conn: sqlite3.Connection) -> list[str]:
         row = conn.execute(
@@ -364,7 +379,7 @@ def _resolve(fut: Future[Any], ok: bool, value: Any) -> None:
 
 
 class Store:
-    def __init__(self, path: Path, remove_file: Callable[[str], bool] | None = None) -> None:
+    def __init__(self, path: Path, remove_file: RemoveFile | None = None) -> None:
         """*remove_file* unlinks a spool file no row refers to any more (the spool's
         :meth:`~gateway.spool.Spool.remove_unpinned`); without it such files stay."""
         self.path = path
@@ -547,7 +562,7 @@ class Store:
                 log.error("could not fsync the queue database's WAL: %s", exc)
                 return  # the files stay; the reconciler removes them at the next start
         for relpath in doomed:
-            self._remove(relpath)
+            self._remove(conn, relpath)
 
     def _fsync_wal(self) -> None:
         fd = os.open(f"{self.path}-wal", os.O_RDONLY)
@@ -556,11 +571,12 @@ class Store:
         finally:
             os.close(fd)
 
-    def _remove(self, relpath: str) -> None:
+    def _remove(self, conn: sqlite3.Connection, relpath: str) -> None:
         if self.remove_file is None:
             return
         try:
-            if not self.remove_file(relpath):
+            # Outside the transaction now: the query sees every process's commits.
+            if not self.remove_file(relpath, lambda: is_referenced(conn, relpath)):
                 log.info("spool file %s kept: a C-STORE in progress has it", relpath)
         except OSError as exc:
             # Left behind as an orphan: the reconciler removes it at the next start.

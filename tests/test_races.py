@@ -206,12 +206,12 @@ async def test_retention_keeps_the_file_of_an_identical_resend(
     resend: list[Future[list[str]]] = []
     real_remove = spool.remove_unpinned
 
-    def hooked(path: str) -> bool:
+    def hooked(path: str, referenced: Callable[[], bool]) -> bool:
         if path == relpath and not resend:
             # Between the prune's commit and its unlink: the re-send is renamed onto
             # the path (synchronously, here); its row commits afterwards.
             resend.append(_receive(spool, store, "1.1", data))
-        return real_remove(path)
+        return real_remove(path, referenced)
 
     monkeypatch.setattr(spool, "remove_unpinned", hooked)
     store.remove_file = spool.remove_unpinned
