@@ -192,12 +192,18 @@ class _AssociationSlots:
     free byte: pynetdicom rejects it as its own limit would (:class:`_AE`).
     """
 
-    def __init__(self, path: Path, count: int) -> None:
-        self.path = path
+    def __init__(self, spool: Spool, count: int) -> None:
+        self.spool = spool
         self.count = count
 
     def take(self) -> int | None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        """A descriptor holding a free slot; None when all are taken.  A spool that is
+        gone counts nothing (its C-STOREs are refused anyway)."""
+        try:
+            fd = self.spool.open_lock_file(SLOTS_FILE)
+        except OSError as exc:
+            log.warning("association not counted against the limit: %s", exc)
+            return -1
         for slot in range(self.count):
             arg = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0)
             try:
@@ -349,7 +355,7 @@ class Receiver:
         with the other receiver processes) instead of binding ``dimse.bind:port``."""
         self.metrics = metrics
         self._listen_socket = listen_socket
-        self._slots = _AssociationSlots(spool.root / SLOTS_FILE, config.max_associations)
+        self._slots = _AssociationSlots(spool, config.max_associations)
         self.config = config
         self.spool = spool
         self.store = store
@@ -478,7 +484,7 @@ class Receiver:
             return  # not a request, or negotiation is already under way
         slot = self._slots.take()
         _refused.refused = slot is None
-        if slot is not None:
+        if slot is not None and slot >= 0:
             event.assoc._gateway_slot = slot  # type: ignore[attr-defined]
         proposed = [
             str(cx.abstract_syntax)

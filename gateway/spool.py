@@ -251,6 +251,8 @@ class Spool:
         #: Why the spool cannot be used now (None: it can), as of the last check().
         self.problem: str | None = None
         self._check_lock = threading.Lock()
+        # Log a change of problem (the gateway's spool); a receiver process's is quiet.
+        self._report = True
 
     def temp_file_factory(self, *_args: Any, **_kwargs: Any) -> SpoolTempFile:
         """Called by pynetdicom where it would call ``NamedTemporaryFile``."""
@@ -294,8 +296,10 @@ class Spool:
     def attach(self, identity: dict[str, tuple[int, int]]) -> None:
         """For a receiver process: open the tree the gateway prepared, and hold it to
         the identity the gateway saw at start (*identity*, from :meth:`identity`), so a
-        directory replaced since is refused here too (:meth:`check`)."""
+        directory replaced since is refused here too (:meth:`check`).  The gateway's
+        own checks log the changes; this spool's are quiet."""
         self.close()
+        self._report = False
         self._identity = {Path(d): (int(dev), int(ino)) for d, (dev, ino) in identity.items()}
         self._open_dirs()
         for d, fd in self._fds.items():
@@ -307,9 +311,14 @@ class Spool:
     def _open_dirs(self) -> None:
         for d in (self.root, self.tmp_dir, self.objects_dir):
             self._fds[d] = os.open(d, _DIR_FLAGS)
+        self._pin_fd = self.open_lock_file(PINS_FILE)
+        self._probe_fd = self.open_lock_file(PINS_FILE)
+
+    def open_lock_file(self, name: str) -> int:
+        """A new descriptor (a new open file description) of the lock file *name* in
+        the spool's root, the directory held open at start (never created elsewhere)."""
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        self._pin_fd = os.open(PINS_FILE, flags, 0o600, dir_fd=self._fds[self.root])
-        self._probe_fd = os.open(PINS_FILE, flags, 0o600, dir_fd=self._fds[self.root])
+        return os.open(name, flags, 0o600, dir_fd=self._fd(self.root))
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -349,7 +358,9 @@ class Spool:
                 break
         with self._check_lock:
             before, self.problem = self.problem, problem
-        if problem is not None and before is None:
+        if not self._report:
+            pass
+        elif problem is not None and before is None:
             log.critical("%s: C-STOREs are refused until it is back", problem)
         elif problem is None and before is not None:
             log.warning("spool directory %s is back (same device and inode)", self.root)
