@@ -100,7 +100,8 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-#: Encoder processes run at this niceness: the receiver and the uploader come first.
+#: Encoder processes run at this niceness (absolute, not added to the gateway's own
+#: gateway.receivers.GATEWAY_NICENESS): the receivers and the uploader come first.
 _ENCODER_NICENESS = 10
 
 
@@ -108,7 +109,9 @@ def _init_encoder() -> None:
     """Process-pool initializer: die with the gateway, and yield the CPU to it."""
     _die_with_parent()
     with contextlib.suppress(OSError):
-        os.nice(_ENCODER_NICENESS)
+        os.setpriority(
+            os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), _ENCODER_NICENESS)
+        )
 
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:

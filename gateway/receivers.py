@@ -66,6 +66,9 @@ _EXIT_TIMEOUT_S = 35.0
 #: A worker's exit status when a thread it depends on died.
 EXIT_WORKER_FAILED = 70
 _MONITOR_INTERVAL_S = 0.25
+#: The rest of the gateway (uploads, the compress stage's bookkeeping, the page) runs at
+#: this niceness once the receivers are up: the modality comes first.
+GATEWAY_NICENESS = 5
 #: Extra log record attributes a worker forwards (journal fields, gateway.notify).
 _FORWARDED_EXTRAS = ("SOP_INSTANCE_UID", "CALLING_AE")
 
@@ -131,6 +134,7 @@ class ReceiverPool:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        self._supervisor_tid = 0
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
@@ -153,10 +157,13 @@ class ReceiverPool:
             self._kill_all()
             sock.close()
             raise
+        started = threading.Event()
         self._supervisor = threading.Thread(
-            target=self._supervise, name="receiver-supervisor", daemon=True
+            target=self._supervise, args=(started,), name="receiver-supervisor", daemon=True
         )
         self._supervisor.start()
+        started.wait()
+        self._lower_own_priority(keep=self._supervisor_tid)
         log.info(
             "%d DIMSE receiver processes serve %s:%d (pids %s)",
             len(self._workers),
@@ -324,8 +331,24 @@ class ReceiverPool:
         elif what[0] == "rejected":
             m.associations_rejected.labels(str(what[1])).inc()
 
-    def _supervise(self) -> None:
+    @staticmethod
+    def _lower_own_priority(keep: int) -> None:
+        """Every thread of this process but *keep* (the supervisor, which starts
+        receiver processes again: they inherit its niceness) to GATEWAY_NICENESS;
+        threads started later inherit it from their creators."""
+        for tid in os.listdir("/proc/self/task"):
+            if int(tid) == keep:
+                continue
+            try:
+                if os.getpriority(os.PRIO_PROCESS, int(tid)) < GATEWAY_NICENESS:
+                    os.setpriority(os.PRIO_PROCESS, int(tid), GATEWAY_NICENESS)
+            except OSError:
+                pass  # a thread that just ended
+
+    def _supervise(self, started: threading.Event) -> None:
         """Start a worker that died again, with backoff; the others go on meanwhile."""
+        self._supervisor_tid = threading.get_native_id()
+        started.set()
         delay: dict[int, float] = {}
         next_try: dict[int, float] = {}
         while not self._stopping.wait(_MONITOR_INTERVAL_S):

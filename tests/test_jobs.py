@@ -347,4 +347,4 @@ def test_encoder_workers_run_at_lower_priority() -> None:
         niceness = pool.submit(os.nice, 0).result(timeout=60)
     finally:
         _stop_pool(pool)
-    assert niceness == min(19, os.nice(0) + _ENCODER_NICENESS)
+    assert niceness == max(os.nice(0), _ENCODER_NICENESS)
