@@ -44,7 +44,7 @@ from .metrics import Metrics
 from .mpps import Forwarder
 from .notify import Notifier
 from .receive import COMMIT_TIMEOUT_S
-from .receivers import ReceiverPool
+from .receivers import RECEIVER_EXIT_S, ReceiverPool
 from .reconcile import reconcile
 from .spool import Spool
 from .status import StatusService
@@ -64,7 +64,7 @@ _MONITOR_INTERVAL_S = 1.0
 _SWEEP_INTERVAL_S = 60.0
 
 # Upper bounds of the stop phases (see _shutdown), for stop_budget_seconds.
-_LISTENER_JOIN_S = 10.0  # Receiver.stop_accepting joins the acceptor thread this long
+_LISTENER_JOIN_S = 10.0  # ReceiverPool.stop_accepting waits this long for the receivers
 _POOL_STOP_S = 15.0  # the J2K pool finishes the image it is encoding
 _STORE_CLOSE_S = 30.0  # the last queued writes; SQLite's busy_timeout bounds each
 
@@ -73,7 +73,12 @@ def stop_budget_seconds(config: Config) -> float:
     """How long a stop may take at most; the unit's TimeoutStopSec must be longer
     (tests/test_systemd_unit.py checks it against the defaults)."""
     return (
-        WEB_STOP_S + _LISTENER_JOIN_S + config.dimse.drain_seconds + _POOL_STOP_S + _STORE_CLOSE_S
+        WEB_STOP_S
+        + _LISTENER_JOIN_S
+        + config.dimse.drain_seconds
+        + RECEIVER_EXIT_S
+        + _POOL_STOP_S
+        + _STORE_CLOSE_S
     )
 
 

@@ -61,8 +61,11 @@ _RESTART_INITIAL_S = 0.5
 _RESTART_MAX_S = 60.0
 #: How long stop_accepting waits for each worker to close its listener.
 _STOP_TIMEOUT_S = 10.0
-#: A drained worker exits within this (its writer finishes the last commits).
-_EXIT_TIMEOUT_S = 35.0
+#: A drained worker closes its queue writer within this (its C-STOREs' rows are
+#: committed by then: what is left is small) ...
+_WORKER_STORE_CLOSE_S = 10.0
+#: ... and exits within this (gateway.app.stop_budget_seconds counts it).
+RECEIVER_EXIT_S = _WORKER_STORE_CLOSE_S + 2.0
 #: A worker's exit status when a thread it depends on died.
 EXIT_WORKER_FAILED = 70
 _MONITOR_INTERVAL_S = 0.25
@@ -204,7 +207,7 @@ class ReceiverPool:
 
     def drain(self, timeout: float) -> bool:
         """Wait for every worker to drain (each waits up to *timeout*) and exit."""
-        deadline = time.monotonic() + timeout + _EXIT_TIMEOUT_S
+        deadline = time.monotonic() + timeout + RECEIVER_EXIT_S
         drained = True
         for w in self._workers:
             if w.proc is None:
@@ -506,7 +509,7 @@ def _worker_main(conn_fd: int, listen_fd: int) -> int:
     receiver.stop_accepting()
     events.send("stopped")
     drained = receiver.drain(config.dimse.drain_seconds)
-    store.close(timeout=30)
+    store.close(timeout=_WORKER_STORE_CLOSE_S)
     spool.close()
     events.send("drained", drained)
     return 0
