@@ -128,6 +128,7 @@ class Gateway:
             on_stored=lambda: self._on_stored(None),
             on_mpps=self.mpps.wake,
             metrics=self.metrics,
+            on_log_record=lambda record: self.status.errors.handle(record),
         )
         self.notifier = Notifier()
         self.started_at = time.time()

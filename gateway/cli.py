@@ -20,7 +20,7 @@ from .store import STATES, Store
 EXIT_START_FAILED = 71
 
 
-def _setup_logging(config: Config) -> None:
+def setup_logging(config: Config) -> None:
     from .notify import journal_handler
 
     # Under systemd stderr is the journal: log there with structured fields (SOP
@@ -51,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .app import Gateway
 
     config = _load_or_exit(args.config)
-    _setup_logging(config)
+    setup_logging(config)
     try:
         return asyncio.run(Gateway(config).run())
     except (OSError, sqlite3.Error) as exc:

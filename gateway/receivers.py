@@ -22,8 +22,9 @@ The worker talks to the gateway over a socket pair (:class:`multiprocessing.conn
 * worker -> gateway: ``("ready",)``, ``("stored",)`` and ``("mpps",)`` (wake the
   pipeline or the MPPS forwarder), ``("metric", ...)`` (counted in the gateway's
   ``/metrics``), ``("active", n)`` (its open associations), ``("log", record)`` (its
-  log records, emitted by the gateway: one journal stream, and errors reach the
-  status page), ``("stopped",)`` and ``("drained", ok)``.
+  warnings and errors, for the status page's recent errors: the worker writes its
+  log itself, to the same journal stream or stderr, before it answers the request
+  the line is about), ``("stopped",)`` and ``("drained", ok)``.
 
 A worker that dies is started again with backoff and counted in
 ``dicom_gateway_component_restarts_total{component="receiver"}``; its associations
@@ -124,6 +125,7 @@ class ReceiverPool:
         on_stored: Callable[[], None],
         on_mpps: Callable[[], None],
         metrics: Any = None,
+        on_log_record: Callable[[logging.LogRecord], object] | None = None,
     ) -> None:
         self.config = config
         self._spool_identity = spool_identity
@@ -131,6 +133,7 @@ class ReceiverPool:
         self._on_stored = on_stored
         self._on_mpps = on_mpps
         self.metrics = metrics
+        self._on_log_record = on_log_record
         self.address: tuple[str, int] = ("", 0)
         self._socket: socket.socket | None = None
         self._workers: list[_Worker] = []
@@ -305,8 +308,8 @@ class ReceiverPool:
         if kind == "stored":
             self._on_stored()
         elif kind == "log":
-            record = logging.makeLogRecord(message[1])
-            logging.getLogger(record.name).handle(record)
+            if self._on_log_record is not None:
+                self._on_log_record(logging.makeLogRecord(message[1]))
         elif kind == "metric":
             self._count(message[1:])
         elif kind == "active":
@@ -437,8 +440,10 @@ class _MetricsProxy:
 
 
 class _LogForwarder(logging.Handler):
+    """Warnings and errors to the gateway (its status page lists the recent ones)."""
+
     def __init__(self, events: _Events) -> None:
-        super().__init__()
+        super().__init__(logging.WARNING)
         self._events = events
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -474,10 +479,10 @@ def _worker_main(conn_fd: int, listen_fd: int) -> int:
     events = _Events(conn)
     setup: WorkerSetup = conn.recv()
     config = setup.config
-    root = logging.getLogger()
-    root.handlers[:] = [_LogForwarder(events)]
-    root.setLevel(config.logging.level.upper())
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from .cli import setup_logging
+
+    setup_logging(config)
+    logging.getLogger("gateway").addHandler(_LogForwarder(events))
     try:
         receiver, store, spool = _start_worker(setup, listen_fd, events)
     except Exception as exc:
