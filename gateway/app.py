@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import signal
 import sqlite3
 import threading
@@ -67,6 +68,8 @@ _SWEEP_INTERVAL_S = 60.0
 _LISTENER_JOIN_S = 10.0  # ReceiverPool.stop_accepting waits this long for the receivers
 _POOL_STOP_S = 15.0  # the J2K pool finishes the image it is encoding
 _STORE_CLOSE_S = 30.0  # the last queued writes; SQLite's busy_timeout bounds each
+# A start waits this long for the receivers of a killed gateway to drain and exit.
+_INSTANCE_LOCK_WAIT_S = 60.0
 
 
 def stop_budget_seconds(config: Config) -> float:
@@ -129,7 +132,9 @@ class Gateway:
             on_mpps=self.mpps.wake,
             metrics=self.metrics,
             on_log_record=lambda record: self.status.errors.handle(record),
+            instance_lock=lambda: self._instance_lock,
         )
+        self._instance_lock = -1
         self.notifier = Notifier()
         self.started_at = time.time()
         self.status = StatusService(
@@ -242,6 +247,7 @@ class Gateway:
 
     def _start(self) -> None:
         self.spool.prepare()
+        self._instance_lock = self.spool.take_instance_lock(_INSTANCE_LOCK_WAIT_S)
         self.store.path = adopt_legacy_database(self.config)
         self.store.open()
         reconcile(self.spool, self.store)
@@ -330,6 +336,9 @@ class Gateway:
         # Last: every caller (handlers, pipeline, forwarder, page) is gone by now.
         self.store.close(timeout=_STORE_CLOSE_S)
         self.spool.close()
+        if self._instance_lock >= 0:
+            os.close(self._instance_lock)  # the receivers have exited: the spool is free
+            self._instance_lock = -1
         took = time.monotonic() - self._stop_started
         if self._failure is None:
             log.info("stopped cleanly in %.1f s", took)

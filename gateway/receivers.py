@@ -126,7 +126,10 @@ class ReceiverPool:
         on_mpps: Callable[[], None],
         metrics: Any = None,
         on_log_record: Callable[[logging.LogRecord], object] | None = None,
+        instance_lock: Callable[[], int] | None = None,
     ) -> None:
+        """*instance_lock* gives the descriptor of the spool's instance lock, which
+        each receiver process inherits (gateway.spool.Spool.take_instance_lock)."""
         self.config = config
         self._spool_identity = spool_identity
         self._database = database
@@ -134,6 +137,7 @@ class ReceiverPool:
         self._on_mpps = on_mpps
         self.metrics = metrics
         self._on_log_record = on_log_record
+        self._instance_lock = instance_lock
         self.address: tuple[str, int] = ("", 0)
         self._socket: socket.socket | None = None
         self._workers: list[_Worker] = []
@@ -236,10 +240,13 @@ class ReceiverPool:
         assert self._socket is not None
         ours, theirs = socket.socketpair()
         listen_fd = self._socket.fileno()
+        keep = [theirs.fileno(), listen_fd]
+        if self._instance_lock is not None:
+            keep.append(self._instance_lock())  # held open, never used, by the worker
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway.receivers", str(theirs.fileno()), str(listen_fd)],
-                pass_fds=(theirs.fileno(), listen_fd),
+                pass_fds=keep,
                 stdin=subprocess.DEVNULL,
             )
         finally:

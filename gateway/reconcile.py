@@ -4,8 +4,10 @@ A crash can leave three kinds of debris, none of it acknowledged to a modality:
 temp files of C-STOREs in progress, files renamed into ``objects/`` whose queue row
 never committed, and rows left in a transient (leased) state by a stage that died.
 
-It runs before the listener and the pipeline start, so nothing can pin or re-create a
-spool file meanwhile: a file is an orphan exactly when no row refers to it, by
+It runs before the listener and the pipeline start, and after the spool's instance
+lock is taken (which the receiver processes of a killed gateway hold until they have
+drained and exited: gateway/spool.py), so nothing can pin or re-create a spool file
+meanwhile: a file is an orphan exactly when no row refers to it, by
 ``path`` or by ``upload_path``.
 
 A row whose received file (``path``) is missing is failed with the reason.  A row whose

@@ -58,6 +58,9 @@ _SHARDS = [f"{i:02x}" for i in range(256)]
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: The lock file of the cross-process pins, in the spool's root.
 PINS_FILE = "pins.lock"
+#: Held (exclusively) by one gateway and its receiver processes while they run.
+INSTANCE_FILE = "gateway.lock"
+_INSTANCE_POLL_S = 0.2
 
 
 def _pin_offset(relpath: str) -> int:
@@ -89,6 +92,11 @@ def _ofd_lock(fd: int, kind: int, offset: int, *, wait: bool) -> bool:
 
 class SpoolFull(Exception):
     """Free space on the spool filesystem is below the configured watermark."""
+
+
+class SpoolInUse(OSError):
+    """Another gateway, or receiver processes of one that was stopped or killed, still
+    use this spool."""
 
 
 class SpoolMissing(OSError):
@@ -313,6 +321,34 @@ class Spool:
             self._fds[d] = os.open(d, _DIR_FLAGS)
         self._pin_fd = self.open_lock_file(PINS_FILE)
         self._probe_fd = self.open_lock_file(PINS_FILE)
+
+    def take_instance_lock(self, timeout: float) -> int:
+        """An exclusive open-file-description lock on ``gateway.lock``: one gateway per
+        spool.  The descriptor is inherited by the receiver processes (the lock lives
+        as long as any of them holds it), so a gateway that starts after one was killed
+        waits here until its receivers have drained and exited: nothing of a previous
+        run may pin or write a spool file while the reconciler looks for orphans."""
+        fd = self.open_lock_file(INSTANCE_FILE)
+        deadline = time.monotonic() + timeout
+        said = False
+        while not _ofd_lock(fd, fcntl.F_WRLCK, 0, wait=False):
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise SpoolInUse(
+                    errno.EBUSY,
+                    f"{self.root} is in use by another gateway, or by receiver processes "
+                    f"of one that stopped (waited {timeout:.0f} s)",
+                )
+            if not said:
+                log.warning(
+                    "%s is in use by another gateway, or by the receiver processes of one"
+                    " that stopped; waiting up to %.0f s",
+                    self.root,
+                    timeout,
+                )
+                said = True
+            time.sleep(_INSTANCE_POLL_S)
+        return fd
 
     def open_lock_file(self, name: str) -> int:
         """A new descriptor (a new open file description) of the lock file *name* in

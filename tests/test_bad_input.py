@@ -49,7 +49,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from gateway.receive import SLOTS_FILE
-from gateway.spool import PINS_FILE
+from gateway.spool import INSTANCE_FILE, PINS_FILE
 
 from . import corpus
 from .conftest import GatewayFactory
@@ -126,7 +126,7 @@ _OBJECT_PATH = re.compile(r"spool/objects/([0-9a-f]{2})/\1[0-9a-f]{62}\.dcm")
 _STATE_FILES = {"gateway.toml", "gateway.log", "gateway.sqlite3"}
 _STATE_FILES |= {f"gateway.sqlite3{s}" for s in ("-wal", "-shm", "-journal")}
 # The lock files of the cross-process spool pins and association slots (no data).
-_STATE_FILES |= {f"spool/{PINS_FILE}", f"spool/{SLOTS_FILE}"}
+_STATE_FILES |= {f"spool/{PINS_FILE}", f"spool/{SLOTS_FILE}", f"spool/{INSTANCE_FILE}"}
 
 
 @dataclass(frozen=True)

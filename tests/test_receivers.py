@@ -190,6 +190,25 @@ def test_the_receivers_go_when_the_gateway_is_killed(gateway_factory: GatewayFac
     _wait("receivers gone", gone)
 
 
+def test_a_restart_after_kill_waits_for_the_old_receivers(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """kill -9 of the gateway, and at once a new start on the same spool: it waits
+    for the old receiver processes (they hold the spool's instance lock until they
+    have drained and exited) before it reconciles, then serves."""
+    gw = gateway_factory(dimse={"receiver_processes": 2})
+    assert storescu(gw.port, [_ct(tmp_path, "before")]).statuses == ["Success"]
+    old = _receiver_pids(gw)
+    gw.kill()
+    gw.start()
+    for pid in old:
+        stat = Path(f"/proc/{pid}/stat")
+        assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z"
+    assert storescu(gw.port, [_ct(tmp_path, "after")]).statuses == ["Success"]
+    assert len(gw.rows()) == 2
+    assert all(gw.spool / r["path"] for r in gw.rows())
+
+
 @pytest.mark.parametrize("processes", [1, 3])
 def test_any_number_of_receiver_processes(
     gateway_factory: GatewayFactory, tmp_path: Path, processes: int
