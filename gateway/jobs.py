@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
 import random
-import signal
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -58,7 +55,7 @@ from .store import (
     hand_back_leases,
     utcnow,
 )
-from .transcode import TranscodeResult, transcode
+from .transcode import ENCODER_NICENESS, TranscodeResult, init_encoder_process, transcode
 from .upload import InstanceOutcome, Item, RequestFailed, RequestTooBig, StowClient
 
 if TYPE_CHECKING:
@@ -75,7 +72,6 @@ _RETENTION_INTERVAL_S = 60.0
 #: Rows pruned per writer transaction (their files are unlinked by the writer).
 _PRUNE_MAX_ROWS = 500
 _BATCH_GROW_AFTER = 10
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -90,34 +86,28 @@ class Claimed:
     attempts: int
 
 
-def _die_with_parent() -> None:
-    """Process-pool initializer: a worker whose gateway was SIGKILLed exits too,
-    instead of living on and writing into a spool the next start already reconciled."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 #: Encoder processes run at this niceness: the receiver and the uploader come first.
-_ENCODER_NICENESS = 10
-
-
-def _init_encoder() -> None:
-    """Process-pool initializer: die with the gateway, and yield the CPU to it."""
-    _die_with_parent()
-    with contextlib.suppress(OSError):
-        os.nice(_ENCODER_NICENESS)
+_ENCODER_NICENESS = ENCODER_NICENESS
 
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:
-    # spawn, not fork: the gateway has many threads (pynetdicom, SQLite writer).
-    return ProcessPoolExecutor(
+    """*workers* encoder processes, started now rather than at the first instance.
+
+    spawn, not fork: the gateway has many threads (pynetdicom, SQLite writer).  The
+    initializer (:func:`gateway.transcode.init_encoder_process`) lives with the codec,
+    so an encoder imports only that module, and loads the codecs as it starts: the
+    first instances then find the encoders ready instead of waiting for them to start
+    (about half a CPU-second each).  Only paths cross to an encoder, never pixels.
+    """
+    pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_encoder,
+        initializer=init_encoder_process,
     )
+    # The pool starts a process per task while none is idle, up to max_workers.
+    for _ in range(workers):
+        pool.submit(os.getpid)
+    return pool
 
 
 #: The exponent of the backoff stops growing here: 2**62 times any sane initial delay is

@@ -104,8 +104,11 @@ calls.  A 300 MB, 572-frame instance peaks at about 75 MiB in its encoder proces
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import hashlib
 import os
+import signal
 import struct
 import time
 import warnings
@@ -204,6 +207,11 @@ _DEFER_BYTES = 64 * 1024
 _REASON_MAX = 300
 
 
+#: Encoder processes run at this niceness: the receiver and the uploader come first.
+ENCODER_NICENESS = 10
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 @dataclass(frozen=True)
 class TranscodeResult:
     outcome: str  # "compressed" | "passthrough" | "fallback"
@@ -284,6 +292,40 @@ def transcode(src: Path, dst: Path, codec: str = "j2k-lossless") -> TranscodeRes
     except BaseException:
         dst.unlink(missing_ok=True)
         raise
+
+
+def init_encoder_process() -> None:
+    """Process-pool initializer of the pipeline's encoder processes (gateway.jobs).
+
+    The encoder dies with the gateway, yields the CPU to it, and loads the codecs
+    before its first instance.  It is here, not with the pipeline, so a spawned
+    encoder imports only this module (NumPy, pydicom, the codecs), not the
+    pipeline's (aiohttp and the rest): half the start-up CPU, 15 MiB less each.
+    """
+    _die_with_parent()
+    with contextlib.suppress(OSError):
+        os.nice(ENCODER_NICENESS)
+    _load_codecs()
+
+
+def _die_with_parent() -> None:
+    """A worker whose gateway was SIGKILLed exits too, instead of living on and
+    writing into a spool the next start already reconciled."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _load_codecs() -> None:
+    """Load what a first transcode would load on first use (imagecodecs' codec
+    modules, pylibjpeg-openjpeg, pydicom's native pixel decoder) with a tiny image."""
+    img = np.zeros((16, 16), np.uint16)
+    with contextlib.suppress(Exception):  # a real instance will say what is wrong
+        openjpeg_decode(imagecodecs.jpeg2k_encode(img, level=0, codecformat="J2K", numthreads=1))
+        openjpeg_decode(imagecodecs.htj2k_encode(img, reversible=True))
+        get_decoder(ExplicitVRLittleEndian)
 
 
 def compressibility(src: Path) -> tuple[bool, str]:
