@@ -518,21 +518,41 @@ class Pipeline:
 
     # -- compress -----------------------------------------------------------------------
     async def _compress_loop(self) -> None:
-        workers = self.config.upload.encoder_processes
-        while True:
-            if self.spool.problem is not None:
-                # The spool is gone or replaced (Spool.check): nothing to read or write.
-                await _wait(self._compress_wake, _IDLE_POLL_S)
-                continue
-            claimed = await self._db(_claim_for_compression(workers * 2))
-            if not claimed:
-                await _wait(self._compress_wake, _IDLE_POLL_S)
-                continue
-            decisions = await self._decide(claimed)
-            await asyncio.gather(
-                *(self._compress_isolated(c, d) for c, d in zip(claimed, decisions, strict=True))
-            )
+        """Keep every encoder busy: up to two instances per encoder process are in
+        hand (one encoding, one ready for the moment its encoder is free), and another
+        is claimed as soon as one is done, so a large instance holds one encoder, not
+        the instances claimed with it.  Each one done wakes the uploader."""
+        window = self.config.upload.encoder_processes * 2
+        running: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
             self._upload_wake.set()
+
+        try:
+            while True:
+                if self.spool.problem is not None:
+                    # The spool is gone or replaced (Spool.check): nothing to read or write.
+                    await _wait(self._compress_wake, _IDLE_POLL_S)
+                    continue
+                if len(running) >= window:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                claimed = await self._db(_claim_for_compression(window - len(running)))
+                if not claimed:
+                    # More work only comes with a wake (or a retry, seen within the poll).
+                    await _wait(self._compress_wake, _IDLE_POLL_S)
+                    continue
+                decisions = await self._decide(claimed)
+                for c, d in zip(claimed, decisions, strict=True):
+                    task = asyncio.create_task(self._compress_isolated(c, d))
+                    running.add(task)
+                    task.add_done_callback(done)
+        finally:
+            for task in list(running):
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
 
     async def _decide(self, claimed: list[Claimed]) -> list[Decision | None]:
         """With ``if-faster``: for each instance whether to compress it (None: do)."""
