@@ -18,8 +18,8 @@ encoder's), to the same integers as the original's stored pixel cells (compared 
 stored, *without* masking the bits above Bits Stored, so noise or overlays in those
 bits are never silently dropped), and its main header has the original's precision
 and signedness.  The written file is then read back: its Pixel Data must be exactly
-those codestreams, one per frame (compared by SHA-256, as the codestreams are not
-kept), and every other data element, at every sequence
+those codestreams, one per frame (compared byte for byte, or by SHA-256 beyond 16 MiB
+of codestreams, which are not kept), and every other data element, at every sequence
 depth, must have the same value bytes as received (byte-swapped where a big endian
 original requires it).
 With an Explicit VR original, each element keeps the VR written in the file
@@ -93,11 +93,12 @@ with its Pixel Data deferred, and pydicom's native decoder reads one frame at a 
 from the file (:func:`_stored_frames`); at most one frame more than there are
 encoder threads is in flight (the frame, its codestream, and the one decoded for
 verification), and each verified codestream is written to the file as it comes
-(:func:`_write`), only its SHA-256 kept.  A single large frame is held once, plus
+(:func:`_write`); up to 16 MiB of them are kept for the read-back comparison,
+only the SHA-256 of the rest.  A single large frame is held once, plus
 its decoded copy and OpenJPEG's own buffers.  Reading the result back does not load
 its Pixel Data: it is compared one fragment at a time.  Other values over 64 KiB are
 read from the file when they are written or compared.  Nothing is cached between
-calls.  A 300 MB, 572-frame instance peaks at about 75 MiB in its encoder process
+calls.  A 300 MB, 572-frame instance peaks at about 80 MiB in its encoder process
 (``tests/bench/transcode.py``).
 """
 
@@ -204,6 +205,9 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 # Large values of the original are read from the file only when they are compared,
 # so the verification pass does not hold a second copy of the Pixel Data.
 _DEFER_BYTES = 64 * 1024
+#: Written codestreams kept to compare the file with, up to this many bytes per
+#: instance; beyond it only their SHA-256 (see :func:`_write`).
+_KEEP_BYTES = 16 * 1024 * 1024
 _REASON_MAX = 300
 
 
@@ -415,7 +419,7 @@ def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
         ds, frames, count, mct=rgb, stage="encoder error", where="", ts_out=ts_out
     )
     try:
-        digests = _write(ds, dst, codestreams, count)
+        written = _write(ds, dst, codestreams, count)
     finally:
         # On an error: the encoder threads stop, the input file is closed.
         codestreams.close()
@@ -424,8 +428,8 @@ def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
         src,
         dst,
         was_rgb=rgb,
-        digests=digests,
-        icons={index: _digests(encoded) for index, encoded in encoded_icons.items()},
+        written=written,
+        icons={index: _kept(encoded) for index, encoded in encoded_icons.items()},
     )
 
 
@@ -787,15 +791,33 @@ def _encapsulate(ds: Dataset, frames: list[bytes]) -> None:
     ds["PixelData"].is_undefined_length = True
 
 
-def _digests(codestreams: Iterable[bytes]) -> list[bytes]:
-    """SHA-256 of each codestream as a fragment holds it (even length, PS3.5 A.4)."""
-    return [hashlib.sha256(cs + b"\0" if len(cs) % 2 else cs).digest() for cs in codestreams]
+@dataclass(frozen=True)
+class _Written:
+    """What one fragment of the written Pixel Data must hold: the verified codestream
+    (*hashed* False), or its SHA-256 (*hashed*: beyond :data:`_KEEP_BYTES`)."""
+
+    value: bytes
+    hashed: bool
+
+    def matches(self, fragment: bytes) -> bool:
+        return (hashlib.sha256(fragment).digest() if self.hashed else fragment) == self.value
 
 
-def _write(ds: Dataset, dst: Path, codestreams: Iterator[bytes], count: int) -> list[bytes]:
+def _padded(cs: bytes) -> bytes:
+    """*cs* as a fragment holds it: one zero pads an odd length (PS3.5 A.4)."""
+    return cs + b"\0" if len(cs) % 2 else cs
+
+
+def _kept(codestreams: Iterable[bytes]) -> list[_Written]:
+    return [_Written(_padded(cs), hashed=False) for cs in codestreams]
+
+
+def _write(ds: Dataset, dst: Path, codestreams: Iterator[bytes], count: int) -> list[_Written]:
     """Write *ds* to *dst* as Explicit VR Little Endian, its Pixel Data the *count*
     *codestreams* encapsulated as they come (PS3.5 A.4: one fragment per frame, a
-    Basic Offset Table), and return each fragment's SHA-256.
+    Basic Offset Table), and return what each fragment must hold when read back: the
+    codestream itself while those kept are within :data:`_KEEP_BYTES`, its SHA-256
+    beyond (so a large multi-frame instance's codestreams are not all kept).
 
     pydicom writes the data set up to Pixel Data (:func:`pydicom.dcmwrite`) and the
     elements after it (:func:`pydicom.filewriter.write_dataset`, e.g. Data Set
@@ -814,7 +836,8 @@ def _write(ds: Dataset, dst: Path, codestreams: Iterator[bytes], count: int) -> 
     tail.set_original_encoding(False, True)
     if _PIXEL_DATA in ds:
         del ds[_PIXEL_DATA]
-    digests = []
+    written: list[_Written] = []
+    kept = 0
     with open(dst, "wb") as f:
         with _stage("cannot write output"):
             # save_as() refuses to change byte order; dcmwrite() does it when asked.
@@ -836,11 +859,13 @@ def _write(ds: Dataset, dst: Path, codestreams: Iterator[bytes], count: int) -> 
                 fp.write_tag(ItemTag)
                 fp.write_UL(len(cs) + len(cs) % 2)
                 f.write(cs)
-                digest = hashlib.sha256(cs)
                 if len(cs) % 2:  # a fragment has even length: one zero pads it
                     f.write(b"\0")
-                    digest.update(b"\0")
-                digests.append(digest.digest())
+                if kept + len(cs) <= _KEEP_BYTES:
+                    kept += len(cs)
+                    written.append(_Written(_padded(cs), hashed=False))
+                else:
+                    written.append(_Written(hashlib.sha256(_padded(cs)).digest(), hashed=True))
         if len(offsets) != count:
             raise _fallback(f"{len(offsets)} frames decoded, {count} expected")
         if offsets and offsets[-1] > 0xFFFFFFFF:
@@ -852,7 +877,7 @@ def _write(ds: Dataset, dst: Path, codestreams: Iterator[bytes], count: int) -> 
                 write_dataset(fp, tail)
             f.seek(table)
             f.write(struct.pack(f"<{count}I", *offsets))
-    return digests
+    return written
 
 
 # -- policy ----------------------------------------------------------------------------
@@ -1019,21 +1044,22 @@ def _check_unused_bits(ds: Dataset, original: np.ndarray[Any, Any], *, where: st
 
 
 # -- verification ----------------------------------------------------------------------
-def _verify_pixels(out: Dataset, digests: list[bytes], path: Path, *, where: str = "") -> None:
+def _verify_pixels(out: Dataset, written: list[_Written], path: Path, *, where: str = "") -> None:
     """*out* (the result read from *path*, or one of its icon items) holds the
-    codestreams whose SHA-256 are *digests*.
+    codestreams that were *written*.
 
     Each of those codestreams was decoded and compared with the original's frame
     before it was written (:func:`_encode_verified`); here the file's encapsulated
-    Pixel Data must parse, by pydicom, to as many frames, each with the same digest.
-    A deferred value is read from the file one fragment at a time.
+    Pixel Data must parse, by pydicom, to as many frames, each the same bytes (or,
+    for those not kept, the same SHA-256).  A deferred value is read from the file
+    one fragment at a time.
     """
     elem = out.get_item(_PIXEL_DATA, keep_deferred=True) if _PIXEL_DATA in out else None
     if not isinstance(elem, RawDataElement) or elem.length != _UNDEFINED_LENGTH or elem.VR != "OB":
         raise _fallback(f"{where}result pixel data is not encapsulated")
     frames = int(out.get("NumberOfFrames") or 1)
-    if frames != len(digests):
-        raise _fallback(f"{where}result has {frames} frames, {len(digests)} encoded")
+    if frames != len(written):
+        raise _fallback(f"{where}result has {frames} frames, {len(written)} encoded")
     with contextlib.ExitStack() as stack, _stage(f"{where}cannot parse result"):
         if elem.value is None:  # deferred: read it where it is in the file
             f = stack.enter_context(open(path, "rb"))
@@ -1041,21 +1067,21 @@ def _verify_pixels(out: Dataset, digests: list[bytes], path: Path, *, where: str
             buffer: Any = f
         else:
             buffer = bytes(elem.value)
-        written = generate_frames(buffer, number_of_frames=frames)
-        for index, digest in enumerate(digests):
-            frame = next(written, None)
-            if frame is None or hashlib.sha256(frame).digest() != digest:
+        fragments = generate_frames(buffer, number_of_frames=frames)
+        for index, expected in enumerate(written):
+            frame = next(fragments, None)
+            if frame is None or not expected.matches(frame):
                 raise _fallback(f"{where}written frame {index} is not the verified codestream")
-        if next(written, None) is not None:
+        if next(fragments, None) is not None:
             raise _fallback(f"{where}result has more codestreams than {frames} frames")
 
 
-def _verify_icons(out: Dataset, icons: dict[int, list[bytes]], path: Path) -> None:
+def _verify_icons(out: Dataset, icons: dict[int, list[_Written]], path: Path) -> None:
     items = out[_ICON_SEQUENCE].value if icons else []
-    for index, digests in icons.items():
+    for index, written in icons.items():
         if index >= len(items):
             raise _fallback(f"icon image {index} missing from the result")
-        _verify_pixels(items[index], digests, path, where=f"icon image {index}: ")
+        _verify_pixels(items[index], written, path, where=f"icon image {index}: ")
 
 
 def _check_codestream(
@@ -1137,13 +1163,18 @@ def _check_codestream(
 
 
 def _verify_elements(
-    src: Path, dst: Path, *, was_rgb: bool, digests: list[bytes], icons: dict[int, list[bytes]]
+    src: Path,
+    dst: Path,
+    *,
+    was_rgb: bool,
+    written: list[_Written],
+    icons: dict[int, list[_Written]],
 ) -> None:
-    """The written file holds the verified codestreams (*digests*, and the icons'
+    """The written file holds the verified codestreams (*written*, and the icons'
     per item index) and every other element as received (see the module docstring)."""
     with _stage("cannot read result"):
         out = pydicom.dcmread(dst, defer_size=_DEFER_BYTES)
-    _verify_pixels(out, digests, dst)
+    _verify_pixels(out, written, dst)
     _verify_icons(out, icons, dst)
     with _stage("cannot read data sets to compare"):
         orig = pydicom.dcmread(src, defer_size=_DEFER_BYTES)

@@ -44,11 +44,14 @@ def test_a_multi_frame_instance_is_never_in_memory_whole(
     tracemalloc counts exactly, so this is not a noisy figure: holding the original
     Pixel Data, the frame list or the encoded frames once makes the peak at least the
     size of the Pixel Data (about 22 MiB here before the stage worked frame by frame);
-    frame by frame it is a few frames (each 32 KiB) and pydicom's parsing.
+    frame by frame it is a few frames (each 32 KiB) and pydicom's parsing.  The
+    codestreams kept to compare the written file with are capped (16 MiB, SHA-256
+    beyond it); the cap is 256 KiB here, so these 3 MiB of codestreams go past it.
     """
     src = _multiframe(tmp_path)
     pixel_bytes = FRAMES * 128 * 128 * 2  # 3 MiB
     monkeypatch.setattr(transcode_module, "_threads", lambda: 2)
+    monkeypatch.setattr(transcode_module, "_KEEP_BYTES", 256 * 1024)
     tracemalloc.start()
     try:
         result, _ = run(src, tmp_path, codec)
@@ -158,3 +161,29 @@ def test_a_failing_frame_leaves_no_file_and_stops_reading(
     result, _ = run(src, tmp_path)  # asserts no dst is left behind
     assert result.outcome == "fallback" and "frame 5 exploded" in result.reason
     assert read < 10
+
+
+@pytest.mark.parametrize("keep", [0, 1 << 30])
+def test_a_fragment_changed_after_writing_is_a_fallback(
+    keep: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The written file is read back: a fragment that is not the verified codestream
+    is refused, whether it is compared byte for byte or (beyond the cap) by SHA-256."""
+    src = _multiframe(tmp_path, frames=6, side=32)
+    monkeypatch.setattr(transcode_module, "_KEEP_BYTES", keep)
+    real_verify = transcode_module._verify_elements
+
+    def corrupting(src: Path, dst: Path, **kwargs: Any) -> None:
+        data = bytearray(dst.read_bytes())
+        frames = list(generate_frames(pydicom.dcmread(dst).PixelData, number_of_frames=6))
+        at = bytes(data).index(frames[3]) + len(frames[3]) // 2
+        data[at] ^= 0x01
+        dst.write_bytes(bytes(data))
+        real_verify(src, dst, **kwargs)
+
+    monkeypatch.setattr(transcode_module, "_verify_elements", corrupting)
+    result, _ = run(src, tmp_path)
+    assert (result.outcome, result.reason) == (
+        "fallback",
+        "written frame 3 is not the verified codestream",
+    )
