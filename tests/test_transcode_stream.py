@@ -14,11 +14,13 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels.decoders.base import get_decoder
 
 from gateway import transcode as transcode_module
 
 from . import corpus
 from .test_transcode import compressed, make_image, run
+from .test_transcode_fidelity import NATIVE_FILES
 
 CODECS = ["j2k-lossless", "htj2k-lossless"]
 FRAMES = 96
@@ -70,15 +72,20 @@ def test_frames_in_flight_are_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(transcode_module, "_threads", lambda: threads)
     lock = threading.Lock()
     read = written = ahead = 0
-    real_read, real_write = transcode_module._read_frames, transcode_module._write
+    real_read, real_write = transcode_module._stored_frames, transcode_module._write
 
     def counting_read(*args: Any) -> Any:
-        nonlocal read, ahead
-        for frame in real_read(*args):
-            with lock:
-                read += 1
-                ahead = max(ahead, read - written)
-            yield frame
+        frames = real_read(*args)  # now: it takes what it needs from the data set
+
+        def counted() -> Any:
+            nonlocal read, ahead
+            for frame in frames:
+                with lock:
+                    read += 1
+                    ahead = max(ahead, read - written)
+                yield frame
+
+        return counted()
 
     def counting_write(ds: Any, dst: Path, codestreams: Any, count: int) -> list[bytes]:
         def counted() -> Any:
@@ -90,7 +97,7 @@ def test_frames_in_flight_are_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
 
         return real_write(ds, dst, counted(), count)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(transcode_module, "_read_frames", counting_read)
+    monkeypatch.setattr(transcode_module, "_stored_frames", counting_read)
     monkeypatch.setattr(transcode_module, "_write", counting_write)
     compressed(src, tmp_path)
     assert (read, written) == (40, 40)
@@ -138,13 +145,18 @@ def test_a_failing_frame_leaves_no_file_and_stops_reading(
     src = _multiframe(tmp_path, frames=40, side=32)
     monkeypatch.setattr(transcode_module, "_threads", lambda: 2)
     read = 0
-    real_read = transcode_module._read_frames
+    real_read = transcode_module._stored_frames
 
     def counting_read(*args: Any) -> Any:
-        nonlocal read
-        for frame in real_read(*args):
-            read += 1
-            yield frame
+        frames = real_read(*args)
+
+        def counted() -> Any:
+            nonlocal read
+            for frame in frames:
+                read += 1
+                yield frame
+
+        return counted()
 
     real_encode = transcode_module.imagecodecs.jpeg2k_encode
     calls = 0
@@ -156,7 +168,7 @@ def test_a_failing_frame_leaves_no_file_and_stops_reading(
             raise RuntimeError("frame 5 exploded")
         return real_encode(data, **kwargs)
 
-    monkeypatch.setattr(transcode_module, "_read_frames", counting_read)
+    monkeypatch.setattr(transcode_module, "_stored_frames", counting_read)
     monkeypatch.setattr(transcode_module.imagecodecs, "jpeg2k_encode", fails_on_the_fifth)
     result, _ = run(src, tmp_path)  # asserts no dst is left behind
     assert result.outcome == "fallback" and "frame 5 exploded" in result.reason
@@ -187,3 +199,29 @@ def test_a_fragment_changed_after_writing_is_a_fallback(
         "fallback",
         "written frame 3 is not the verified codestream",
     )
+
+
+@pytest.mark.parametrize("src", NATIVE_FILES, ids=lambda p: p.name)
+def test_frames_read_by_offset_are_what_pydicom_decodes(src: Path) -> None:
+    """Little endian frames are read straight from the file into arrays: each must be
+    what pydicom's decoder yields for it, dtype and shape included."""
+    ds = pydicom.dcmread(src, defer_size=transcode_module._DEFER_BYTES)
+    ts = ds.file_meta.get("TransferSyntaxUID")
+    try:
+        transcode_module._check_policy(ds)
+    except transcode_module._NotCompressed:
+        return  # not compressed: its frames are never read
+    if transcode_module._little_endian_layout(ds, ts) is None:
+        return  # read by pydicom's decoder itself
+    options = {"raw": True, "correct_unused_bits": False}
+    expected = [arr for arr, _ in get_decoder(ts).iter_array(pydicom.dcmread(src), **options)]
+    try:
+        frames = list(transcode_module._stored_frames(ds, src, ts))
+    except transcode_module._NotCompressed as exc:
+        assert "Bits Stored" in exc.reason
+        return
+    assert len(frames) == len(expected)
+    for frame, reference in zip(frames, expected, strict=True):
+        assert frame.dtype == reference.dtype.newbyteorder("=")
+        assert frame.shape == reference.shape
+        assert np.array_equal(frame, reference)
