@@ -89,8 +89,8 @@ Everything else passes through:
 * pixel cells with bits set above Bits Stored (overlays, noise), which J2K drops.
 
 **Memory.**  Frame by frame, whatever the instance's size: the original is read
-with its Pixel Data deferred, and pydicom's native decoder reads one frame at a time
-from the file (:func:`_stored_frames`); at most one frame more than there are
+with its Pixel Data deferred, and its frames are read from the file one at a time
+(:func:`_stored_frames`); at most one frame more than there are
 encoder threads is in flight (the frame, its codestream, and the one decoded for
 verification), and each verified codestream is written to the file as it comes
 (:func:`_write`); up to 16 MiB of them are kept for the read-back comparison,
@@ -534,8 +534,9 @@ def _stored_frames(ds: Dataset, src: Path, ts: UID) -> Generator[np.ndarray[Any,
     Stored (:func:`_check_unused_bits`).  Each frame is read from the file where the
     deferred Pixel Data value is, so the whole value is never in memory: little
     endian frames straight into an array (:func:`_read_little_endian`), others
-    (big endian, colour-by-plane) by pydicom's native decoder.  The decoding options are taken from *ds* now, before the caller
-    changes its Photometric Interpretation or Planar Configuration.
+    (big endian, colour-by-plane) by pydicom's native decoder.  The layout is taken
+    from *ds* now, before the caller changes its Photometric Interpretation or
+    Planar Configuration.
     """
     with _stage("cannot decode original pixels"):
         elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
@@ -578,9 +579,9 @@ def _read_frames(
 def _little_endian_layout(
     ds: Dataset, ts: UID
 ) -> tuple[np.dtype[Any], tuple[int, ...], int] | None:
-    """The dtype, shape and number of the frames of *ds* where its cells are stored exactly
-    as that array (little endian, 8 or 16 bits, one sample or colour-by-pixel), else
-    None: pydicom's decoder then reads the frames (big endian, colour-by-plane)."""
+    """The dtype, shape and number of the frames of *ds* where its cells are stored
+    exactly as that array (little endian, 8 or 16 bits, one sample or colour-by-pixel),
+    else None: pydicom's decoder then reads the frames (big endian, colour-by-plane)."""
     spp = int(ds.SamplesPerPixel)
     if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) or (
         spp != 1 and ds.get("PlanarConfiguration") != 0
