@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import multiprocessing
 import os
 import random
-import signal
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -58,7 +55,7 @@ from .store import (
     hand_back_leases,
     utcnow,
 )
-from .transcode import TranscodeResult, transcode
+from .transcode import ENCODER_NICENESS, TranscodeResult, init_encoder_process, transcode
 from .upload import InstanceOutcome, Item, RequestFailed, RequestTooBig, StowClient
 
 if TYPE_CHECKING:
@@ -75,7 +72,6 @@ _RETENTION_INTERVAL_S = 60.0
 #: Rows pruned per writer transaction (their files are unlinked by the writer).
 _PRUNE_MAX_ROWS = 500
 _BATCH_GROW_AFTER = 10
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -90,37 +86,28 @@ class Claimed:
     attempts: int
 
 
-def _die_with_parent() -> None:
-    """Process-pool initializer: a worker whose gateway was SIGKILLed exits too,
-    instead of living on and writing into a spool the next start already reconciled."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-#: Encoder processes run at this niceness (absolute, not added to the gateway's own
-#: gateway.receivers.GATEWAY_NICENESS): the receivers and the uploader come first.
-_ENCODER_NICENESS = 10
-
-
-def _init_encoder() -> None:
-    """Process-pool initializer: die with the gateway, and yield the CPU to it."""
-    _die_with_parent()
-    with contextlib.suppress(OSError):
-        os.setpriority(
-            os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), _ENCODER_NICENESS)
-        )
+#: Encoder processes run at this niceness: the receiver and the uploader come first.
+_ENCODER_NICENESS = ENCODER_NICENESS
 
 
 def _new_pool(workers: int) -> ProcessPoolExecutor:
-    # spawn, not fork: the gateway has many threads (pynetdicom, SQLite writer).
-    return ProcessPoolExecutor(
+    """*workers* encoder processes, started now rather than at the first instance.
+
+    spawn, not fork: the gateway has many threads (pynetdicom, SQLite writer).  The
+    initializer (:func:`gateway.transcode.init_encoder_process`) lives with the codec,
+    so an encoder imports only that module, and loads the codecs as it starts: the
+    first instances then find the encoders ready instead of waiting for them to start
+    (about half a CPU-second each).  Only paths cross to an encoder, never pixels.
+    """
+    pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_encoder,
+        initializer=init_encoder_process,
     )
+    # The pool starts a process per task while none is idle, up to max_workers.
+    for _ in range(workers):
+        pool.submit(os.getpid)
+    return pool
 
 
 #: The exponent of the backoff stops growing here: 2**62 times any sane initial delay is
@@ -531,21 +518,41 @@ class Pipeline:
 
     # -- compress -----------------------------------------------------------------------
     async def _compress_loop(self) -> None:
-        workers = self.config.upload.encoder_processes
-        while True:
-            if self.spool.problem is not None:
-                # The spool is gone or replaced (Spool.check): nothing to read or write.
-                await _wait(self._compress_wake, _IDLE_POLL_S)
-                continue
-            claimed = await self._db(_claim_for_compression(workers * 2))
-            if not claimed:
-                await _wait(self._compress_wake, _IDLE_POLL_S)
-                continue
-            decisions = await self._decide(claimed)
-            await asyncio.gather(
-                *(self._compress_isolated(c, d) for c, d in zip(claimed, decisions, strict=True))
-            )
+        """Keep every encoder busy: up to two instances per encoder process are in
+        hand (one encoding, one ready for the moment its encoder is free), and another
+        is claimed as soon as one is done, so a large instance holds one encoder, not
+        the instances claimed with it.  Each one done wakes the uploader."""
+        window = self.config.upload.encoder_processes * 2
+        running: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            running.discard(task)
             self._upload_wake.set()
+
+        try:
+            while True:
+                if self.spool.problem is not None:
+                    # The spool is gone or replaced (Spool.check): nothing to read or write.
+                    await _wait(self._compress_wake, _IDLE_POLL_S)
+                    continue
+                if len(running) >= window:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                claimed = await self._db(_claim_for_compression(window - len(running)))
+                if not claimed:
+                    # More work only comes with a wake (or a retry, seen within the poll).
+                    await _wait(self._compress_wake, _IDLE_POLL_S)
+                    continue
+                decisions = await self._decide(claimed)
+                for c, d in zip(claimed, decisions, strict=True):
+                    task = asyncio.create_task(self._compress_isolated(c, d))
+                    running.add(task)
+                    task.add_done_callback(done)
+        finally:
+            for task in list(running):
+                task.cancel()
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
 
     async def _decide(self, claimed: list[Claimed]) -> list[Decision | None]:
         """With ``if-faster``: for each instance whether to compress it (None: do)."""

@@ -12,13 +12,14 @@ be uploaded as it is:
 * ``"fallback"``: the input is malformed, a codec or write failed, or the result did
   not verify.  Bad input never raises; every such case ends here with a reason.
 
-**Verification.**  Each codestream is checked before the file is written: it
+**Verification.**  Each codestream is checked before it is written: it
 decodes, with pylibjpeg-openjpeg (another build and binding of OpenJPEG than the
 encoder's), to the same integers as the original's stored pixel cells (compared as
 stored, *without* masking the bits above Bits Stored, so noise or overlays in those
 bits are never silently dropped), and its main header has the original's precision
 and signedness.  The written file is then read back: its Pixel Data must be exactly
-those codestreams, one per frame, and every other data element, at every sequence
+those codestreams, one per frame (compared byte for byte, or by SHA-256 beyond 16 MiB
+of codestreams, which are not kept), and every other data element, at every sequence
 depth, must have the same value bytes as received (byte-swapped where a big endian
 original requires it).
 With an Explicit VR original, each element keeps the VR written in the file
@@ -41,11 +42,11 @@ size it has with RGB kept); colour is written with Planar Configuration 0 as PS3
 codestream per frame (PS3.5 A.4.4: no JP2 wrapper), one tile, Bits Stored as the
 precision, 6 resolutions where both sides allow it (what pydicom's pylibjpeg-openjpeg
 encoder writes, byte for byte), fewer for smaller images (see
-:func:`_encoder_options`), encapsulated with pydicom's ``encapsulate``.  Every core
-is used on every image size: the frames of a multi-frame instance are encoded in a
-thread pool (imagecodecs lets go of the interpreter lock), a single frame with
-OpenJPEG's own encoder threads, while the calling thread verifies the codestreams
-already done.
+:func:`_encoder_options`), encapsulated one fragment per frame with a Basic Offset
+Table, as pydicom's ``encapsulate`` does (:func:`_write`).  Every core is used on
+every image size: the frames of a multi-frame instance are encoded in a thread pool
+(imagecodecs lets go of the interpreter lock), a single frame with OpenJPEG's own
+encoder threads, while the calling thread verifies the codestreams already done.
 
 **HTJ2K.**  JPEG 2000 Part 15 codestreams (PS3.5 8.2.14: the same Photometric
 Interpretations, so the same policy and RGB as YBR_RCT) encoded by OpenJPH through
@@ -87,26 +88,36 @@ Everything else passes through:
   PS3.3 does not define;
 * pixel cells with bits set above Bits Stored (overlays, noise), which J2K drops.
 
-**Memory.**  The worker holds the original Pixel Data once (the reference array is
-a view on it; big endian input or 8 bits stored in 16 add a copy of each frame
-being encoded), the encoded frames twice while the file is written (the frame list
-and the encapsulated value built from it; the original is let go first), and one
-decoded frame at a time per thread, plus OpenJPEG's own per-frame buffers, which
-dominate for a single large frame.  Reading the result back does not load its
-Pixel Data: it is compared with the frames one fragment at a time.  Nothing is
-cached between calls.
+**Memory.**  Frame by frame, whatever the instance's size: the original is read
+with its Pixel Data deferred, and its frames are read from the file one at a time
+(:func:`_stored_frames`); at most one frame more than there are
+encoder threads is in flight (the frame, its codestream, and the one decoded for
+verification), and each verified codestream is written to the file as it comes
+(:func:`_write`); up to 16 MiB of them are kept for the read-back comparison,
+only the SHA-256 of the rest.  A single large frame is held once, plus
+its decoded copy and OpenJPEG's own buffers.  Reading the result back does not load
+its Pixel Data: it is compared one fragment at a time.  Other values over 64 KiB are
+read from the file when they are written or compared.  Nothing is cached between
+calls.  A 300 MB, 572-frame instance peaks at about 80 MiB in its encoder process
+(``tests/bench/transcode.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import hashlib
 import os
+import signal
+import struct
 import time
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import repeat
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -118,9 +129,11 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
-from pydicom.filewriter import correct_ambiguous_vr_element
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import correct_ambiguous_vr_element, write_dataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.tag import BaseTag
+from pydicom.pixels.utils import as_pixel_options
+from pydicom.tag import BaseTag, ItemTag, SequenceDelimiterTag, Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -192,7 +205,16 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 # Large values of the original are read from the file only when they are compared,
 # so the verification pass does not hold a second copy of the Pixel Data.
 _DEFER_BYTES = 64 * 1024
+#: Written codestreams kept to compare the file with, up to this many bytes per
+#: instance; beyond it only their SHA-256 (see :func:`_write`).
+_KEEP_BYTES = 16 * 1024 * 1024
 _REASON_MAX = 300
+
+
+#: Encoder processes run at this niceness (absolute, not added to the gateway's own
+#: gateway.receivers.GATEWAY_NICENESS): the receivers and the uploader come first.
+ENCODER_NICENESS = 10
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -258,7 +280,9 @@ def transcode(src: Path, dst: Path, codec: str = "j2k-lossless") -> TranscodeRes
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with _stage("cannot read data set"):
-                ds = pydicom.dcmread(src)
+                # Pixel Data (and any other large value) stays in the file: it is
+                # read frame by frame while the frames are encoded.
+                ds = pydicom.dcmread(src, defer_size=_DEFER_BYTES)
                 ts_in = str(ds.file_meta.get("TransferSyntaxUID", ""))
             _compress(ds, src, dst, ts_out)
         size_out = dst.stat().st_size
@@ -275,6 +299,42 @@ def transcode(src: Path, dst: Path, codec: str = "j2k-lossless") -> TranscodeRes
         raise
 
 
+def init_encoder_process() -> None:
+    """Process-pool initializer of the pipeline's encoder processes (gateway.jobs).
+
+    The encoder dies with the gateway, yields the CPU to it, and loads the codecs
+    before its first instance.  It is here, not with the pipeline, so a spawned
+    encoder imports only this module (NumPy, pydicom, the codecs), not the
+    pipeline's (aiohttp and the rest): half the start-up CPU, 15 MiB less each.
+    """
+    _die_with_parent()
+    with contextlib.suppress(OSError):
+        os.setpriority(
+            os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0), ENCODER_NICENESS)
+        )
+    _load_codecs()
+
+
+def _die_with_parent() -> None:
+    """A worker whose gateway was SIGKILLed exits too, instead of living on and
+    writing into a spool the next start already reconciled."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _load_codecs() -> None:
+    """Load what a first transcode would load on first use (imagecodecs' codec
+    modules, pylibjpeg-openjpeg, pydicom's native pixel decoder) with a tiny image."""
+    img = np.zeros((16, 16), np.uint16)
+    with contextlib.suppress(Exception):  # a real instance will say what is wrong
+        openjpeg_decode(imagecodecs.jpeg2k_encode(img, level=0, codecformat="J2K", numthreads=1))
+        openjpeg_decode(imagecodecs.htj2k_encode(img, reversible=True))
+        get_decoder(ExplicitVRLittleEndian)
+
+
 def compressibility(src: Path) -> tuple[bool, str]:
     """Whether :func:`transcode` would try to compress *src*, and if not, why.
 
@@ -288,8 +348,10 @@ def compressibility(src: Path) -> tuple[bool, str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with _stage("cannot read data set"):
-                ds = pydicom.dcmread(src)
-            _check_policy(ds)
+                ds = pydicom.dcmread(src, defer_size=_DEFER_BYTES)
+            ts, _ = _check_policy(ds)
+            for _frame in _stored_frames(ds, src, ts):
+                pass  # each frame is checked for bits above Bits Stored as it is read
     except _NotCompressed as nc:
         return False, f"{nc.outcome}: {nc.reason}"
     return True, ""
@@ -303,13 +365,13 @@ class _Icon:
     original: np.ndarray[Any, Any]
 
 
-def _check_policy(ds: Dataset) -> tuple[UID, np.ndarray[Any, Any], list[_Icon]]:
+def _check_policy(ds: Dataset) -> tuple[UID, list[_Icon]]:
+    """The policy checks that need no pixel of the image itself (its icons are small
+    and decoded here); the image's frames are checked for bits above Bits Stored as
+    :func:`_stored_frames` reads them."""
     ts = _check_transfer_syntax(ds)
     with _stage("invalid Image Pixel module"):
         icon_indexes = _check_pixel_module(ds)
-    with _stage("cannot decode original pixels"):
-        original = _stored_pixels(ds, ts)
-    _check_unused_bits(ds, original)
     icons = []
     for index in icon_indexes:
         item = ds[_ICON_SEQUENCE].value[index]
@@ -317,11 +379,11 @@ def _check_policy(ds: Dataset) -> tuple[UID, np.ndarray[Any, Any], list[_Icon]]:
             arr = _stored_pixels(item, ts)
         _check_unused_bits(item, arr, where=f"icon image {index}: ")
         icons.append(_Icon(index, arr))
-    return ts, original, icons
+    return ts, icons
 
 
 def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
-    _, original, icons = _check_policy(ds)
+    ts, icons = _check_policy(ds)
 
     # PS3.5 A.4: the Transfer Syntax applies to the whole data set, so an icon's
     # Pixel Data is encapsulated JPEG 2000 too; it keeps its Photometric
@@ -331,23 +393,23 @@ def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
         encoded_icons[icon.index] = _compress_icon(
             ds[_ICON_SEQUENCE].value[icon.index], icon.original, index=icon.index, ts_out=ts_out
         )
+    del icons
 
+    # Read before anything below changes the data set: the frames are decoded as
+    # stored, in native byte order and colour-by-pixel whatever the original's byte
+    # order and Planar Configuration.
+    frames = _stored_frames(ds, src, ts)
+    count = _frame_count(ds)
     rgb = ds.PhotometricInterpretation == "RGB"
     if rgb:
         # Both encoders apply the reversible colour transform when asked to (mct); the
         # data set then says YBR_RCT.
         ds.PhotometricInterpretation = "YBR_RCT"
     if ds.SamplesPerPixel == 3:
-        # The reference array is colour-by-pixel whatever the original layout.
+        # The reference frames are colour-by-pixel whatever the original layout.
         ds.PlanarConfiguration = 0
-    # From the array, not the data set's buffer: it is in native byte order and
-    # colour-by-pixel whatever the original's byte order and Planar Configuration.
-    encoded = _encode_verified(
-        ds, original, mct=rgb, stage="encoder error", where="", ts_out=ts_out
-    )
-    del original, icons  # the original pixels: only the codestreams are needed now
-    _encapsulate(ds, encoded)
     ds.file_meta.TransferSyntaxUID = ts_out
+    _read_deferred(ds, src)
     implicit, little = ds.original_encoding
     if implicit or not little:
         with _stage("cannot convert to Explicit VR Little Endian"):
@@ -356,13 +418,35 @@ def _compress(ds: Dataset, src: Path, dst: Path, ts_out: UID) -> None:
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = f"PYDICOM {pydicom.__version__}"[:16]
 
-    with _stage("cannot write output"), open(dst, "wb") as f:
-        # save_as() refuses to change byte order; dcmwrite() does it when asked.
-        pydicom.dcmwrite(f, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
-    # The encapsulated copy of the codestreams is written: let it go before the
-    # result is read back.  (*ds* is the caller's, which does not use it again.)
-    del ds[_PIXEL_DATA]
-    _verify_elements(src, dst, was_rgb=rgb, encoded=encoded, icons=encoded_icons)
+    codestreams = _encode_verified(
+        ds, frames, count, mct=rgb, stage="encoder error", where="", ts_out=ts_out
+    )
+    try:
+        written = _write(ds, dst, codestreams, count)
+    finally:
+        # On an error: the encoder threads stop, the input file is closed.
+        codestreams.close()
+        frames.close()
+    _verify_elements(
+        src,
+        dst,
+        was_rgb=rgb,
+        written=written,
+        icons={index: _kept(encoded) for index, encoded in encoded_icons.items()},
+    )
+
+
+def _read_deferred(ds: Dataset, src: Path) -> None:
+    """Read the deferred values of *ds* other than Pixel Data as the bytes stored in
+    *src*: pydicom would read and convert a deferred value when writing it, which
+    re-encodes it (and for a big endian original would not swap OW).  Only top-level
+    values are deferred (pydicom reads sequence items whole)."""
+    for tag in _tags(ds):
+        if tag == _PIXEL_DATA:
+            continue
+        elem = ds.get_item(tag, keep_deferred=True)
+        if isinstance(elem, RawDataElement) and elem.value is None:
+            ds[tag] = elem._replace(value=_raw_bytes(elem, src))
 
 
 def _to_explicit_little(
@@ -423,21 +507,128 @@ def _compress_icon(
     if int(item.SamplesPerPixel) == 3:
         item.PlanarConfiguration = 0
     where = f"icon image {index}: "
-    encoded = _encode_verified(
-        item,
-        original,
-        mct=False,
-        stage=f"encoder error in icon image {index}",
-        where=where,
-        ts_out=ts_out,
+    frames = original if _frame_count(item) > 1 else original[np.newaxis]
+    encoded = list(
+        _encode_verified(
+            item,
+            iter(frames),
+            len(frames),
+            mct=False,
+            stage=f"encoder error in icon image {index}",
+            where=where,
+            ts_out=ts_out,
+        )
     )
     _encapsulate(item, encoded)
     return encoded
 
 
-def _frames(ds: Dataset, original: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """*original* (the stored pixel cells of *ds*) with the frame as first axis."""
-    return original if int(ds.get("NumberOfFrames") or 1) > 1 else original[np.newaxis]
+def _frame_count(ds: Dataset) -> int:
+    # pydicom would take a 0 or empty Number of Frames as 1; _check_image refuses it.
+    return int(ds.NumberOfFrames) if "NumberOfFrames" in ds else 1
+
+
+def _stored_frames(ds: Dataset, src: Path, ts: UID) -> Generator[np.ndarray[Any, Any]]:
+    """The stored pixel cells of *ds*'s Pixel Data, read from *src* one frame at a time.
+
+    Each frame is an array of integers as stored (not masked to Bits Stored, no colour
+    conversion), in native byte order and colour-by-pixel whatever the original's
+    byte order and Planar Configuration, and is checked for bits set above Bits
+    Stored (:func:`_check_unused_bits`).  Each frame is read from the file where the
+    deferred Pixel Data value is, so the whole value is never in memory: little
+    endian frames straight into an array (:func:`_read_little_endian`), others
+    (big endian, colour-by-plane) by pydicom's native decoder.  The layout is taken
+    from *ds* now, before the caller changes its Photometric Interpretation or
+    Planar Configuration.
+    """
+    with _stage("cannot decode original pixels"):
+        elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+        vr = elem.VR or ("OW" if int(ds.BitsAllocated) > 8 else "OB")  # implicit VR
+        options = as_pixel_options(
+            ds, transfer_syntax_uid=ts, pixel_keyword="PixelData", pixel_vr=vr
+        )
+        value, offset = elem.value, 0
+        if isinstance(elem, RawDataElement) and elem.value is None:  # deferred
+            offset = elem.value_tell
+            if (available := src.stat().st_size - offset) < elem.length:
+                raise _fallback(f"pixel data is {max(0, available)} bytes, {elem.length} expected")
+        layout = _little_endian_layout(ds, ts)
+    if layout is not None:
+        return _read_little_endian(ds, src, value, offset, *layout)
+    return _read_frames(ds, src, ts, value, offset, options)
+
+
+def _read_frames(
+    ds: Dataset, src: Path, ts: UID, value: bytes | None, offset: int, options: dict[str, Any]
+) -> Generator[np.ndarray[Any, Any]]:
+    with contextlib.ExitStack() as stack:
+        with _stage("cannot decode original pixels"):
+            source: Any = value
+            if value is None:
+                source = stack.enter_context(open(src, "rb"))
+                source.seek(offset)
+            decoded = get_decoder(ts).iter_array(
+                source, raw=True, correct_unused_bits=False, **options
+            )
+        while True:
+            with _stage("cannot decode original pixels"):
+                item = next(decoded, None)
+            if item is None:
+                return
+            _check_unused_bits(ds, item[0])
+            yield item[0]
+
+
+def _little_endian_layout(
+    ds: Dataset, ts: UID
+) -> tuple[np.dtype[Any], tuple[int, ...], int] | None:
+    """The dtype, shape and number of the frames of *ds* where its cells are stored
+    exactly as that array (little endian, 8 or 16 bits, one sample or colour-by-pixel),
+    else None: pydicom's decoder then reads the frames (big endian, colour-by-plane)."""
+    spp = int(ds.SamplesPerPixel)
+    if ts not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) or (
+        spp != 1 and ds.get("PlanarConfiguration") != 0
+    ):
+        return None
+    signed = "i" if ds.PixelRepresentation else "u"
+    dtype = np.dtype(f"<{signed}{int(ds.BitsAllocated) // 8}")
+    shape = (int(ds.Rows), int(ds.Columns)) + ((spp,) if spp > 1 else ())
+    return dtype, shape, _frame_count(ds)
+
+
+def _read_little_endian(
+    ds: Dataset,
+    src: Path,
+    value: bytes | None,
+    offset: int,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    count: int,
+) -> Generator[np.ndarray[Any, Any]]:
+    """The *count* frames of *ds* read from *src* at *offset* straight into arrays (or views
+    on *value* when it was not deferred): what pydicom's decoder yields for them
+    (``tests/test_transcode_stream.py`` compares the two), without its extra copy
+    of each frame, which costs a few milliseconds on a 7 MB radiograph."""
+    size = dtype.itemsize * int(np.prod(shape))
+    with contextlib.ExitStack() as stack:
+        f = None
+        if value is None:
+            with _stage("cannot decode original pixels"):
+                f = stack.enter_context(open(src, "rb", buffering=0))
+                f.seek(offset)
+        for index in range(count):
+            if f is None:
+                with _stage("cannot decode original pixels"):
+                    frame = np.frombuffer(value or b"", dtype, int(np.prod(shape)), index * size)
+                frame = frame.reshape(shape)
+            else:
+                frame = np.empty(shape, dtype)
+                with _stage("cannot decode original pixels"):
+                    read = f.readinto(frame.data.cast("B"))
+                if read != size:
+                    raise _fallback(f"pixel data ends in frame {index}")
+            _check_unused_bits(ds, frame)
+            yield frame
 
 
 def _threads() -> int:
@@ -469,7 +660,7 @@ def _encoder_options(ds: Dataset, *, mct: bool, numthreads: int) -> dict[str, An
         "bitspersample": int(ds.BitsStored),
         "resolutions": max(1, min(6, min(int(ds.Rows), int(ds.Columns)).bit_length())),
         "mct": mct,
-        "planar": False,  # colour-by-pixel, as the reference array is
+        "planar": False,  # colour-by-pixel, as the reference frames are
         "numthreads": numthreads,
     }
 
@@ -486,68 +677,91 @@ def _encode_frame(
     return bytes(imagecodecs.jpeg2k_encode(data, **options))
 
 
+def _frame_encoder(
+    ds: Dataset, *, mct: bool, ts_out: UID, numthreads: int
+) -> Callable[[np.ndarray[Any, Any]], bytes]:
+    """What encodes one frame of *ds* to *ts_out*: OpenJPEG or OpenJPH."""
+    if ts_out in _HTJ2K:
+        return _htj2k_encoder(ds, mct=mct, rpcl=ts_out == HTJ2KLosslessRPCL)
+    bits_stored = int(ds.BitsStored)
+    signed = bool(ds.PixelRepresentation)
+    dtype = np.dtype(f"{'i' if signed else 'u'}{1 if bits_stored <= 8 else 2}")
+    options = _encoder_options(ds, mct=mct, numthreads=numthreads)
+    return partial(_encode_frame, dtype=dtype, options=options)
+
+
 def _encode_verified(
     ds: Dataset,
-    original: np.ndarray[Any, Any],
+    frames: Iterable[np.ndarray[Any, Any]],
+    count: int,
     *,
     mct: bool,
     stage: str,
     where: str,
     ts_out: UID = JPEG2000Lossless,
-) -> list[bytes]:
-    """One codestream per frame of *ds* (its stored cells *original*), verified.
+) -> Generator[bytes]:
+    """One verified codestream per frame of *ds* (*count* of them, stored cells
+    *frames*), in order, as each is ready.
 
-    JPEG 2000 (*ts_out* 1.2.840.10008.1.2.4.90): frames are encoded in a thread pool
-    (imagecodecs releases the interpreter lock while OpenJPEG runs), a single frame
-    with OpenJPEG's own threads.  HTJ2K: OpenJPH (:func:`_encode_htj2k`), frame after
-    frame.  Meanwhile this thread checks each codestream's main header
-    (:func:`_check_codestream`) and decodes it with pylibjpeg-openjpeg (for J2K
-    another build and binding of OpenJPEG than the encoder's, for HTJ2K another
-    implementation) to exactly the original's stored cells.  The written file is
-    then checked to hold these very codestreams (:func:`_verify_pixels`).
+    The frames of a multi-frame instance are encoded in a thread pool (imagecodecs
+    releases the interpreter lock while OpenJPEG or OpenJPH runs), at most one more
+    than there are threads at a time, so only a few frames and their codestreams are
+    in memory whatever the instance's size; a single J2K frame is encoded with
+    OpenJPEG's own threads.  Meanwhile this thread checks each codestream's main
+    header (:func:`_check_codestream`) and decodes it with pylibjpeg-openjpeg (for
+    J2K another build and binding of OpenJPEG than the encoder's, for HTJ2K another
+    implementation) to exactly the frame's stored cells.  The written file is then
+    checked to hold these very codestreams (:func:`_verify_pixels`).
     """
     ht = ts_out in _HTJ2K
     rpcl = ts_out == HTJ2KLosslessRPCL
-    frames = _frames(ds, original)
     bits_stored = int(ds.BitsStored)
     signed = bool(ds.PixelRepresentation)
-    dtype = np.dtype(f"{'i' if signed else 'u'}{1 if bits_stored <= 8 else 2}")
     threads = _threads()
-    parallel = len(frames) > 1 and threads > 1 and not ht
-    options = _encoder_options(ds, mct=mct, numthreads=1 if parallel else threads)
-    encoded: list[bytes] = []
-    with contextlib.ExitStack() as stack:
-        results: Iterator[bytes]
-        if ht:
-            with _stage(stage):
-                results = iter(_encode_htj2k(ds, original, mct=mct, rpcl=rpcl))
-        elif parallel:
-            pool = stack.enter_context(ThreadPoolExecutor(threads))
-            # On an error, frames not started yet are dropped, not encoded for nothing.
-            stack.callback(pool.shutdown, cancel_futures=True)
-            results = pool.map(_encode_frame, frames, repeat(dtype), repeat(options))
-        else:
-            results = (_encode_frame(frame, dtype, options) for frame in frames)
+    parallel = count > 1 and threads > 1
+    encode = _frame_encoder(ds, mct=mct, ts_out=ts_out, numthreads=1 if parallel else threads)
+
+    def verified(cs: bytes, reference: np.ndarray[Any, Any]) -> bytes:
+        _check_codestream(cs, bits_stored, signed=signed, mct=mct, ht=ht, rpcl=rpcl, where=where)
+        with _stage(f"{where}cannot decode result"):
+            # As stored: a YBR_RCT codestream decodes to RGB inside OpenJPEG
+            # already, and YBR_FULL is compared without any conversion.
+            decoded = openjpeg_decode(cs)
+        if decoded.shape != reference.shape or not np.array_equal(decoded, reference):
+            raise _fallback(f"{where}decoded pixels differ from the original")
+        return cs
+
+    if not parallel:
         for reference in frames:
             with _stage(stage):
-                cs = next(results)
-            _check_codestream(
-                cs, bits_stored, signed=signed, mct=mct, ht=ht, rpcl=rpcl, where=where
-            )
-            with _stage(f"{where}cannot decode result"):
-                # As stored: a YBR_RCT codestream decodes to RGB inside OpenJPEG
-                # already, and YBR_FULL is compared without any conversion.
-                decoded = openjpeg_decode(cs)
-            if decoded.shape != reference.shape or not np.array_equal(decoded, reference):
-                raise _fallback(f"{where}decoded pixels differ from the original")
-            encoded.append(cs)
-    return encoded
+                cs = encode(reference)
+            yield verified(cs, reference)
+        return
+    pending: deque[tuple[Future[bytes], np.ndarray[Any, Any]]] = deque()
+    with ThreadPoolExecutor(threads) as pool:
+        try:
+            for reference in frames:
+                pending.append((pool.submit(encode, reference), reference))
+                if len(pending) > threads:
+                    future, oldest = pending.popleft()
+                    with _stage(stage):
+                        cs = future.result()
+                    yield verified(cs, oldest)
+            while pending:
+                future, oldest = pending.popleft()
+                with _stage(stage):
+                    cs = future.result()
+                yield verified(cs, oldest)
+        finally:
+            # On an error, frames not started yet are dropped, not encoded for nothing.
+            for future, _ in pending:
+                future.cancel()
 
 
-def _encode_htj2k(
-    ds: Dataset, original: np.ndarray[Any, Any], *, mct: bool, rpcl: bool
-) -> list[bytes]:
-    """One HTJ2K codestream per frame, by OpenJPH (imagecodecs' ``htj2k_encode``).
+def _htj2k_encoder(
+    ds: Dataset, *, mct: bool, rpcl: bool
+) -> Callable[[np.ndarray[Any, Any]], bytes]:
+    """What encodes one frame of *ds* to HTJ2K, by OpenJPH (imagecodecs' ``htj2k_encode``).
 
     Reversible 5/3 wavelet with OpenJPH's defaults (5 decomposition levels, 64x64
     HT code blocks, RPCL), a raw codestream without the JPH wrapper; *mct* applies
@@ -586,23 +800,29 @@ def _encode_htj2k(
             "tlm": True,
             "tilepart": imagecodecs.HTJ2K.TILEPART.RESOLUTIONS,
         }
-    encoded = []
-    for frame in _frames(ds, original):
-        # The policy made sure every value fits Bits Stored, so the casts are exact.
-        cells = frame.astype(np.int32) - (1 << (bits_stored - 1)) if shift else frame
+
+    def encode(frame: np.ndarray[Any, Any]) -> bytes:
+        if shift:
+            # The policy made sure every value fits Bits Stored, so the cast to the
+            # signed type of the same size is exact, and so is the shift.
+            cells = np.array(frame, dtype=dtype, order="C")
+            cells -= 1 << (bits_stored - 1)
+        else:
+            cells = np.ascontiguousarray(frame, dtype=dtype)
         cs = bytes(
             imagecodecs.htj2k_encode(
-                np.ascontiguousarray(cells, dtype=dtype),
+                cells,
                 reversible=True,
                 rgb=mct,
-                planar=False,  # colour-by-pixel, as the reference array is
+                planar=False,  # colour-by-pixel, as the reference frames are
                 **options,
             )
         )
         if bits_stored != 8 * size:
             cs = _set_precision(cs, bits_stored, signed=signed)
-        encoded.append(cs)
-    return encoded
+        return cs
+
+    return encode
 
 
 def _rpcl_levels(rows: int, columns: int) -> int:
@@ -629,6 +849,95 @@ def _encapsulate(ds: Dataset, frames: list[bytes]) -> None:
     ds.PixelData = encapsulate(frames)
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
+
+
+@dataclass(frozen=True)
+class _Written:
+    """What one fragment of the written Pixel Data must hold: the verified codestream
+    (*hashed* False), or its SHA-256 (*hashed*: beyond :data:`_KEEP_BYTES`)."""
+
+    value: bytes
+    hashed: bool
+
+    def matches(self, fragment: bytes) -> bool:
+        return (hashlib.sha256(fragment).digest() if self.hashed else fragment) == self.value
+
+
+def _padded(cs: bytes) -> bytes:
+    """*cs* as a fragment holds it: one zero pads an odd length (PS3.5 A.4)."""
+    return cs + b"\0" if len(cs) % 2 else cs
+
+
+def _kept(codestreams: Iterable[bytes]) -> list[_Written]:
+    return [_Written(_padded(cs), hashed=False) for cs in codestreams]
+
+
+def _write(ds: Dataset, dst: Path, codestreams: Iterator[bytes], count: int) -> list[_Written]:
+    """Write *ds* to *dst* as Explicit VR Little Endian, its Pixel Data the *count*
+    *codestreams* encapsulated as they come (PS3.5 A.4: one fragment per frame, a
+    Basic Offset Table), and return what each fragment must hold when read back: the
+    codestream itself while those kept are within :data:`_KEEP_BYTES`, its SHA-256
+    beyond (so a large multi-frame instance's codestreams are not all kept).
+
+    pydicom writes the data set up to Pixel Data (:func:`pydicom.dcmwrite`) and the
+    elements after it (:func:`pydicom.filewriter.write_dataset`, e.g. Data Set
+    Trailing Padding); Pixel Data itself is written here with pydicom's own tag and
+    length writers, one item per codestream as it is verified, so the codestreams are
+    never all in memory; the Basic Offset Table is reserved and filled in at the end.
+    This is what :func:`pydicom.encaps.encapsulate` writes for the same codestreams,
+    byte for byte; the file is read back by pydicom's parser to check it
+    (:func:`_verify_elements`).
+    """
+    tail = Dataset()
+    for tag in _tags(ds):
+        if tag > _PIXEL_DATA:
+            tail[tag] = ds.get_item(tag)
+            del ds[tag]
+    tail.set_original_encoding(False, True)
+    if _PIXEL_DATA in ds:
+        del ds[_PIXEL_DATA]
+    written: list[_Written] = []
+    kept = 0
+    with open(dst, "wb") as f:
+        with _stage("cannot write output"):
+            # save_as() refuses to change byte order; dcmwrite() does it when asked.
+            pydicom.dcmwrite(f, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
+            fp = DicomFileLike(f)
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            fp.write_tag(Tag(_PIXEL_DATA))
+            fp.write(b"OB\0\0")
+            fp.write_UL(_UNDEFINED_LENGTH)
+            fp.write_tag(ItemTag)  # the Basic Offset Table: filled in below
+            fp.write_UL(4 * count)
+            table = f.tell()
+            f.write(bytes(4 * count))
+            first = f.tell()
+        offsets = []
+        for cs in codestreams:
+            with _stage("cannot write output"):
+                offsets.append(f.tell() - first)
+                fp.write_tag(ItemTag)
+                fp.write_UL(len(cs) + len(cs) % 2)
+                f.write(cs)
+                if len(cs) % 2:  # a fragment has even length: one zero pads it
+                    f.write(b"\0")
+                if kept + len(cs) <= _KEEP_BYTES:
+                    kept += len(cs)
+                    written.append(_Written(_padded(cs), hashed=False))
+                else:
+                    written.append(_Written(hashlib.sha256(_padded(cs)).digest(), hashed=True))
+        if len(offsets) != count:
+            raise _fallback(f"{len(offsets)} frames decoded, {count} expected")
+        if offsets and offsets[-1] > 0xFFFFFFFF:
+            raise _fallback("encapsulated pixel data too large for a Basic Offset Table")
+        with _stage("cannot write output"):
+            fp.write_tag(SequenceDelimiterTag)
+            fp.write_UL(0)
+            if len(tail):
+                write_dataset(fp, tail)
+            f.seek(table)
+            f.write(struct.pack(f"<{count}I", *offsets))
+    return written
 
 
 # -- policy ----------------------------------------------------------------------------
@@ -719,11 +1028,18 @@ def _check_image(ds: Dataset, *, where: str) -> None:
 
     rows, columns = int(ds.Rows), int(ds.Columns)
     # pydicom would take a 0 or empty Number of Frames as 1; that is not ours to fix.
-    frames = int(ds.NumberOfFrames) if "NumberOfFrames" in ds else 1
+    frames = _frame_count(ds)
     if rows < 1 or columns < 1 or frames < 1:
         raise _fallback(f"{where}{rows}x{columns} pixels, {frames} frames")
     expected = rows * columns * spp * frames * bits_allocated // 8
-    actual = len(ds.PixelData)
+    # The value's length, without reading a deferred value from the file.
+    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    if isinstance(elem, RawDataElement) and elem.length == _UNDEFINED_LENGTH:
+        raise _fallback(f"{where}encapsulated pixel data in a native data set")
+    if isinstance(elem, RawDataElement) and elem.value is None:  # deferred
+        actual = elem.length
+    else:
+        actual = len(elem.value or b"")
     if actual not in (expected, expected + expected % 2):
         raise _fallback(f"{where}pixel data is {actual} bytes, {expected} expected")
 
@@ -788,20 +1104,22 @@ def _check_unused_bits(ds: Dataset, original: np.ndarray[Any, Any], *, where: st
 
 
 # -- verification ----------------------------------------------------------------------
-def _verify_pixels(out: Dataset, encoded: list[bytes], path: Path, *, where: str = "") -> None:
-    """*out* (the result read from *path*, or one of its icon items) holds *encoded*.
+def _verify_pixels(out: Dataset, written: list[_Written], path: Path, *, where: str = "") -> None:
+    """*out* (the result read from *path*, or one of its icon items) holds the
+    codestreams that were *written*.
 
     Each of those codestreams was decoded and compared with the original's frame
-    before the file was written (:func:`_encode_verified`); here the file's
-    encapsulated Pixel Data must parse to as many frames, each the same bytes.  A
-    deferred value is read from the file one fragment at a time.
+    before it was written (:func:`_encode_verified`); here the file's encapsulated
+    Pixel Data must parse, by pydicom, to as many frames, each the same bytes (or,
+    for those not kept, the same SHA-256).  A deferred value is read from the file
+    one fragment at a time.
     """
     elem = out.get_item(_PIXEL_DATA, keep_deferred=True) if _PIXEL_DATA in out else None
     if not isinstance(elem, RawDataElement) or elem.length != _UNDEFINED_LENGTH or elem.VR != "OB":
         raise _fallback(f"{where}result pixel data is not encapsulated")
     frames = int(out.get("NumberOfFrames") or 1)
-    if frames != len(encoded):
-        raise _fallback(f"{where}result has {frames} frames, {len(encoded)} encoded")
+    if frames != len(written):
+        raise _fallback(f"{where}result has {frames} frames, {len(written)} encoded")
     with contextlib.ExitStack() as stack, _stage(f"{where}cannot parse result"):
         if elem.value is None:  # deferred: read it where it is in the file
             f = stack.enter_context(open(path, "rb"))
@@ -809,21 +1127,21 @@ def _verify_pixels(out: Dataset, encoded: list[bytes], path: Path, *, where: str
             buffer: Any = f
         else:
             buffer = bytes(elem.value)
-        written = generate_frames(buffer, number_of_frames=frames)
-        for index, cs in enumerate(encoded):
-            # A fragment has even length (PS3.5 A.4): one zero pads an odd codestream.
-            if next(written, None) != (cs + b"\0" if len(cs) % 2 else cs):
+        fragments = generate_frames(buffer, number_of_frames=frames)
+        for index, expected in enumerate(written):
+            frame = next(fragments, None)
+            if frame is None or not expected.matches(frame):
                 raise _fallback(f"{where}written frame {index} is not the verified codestream")
-        if next(written, None) is not None:
+        if next(fragments, None) is not None:
             raise _fallback(f"{where}result has more codestreams than {frames} frames")
 
 
-def _verify_icons(out: Dataset, icons: dict[int, list[bytes]], path: Path) -> None:
+def _verify_icons(out: Dataset, icons: dict[int, list[_Written]], path: Path) -> None:
     items = out[_ICON_SEQUENCE].value if icons else []
-    for index, encoded in icons.items():
+    for index, written in icons.items():
         if index >= len(items):
             raise _fallback(f"icon image {index} missing from the result")
-        _verify_pixels(items[index], encoded, path, where=f"icon image {index}: ")
+        _verify_pixels(items[index], written, path, where=f"icon image {index}: ")
 
 
 def _check_codestream(
@@ -905,13 +1223,18 @@ def _check_codestream(
 
 
 def _verify_elements(
-    src: Path, dst: Path, *, was_rgb: bool, encoded: list[bytes], icons: dict[int, list[bytes]]
+    src: Path,
+    dst: Path,
+    *,
+    was_rgb: bool,
+    written: list[_Written],
+    icons: dict[int, list[_Written]],
 ) -> None:
-    """The written file holds the verified codestreams and every other element as
-    received (see the module docstring)."""
+    """The written file holds the verified codestreams (*written*, and the icons'
+    per item index) and every other element as received (see the module docstring)."""
     with _stage("cannot read result"):
         out = pydicom.dcmread(dst, defer_size=_DEFER_BYTES)
-    _verify_pixels(out, encoded, dst)
+    _verify_pixels(out, written, dst)
     _verify_icons(out, icons, dst)
     with _stage("cannot read data sets to compare"):
         orig = pydicom.dcmread(src, defer_size=_DEFER_BYTES)

@@ -348,3 +348,20 @@ def test_encoder_workers_run_at_lower_priority() -> None:
     finally:
         _stop_pool(pool)
     assert niceness == max(os.nice(0), _ENCODER_NICENESS)
+
+
+def test_encoders_start_with_the_pool_codecs_loaded_without_the_pipeline() -> None:
+    """The encoders are up before the first instance, with the codecs loaded, and
+    import only the codec's module: not the pipeline's (aiohttp and the rest)."""
+    pool = _new_pool(2)
+    try:
+        started = len(pool._processes or {})  # before any instance is submitted
+        names = ("gateway.transcode", "imagecodecs._jpeg2k", "imagecodecs._htj2k",
+                 "openjpeg.utils", "gateway.jobs", "aiohttp")  # fmt: skip
+        # eval: a builtin is what pickles to a spawned process without a test module.
+        loaded = pool.submit(eval, f"[m for m in {names!r} if m in __import__('sys').modules]")
+        modules = loaded.result(timeout=60)
+    finally:
+        _stop_pool(pool)
+    assert started == 2
+    assert modules == list(names[:4])

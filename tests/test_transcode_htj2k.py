@@ -215,13 +215,13 @@ def test_precision_left_at_the_item_size_is_refused(
 def test_a_part_1_codestream_is_not_htj2k(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An OpenJPEG (Part 1) codestream under the HTJ2K transfer syntax decodes fine, but
     # is not what the transfer syntax promises: the header check refuses it.
-    def part_1(ds: Any, original: Any, *, mct: bool, rpcl: bool) -> list[bytes]:
+    def part_1(ds: Any, *, mct: bool, rpcl: bool) -> Any:
         options = transcode_module._encoder_options(ds, mct=mct, numthreads=1)
-        dtype = original.dtype.newbyteorder("=")
-        frames = transcode_module._frames(ds, original)
-        return [transcode_module._encode_frame(f, dtype, options) for f in frames]
+        return lambda frame: transcode_module._encode_frame(
+            frame, frame.dtype.newbyteorder("="), options
+        )
 
-    monkeypatch.setattr(transcode_module, "_encode_htj2k", part_1)
+    monkeypatch.setattr(transcode_module, "_htj2k_encoder", part_1)
     result, _ = run(corpus.testdata("CT_small.dcm"), tmp_path, HT)
     assert result.outcome == "fallback"
     assert "Rsiz" in result.reason
