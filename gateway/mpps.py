@@ -55,7 +55,6 @@ from pynetdicom.status import code_to_category
 
 from . import negotiation
 from .config import Config, is_valid_uid
-from .jobs import backoff_seconds
 from .store import Store, WriteFn, utcnow
 
 log = logging.getLogger(__name__)
@@ -644,6 +643,10 @@ class Forwarder:
 
     def _backoff(self) -> float:
         m = self.config.mpps
+        # Imported here: the receiver processes import this module for the SCP, and
+        # gateway.jobs brings the codecs and aiohttp (some 10 MiB each).
+        from .jobs import backoff_seconds
+
         return backoff_seconds(self._failures, m.backoff_initial_seconds, m.backoff_max_seconds)
 
     async def _send_round(self, batch: list[Message]) -> None:
