@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 CONFIG ?=
 comma := ,
 
-# systemd-python builds from source: it needs the headers and a compiler.
-RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev
+# systemd-python builds from source: it needs the headers and a compiler. glymur
+# (J2K with BYPASS for large frames) loads OpenJPEG from libopenjp2-7.
+RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev libopenjp2-7
 # The real peers the tests talk to: DCMTK and GDCM (gdcmscu, gdcmconv) as modalities
 # and decoders, Orthanc + DICOMweb behind nginx (mutual TLS) as the cloud archive; Chromium looks at the status page; systemd
 # for systemd-analyze (unit checks).
