@@ -47,6 +47,9 @@ Table, as pydicom's ``encapsulate`` does (:func:`_write`).  Every core is used o
 every image size: the frames of a multi-frame instance are encoded in a thread pool
 (imagecodecs lets go of the interpreter lock), a single frame with OpenJPEG's own
 encoder threads, while the calling thread verifies the codestreams already done.
+Frames of a megapixel or more are encoded by OpenJPEG through glymur instead, with
+the BYPASS code-block style, which costs a third less CPU to encode and verify there
+(:func:`_bypass_encoder`); imagecodecs without glymur.
 
 **HTJ2K.**  JPEG 2000 Part 15 codestreams (PS3.5 8.2.14: the same Photometric
 Interpretations, so the same policy and RGB as YBR_RCT) encoded by OpenJPH through
@@ -95,7 +98,8 @@ encoder threads is in flight (the frame, its codestream, and the one decoded for
 verification), and each verified codestream is written to the file as it comes
 (:func:`_write`); up to 16 MiB of them are kept for the read-back comparison,
 only the SHA-256 of the rest.  A single large frame is held once, plus
-its decoded copy and OpenJPEG's own buffers.  Reading the result back does not load
+its decoded copy and OpenJPEG's own buffers (and, through glymur, its offset copy
+and the codestream read back from the temp file).  Reading the result back does not load
 its Pixel Data: it is compared one fragment at a time.  Other values over 64 KiB are
 read from the file when they are written or compared.  Nothing is cached between
 calls.  A 300 MB, 572-frame instance peaks at about 80 MiB in its encoder process
