@@ -17,11 +17,16 @@ share that makes both equal (the sooner end of the two) is
 
     f = ((B + R) / L) / (R / (C w) + R (1 - 1/r) / L),   clamped to [0, 1].
 
-Of a claim of k instances the first ``floor(f k)`` are compressed, the others go up
-raw (outcome ``passthrough``).  f >= 1 is a link that is the bottleneck (a slow link,
-or a long backlog): everything is compressed.  For one instance on an idle link
-(B = 0, R = its size) f >= 1 exactly when ``size / L >= size / C + size / r / L``:
-raw is no sooner.  Until there are measurements, everything is compressed.  Each
+Of a claim of k instances the first ``floor(f k + c)`` are compressed, the others go
+up raw (outcome ``passthrough``), where c is the share left over from the claims
+before (:class:`IfFaster` carries it): the compress stage claims one instance at a
+time as encoders free up, and without the carry a share under 1 would compress none
+of them.  f >= 1 is a link that is the bottleneck (a slow link, or a long backlog):
+everything is compressed.  For one instance on an idle link (B = 0, R = its size)
+f >= 1 exactly when ``size / L >= size / C + size / r / L``: raw is no sooner.
+
+Until the link is measured, the first :data:`MIN_SAMPLES` instances go up raw, which
+measures it soonest, and the rest are compressed until the figures are in.  Each
 queue row gives the reason with the figures.
 """
 
@@ -62,10 +67,29 @@ def plan(
     ratio: float | None,
     backlog_bytes: int,
     pending_bytes: int,
+    carry: float = 0.0,
 ) -> list[Decision]:
-    """For each instance of a claim (sizes in claim order), whether to compress it."""
+    """For each instance of a claim (sizes in claim order), whether to compress it;
+    *carry*: the share left over from the claims before (see the module docstring)."""
+    return plan_carried(
+        sizes, link_bps=link_bps, compress_bps=compress_bps, ratio=ratio,
+        backlog_bytes=backlog_bytes, pending_bytes=pending_bytes, carry=carry,
+    )[0]  # fmt: skip
+
+
+def plan_carried(
+    sizes: list[int],
+    *,
+    link_bps: float | None,
+    compress_bps: float | None,
+    ratio: float | None,
+    backlog_bytes: int,
+    pending_bytes: int,
+    carry: float = 0.0,
+) -> tuple[list[Decision], float]:
+    """:func:`plan`, and the share it leaves over for the next claim, in [0, 1)."""
     if not link_bps or not compress_bps or not ratio:
-        return [Decision(True, "if-faster: no measurements yet")] * len(sizes)
+        return [Decision(True, "if-faster: no measurements yet")] * len(sizes), carry
     f = compress_share(
         link_bps=link_bps, compress_bps=compress_bps, ratio=ratio,
         backlog_bytes=backlog_bytes, pending_bytes=max(pending_bytes, sum(sizes)),
@@ -75,10 +99,12 @@ def plan(
         f" MB/s, ratio {ratio:.2f}, {backlog_bytes / 1e6:.1f} MB queued to upload,"
         f" {pending_bytes / 1e6:.1f} MB to compress"
     )
-    n = math.floor(f * len(sizes) + 1e-9)
+    share = f * len(sizes) + carry
+    n = min(len(sizes), math.floor(share + 1e-9))
+    left = min(max(share - n, 0.0), 1.0 - 1e-9) if f < 1 else 0.0
     busy = Decision(True, f"if-faster: link busy ({figures})")
     idle = Decision(False, f"if-faster: link idle ({figures})")
-    return [busy if i < n else idle for i in range(len(sizes))]
+    return [busy if i < n else idle for i in range(len(sizes))], left
 
 
 class LinkMeter:
@@ -145,6 +171,8 @@ class IfFaster:
         self.link = LinkMeter()
         self.encoder = CompressMeter()
         self.cap = max_bytes_per_second
+        self._carry = 0.0
+        self._probes = 0  # instances sent raw to measure the link
 
     def link_rate(self) -> float | None:
         rate = self.link.rate()
@@ -155,12 +183,22 @@ class IfFaster:
     def plan(
         self, sizes: list[int], backlog_bytes: int, pending_bytes: int, workers: int
     ) -> list[Decision]:
+        link = self.link_rate()
+        decisions: list[Decision] = []
+        while link is None and self._probes < MIN_SAMPLES and len(decisions) < len(sizes):
+            self._probes += 1
+            decisions.append(Decision(False, "if-faster: measuring the link (sent raw)"))
+        rest = sizes[len(decisions) :]
+        if not rest:
+            return decisions
         rate = self.encoder.rate()
-        return plan(
-            sizes,
-            link_bps=self.link_rate(),
+        planned, self._carry = plan_carried(
+            rest,
+            link_bps=link,
             compress_bps=rate * workers if rate else None,
             ratio=self.encoder.ratio(),
             backlog_bytes=backlog_bytes,
             pending_bytes=pending_bytes,
+            carry=self._carry,
         )
+        return decisions + planned

@@ -121,6 +121,30 @@ def test_compress_meter_and_the_cap() -> None:
     assert f.plan([MB], 0, MB, 1)[0].compress  # 1000 B/s: the link is the bottleneck
 
 
+def test_one_instance_claims_carry_the_share() -> None:
+    """The compress stage claims one instance at a time: a share of 4/7 must still
+    compress about 4 of every 7, not none (floor(4/7 * 1) is 0)."""
+    f = IfFaster()
+    f.link._samples.extend([(int(12.5 * MB), 1.0)] * 3)  # 100 Mbit/s
+    f.encoder.add(10 * MB, 5 * MB, 1.0)
+    f.encoder.add(10 * MB, 5 * MB, 1.0)  # one encoder at 10 MB/s, ratio 2
+    decisions = [f.plan([MB], 0, 50 * MB, 1)[0] for _ in range(70)]
+    compressed = sum(d.compress for d in decisions)
+    assert compressed == 40, compressed  # 70 * 4/7
+    # Spread out, not all at the start or the end.
+    assert 3 <= sum(d.compress for d in decisions[:7]) <= 5
+
+
+def test_an_unmeasured_link_is_measured_with_raw_instances_first() -> None:
+    f = IfFaster()
+    first = f.plan([MB] * 3, 0, 3 * MB, 1)
+    assert [d.compress for d in first] == [False, False, True]
+    assert first[0].reason == "if-faster: measuring the link (sent raw)"
+    assert first[2].reason == "if-faster: no measurements yet"
+    # Only MIN_SAMPLES probes, however long the link takes to be measured.
+    assert f.plan([MB], 0, MB, 1)[0].compress
+
+
 # -- the real pipeline -------------------------------------------------------------------
 
 #: 512x512 16-bit CT from pydicom-data (about 0.5 MB, J2K about 2:1).
@@ -142,7 +166,9 @@ async def test_fast_idle_archive_gets_raw(
         **scripted_archive.upload_config(),
     )  # fmt: skip
     async with bench.running() as task:
-        first = await _upload(bench, task, 4)  # measurements: these are compressed
+        # Measurements: two sent raw to measure the link, two compressed to measure
+        # the encoder.
+        first = await _upload(bench, task, 4)
         # The uploads above were measured by the pipeline itself...
         f = bench.pipeline.if_faster
         assert f is not None and f.link.rate() is not None and f.encoder.rate() is not None
@@ -154,9 +180,13 @@ async def test_fast_idle_archive_gets_raw(
         f.link._samples.extend([(100 * MB, 0.1)] * f.link._samples.maxlen)  # type: ignore[operator]
         later = await _upload(bench, task, 2)
         rows = bench.rows()
-    for uid in first[:2]:
-        assert rows[uid]["transcode_outcome"] == "compressed"
-        assert rows[uid]["transcode_reason"] == "if-faster: no measurements yet"
+    reasons = sorted((rows[u]["transcode_outcome"], rows[u]["transcode_reason"]) for u in first)
+    assert reasons == [
+        ("compressed", "if-faster: no measurements yet"),
+        ("compressed", "if-faster: no measurements yet"),
+        ("passthrough", "if-faster: measuring the link (sent raw)"),
+        ("passthrough", "if-faster: measuring the link (sent raw)"),
+    ]
     for uid in later:
         assert rows[uid]["transcode_outcome"] == "passthrough", rows[uid]["transcode_reason"]
         assert rows[uid]["transcode_reason"].startswith("if-faster: link idle")
@@ -176,7 +206,7 @@ async def test_throttled_archive_gets_compressed(
         **scripted_archive.upload_config(),
     )  # fmt: skip
     async with bench.running() as task:
-        await _upload(bench, task, 2)
+        await _upload(bench, task, 4)  # two measure the link, two the encoder
         later = await _upload(bench, task, 2)
         rows = bench.rows()
     for uid in later:
