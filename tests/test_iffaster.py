@@ -133,6 +133,9 @@ def test_one_instance_claims_carry_the_share() -> None:
     assert compressed == 40, compressed  # 70 * 4/7
     # Spread out, not all at the start or the end.
     assert 3 <= sum(d.compress for d in decisions[:7]) <= 5
+    # A small share (a fast link, 1 Gbit/s) is not carried: all raw.
+    f.link._samples.extend([(125 * MB, 1.0)] * 20)
+    assert not any(f.plan([MB], 0, 50 * MB, 1)[0].compress for _ in range(20))
 
 
 def test_an_unmeasured_link_is_measured_with_raw_instances_first() -> None:
