@@ -27,8 +27,11 @@ instance on an idle link (B = 0, R = its size) f >= 1 exactly when
 ``size / L >= size / C + size / r / L``: raw is no sooner.
 
 Until the link is measured, the first :data:`MIN_SAMPLES` instances go up raw, which
-measures it soonest, and the rest are compressed until the figures are in.  Each
-queue row gives the reason with the figures.
+measures it soonest, and the next :data:`MIN_SAMPLES` are compressed, which measures
+the encoders; then the stage claims nothing more until the figures are in
+(:meth:`IfFaster.ready`), for at most :data:`HOLD_MAX_S`: an archive that answers
+nothing (an outage) never gives a link rate, and then everything is compressed.
+Each queue row gives the reason with the figures.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from dataclasses import dataclass
 WINDOW = 20
 #: Requests and encodes needed before the rates are trusted.
 MIN_SAMPLES = 2
+#: How long the compress stage waits for the first figures before it compresses
+#: without them.
+HOLD_MAX_S = 3.0
 #: A share under this is not carried from claim to claim.  The model plans as if all
 #: pending bytes were there at once; while a modality is still sending, they arrive
 #: over time, and a fast link idles between arrivals, so compressing a small share
@@ -183,6 +189,25 @@ class IfFaster:
         self.cap = max_bytes_per_second
         self._carry = 0.0
         self._probes = 0  # instances sent raw to measure the link
+        self._blind = 0  # instances compressed before the figures were in
+        self._holding_since: float | None = None
+
+    def measured(self) -> bool:
+        return bool(self.link_rate() and self.encoder.rate() and self.encoder.ratio())
+
+    def ready(self) -> bool:
+        """May the compress stage claim more?  Not while the instances sent to take the
+        first measurements are on their way, for at most HOLD_MAX_S."""
+        if self.measured():
+            return True
+        if self.link_rate() is None and self._probes < MIN_SAMPLES:
+            return True
+        if self._blind < MIN_SAMPLES:
+            return True
+        now = time.monotonic()
+        if self._holding_since is None:
+            self._holding_since = now
+        return now - self._holding_since >= HOLD_MAX_S
 
     def link_rate(self) -> float | None:
         rate = self.link.rate()
@@ -202,6 +227,8 @@ class IfFaster:
         if not rest:
             return decisions
         rate = self.encoder.rate()
+        if not self.measured():
+            self._blind += len(rest)
         planned, self._carry = plan_carried(
             rest,
             link_bps=link,

@@ -68,6 +68,8 @@ T = TypeVar("T")
 #: How long an idle stage sleeps before looking at the queue again (an operator's
 #: ``queue retry`` from another process is picked up within this).
 _IDLE_POLL_S = 5.0
+#: How often an if-faster stage waiting for its first figures looks again.
+_MEASURE_POLL_S = 0.05
 _RETENTION_INTERVAL_S = 60.0
 #: Rows pruned per writer transaction (their files are unlinked by the writer).
 _PRUNE_MAX_ROWS = 500
@@ -537,6 +539,10 @@ class Pipeline:
                     continue
                 if len(running) >= window:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if self.if_faster is not None and not self.if_faster.ready():
+                    # if-faster waits for its first figures (gateway/iffaster.py).
+                    await _wait(self._compress_wake, _MEASURE_POLL_S)
                     continue
                 claimed = await self._db(_claim_for_compression(window - len(running)))
                 if not claimed:

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.iffaster import CompressMeter, IfFaster, LinkMeter, compress_share, plan
+from gateway.iffaster import (
+    HOLD_MAX_S,
+    CompressMeter,
+    IfFaster,
+    LinkMeter,
+    compress_share,
+    plan,
+)
 from gateway.store import UPLOADED
 
 from .scripted_archive import ScriptedArchive, scripted_archive, throttled
@@ -145,7 +152,17 @@ def test_an_unmeasured_link_is_measured_with_raw_instances_first() -> None:
     assert first[0].reason == "if-faster: measuring the link (sent raw)"
     assert first[2].reason == "if-faster: no measurements yet"
     # Only MIN_SAMPLES probes, however long the link takes to be measured.
+    assert f.ready()  # one more compressed, for the encoders' second sample
     assert f.plan([MB], 0, MB, 1)[0].compress
+    # Then nothing more is claimed until the figures are in, for at most HOLD_MAX_S.
+    assert not f.ready()
+    f._holding_since = time.monotonic() - HOLD_MAX_S  # an archive that answers nothing
+    assert f.ready()
+    f._holding_since = time.monotonic()
+    f.link._samples.extend([(MB, 0.1)] * 2)
+    f.encoder.add(MB, MB // 2, 0.1)
+    f.encoder.add(MB, MB // 2, 0.1)
+    assert f.measured() and f.ready()
 
 
 # -- the real pipeline -------------------------------------------------------------------
