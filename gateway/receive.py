@@ -10,12 +10,10 @@ maps to a failure status; nothing is acknowledged that is not on disk.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 import zlib
@@ -37,7 +35,15 @@ from pynetdicom.transport import ThreadedAssociationServer
 from . import dul_guard, find_encoding, negotiation, wakeup
 from .config import DimseConfig, is_valid_uid
 from .notify import CALLING_AE, SOP_INSTANCE_UID
-from .spool import MISSING_COMMENT, NO_SPACE_ERRNOS, Spool, SpoolFull, SpoolMissing, SpoolTempFile
+from .spool import (
+    MISSING_COMMENT,
+    NO_SPACE_ERRNOS,
+    Spool,
+    SpoolFull,
+    SpoolMissing,
+    SpoolTempFile,
+    ofd_lock,
+)
 from .store import ReceivedInstance, Store
 
 if TYPE_CHECKING:
@@ -204,16 +210,13 @@ class _AssociationSlots:
         except OSError as exc:
             log.warning("association not counted against the limit: %s", exc)
             return -1
-        for slot in range(self.count):
-            arg = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, slot, 1, 0)
-            try:
-                fcntl.fcntl(fd, fcntl.F_OFD_SETLK, arg)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EACCES):
-                    continue
-                os.close(fd)
-                raise
-            return fd
+        try:
+            for slot in range(self.count):
+                if ofd_lock(fd, fcntl.F_WRLCK, slot, wait=False):
+                    return fd
+        except OSError:
+            os.close(fd)
+            raise
         os.close(fd)
         return None
 

@@ -75,7 +75,7 @@ def _pin_offset(relpath: str) -> int:
     return int(hashlib.sha256(relpath.encode()).hexdigest()[:15], 16)
 
 
-def _ofd_lock(fd: int, kind: int, offset: int, *, wait: bool) -> bool:
+def ofd_lock(fd: int, kind: int, offset: int, *, wait: bool) -> bool:
     """An open-file-description lock on one byte: owned by the descriptor, not the
     process, so two descriptors of one process conflict like two processes do.
     False when *wait* is off and another holder is in the way."""
@@ -331,7 +331,7 @@ class Spool:
         fd = self.open_lock_file(INSTANCE_FILE)
         deadline = time.monotonic() + timeout
         said = False
-        while not _ofd_lock(fd, fcntl.F_WRLCK, 0, wait=False):
+        while not ofd_lock(fd, fcntl.F_WRLCK, 0, wait=False):
             if time.monotonic() > deadline:
                 os.close(fd)
                 raise SpoolInUse(
@@ -473,7 +473,7 @@ class Spool:
         with self._pin_lock:
             if self._pins[relpath] == 0:
                 # Waits only for a removal in progress (it never waits for anyone).
-                _ofd_lock(self._pin_fd, fcntl.F_RDLCK, _pin_offset(relpath), wait=True)
+                ofd_lock(self._pin_fd, fcntl.F_RDLCK, _pin_offset(relpath), wait=True)
             self._pins[relpath] += 1
 
     def release(self, relpath: str) -> None:
@@ -483,7 +483,7 @@ class Spool:
             if self._pins[relpath] <= 0:
                 del self._pins[relpath]
                 if self._pin_fd >= 0:
-                    _ofd_lock(self._pin_fd, fcntl.F_UNLCK, _pin_offset(relpath), wait=False)
+                    ofd_lock(self._pin_fd, fcntl.F_UNLCK, _pin_offset(relpath), wait=False)
 
     def pinned(self, relpath: str) -> bool:
         """Pinned by this process, or by another one (a receiver, the pipeline)."""
@@ -491,9 +491,9 @@ class Spool:
             if relpath in self._pins:
                 return True
             offset = _pin_offset(relpath)
-            if not _ofd_lock(self._probe_fd, fcntl.F_WRLCK, offset, wait=False):
+            if not ofd_lock(self._probe_fd, fcntl.F_WRLCK, offset, wait=False):
                 return True
-            _ofd_lock(self._probe_fd, fcntl.F_UNLCK, offset, wait=False)
+            ofd_lock(self._probe_fd, fcntl.F_UNLCK, offset, wait=False)
             return False
 
     def remove_unpinned(self, relpath: str, referenced: Callable[[], bool] | None = None) -> bool:
@@ -510,7 +510,7 @@ class Spool:
             if relpath in self._pins:
                 return False
             offset = _pin_offset(relpath)
-            if not _ofd_lock(self._probe_fd, fcntl.F_WRLCK, offset, wait=False):
+            if not ofd_lock(self._probe_fd, fcntl.F_WRLCK, offset, wait=False):
                 return False
             try:
                 if referenced is not None and referenced():
@@ -518,7 +518,7 @@ class Spool:
                 self.remove(relpath)
                 return True
             finally:
-                _ofd_lock(self._probe_fd, fcntl.F_UNLCK, offset, wait=False)
+                ofd_lock(self._probe_fd, fcntl.F_UNLCK, offset, wait=False)
 
     def remove(self, relpath: str) -> None:
         """Unlink unconditionally: only the start-up reconciler (nothing else runs then)
