@@ -191,10 +191,6 @@ class ReceiverPool:
     def active_associations(self) -> int:
         return sum(w.active for w in self._workers)
 
-    @property
-    def pids(self) -> list[int]:
-        return [w.proc.pid for w in self._workers if w.proc is not None]
-
     def stop_accepting(self) -> None:
         """Every worker closes its listener; then the port closes."""
         self._stopping.set()
@@ -509,7 +505,6 @@ def _worker_main(conn_fd: int, listen_fd: int) -> int:
             command = ("stop",)
         if command[:1] == ("stop",):
             break
-        spool.check()
         now_active = receiver.active_associations
         if now_active != active:
             active = now_active
