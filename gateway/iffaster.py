@@ -82,26 +82,10 @@ def plan(
     backlog_bytes: int,
     pending_bytes: int,
     carry: float = 0.0,
-) -> list[Decision]:
-    """For each instance of a claim (sizes in claim order), whether to compress it;
-    *carry*: the share left over from the claims before (see the module docstring)."""
-    return plan_carried(
-        sizes, link_bps=link_bps, compress_bps=compress_bps, ratio=ratio,
-        backlog_bytes=backlog_bytes, pending_bytes=pending_bytes, carry=carry,
-    )[0]  # fmt: skip
-
-
-def plan_carried(
-    sizes: list[int],
-    *,
-    link_bps: float | None,
-    compress_bps: float | None,
-    ratio: float | None,
-    backlog_bytes: int,
-    pending_bytes: int,
-    carry: float = 0.0,
 ) -> tuple[list[Decision], float]:
-    """:func:`plan`, and the share it leaves over for the next claim, in [0, 1)."""
+    """For each instance of a claim (sizes in claim order), whether to compress it;
+    and the share it leaves over for the next claim, in [0, 1).  *carry*: the share
+    left over from the claims before (see the module docstring)."""
     if not link_bps or not compress_bps or not ratio:
         return [Decision(True, "if-faster: no measurements yet")] * len(sizes), carry
     f = compress_share(
@@ -229,7 +213,7 @@ class IfFaster:
         rate = self.encoder.rate()
         if not self.measured():
             self._blind += len(rest)
-        planned, self._carry = plan_carried(
+        planned, self._carry = plan(
             rest,
             link_bps=link,
             compress_bps=rate * workers if rate else None,

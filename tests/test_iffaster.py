@@ -35,20 +35,20 @@ MB = 1_000_000
 
 
 def _plan(sizes: list[int], **kw: float) -> list[bool]:
-    return [d.compress for d in plan(sizes, **kw)]  # type: ignore[arg-type]
+    return [d.compress for d in plan(sizes, **kw)[0]]  # type: ignore[arg-type]
 
 
 def test_no_measurements_compresses() -> None:
     for link, comp, ratio in [(None, 10 * MB, 2.0), (10 * MB, None, 2.0), (10 * MB, 10 * MB, None)]:
-        (d,) = plan([MB], link_bps=link, compress_bps=comp, ratio=ratio, backlog_bytes=0,
-                    pending_bytes=MB)  # fmt: skip
+        (d,), _ = plan([MB], link_bps=link, compress_bps=comp, ratio=ratio, backlog_bytes=0,
+                       pending_bytes=MB)  # fmt: skip
         assert d.compress and "no measurements" in d.reason
 
 
 def test_an_idle_fast_link_sends_raw() -> None:
     # 1 Gbit/s (125 MB/s) against one encoder at 10 MB/s: raw 0.004 s, J2K 0.1 s + 0.002.
-    (d,) = plan([500_000], link_bps=125 * MB, compress_bps=10 * MB, ratio=2.0,
-                backlog_bytes=0, pending_bytes=500_000)  # fmt: skip
+    (d,), _ = plan([500_000], link_bps=125 * MB, compress_bps=10 * MB, ratio=2.0,
+                   backlog_bytes=0, pending_bytes=500_000)  # fmt: skip
     assert not d.compress
     assert d.reason.startswith("if-faster: link idle (compress 8%: link 125.0 MB/s")
 
@@ -58,7 +58,7 @@ def test_a_slow_link_compresses() -> None:
     kw = {"link_bps": 2.5 * MB, "compress_bps": 10 * MB, "ratio": 2.0, "backlog_bytes": 0}
     assert _plan([500_000], pending_bytes=500_000, **kw) == [True]
     assert _plan([500_000] * 2, pending_bytes=50 * MB, **kw) == [True, True]
-    (d,) = plan([500_000], pending_bytes=500_000, **kw)  # type: ignore[arg-type]
+    (d,), _ = plan([500_000], pending_bytes=500_000, **kw)  # type: ignore[arg-type]
     assert d.reason.startswith("if-faster: link busy (compress 100%")
 
 
