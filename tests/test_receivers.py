@@ -44,6 +44,15 @@ def _receiver_pids(gw: GatewayProcess) -> list[int]:
     return sorted(int(p) for p in out.split())
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie (exited, not yet reaped by init, which adopted it)."""
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def _ct(tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.dcm"
     corpus.with_new_uids(corpus.testdata("CT_small.dcm"), path)
@@ -175,19 +184,7 @@ def test_the_receivers_go_when_the_gateway_is_killed(gateway_factory: GatewayFac
     pids = _receiver_pids(gw)
     gw.kill()
 
-    def gone() -> bool:
-        for pid in pids:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            # A zombie (reparented to us? no: to init) counts as gone once it exits.
-            stat = Path(f"/proc/{pid}/stat")
-            if stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":
-                return False
-        return True
-
-    _wait("receivers gone", gone)
+    _wait("receivers gone", lambda: all(_exited(pid) for pid in pids))
 
 
 def test_a_restart_after_kill_waits_for_the_old_receivers(
@@ -201,12 +198,10 @@ def test_a_restart_after_kill_waits_for_the_old_receivers(
     old = _receiver_pids(gw)
     gw.kill()
     gw.start()
-    for pid in old:
-        stat = Path(f"/proc/{pid}/stat")
-        assert not stat.exists() or stat.read_text().split(")")[-1].split()[0] == "Z"
+    assert all(_exited(pid) for pid in old)
     assert storescu(gw.port, [_ct(tmp_path, "after")]).statuses == ["Success"]
     assert len(gw.rows()) == 2
-    assert all(gw.spool / r["path"] for r in gw.rows())
+    assert all((gw.spool / r["path"]).exists() for r in gw.rows())
 
 
 @pytest.mark.parametrize("processes", [1, 3])
