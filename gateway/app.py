@@ -288,6 +288,11 @@ class Gateway:
             if self._stop.is_set():
                 return  # the stop closes the listener first, on purpose
             await asyncio.to_thread(self.spool.check)
+            if self._stop.is_set():
+                # Asked while the check ran: the stop may already have ended the threads.
+                # (From here to the end of the loop body nothing yields, and the stop
+                # ends them only after it set the event, on this loop.)
+                return
             for name, alive in (
                 ("DIMSE receiver supervisor", self.receiver.alive),
                 ("queue database writer", self.store.alive),

@@ -39,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .aio import wait_event
 from .bandwidth import Bandwidth
 from .config import Config
 from .iffaster import Decision, IfFaster
@@ -535,19 +536,19 @@ class Pipeline:
             while True:
                 if self.spool.problem is not None:
                     # The spool is gone or replaced (Spool.check): nothing to read or write.
-                    await _wait(self._compress_wake, _IDLE_POLL_S)
+                    await wait_event(self._compress_wake, _IDLE_POLL_S)
                     continue
                 if len(running) >= window:
                     await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 if self.if_faster is not None and not self.if_faster.ready():
                     # if-faster waits for its first figures (gateway/iffaster.py).
-                    await _wait(self._compress_wake, _MEASURE_POLL_S)
+                    await wait_event(self._compress_wake, _MEASURE_POLL_S)
                     continue
                 claimed = await self._db(_claim_for_compression(window - len(running)))
                 if not claimed:
                     # More work only comes with a wake (or a retry, seen within the poll).
-                    await _wait(self._compress_wake, _IDLE_POLL_S)
+                    await wait_event(self._compress_wake, _IDLE_POLL_S)
                     continue
                 decisions = await self._decide(claimed)
                 for c, d in zip(claimed, decisions, strict=True):
@@ -674,7 +675,8 @@ class Pipeline:
         try:
             codec = self.config.upload.compression
             future = self._loop.run_in_executor(pool, transcode, src, dst, codec)
-            return await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see gateway.aio
+                return await future
         except TimeoutError:
             log.error("J2K encode of sop=%s took over %.0f s: its worker is stopped",
                       claimed.sop_instance_uid, timeout)  # fmt: skip
@@ -728,7 +730,7 @@ class Pipeline:
         async with StowClient(c, self.metrics, bw.bucket) as client, asyncio.TaskGroup() as tg:
             while True:
                 if self.paused:
-                    await _wait(self._upload_wake, _IDLE_POLL_S)
+                    await wait_event(self._upload_wake, _IDLE_POLL_S)
                     continue
                 limit = self._batch_limit or c.batch_max_instances
                 if bw.priority_aets and not lane_slot.locked():
@@ -742,7 +744,7 @@ class Pipeline:
                         continue
                 if slots.locked():
                     # Woken when a request finishes (or new work arrives).
-                    await _wait(self._upload_wake, _IDLE_POLL_S)
+                    await wait_event(self._upload_wake, _IDLE_POLL_S)
                     continue
                 await slots.acquire()
                 window_open = bw.window_open()
@@ -755,7 +757,7 @@ class Pipeline:
                     # A closed window is looked at again within the idle poll (the rows
                     # it holds are due, which would otherwise mean a busy loop).
                     idle = await self._idle_time() if window_open else _IDLE_POLL_S
-                    await _wait(self._upload_wake, idle)
+                    await wait_event(self._upload_wake, idle)
                     continue
                 tg.create_task(self._upload_batch(client, batch, slots, priority))
 
@@ -911,10 +913,4 @@ class Pipeline:
             except Exception:
                 # A file left behind costs disk, not data: tried again next round.
                 log.exception("retention round failed")
-            await _wait(self._prune_wake, _RETENTION_INTERVAL_S)
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
-    event.clear()
+            await wait_event(self._prune_wake, _RETENTION_INTERVAL_S)

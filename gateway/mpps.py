@@ -54,6 +54,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[
 from pynetdicom.status import code_to_category
 
 from . import negotiation
+from .aio import wait_event
 from .config import Config, is_valid_uid
 from .store import Store, WriteFn, utcnow
 
@@ -626,7 +627,7 @@ class Forwarder:
                 await self._db(_prune)
             batch = await self._db(_next_batch(_BATCH))
             if not batch:
-                await _wait(self._wake, _IDLE_POLL_S)
+                await wait_event(self._wake, _IDLE_POLL_S)
                 continue
             try:
                 await self._send_round(batch)
@@ -779,9 +780,3 @@ def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | No
         future.set_exception(exc)
     else:
         future.set_result(result)  # type: ignore[arg-type]
-
-
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), timeout)
-    event.clear()

@@ -457,6 +457,25 @@ async def test_a_corrupt_database_stops_the_gateway(tmp_path: Path) -> None:
     assert gw._failure is not None and "malformed" in gw._failure
 
 
+@pytest.mark.asyncio
+async def test_a_stop_during_the_monitors_spool_check_is_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop ends the receiver's threads; a monitor round that was already under way
+    must not take that for a thread that died (CI saw exit 70 after a plain SIGTERM)."""
+    monkeypatch.setattr(app_module, "_MONITOR_INTERVAL_S", 0.01)
+    gw = _gateway(tmp_path)  # not started: its threads read as not alive
+    monkeypatch.setattr(gw.spool, "check", lambda: gw.request_stop("SIGTERM"))
+    await asyncio.wait_for(gw._monitor(), 10)
+    assert gw._failure is None
+
+    # Without a stop, the same dead threads are a failure.
+    gw = _gateway(tmp_path / "again")
+    monkeypatch.setattr(gw.spool, "check", lambda: None)
+    await asyncio.wait_for(gw._monitor(), 10)
+    assert gw._failure == "DIMSE receiver supervisor thread died"
+
+
 # -- the real gateway process ------------------------------------------------------------
 
 
