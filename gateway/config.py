@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .archives import PROFILES
 from .bandwidth import WindowError, parse_window
 
 #: Exit status for a configuration error (sysexits.h EX_CONFIG).  The systemd unit
@@ -82,6 +83,8 @@ class DatabaseConfig:
 @dataclass(frozen=True)
 class UploadConfig:
     dicomweb_url: str = ""
+    #: Which archive's STOW-RS semantics apply (gateway/archives.py).
+    archive: str = "generic"
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
@@ -393,6 +396,12 @@ def _check(c: Config) -> None:
         raise ConfigError(s, "upload.dicomweb_url", f"must be an https:// URL, got {url!r}")
     if url and (c.upload.client_cert is None) != (c.upload.client_key is None):
         raise ConfigError(s, "upload.client_key", "client_cert and client_key go together")
+    if c.upload.archive not in PROFILES:
+        raise ConfigError(
+            s,
+            "upload.archive",
+            f"must be one of {', '.join(map(repr, PROFILES))}, got {c.upload.archive!r}",
+        )
     if c.upload.compression not in _COMPRESSION:
         raise ConfigError(
             s,

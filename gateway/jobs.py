@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
@@ -39,7 +40,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from . import archives
 from .aio import wait_event
+from .archives import ArchiveProfile, identity_differences
 from .bandwidth import Bandwidth
 from .config import Config
 from .iffaster import Decision, IfFaster
@@ -57,7 +64,14 @@ from .store import (
     utcnow,
 )
 from .transcode import ENCODER_NICENESS, TranscodeResult, init_encoder_process, transcode
-from .upload import InstanceOutcome, Item, RequestFailed, RequestTooBig, StowClient
+from .upload import (
+    InstanceOutcome,
+    Item,
+    RequestFailed,
+    RequestTooBig,
+    StowClient,
+    warning_code,
+)
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -75,6 +89,8 @@ _RETENTION_INTERVAL_S = 60.0
 #: Rows pruned per writer transaction (their files are unlinked by the writer).
 _PRUNE_MAX_ROWS = 500
 _BATCH_GROW_AFTER = 10
+#: WADO-RS metadata requests in flight at once to verify one batch's instances.
+_VERIFY_CONCURRENCY = 4
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,9 @@ class Claimed:
     transfer_syntax: str
     size: int
     attempts: int
+    series_instance_uid: str = ""
+    #: STOW-RS requests that carried this UID before this one.
+    sends: int = 0
 
 
 #: Encoder processes run at this niceness: the receiver and the uploader come first.
@@ -166,6 +185,11 @@ class GiveUp:
         return None
 
 
+def _identity_of(path: Path) -> Dataset:
+    """Our spool copy's attributes, without pixel data, for :meth:`Pipeline._verify`."""
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
 def _at(seconds_from_now: float) -> str:
     when = datetime.now(UTC) + timedelta(seconds=seconds_from_now)
     return when.isoformat(timespec="microseconds")
@@ -183,7 +207,7 @@ def _claim_for_compression(limit: int) -> Callable[[sqlite3.Connection], list[Cl
                 SELECT sop_instance_uid FROM instances WHERE state = ?
                 ORDER BY received_at LIMIT ?)
             RETURNING sop_instance_uid, study_instance_uid, sha256, path, upload_path,
-                      transfer_syntax, size, attempts
+                      transfer_syntax, size, attempts, series_instance_uid, sends
             """,
             (COMPRESSING, utcnow(), RECEIVED, limit),
         ).fetchall()
@@ -261,7 +285,7 @@ def _claim_upload_batch(
         rows = conn.execute(
             f"""
             SELECT sop_instance_uid, study_instance_uid, sha256, path, upload_path,
-                   transfer_syntax, upload_size AS size, attempts
+                   transfer_syntax, upload_size AS size, attempts, series_instance_uid, sends
             FROM instances
             WHERE state = ? AND study_instance_uid = ? AND next_attempt_at <= ?{lane}
             ORDER BY received_at LIMIT ?
@@ -275,8 +299,10 @@ def _claim_upload_batch(
                 break
             total += r["size"]
             batch.append(Claimed(**dict(r)))
+        # sends is counted at the claim: a crash after the request leaves it counted.
         conn.executemany(
-            "UPDATE instances SET state = ?, updated_at = ? WHERE sop_instance_uid = ?",
+            "UPDATE instances SET state = ?, sends = sends + 1, updated_at = ?"
+            " WHERE sop_instance_uid = ?",
             [(UPLOADING, now, c.sop_instance_uid) for c in batch],
         )
         return batch, priority
@@ -318,11 +344,12 @@ def _finish_uploads(
         for claimed, outcome in results:
             guard = (claimed.sop_instance_uid, claimed.sha256, UPLOADING)
             if outcome.stored:
+                warnings = json.dumps(list(outcome.warnings)) if outcome.warnings else None
                 conn.execute(
                     "UPDATE instances SET state = ?, uploaded_at = ?, attempts = attempts + 1,"
-                    " last_error = NULL, failing_since = NULL, updated_at = ?"
+                    " last_error = NULL, failing_since = NULL, warnings = ?, updated_at = ?"
                     " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-                    (UPLOADED, now, now, *guard),
+                    (UPLOADED, now, warnings, now, *guard),
                 )
                 recorded.append((claimed, outcome))
                 continue
@@ -440,6 +467,8 @@ class Pipeline:
         self.spool = spool
         self.store = store
         self.metrics = metrics
+        #: What the archive's answers mean and how large a request may be.
+        self.profile: ArchiveProfile = archives.profile(config.upload.archive)
         self.paused = False
         self.last_upload_ok_at: str | None = None
         self.last_upload_error: str | None = None
@@ -723,6 +752,7 @@ class Pipeline:
     async def _upload_loop(self) -> None:
         c = self.config.upload
         bw = self.bandwidth
+        budget = self.profile.request_budget(c.batch_max_bytes, c.batch_max_instances)
         slots = asyncio.Semaphore(c.concurrent_requests)
         # The priority lane has a request slot of its own: a STAT image does not wait
         # behind paced batches that hold every other slot.
@@ -735,8 +765,7 @@ class Pipeline:
                 limit = self._batch_limit or c.batch_max_instances
                 if bw.priority_aets and not lane_slot.locked():
                     batch, _ = await self._db(
-                        _claim_upload_batch(limit, c.batch_max_bytes, bw.priority_aets,
-                                            others=False)
+                        _claim_upload_batch(limit, budget, bw.priority_aets, others=False)
                     )  # fmt: skip
                     if batch:
                         await lane_slot.acquire()
@@ -749,8 +778,7 @@ class Pipeline:
                 await slots.acquire()
                 window_open = bw.window_open()
                 batch, priority = await self._db(
-                    _claim_upload_batch(limit, c.batch_max_bytes, bw.priority_aets,
-                                        others=window_open)
+                    _claim_upload_batch(limit, budget, bw.priority_aets, others=window_open)
                 )  # fmt: skip
                 if not batch:
                     slots.release()
@@ -780,7 +808,7 @@ class Pipeline:
         priority: bool = False,
     ) -> None:
         try:
-            results = await self._send(client, batch, priority)
+            results = await self._send_checked(client, batch, priority)
             c = self.config.upload
             results = await self._db(
                 _finish_uploads(
@@ -805,6 +833,8 @@ class Pipeline:
                 m.uploaded_instances.labels(kind).inc()
                 if outcome.stored:
                     m.uploaded_bytes.inc(claimed.size)
+                    for warning in outcome.warnings:
+                        m.stow_warnings.labels(warning_code(warning)).inc()
         for claimed, outcome in results:
             if not outcome.stored and not outcome.retryable:
                 log.error("sop=%s failed permanently: %s", claimed.sop_instance_uid, outcome.reason)
@@ -815,6 +845,85 @@ class Pipeline:
                      batch[0].study_instance_uid)  # fmt: skip
             self._upload_wake.set()
             self._prune_wake.set()
+
+    async def _send_checked(
+        self, client: StowClient, batch: list[Claimed], priority: bool = False
+    ) -> list[tuple[Claimed, InstanceOutcome]]:
+        """:meth:`_send` *batch*, but not what the archive cannot take (too large: failed
+        without a request), and then verify what the archive says it already holds."""
+        outcomes: dict[str, InstanceOutcome] = {}
+        sendable = []
+        for c in batch:
+            why = self.profile.too_large(c.size)
+            if why is None:
+                sendable.append(c)
+            else:
+                outcomes[c.sop_instance_uid] = InstanceOutcome(stored=False, reason=why)
+        if sendable:
+            sent = await self._verify(client, await self._send(client, sendable, priority))
+            outcomes.update((c.sop_instance_uid, o) for c, o in sent)
+        return [(c, outcomes[c.sop_instance_uid]) for c in batch]
+
+    async def _verify(
+        self, client: StowClient, results: list[tuple[Claimed, InstanceOutcome]]
+    ) -> list[tuple[Claimed, InstanceOutcome]]:
+        """An instance the archive says it already holds counts as stored only when its
+        copy is ours (PS3.18 leaves "already stored" to the archive: it may be another
+        instance under the same UID).  So is a re-send the archive reports stored, where
+        the profile says a conflicting copy can be kept silently (``verify_resends``)."""
+        slots = asyncio.Semaphore(_VERIFY_CONCURRENCY)
+
+        async def check(claimed: Claimed, outcome: InstanceOutcome) -> InstanceOutcome:
+            resent = outcome.stored and self.profile.verify_resends and claimed.sends > 0
+            if not (outcome.duplicate or resent):
+                return outcome
+            async with slots:
+                return await self._verify_one(client, claimed, outcome)
+
+        checked = await asyncio.gather(*(check(c, o) for c, o in results))
+        return [(c, o) for (c, _), o in zip(results, checked, strict=True)]
+
+    async def _verify_one(
+        self, client: StowClient, claimed: Claimed, outcome: InstanceOutcome
+    ) -> InstanceOutcome:
+        uid = claimed.sop_instance_uid
+        said = outcome.reason if outcome.duplicate else "archive confirmed a re-send"
+        try:
+            ours = await asyncio.to_thread(_identity_of, self.spool.path_of(claimed.upload_path))
+            theirs = await client.instance_metadata(
+                claimed.study_instance_uid, claimed.series_instance_uid, uid
+            )
+        except (RequestFailed, OSError, ValueError, InvalidDicomError) as exc:
+            # Never uploaded unchecked: tried again later (the whole request).
+            self._count_verification("error")
+            return InstanceOutcome(
+                stored=False, retryable=True,
+                reason=f"{said}; its copy could not be checked: {exc}",
+            )  # fmt: skip
+        if theirs is None:
+            self._count_verification("absent")
+            absent = f"{said}; but it has no instance under this UID (WADO-RS metadata: 404)"
+            if outcome.duplicate and self.profile.duplicate_absent == "fail":
+                return InstanceOutcome(stored=False, reason=absent)
+            return InstanceOutcome(stored=False, retryable=True, reason=absent)
+        differences = identity_differences(ours, theirs)
+        if differences:
+            self._count_verification("mismatch")
+            return InstanceOutcome(
+                stored=False,
+                reason=(
+                    "archive holds a different instance under this UID: "
+                    + "; ".join(differences)
+                    + f" ({said})"
+                ),
+            )
+        self._count_verification("match")
+        log.info("sop=%s: the archive's copy is ours (%s)", uid, said)
+        return InstanceOutcome(stored=True, duplicate=outcome.duplicate, warnings=outcome.warnings)
+
+    def _count_verification(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.verifications.labels(result).inc()
 
     async def _send(
         self, client: StowClient, batch: list[Claimed], priority: bool = False
@@ -862,6 +971,18 @@ class Pipeline:
             self._note_upload_error(reason)
             failed = InstanceOutcome(stored=False, retryable=True, reason=reason)
             outcomes = {c.sop_instance_uid: failed for c in batch}
+        unnamed = [c for c in batch if outcomes[c.sop_instance_uid].ambiguous]
+        if len(batch) > 1 and unnamed:
+            # The archive refused a part without naming it: the unconfirmed instances go
+            # again in halves, at once, until the one it refuses is alone in a request.
+            log.warning("archive refused an instance it did not name: %d sent again in halves",
+                        len(unnamed))  # fmt: skip
+            half = max(1, len(unnamed) // 2)
+            for part in (unnamed[:half], unnamed[half:]):
+                if part:
+                    outcomes.update(
+                        (c.sop_instance_uid, o) for c, o in await self._send(client, part, priority)
+                    )
         return [(c, outcomes[c.sop_instance_uid]) for c in batch]
 
     async def _store_measured(

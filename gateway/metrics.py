@@ -78,6 +78,22 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.stow_warnings = Counter(
+            f"{PREFIX}_stow_warnings",
+            "warnings of the archive about instances it stored, by code (WarningReason as"
+            ' 0xNNNN, "attributes" for a FailedAttributesSequence entry)',
+            ["code"],
+            registry=r,
+        )
+        self.verifications = Counter(
+            f"{PREFIX}_archive_verifications",
+            "checks of the archive's copy of an instance it says it holds (WADO-RS"
+            " metadata), by result (match, mismatch, absent, error)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("match", "mismatch", "absent", "error"):
+            self.verifications.labels(result)
         self.compression_ratio = Histogram(
             f"{PREFIX}_compression_ratio",
             "original size / compressed size of each instance compressed",

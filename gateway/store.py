@@ -253,6 +253,20 @@ def _migration_8(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_9(db: sqlite_utils.Database) -> None:
+    # Archive profiles (issue 14).  warnings: what the archive said about an instance
+    # it stored (a JSON list of texts, NULL: nothing), shown in `queue ls` and on the
+    # page, the newest first.  sends: how many STOW-RS requests carried this UID, kept
+    # across a re-receive: a re-send to an archive that may keep a conflicting copy
+    # silently is verified (gateway/archives.py, verify_resends).
+    table = db["instances"]
+    table.add_column("warnings", str)  # type: ignore[union-attr]
+    table.add_column("sends", int, not_null_default=0)  # type: ignore[union-attr]
+    db.execute(
+        "CREATE INDEX idx_instances_warned ON instances (uploaded_at) WHERE warnings IS NOT NULL"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -262,6 +276,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_6,
     _migration_7,
     _migration_8,
+    _migration_9,
 ]
 
 
@@ -334,6 +349,7 @@ def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[list[str]]:
                 transcode_outcome = NULL,
                 transcode_reason = NULL,
                 uploaded_at = NULL,
+                warnings = NULL,
                 updated_at = excluded.updated_at
             """,
             (

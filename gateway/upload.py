@@ -6,8 +6,15 @@ this box authenticates with ``upload.client_cert``/``client_key``.
 
 A request stores one batch of instances of one study as
 ``multipart/related; type="application/dicom"``, streamed from the spool files.  The
-answer is read per instance (PS3.18 10.5.3): ReferencedSOPSequence items are stored;
-FailedSOPSequence items carry the archive's FailureReason.  What went wrong with the
+answer is read per instance (PS3.18 10.5.3), as the archive's profile
+(``upload.archive``, gateway/archives.py) says: ReferencedSOPSequence items are stored,
+with their WarningReason and FailedAttributesSequence kept as warnings;
+FailedSOPSequence items carry the archive's FailureReason, which is a verdict, a busy
+moment, or "already stored" (a ``duplicate`` outcome, stored only once the pipeline
+has checked the archive's copy with :meth:`StowClient.instance_metadata`).  A failure
+item that names no instance (an archive that could not read a part) cannot be matched:
+a request of one instance fails with it, a larger one is ``ambiguous`` and the
+pipeline sends those instances again in smaller requests.  What went wrong with the
 request as a whole (connection, TLS, HTTP 5xx/429) is a :class:`RequestFailed`, and
 the whole batch is retried later; a timeout or HTTP 413 is a :class:`RequestTooBig`,
 and the pipeline splits the batch.  An answer that cannot be read (not JSON, not an
@@ -37,11 +44,14 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import quote
 
 import aiohttp
 import aiohttp.payload
 from pydicom.dataset import Dataset
 
+from . import archives
+from .archives import ArchiveProfile
 from .bandwidth import CHUNK, TokenBucket
 from .config import UploadConfig
 
@@ -50,9 +60,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# PS3.18 / PS3.4 failure reasons worth retrying: the archive was short of resources
-# or failed to process, not a verdict on the instance itself.
-_RETRYABLE_REASONS = {0x0110, 0x0212, 0x0213} | set(range(0xA700, 0xA800))
+#: Warnings kept per instance, and the length of each (an archive's ErrorComment).
+_MAX_WARNINGS = 10
+_MAX_WARNING_CHARS = 200
 
 
 class RequestFailed(Exception):
@@ -80,6 +90,21 @@ class InstanceOutcome:
     stored: bool
     retryable: bool = False
     reason: str = ""
+    #: The archive says it already holds an instance with this UID.  As parsed, not
+    #: yet stored (and retryable, should nobody check); stored once the archive's copy
+    #: was verified to be ours (gateway/jobs.py).
+    duplicate: bool = False
+    #: What the archive said about a stored instance, each starting with its code
+    #: (``"0xB000 coercion of data elements"``; see :func:`warning_code`).
+    warnings: tuple[str, ...] = ()
+    #: Refused by a failure item that named no instance: which one of the request's
+    #: instances it was is unknown, so they are sent again in smaller requests.
+    ambiguous: bool = False
+
+
+def warning_code(warning: str) -> str:
+    """The code a warning text starts with (``"0xB000"``, ``"attributes"``)."""
+    return warning.split(" ", 1)[0]
 
 
 def ssl_context(config: UploadConfig) -> ssl.SSLContext:
@@ -96,24 +121,20 @@ def ssl_context(config: UploadConfig) -> ssl.SSLContext:
     return ctx
 
 
-def describe_failure(code: int | None) -> str:
-    names = {
-        0x0110: "processing failure",
-        0x0122: "SOP class not supported",
-        0x0124: "not authorized",
-        0xA700: "out of resources",
-        0xA900: "data set does not match SOP class",
-        0xC000: "cannot understand",
-        0xC122: "referenced transfer syntax not supported",
-    }
+def describe_failure(code: int | None, profile: ArchiveProfile = archives.GENERIC) -> str:
     if code is None:
         return "archive gave no failure reason"
-    name = names.get(code) or ("out of resources" if 0xA700 <= code <= 0xA7FF else "failure")
-    return f"archive refused: {name} (0x{code:04X})"
+    return f"archive refused: {profile.failure_name(code)} (0x{code:04X})"
 
 
-def parse_response(status: int, body: bytes, items: Sequence[Item]) -> dict[str, InstanceOutcome]:
-    """Map the archive's STOW-RS answer (PS3.18 10.5.3) to an outcome for each item.
+def parse_response(
+    status: int,
+    body: bytes,
+    items: Sequence[Item],
+    profile: ArchiveProfile = archives.GENERIC,
+) -> dict[str, InstanceOutcome]:
+    """Map the archive's STOW-RS answer (PS3.18 10.5.3) to an outcome for each item,
+    as *profile* reads the codes.
 
     Never raises: an answer that cannot be read says nothing about the instances, so
     each gets a retryable outcome naming what was wrong with it."""
@@ -127,12 +148,15 @@ def parse_response(status: int, body: bytes, items: Sequence[Item]) -> dict[str,
                                  f"object: {text}")  # fmt: skip
     try:
         ds = Dataset.from_json(value)
-        outcomes = _outcomes(ds)
+        outcomes, nameless = _outcomes(ds, profile)
     except Exception as exc:  # from_json raises anything on odd JSON
         return _all_retry(items, f"HTTP {status} with an unreadable STOW-RS answer: {exc!r}")
     result: dict[str, InstanceOutcome] = {}
+    unmatched = [item for item in items if item.sop_instance_uid not in outcomes]
     for item in items:
         outcome = outcomes.get(item.sop_instance_uid)
+        if outcome is None and nameless:
+            outcome = _nameless_failure(status, nameless, len(unmatched), profile)
         if outcome is None:
             # Neither stored nor refused: no proof it arrived, so send it again.
             outcome = InstanceOutcome(
@@ -140,6 +164,31 @@ def parse_response(status: int, body: bytes, items: Sequence[Item]) -> dict[str,
             )
         result[item.sop_instance_uid] = outcome
     return result
+
+
+def _nameless_failure(
+    status: int, codes: list[int | None], unmatched: int, profile: ArchiveProfile
+) -> InstanceOutcome:
+    """The outcome of an instance the answer does not name, when it has failure items
+    that name no instance either (an archive that could not read a part: Azure)."""
+    code = codes[0]
+    if unmatched == 1 and len(codes) == 1:
+        # The one instance not confirmed is the one it could not read.  A general
+        # failure (or none given) is about this content: retrying would not change it.
+        verdict = profile.verdict(code)
+        retryable = verdict == "retry" and code not in (None, 0x0110)
+        return InstanceOutcome(
+            stored=False, retryable=retryable,
+            reason=f"HTTP {status}: archive could not read it: {describe_failure(code, profile)}",
+        )  # fmt: skip
+    return InstanceOutcome(
+        stored=False, retryable=True, ambiguous=True,
+        reason=(
+            f"HTTP {status}: archive refused {len(codes)} of {unmatched} unconfirmed instances"
+            f" without naming them ({describe_failure(code, profile)}); sent again in smaller"
+            " requests"
+        ),
+    )  # fmt: skip
 
 
 def _all_retry(items: Sequence[Item], reason: str) -> dict[str, InstanceOutcome]:
@@ -163,26 +212,85 @@ def _uid(item: Dataset) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _outcomes(ds: Dataset) -> dict[str, InstanceOutcome]:
+def _outcomes(
+    ds: Dataset, profile: ArchiveProfile
+) -> tuple[dict[str, InstanceOutcome], list[int | None]]:
+    """The outcome of each instance the answer names, and the FailureReasons of
+    failure items that name none."""
     outcomes: dict[str, InstanceOutcome] = {}
+    nameless: list[int | None] = []
     for ref in _items(ds, "ReferencedSOPSequence"):
         if (uid := _uid(ref)) is not None:
-            outcomes[uid] = InstanceOutcome(stored=True)
+            outcomes[uid] = InstanceOutcome(stored=True, warnings=_warnings(ref, profile))
     for failed in _items(ds, "FailedSOPSequence"):
-        if (uid := _uid(failed)) is None:
-            continue
         code = failed.get("FailureReason")
-        if code is None or isinstance(code, int):
+        if code is not None and not isinstance(code, int):
+            # Multi-valued or not a number: not a verdict we can act on.
+            if (uid := _uid(failed)) is not None:
+                outcomes[uid] = InstanceOutcome(
+                    stored=False, retryable=True,
+                    reason=f"archive refused with an unreadable FailureReason {code!r}",
+                )  # fmt: skip
+            continue
+        if (uid := _uid(failed)) is None:
+            nameless.append(code)
+            continue
+        reason = describe_failure(code, profile)
+        if detail := _failure_detail(failed):
+            reason += f": {detail}"
+        verdict = profile.verdict(code)
+        if verdict == "duplicate":
             outcomes[uid] = InstanceOutcome(
-                stored=False, retryable=code is None or code in _RETRYABLE_REASONS,
-                reason=describe_failure(code),
+                stored=False, retryable=True, duplicate=True,
+                reason=reason.replace("archive refused: ", "archive already holds it: ", 1),
             )  # fmt: skip
-        else:  # multi-valued or not a number: not a verdict we can act on
+        else:
             outcomes[uid] = InstanceOutcome(
-                stored=False, retryable=True,
-                reason=f"archive refused with an unreadable FailureReason {code!r}",
-            )  # fmt: skip
-    return outcomes
+                stored=False, retryable=verdict == "retry", reason=reason
+            )
+    return outcomes, nameless
+
+
+def _clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_WARNING_CHARS else text[: _MAX_WARNING_CHARS - 1] + "…"
+
+
+def _comments(item: Dataset) -> list[str]:
+    """The ErrorComments of an item's FailedAttributesSequence (Azure v2)."""
+    comments = []
+    for attr in _items(item, "FailedAttributesSequence"):
+        comment = attr.get("ErrorComment")
+        if isinstance(comment, str) and comment.strip():
+            comments.append(_clip(comment))
+    return comments
+
+
+def _failure_detail(item: Dataset) -> str:
+    """What an archive says beside the code: Google's private FailureDetail (0009,0097),
+    Azure's FailedAttributesSequence (first two).  Never raises: it only adds words."""
+    try:
+        detail = item.get((0x0009, 0x0097))
+        text = detail.value if detail is not None else None
+        parts = [_clip(text)] if isinstance(text, str) and text.strip() else []
+        return "; ".join(parts + _comments(item)[:2])
+    except Exception:  # odd JSON: the code alone is the reason
+        return ""
+
+
+def _warnings(item: Dataset, profile: ArchiveProfile) -> tuple[str, ...]:
+    """An item's WarningReason(s) and FailedAttributesSequence as warning texts.  Never
+    raises: the instance is stored whatever its warnings look like."""
+    try:
+        warnings = []
+        code = item.get("WarningReason")
+        codes = [code] if isinstance(code, int) else [c for c in code or () if isinstance(c, int)]
+        for c in codes:
+            warnings.append(f"0x{c:04X} {profile.warning_name(c)}")
+        warnings += [f"attributes {comment}" for comment in _comments(item)]
+        return tuple(warnings[:_MAX_WARNINGS])
+    except Exception:
+        return ("unreadable (a warning the archive gave could not be read)",)
 
 
 def http_hint(peer: str, status: int, body: bytes) -> str:
@@ -230,6 +338,8 @@ class StowClient:
         self.metrics = metrics
         #: Shared by every request of this client (None or rate 0: not paced).
         self.bucket = bucket
+        #: How the archive's answers read (upload.archive).
+        self.profile = archives.profile(config.archive)
         self.url = config.dicomweb_url.rstrip("/") + "/studies"
         self._session: aiohttp.ClientSession | None = None
 
@@ -297,8 +407,8 @@ class StowClient:
         started = time.monotonic()
         code = "error"
         try:
-            async with self._session.post(
-                self.url, data=body, headers=headers, timeout=timeout
+            async with self._open(
+                "POST", self.url, data=body, headers=headers, timeout=timeout
             ) as resp:
                 code = str(resp.status)
                 payload = await resp.read()
@@ -329,10 +439,49 @@ class StowClient:
         if status == 413:
             raise RequestTooBig("archive refuses the size (HTTP 413)", refused=True)
         if status in (200, 202, 409) or (400 <= status < 500 and _is_dicom_json(payload)):
-            return parse_response(status, payload, items)
+            return parse_response(status, payload, items, self.profile)
         # Anything else (5xx, 429, a proxy's error page, a refused client certificate)
         # says nothing about the instances: the batch is retried with backoff.
         raise RequestFailed(http_hint("archive", status, payload))
+
+    def _open(self, method: str, url: str, **kwargs: Any) -> Any:
+        """Every request to the archive goes through here (the STOW-RS POST and the
+        WADO-RS verification GET), so what each needs (TLS, headers) is in one place."""
+        assert self._session is not None, "use StowClient as an async context manager"
+        return self._session.request(method, url, **kwargs)
+
+    async def instance_metadata(self, study: str, series: str, sop: str) -> Dataset | None:
+        """WADO-RS ``GET {dicomweb_url}/studies/{study}/series/{series}/instances/{sop}
+        /metadata`` (PS3.18 10.4): the archive's copy of this instance, as metadata.
+
+        None when the archive has no such instance (HTTP 404).  Raises
+        :class:`RequestFailed` for anything else that is not a readable answer (no
+        connection, 5xx, an odd body): the copy could not be checked."""
+        path = "/".join(
+            quote(part, safe="") for part in (study, "series", series, "instances", sop)
+        )
+        url = f"{self.url}/{path}/metadata"
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_seconds)
+        headers = {"Accept": "application/dicom+json"}
+        try:
+            async with self._open("GET", url, headers=headers, timeout=timeout) as resp:
+                status = resp.status
+                payload = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise RequestFailed(f"verification request failed: {exc!r}") from exc
+        if status == 404:
+            return None
+        if status != 200:
+            raise RequestFailed("verification: " + http_hint("archive", status, payload))
+        try:
+            value: Any = json.loads(payload)
+            if isinstance(value, list) and len(value) == 1:
+                value = value[0]
+            if not isinstance(value, dict):
+                raise ValueError("not one DICOM JSON object")
+            return Dataset.from_json(value)
+        except Exception as exc:  # from_json raises anything on odd JSON
+            raise RequestFailed(f"verification: unreadable instance metadata: {exc!r}") from exc
 
 
 def _is_dicom_json(payload: bytes) -> bool:
