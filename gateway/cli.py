@@ -14,7 +14,7 @@ from sqlite3 import Row
 
 from . import __version__
 from .config import EXIT_CONFIG, Config, ConfigError, load
-from .store import STATES, Store
+from .store import STATES, Store, decode_warnings
 
 #: The gateway could not start for a reason outside its config (port taken, disk).
 EXIT_START_FAILED = 71
@@ -76,8 +76,15 @@ def _database(config: Config) -> Path | None:
     return path
 
 
-def _list(args: argparse.Namespace, select: str, order: str, line: Callable[[Row], str]) -> int:
-    """``ls``: *select* (``SELECT ... FROM table``) filtered by ``--state``, as JSON or lines."""
+def _list(
+    args: argparse.Namespace,
+    select: str,
+    order: str,
+    line: Callable[[Row], str],
+    as_dict: Callable[[Row], dict[str, object]] = dict,
+) -> int:
+    """``ls``: *select* (``SELECT ... FROM table``) filtered by ``--state``, as JSON
+    (each row through *as_dict*) or lines."""
     db_path = _database(_load_or_exit(args.config))
     if db_path is None:
         return 1
@@ -86,7 +93,7 @@ def _list(args: argparse.Namespace, select: str, order: str, line: Callable[[Row
     rows = store.rows(f"{select} {where} ORDER BY {order} LIMIT ?", (*params, args.limit))
     store.close()
     if args.json:
-        print(json.dumps([dict(r) for r in rows], indent=2))
+        print(json.dumps([as_dict(r) for r in rows], indent=2))
         return 0
     for r in rows:
         print(line(r))
@@ -122,16 +129,22 @@ def _error(r: Row) -> str:
     return f"  {r['last_error']}" if r["last_error"] else ""
 
 
+def _warnings(r: Row) -> str:
+    said = decode_warnings(r["warnings"])
+    return f"  warnings: {'; '.join(said)}" if said else ""
+
+
 def cmd_queue_ls(args: argparse.Namespace) -> int:
     return _list(
         args,
         "SELECT sop_instance_uid, study_instance_uid, calling_ae, state, attempts, size,"
-        " received_at, last_error FROM instances",
+        " received_at, last_error, warnings FROM instances",
         "received_at",
         lambda r: (
             f"{r['received_at']}  {r['state']:<11} {r['attempts']:>3}  {r['calling_ae']:<16}"
-            f"  {r['sop_instance_uid']}  {r['size']}{_error(r)}"
+            f"  {r['sop_instance_uid']}  {r['size']}{_error(r)}{_warnings(r)}"
         ),
+        lambda r: {**dict(r), "warnings": decode_warnings(r["warnings"])},
     )
 
 

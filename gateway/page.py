@@ -215,6 +215,24 @@ def render_page(
             )
         out.append("</table></div>")
 
+    warned = doc["warnings"]
+    out.append(f'<h2>Stored with warnings (<span id="warned-count">{warned["count"]}</span>)</h2>')
+    if warned["recent"]:
+        out.append("<div class=wrap><table id=warnings><tr><th>SOP Instance UID</th>")
+        out.append("<th>calling AE</th><th>uploaded</th><th>what the archive said</th></tr>")
+        for w in warned["recent"]:
+            said = "<br>".join(_e(text) for text in w["warnings"])
+            out.append(
+                f"<tr><td><code>{_e(w['sop_instance_uid'])}</code></td>"
+                f"<td>{_e(w['calling_ae'])}</td><td>{_e((w['uploaded_at'] or '')[:19])}</td>"
+                f"<td>{said}</td></tr>"
+            )
+        out.append("</table></div>")
+        out.append(
+            "<p><small>Stored by the archive, which changed, dropped or could not index"
+            " something in them; the newest shown.</small></p>"
+        )
+
     out.append("<h2>Recent errors</h2>")
     if doc["recent_errors"] or doc["retrying"]:
         out.append("<div class=wrap><table id=errors><tr><th>when</th><th>what</th></tr>")

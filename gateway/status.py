@@ -35,6 +35,7 @@ from .store import (
     UPLOADED,
     UPLOADING,
     Store,
+    decode_warnings,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ PENDING_TOO_OLD_S = 3600.0
 CERT_WARN_DAYS = 30
 THROUGHPUT_MINUTES = 60
 FAILED_SHOWN = 50
+#: Instances stored with warnings shown on the page and in /api/status, newest first.
+WARNED_SHOWN = 20
 RECENT_ERRORS = 20
 #: A component restarted after a crash shows as "degraded" for this long.
 RESTART_SHOWN_S = 600.0
@@ -208,6 +211,18 @@ def query_database(conn: sqlite3.Connection, now: datetime) -> dict[str, Any]:
             " ORDER BY next_attempt_at LIMIT 10"
         )
     ]
+    # Both along the partial index of migration 9 (rows with warnings only).
+    warned_count = conn.execute(
+        "SELECT count(*) FROM instances WHERE warnings IS NOT NULL"
+    ).fetchone()[0]
+    warned = [
+        {**dict(r), "warnings": decode_warnings(r["warnings"])}
+        for r in conn.execute(
+            "SELECT sop_instance_uid, study_instance_uid, calling_ae, uploaded_at, warnings"
+            " FROM instances WHERE warnings IS NOT NULL ORDER BY uploaded_at DESC LIMIT ?",
+            (WARNED_SHOWN,),
+        )
+    ]
     on_disk = conn.execute(
         "SELECT coalesce(sum(size), 0) + coalesce(sum(CASE WHEN upload_path != path"
         " THEN upload_size END), 0) FROM instances WHERE path IS NOT NULL"
@@ -238,6 +253,7 @@ def query_database(conn: sqlite3.Connection, now: datetime) -> dict[str, Any]:
         "modalities": modalities,
         "failed": failed,
         "retrying": retrying,
+        "warned": {"count": warned_count, "recent": warned},
         "spool_bytes": on_disk,
     }
 
@@ -380,6 +396,8 @@ class StatusService:
             "modalities": db["modalities"],
             "failed": db["failed"],
             "retrying": db["retrying"],
+            # Stored, but the archive said something about them (upload.archive).
+            "warnings": db["warned"],
             "recent_errors": self.errors.latest(),
             "disk": disk,
             # As of the monitor's last look (every second): no disk access here.
@@ -432,7 +450,8 @@ class StatusService:
 def query_database_empty() -> dict[str, Any]:
     return {"by_state": dict.fromkeys(STATES, 0), "done_today": 0, "oldest_pending_at": None,
             "last_upload_at": None, "throughput": [], "modalities": [], "failed": [],
-            "retrying": [], "spool_bytes": 0, "worklist": [],
+            "retrying": [], "warned": {"count": 0, "recent": []}, "spool_bytes": 0,
+            "worklist": [],
             "mpps": {"pending": 0, "sending": 0, "failed": 0, "oldest_pending_at": None,
                      "failed_messages": []}}  # fmt: skip
 

@@ -23,6 +23,7 @@ again, under the path's cross-process lock, whether a committed row refers to it
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import queue
@@ -278,6 +279,17 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_8,
     _migration_9,
 ]
+
+
+def decode_warnings(value: str | None) -> list[str]:
+    """The ``warnings`` column as a list of texts (empty: none)."""
+    if not value:
+        return []
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return [value]
+    return [str(w) for w in decoded] if isinstance(decoded, list) else [str(decoded)]
 
 
 def discard_files(conn: sqlite3.Connection, relpaths: list[str]) -> None:

@@ -39,7 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .config import Config, is_loopback
 from .jobs import retry_failed
 from .page import render_login, render_page
-from .store import STATES, Store
+from .store import STATES, Store, decode_warnings
 from .webauth import Session, Sessions, verify_password, verify_token
 
 if TYPE_CHECKING:
@@ -337,11 +337,12 @@ class WebServer:
             self.store.rows,
             "SELECT sop_instance_uid, study_instance_uid, series_instance_uid, calling_ae,"
             " state, attempts, size, upload_size, transfer_syntax, received_at,"
-            " next_attempt_at, uploaded_at, last_error, transcode_outcome"
+            " next_attempt_at, uploaded_at, last_error, transcode_outcome, warnings"
             f" FROM instances {where} ORDER BY received_at DESC LIMIT ?",
             (*params, limit),
         )
-        return _json({"state": state, "limit": limit, "items": [dict(r) for r in rows]})
+        items = [{**dict(r), "warnings": decode_warnings(r["warnings"])} for r in rows]
+        return _json({"state": state, "limit": limit, "items": items})
 
     async def _action_done(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         await self.status.refresh(wait=True)
