@@ -115,6 +115,11 @@ class ArchiveProfile:
     #: 404): "retry" (the answer may precede the index), or "fail" where the same code
     #: also means a refusal of the content (Google's 0x0110).
     duplicate_absent: Literal["retry", "fail"] = "retry"
+    #: A re-send it reports stored (``verify_resends``) that it then has no metadata of:
+    #: "retry", or "fail" where that means it holds the UIDs twice (Orthanc).
+    resend_absent: Literal["retry", "fail"] = "retry"
+    #: What a 404 on the check means here, for the operator (empty: nothing known).
+    absent_hint: str = ""
     #: What could not be confirmed from the sources, said rather than guessed.
     unconfirmed: str = ""
 
@@ -193,7 +198,9 @@ GENERIC = ArchiveProfile(
 #: true the new one replaces it.  So a re-send is verified against the metadata
 #: (``verify_resends``).  A ReceivedInstanceFilter that refuses an instance makes the
 #: plugin stop reading the request: the rest of the batch is in no sequence, and is
-#: retried as unconfirmed.
+#: retried as unconfirmed.  The same UIDs with another Patient ID are stored as a
+#: second instance (Orthanc's identifiers hash the Patient ID with the UIDs), after
+#: which WADO-RS answers 404 for them: a checked re-send then fails (``resend_absent``).
 ORTHANC = ArchiveProfile(
     name="orthanc",
     title="Orthanc (DICOMweb plugin)",
@@ -205,6 +212,12 @@ ORTHANC = ArchiveProfile(
     ),
     replaces_existing=None,
     verify_resends=True,
+    resend_absent="fail",
+    absent_hint=(
+        "Orthanc keys instances by Patient ID too, so it holds these UIDs under another"
+        " Patient ID as well, and WADO-RS cannot tell them apart (observed with Orthanc"
+        " 1.10.1, either OverwriteInstances)"
+    ),
     unconfirmed="No request or instance size limit of Orthanc's HTTP server is documented.",
 )
 
@@ -283,6 +296,7 @@ GOOGLE = ArchiveProfile(
     retryable_codes=frozenset({0x0213}),
     failure_names={0x0110: "processing failure, or other bytes stored under this UID"},
     duplicate_absent="fail",
+    absent_hint="0x0110 without a stored instance is a refusal of the content",
     unconfirmed=(
         "The 409/0x0110 duplicate answer comes from issue reports, not Google's"
         " documentation; no instance size limit is documented."
@@ -355,6 +369,7 @@ AWS = ArchiveProfile(
         0xB111: "frame number mismatch",
     },
     max_request_bytes=1_000_000_000,
+    verify_resends=True,
     unconfirmed=(
         "The HTTP status of a request over 1 GB and how an identical re-send is"
         " answered are not documented; '1GB' is taken as 1,000,000,000 bytes."
@@ -373,12 +388,25 @@ def profile(name: str) -> ArchiveProfile:
 
 # -- verification -------------------------------------------------------------------------
 
+#: DICOM JSON tags (PS3.18 Annex F) of IDENTITY_KEYWORDS.
+_IDENTITY_TAGS = {
+    "SOPClassUID": "00080016",
+    "StudyInstanceUID": "0020000D",
+    "SeriesInstanceUID": "0020000E",
+    "SOPInstanceUID": "00080018",
+    "PatientID": "00100020",
+    "InstanceNumber": "00200013",
+    "Rows": "00280010",
+    "Columns": "00280011",
+    "NumberOfFrames": "00280008",
+}
+
 
 def _normalized(keyword: str, value: Any) -> str:
     if value is None:
         text = ""
     elif isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        text = "\\".join(str(v) for v in value)
+        text = "\\".join("" if v is None else str(v) for v in value)
     else:
         text = str(value)
     text = text.strip(" \0")
@@ -392,13 +420,28 @@ def _normalized(keyword: str, value: Any) -> str:
     return text
 
 
-def identity_differences(ours: Dataset, theirs: Dataset) -> list[str]:
+def identity_of_dataset(ds: Dataset) -> dict[str, str]:
+    """The identifying attributes of our spool copy (read by pydicom)."""
+    return {k: _normalized(k, ds.get(k)) for k in IDENTITY_KEYWORDS}
+
+
+def identity_of_json(obj: dict[str, Any]) -> dict[str, str]:
+    """The identifying attributes of the archive's copy, from its WADO-RS metadata (one
+    DICOM JSON object: ``{"00100020": {"vr": "LO", "Value": ["X"]}, ...}``).  Read by
+    hand, without validating values an archive may hold as they came."""
+    identity = {}
+    for keyword, tag in _IDENTITY_TAGS.items():
+        element = obj.get(tag)
+        value = element.get("Value") if isinstance(element, dict) else None
+        identity[keyword] = _normalized(keyword, value if isinstance(value, list) else None)
+    return identity
+
+
+def identity_differences(ours: Mapping[str, str], theirs: Mapping[str, str]) -> list[str]:
     """Which identifying attributes of the archive's copy differ from ours, as
     ``"PatientID archive 'X' vs ours 'Y'"`` (empty: the same instance)."""
-    differences = []
-    for keyword in IDENTITY_KEYWORDS:
-        mine = _normalized(keyword, ours.get(keyword))
-        archive = _normalized(keyword, theirs.get(keyword))
-        if mine != archive:
-            differences.append(f"{keyword} archive {archive!r} vs ours {mine!r}")
-    return differences
+    return [
+        f"{keyword} archive {theirs.get(keyword, '')!r} vs ours {ours.get(keyword, '')!r}"
+        for keyword in IDENTITY_KEYWORDS
+        if ours.get(keyword, "") != theirs.get(keyword, "")
+    ]

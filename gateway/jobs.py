@@ -41,12 +41,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pydicom
-from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from . import archives
 from .aio import wait_event
-from .archives import ArchiveProfile, identity_differences
+from .archives import (
+    ArchiveProfile,
+    identity_differences,
+    identity_of_dataset,
+    identity_of_json,
+)
 from .bandwidth import Bandwidth
 from .config import Config
 from .iffaster import Decision, IfFaster
@@ -185,9 +189,9 @@ class GiveUp:
         return None
 
 
-def _identity_of(path: Path) -> Dataset:
-    """Our spool copy's attributes, without pixel data, for :meth:`Pipeline._verify`."""
-    return pydicom.dcmread(path, stop_before_pixels=True)
+def _identity_of(path: Path) -> dict[str, str]:
+    """Our spool copy's identifying attributes, for :meth:`Pipeline._verify`."""
+    return identity_of_dataset(pydicom.dcmread(path, stop_before_pixels=True))
 
 
 def _at(seconds_from_now: float) -> str:
@@ -890,7 +894,7 @@ class Pipeline:
         said = outcome.reason if outcome.duplicate else "archive confirmed a re-send"
         try:
             ours = await asyncio.to_thread(_identity_of, self.spool.path_of(claimed.upload_path))
-            theirs = await client.instance_metadata(
+            metadata = await client.instance_metadata(
                 claimed.study_instance_uid, claimed.series_instance_uid, uid
             )
         except (RequestFailed, OSError, ValueError, InvalidDicomError) as exc:
@@ -900,13 +904,15 @@ class Pipeline:
                 stored=False, retryable=True,
                 reason=f"{said}; its copy could not be checked: {exc}",
             )  # fmt: skip
-        if theirs is None:
+        if metadata is None:
             self._count_verification("absent")
-            absent = f"{said}; but it has no instance under this UID (WADO-RS metadata: 404)"
-            if outcome.duplicate and self.profile.duplicate_absent == "fail":
-                return InstanceOutcome(stored=False, reason=absent)
-            return InstanceOutcome(stored=False, retryable=True, reason=absent)
-        differences = identity_differences(ours, theirs)
+            p = self.profile
+            absent = f"{said}; but it serves no instance under these UIDs (WADO-RS metadata: 404)"
+            if p.absent_hint:
+                absent += f": {p.absent_hint}"
+            then = p.duplicate_absent if outcome.duplicate else p.resend_absent
+            return InstanceOutcome(stored=False, retryable=then == "retry", reason=absent)
+        differences = identity_differences(ours, identity_of_json(metadata))
         if differences:
             self._count_verification("mismatch")
             return InstanceOutcome(

@@ -48,7 +48,6 @@ from urllib.parse import quote
 
 import aiohttp
 import aiohttp.payload
-from pydicom.dataset import Dataset
 
 from . import archives
 from .archives import ArchiveProfile
@@ -137,7 +136,10 @@ def parse_response(
     as *profile* reads the codes.
 
     Never raises: an answer that cannot be read says nothing about the instances, so
-    each gets a retryable outcome naming what was wrong with it."""
+    each gets a retryable outcome naming what was wrong with it.  The answer is read
+    as DICOM JSON (PS3.18 Annex F) by hand, only the attributes used: an archive's
+    free text (an ErrorComment longer than its VR allows, as dcm4chee and Azure send)
+    must not make the answer unreadable, as a validating reader would."""
     try:
         value: Any = json.loads(body) if body.strip() else {}
     except ValueError as exc:
@@ -147,9 +149,8 @@ def parse_response(
         return _all_retry(items, f"HTTP {status} with a STOW-RS answer that is not a JSON "
                                  f"object: {text}")  # fmt: skip
     try:
-        ds = Dataset.from_json(value)
-        outcomes, nameless = _outcomes(ds, profile)
-    except Exception as exc:  # from_json raises anything on odd JSON
+        outcomes, nameless = _outcomes(value, profile)
+    except (ValueError, TypeError) as exc:
         return _all_retry(items, f"HTTP {status} with an unreadable STOW-RS answer: {exc!r}")
     result: dict[str, InstanceOutcome] = {}
     unmatched = [item for item in items if item.sop_instance_uid not in outcomes]
@@ -196,58 +197,94 @@ def _all_retry(items: Sequence[Item], reason: str) -> dict[str, InstanceOutcome]
     return {item.sop_instance_uid: outcome for item in items}
 
 
-def _items(ds: Dataset, keyword: str) -> list[Dataset]:
-    """The items of a sequence, or none when the element is something else."""
-    value = ds.get(keyword)
-    if value is None or isinstance(value, (str, bytes)):
-        return []
-    try:
-        return [item for item in value if isinstance(item, Dataset)]
-    except TypeError:  # a single non-sequence value
-        return []
+# DICOM JSON tags of the Store Instances Response (PS3.18 Table 10.5.3-1).
+_REFERENCED_SOP_SEQUENCE = "00081199"
+_FAILED_SOP_SEQUENCE = "00081198"
+_REFERENCED_SOP_INSTANCE_UID = "00081155"
+_FAILURE_REASON = "00081197"
+_WARNING_REASON = "00081196"
+_FAILED_ATTRIBUTES_SEQUENCE = "00741048"
+_ERROR_COMMENT = "00000902"
+#: Google's private FailureDetail, as issue reports show it (gateway/archives.py).
+_GOOGLE_FAILURE_DETAIL = "00090097"
 
 
-def _uid(item: Dataset) -> str | None:
-    value = item.get("ReferencedSOPInstanceUID")
-    return value if isinstance(value, str) and value else None
+def _values(obj: dict[str, Any], tag: str) -> list[Any] | None:
+    """The Value array of attribute *tag* (None: absent or without a value)."""
+    element = obj.get(tag)
+    if not isinstance(element, dict):
+        return None
+    value = element.get("Value")
+    return value if isinstance(value, list) else None
+
+
+def _items(obj: dict[str, Any], tag: str) -> list[dict[str, Any]]:
+    """The items of sequence *tag*: none when it is absent or not a sequence; an item
+    that is not an object makes the answer unreadable (ValueError)."""
+    element = obj.get(tag)
+    if not isinstance(element, dict) or element.get("vr") != "SQ":
+        return []
+    value = element.get("Value", [])
+    if not isinstance(value, list):
+        raise ValueError(f"({tag[:4]},{tag[4:]}) has a Value that is not an array")
+    for item in value:
+        if not isinstance(item, dict):
+            raise ValueError(f"an item of ({tag[:4]},{tag[4:]}) is not an object: {item!r:.40}")
+    return value
+
+
+def _uid(item: dict[str, Any]) -> str | None:
+    values = _values(item, _REFERENCED_SOP_INSTANCE_UID)
+    if values and len(values) == 1 and isinstance(values[0], str) and values[0]:
+        return values[0]
+    return None
+
+
+def _number(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _texts(obj: dict[str, Any], tag: str) -> list[str]:
+    return [_clip(v) for v in _values(obj, tag) or () if isinstance(v, str) and v.strip()]
 
 
 def _outcomes(
-    ds: Dataset, profile: ArchiveProfile
+    answer: dict[str, Any], profile: ArchiveProfile
 ) -> tuple[dict[str, InstanceOutcome], list[int | None]]:
     """The outcome of each instance the answer names, and the FailureReasons of
     failure items that name none."""
     outcomes: dict[str, InstanceOutcome] = {}
     nameless: list[int | None] = []
-    for ref in _items(ds, "ReferencedSOPSequence"):
+    for ref in _items(answer, _REFERENCED_SOP_SEQUENCE):
         if (uid := _uid(ref)) is not None:
             outcomes[uid] = InstanceOutcome(stored=True, warnings=_warnings(ref, profile))
-    for failed in _items(ds, "FailedSOPSequence"):
-        code = failed.get("FailureReason")
-        if code is not None and not isinstance(code, int):
+    failures = _items(answer, _FAILED_SOP_SEQUENCE)
+    # dcm4chee puts the message of a failure in the response's ErrorComment.
+    overall = _texts(answer, _ERROR_COMMENT) if len(failures) == 1 else []
+    for failed in failures:
+        values = _values(failed, _FAILURE_REASON) or [None]
+        code = _number(values[0]) if len(values) == 1 else None
+        if len(values) != 1 or (code is None and values[0] is not None):
             # Multi-valued or not a number: not a verdict we can act on.
             if (uid := _uid(failed)) is not None:
+                shown = values[0] if len(values) == 1 else values
                 outcomes[uid] = InstanceOutcome(
                     stored=False, retryable=True,
-                    reason=f"archive refused with an unreadable FailureReason {code!r}",
+                    reason=f"archive refused with an unreadable FailureReason {shown!r:.60}",
                 )  # fmt: skip
             continue
         if (uid := _uid(failed)) is None:
             nameless.append(code)
             continue
         reason = describe_failure(code, profile)
-        if detail := _failure_detail(failed):
-            reason += f": {detail}"
+        detail = _texts(failed, _GOOGLE_FAILURE_DETAIL) + _comments(failed)[:2] + overall
+        if detail:
+            reason += ": " + "; ".join(detail)
         verdict = profile.verdict(code)
-        if verdict == "duplicate":
-            outcomes[uid] = InstanceOutcome(
-                stored=False, retryable=True, duplicate=True,
-                reason=reason.replace("archive refused: ", "archive already holds it: ", 1),
-            )  # fmt: skip
-        else:
-            outcomes[uid] = InstanceOutcome(
-                stored=False, retryable=verdict == "retry", reason=reason
-            )
+        outcomes[uid] = InstanceOutcome(
+            stored=False, retryable=verdict in ("retry", "duplicate"),
+            duplicate=verdict == "duplicate", reason=reason,
+        )  # fmt: skip
     return outcomes, nameless
 
 
@@ -256,41 +293,23 @@ def _clip(text: str) -> str:
     return text if len(text) <= _MAX_WARNING_CHARS else text[: _MAX_WARNING_CHARS - 1] + "…"
 
 
-def _comments(item: Dataset) -> list[str]:
+def _comments(item: dict[str, Any]) -> list[str]:
     """The ErrorComments of an item's FailedAttributesSequence (Azure v2)."""
     comments = []
-    for attr in _items(item, "FailedAttributesSequence"):
-        comment = attr.get("ErrorComment")
-        if isinstance(comment, str) and comment.strip():
-            comments.append(_clip(comment))
+    for attr in _items(item, _FAILED_ATTRIBUTES_SEQUENCE):
+        comments += _texts(attr, _ERROR_COMMENT)
     return comments
 
 
-def _failure_detail(item: Dataset) -> str:
-    """What an archive says beside the code: Google's private FailureDetail (0009,0097),
-    Azure's FailedAttributesSequence (first two).  Never raises: it only adds words."""
-    try:
-        detail = item.get((0x0009, 0x0097))
-        text = detail.value if detail is not None else None
-        parts = [_clip(text)] if isinstance(text, str) and text.strip() else []
-        return "; ".join(parts + _comments(item)[:2])
-    except Exception:  # odd JSON: the code alone is the reason
-        return ""
-
-
-def _warnings(item: Dataset, profile: ArchiveProfile) -> tuple[str, ...]:
-    """An item's WarningReason(s) and FailedAttributesSequence as warning texts.  Never
-    raises: the instance is stored whatever its warnings look like."""
-    try:
-        warnings = []
-        code = item.get("WarningReason")
-        codes = [code] if isinstance(code, int) else [c for c in code or () if isinstance(c, int)]
-        for c in codes:
-            warnings.append(f"0x{c:04X} {profile.warning_name(c)}")
-        warnings += [f"attributes {comment}" for comment in _comments(item)]
-        return tuple(warnings[:_MAX_WARNINGS])
-    except Exception:
-        return ("unreadable (a warning the archive gave could not be read)",)
+def _warnings(item: dict[str, Any], profile: ArchiveProfile) -> tuple[str, ...]:
+    """An item's WarningReason(s) and FailedAttributesSequence as warning texts."""
+    warnings = [
+        f"0x{code:04X} {profile.warning_name(code)}"
+        for value in _values(item, _WARNING_REASON) or ()
+        if (code := _number(value)) is not None
+    ]
+    warnings += [f"attributes {comment}" for comment in _comments(item)]
+    return tuple(warnings[:_MAX_WARNINGS])
 
 
 def http_hint(peer: str, status: int, body: bytes) -> str:
@@ -450,9 +469,10 @@ class StowClient:
         assert self._session is not None, "use StowClient as an async context manager"
         return self._session.request(method, url, **kwargs)
 
-    async def instance_metadata(self, study: str, series: str, sop: str) -> Dataset | None:
+    async def instance_metadata(self, study: str, series: str, sop: str) -> dict[str, Any] | None:
         """WADO-RS ``GET {dicomweb_url}/studies/{study}/series/{series}/instances/{sop}
-        /metadata`` (PS3.18 10.4): the archive's copy of this instance, as metadata.
+        /metadata`` (PS3.18 10.4): the archive's copy of this instance as one DICOM JSON
+        object (PS3.18 Annex F).
 
         None when the archive has no such instance (HTTP 404).  Raises
         :class:`RequestFailed` for anything else that is not a readable answer (no
@@ -475,13 +495,13 @@ class StowClient:
             raise RequestFailed("verification: " + http_hint("archive", status, payload))
         try:
             value: Any = json.loads(payload)
-            if isinstance(value, list) and len(value) == 1:
-                value = value[0]
-            if not isinstance(value, dict):
-                raise ValueError("not one DICOM JSON object")
-            return Dataset.from_json(value)
-        except Exception as exc:  # from_json raises anything on odd JSON
-            raise RequestFailed(f"verification: unreadable instance metadata: {exc!r}") from exc
+        except ValueError as exc:
+            raise RequestFailed(f"verification: unparsable instance metadata: {exc}") from exc
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if not isinstance(value, dict):
+            raise RequestFailed("verification: instance metadata is not one DICOM JSON object")
+        return value
 
 
 def _is_dicom_json(payload: bytes) -> bool:
