@@ -20,6 +20,12 @@ the reason) after ``upload.max_attempts`` or ``upload.give_up_after_hours``.  A
 stage that still crashes (its database writes fail) takes the pipeline down, and the
 gateway restarts it in-process (gateway.app); :meth:`Pipeline.run` hands back what it
 had leased.
+
+The archive's profile (``upload.archive``, gateway/archives.py) bounds each request's
+bytes, and an instance larger than the archive takes fails without being sent.  What
+the archive says it already holds is counted as uploaded only once its copy matches
+ours (WADO-RS metadata, :meth:`Pipeline._verify`); a copy that differs fails with the
+difference, and a check that cannot be made is retried.
 """
 
 from __future__ import annotations
