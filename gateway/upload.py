@@ -40,6 +40,7 @@ import logging
 import os
 import ssl
 import time
+import warnings
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,10 @@ from urllib.parse import quote
 
 import aiohttp
 import aiohttp.payload
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
 
 from . import archives
 from .archives import ArchiveProfile
@@ -136,10 +141,7 @@ def parse_response(
     as *profile* reads the codes.
 
     Never raises: an answer that cannot be read says nothing about the instances, so
-    each gets a retryable outcome naming what was wrong with it.  The answer is read
-    as DICOM JSON (PS3.18 Annex F) by hand, only the attributes used: an archive's
-    free text (an ErrorComment longer than its VR allows, as dcm4chee and Azure send)
-    must not make the answer unreadable, as a validating reader would."""
+    each gets a retryable outcome naming what was wrong with it."""
     try:
         value: Any = json.loads(body) if body.strip() else {}
     except ValueError as exc:
@@ -149,8 +151,8 @@ def parse_response(
         return _all_retry(items, f"HTTP {status} with a STOW-RS answer that is not a JSON "
                                  f"object: {text}")  # fmt: skip
     try:
-        outcomes, nameless = _outcomes(value, profile)
-    except (ValueError, TypeError) as exc:
+        outcomes, nameless = _outcomes(_read_answer(value), profile)
+    except Exception as exc:  # from_json raises anything on odd JSON
         return _all_retry(items, f"HTTP {status} with an unreadable STOW-RS answer: {exc!r}")
     result: dict[str, InstanceOutcome] = {}
     unmatched = [item for item in items if item.sop_instance_uid not in outcomes]
@@ -197,44 +199,41 @@ def _all_retry(items: Sequence[Item], reason: str) -> dict[str, InstanceOutcome]
     return {item.sop_instance_uid: outcome for item in items}
 
 
-# DICOM JSON tags of the Store Instances Response (PS3.18 Table 10.5.3-1).
-_REFERENCED_SOP_SEQUENCE = "00081199"
-_FAILED_SOP_SEQUENCE = "00081198"
-_REFERENCED_SOP_INSTANCE_UID = "00081155"
-_FAILURE_REASON = "00081197"
-_WARNING_REASON = "00081196"
-_FAILED_ATTRIBUTES_SEQUENCE = "00741048"
-_ERROR_COMMENT = "00000902"
+# Attributes of the Store Instances Response (PS3.18 Table 10.5.3-1) read by tag.
+_FAILED_ATTRIBUTES_SEQUENCE = 0x00741048
+_ERROR_COMMENT = 0x00000902
 #: Google's private FailureDetail, as issue reports show it (gateway/archives.py).
-_GOOGLE_FAILURE_DETAIL = "00090097"
+_GOOGLE_FAILURE_DETAIL = 0x00090097
 
 
-def _values(obj: dict[str, Any], tag: str) -> list[Any] | None:
-    """The Value array of attribute *tag* (None: absent or without a value)."""
-    element = obj.get(tag)
-    if not isinstance(element, dict):
+def _read_answer(value: dict[str, Any]) -> Dataset:
+    """The answer as a data set, read by pydicom.  Its VR checks only warn: an
+    archive's free text (an ErrorComment longer than its VR allows, as dcm4chee and
+    Azure send) must not make the verdicts next to it unreadable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Dataset.from_json(value)
+
+
+def _values(ds: Dataset, tag: int | str) -> list[Any] | None:
+    """The values of attribute *tag* (None: absent or empty)."""
+    element = ds.get(Tag(tag))  # by Tag: by keyword, get() gives the value
+    if not isinstance(element, DataElement) or element.VR == "SQ" or element.is_empty:
         return None
-    value = element.get("Value")
-    return value if isinstance(value, list) else None
+    value = element.value
+    return list(value) if isinstance(value, MultiValue) else [value]
 
 
-def _items(obj: dict[str, Any], tag: str) -> list[dict[str, Any]]:
-    """The items of sequence *tag*: none when it is absent or not a sequence; an item
-    that is not an object makes the answer unreadable (ValueError)."""
-    element = obj.get(tag)
-    if not isinstance(element, dict) or element.get("vr") != "SQ":
+def _items(ds: Dataset, tag: int | str) -> list[Dataset]:
+    """The items of sequence *tag*: none when it is absent or not a sequence."""
+    element = ds.get(Tag(tag))
+    if not isinstance(element, DataElement) or element.VR != "SQ":
         return []
-    value = element.get("Value", [])
-    if not isinstance(value, list):
-        raise ValueError(f"({tag[:4]},{tag[4:]}) has a Value that is not an array")
-    for item in value:
-        if not isinstance(item, dict):
-            raise ValueError(f"an item of ({tag[:4]},{tag[4:]}) is not an object: {item!r:.40}")
-    return value
+    return [item for item in element.value if isinstance(item, Dataset)]
 
 
-def _uid(item: dict[str, Any]) -> str | None:
-    values = _values(item, _REFERENCED_SOP_INSTANCE_UID)
+def _uid(item: Dataset) -> str | None:
+    values = _values(item, "ReferencedSOPInstanceUID")
     if values and len(values) == 1 and isinstance(values[0], str) and values[0]:
         return values[0]
     return None
@@ -244,25 +243,25 @@ def _number(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _texts(obj: dict[str, Any], tag: str) -> list[str]:
-    return [_clip(v) for v in _values(obj, tag) or () if isinstance(v, str) and v.strip()]
+def _texts(ds: Dataset, tag: int | str) -> list[str]:
+    return [_clip(v) for v in _values(ds, tag) or () if isinstance(v, str) and v.strip()]
 
 
 def _outcomes(
-    answer: dict[str, Any], profile: ArchiveProfile
+    answer: Dataset, profile: ArchiveProfile
 ) -> tuple[dict[str, InstanceOutcome], list[int | None]]:
     """The outcome of each instance the answer names, and the FailureReasons of
     failure items that name none."""
     outcomes: dict[str, InstanceOutcome] = {}
     nameless: list[int | None] = []
-    for ref in _items(answer, _REFERENCED_SOP_SEQUENCE):
+    for ref in _items(answer, "ReferencedSOPSequence"):
         if (uid := _uid(ref)) is not None:
             outcomes[uid] = InstanceOutcome(stored=True, warnings=_warnings(ref, profile))
-    failures = _items(answer, _FAILED_SOP_SEQUENCE)
+    failures = _items(answer, "FailedSOPSequence")
     # dcm4chee puts the message of a failure in the response's ErrorComment.
     overall = _texts(answer, _ERROR_COMMENT) if len(failures) == 1 else []
     for failed in failures:
-        values = _values(failed, _FAILURE_REASON) or [None]
+        values = _values(failed, "FailureReason") or [None]
         code = _number(values[0]) if len(values) == 1 else None
         if len(values) != 1 or (code is None and values[0] is not None):
             # Multi-valued or not a number: not a verdict we can act on.
@@ -293,7 +292,7 @@ def _clip(text: str) -> str:
     return text if len(text) <= _MAX_WARNING_CHARS else text[: _MAX_WARNING_CHARS - 1] + "…"
 
 
-def _comments(item: dict[str, Any]) -> list[str]:
+def _comments(item: Dataset) -> list[str]:
     """The ErrorComments of an item's FailedAttributesSequence (Azure v2)."""
     comments = []
     for attr in _items(item, _FAILED_ATTRIBUTES_SEQUENCE):
@@ -301,11 +300,11 @@ def _comments(item: dict[str, Any]) -> list[str]:
     return comments
 
 
-def _warnings(item: dict[str, Any], profile: ArchiveProfile) -> tuple[str, ...]:
+def _warnings(item: Dataset, profile: ArchiveProfile) -> tuple[str, ...]:
     """An item's WarningReason(s) and FailedAttributesSequence as warning texts."""
     warnings = [
         f"0x{code:04X} {profile.warning_name(code)}"
-        for value in _values(item, _WARNING_REASON) or ()
+        for value in _values(item, "WarningReason") or ()
         if (code := _number(value)) is not None
     ]
     warnings += [f"attributes {comment}" for comment in _comments(item)]

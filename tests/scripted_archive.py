@@ -25,8 +25,9 @@ it does not hold), which is how the gateway checks an "already stored" answer.
 Vendor answers: no cloud archive is reachable from this machine, and dcm4chee-arc-light
 (a WildFly application with its LDAP and database) is not installable from its
 package sources, so each one's STOW-RS behaviour is reproduced here from its public
-documentation and open-source code, cited at each answer function (:func:`google_answer`, :func:`azure_answer`,
-:func:`dcm4chee_answer`, :func:`aws_answer`, :func:`duplicate_0111_answer`).  They
+documentation and open-source code, cited at each answer function
+(:func:`google_answer`, :func:`azure_answer`, :func:`dcm4chee_answer`,
+:func:`aws_answer`, :func:`duplicate_0111_answer`).  They
 decide per instance from what the archive holds, so "a duplicate after a crash" is an
 instance already held with the same content (:func:`stored_then_dropped` stores and
 then drops the connection, as a crash or a timeout after the archive had it looks to
