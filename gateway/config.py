@@ -80,6 +80,48 @@ class DatabaseConfig:
     path: Path | None = None
 
 
+#: upload.auth.method values (see gateway.auth).
+AUTH_METHODS = ("mtls", "google", "azure", "aws-sigv4", "bearer")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """``[upload.auth]``: how requests to the archive (and the UPS-RS worklist and the
+    heartbeat) are authenticated, on top of ``upload.client_cert`` when that is set.
+    Only paths to secrets live here, never a secret itself (gateway.auth)."""
+
+    method: str = "mtls"
+    #: CA bundle for the token endpoints (google, azure); None: the system CAs.
+    ca_file: Path | None = None
+    #: Scopes asked for (google, azure); empty: the method's default.
+    scopes: tuple[str, ...] = ()
+    # google: a service-account JSON key; None: workload credentials (google.auth.default).
+    key_file: Path | None = None
+    # azure: Microsoft Entra client credentials.
+    tenant_id: str = ""
+    client_id: str = ""
+    client_secret_file: Path | None = None
+    authority_host: str = "login.microsoftonline.com"
+    # aws-sigv4: botocore's standard credential chain, optionally a profile or file.
+    region: str = ""
+    service: str = "medical-imaging"
+    profile: str = ""
+    credentials_file: Path | None = None
+    # bearer: a token another agent keeps fresh.
+    token_file: Path | None = None
+
+
+#: Which upload.auth keys belong to which method (others must stay at their default).
+AUTH_KEYS: dict[str, tuple[str, ...]] = {
+    "mtls": (),
+    "google": ("ca_file", "scopes", "key_file"),
+    "azure": ("ca_file", "scopes", "tenant_id", "client_id", "client_secret_file",
+              "authority_host"),
+    "aws-sigv4": ("region", "service", "profile", "credentials_file"),
+    "bearer": ("token_file",),
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class UploadConfig:
     dicomweb_url: str = ""
@@ -104,6 +146,7 @@ class UploadConfig:
     max_bytes_per_second: int = 0
     windows: tuple[str, ...] = ()
     priority_aets: tuple[str, ...] = ()
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
     @property
     def encoder_processes(self) -> int:
@@ -197,8 +240,20 @@ SECTIONS: dict[str, type] = {
 
 
 def documented_keys() -> list[str]:
-    """Every ``section.key`` the file accepts (the README must document each one)."""
-    return [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    """Every ``section.key`` the file accepts (the README must document each one);
+    a sub-table such as ``[upload.auth]`` gives ``upload.auth.key``."""
+
+    def keys(prefix: str, cls: type) -> list[str]:
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                out += keys(f"{prefix}.{f.name}", hints[f.name])
+            else:
+                out.append(f"{prefix}.{f.name}")
+        return out
+
+    return [key for name, cls in SECTIONS.items() for key in keys(name, cls)]
 
 
 def load(path: str | Path | None) -> Config:
@@ -249,6 +304,10 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         return ConfigError(source, key, f"expected {expected}, got {value!r}")
 
     origin = typing.get_origin(hint)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(source, key, f"must be a table, e.g. [{key}]")
+        return _build_section(hint, key, value, source)
     if origin in (typing.Union, types.UnionType):
         # Only ``X | None`` is used: an empty string means "not set".
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -345,6 +404,60 @@ def _check_web(c: Config) -> None:
             f"{w.bind} is not a loopback address: set web.password_hash, web.token_sha256"
             " or web.client_ca_file first",
         )
+
+
+_TENANT_RE = re.compile(r"[A-Za-z0-9.-]+")
+_REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]+")
+_HOST_RE = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+
+
+def _check_auth(s: str, a: AuthConfig) -> None:
+    if a.method not in AUTH_METHODS:
+        raise ConfigError(
+            s, "upload.auth.method",
+            f"must be one of {', '.join(map(repr, AUTH_METHODS))}, got {a.method!r}",
+        )  # fmt: skip
+    default = AuthConfig()
+    for f in dataclasses.fields(AuthConfig):
+        if f.name == "method" or f.name in AUTH_KEYS[a.method]:
+            continue
+        if getattr(a, f.name) != getattr(default, f.name):
+            users = [m for m, keys in AUTH_KEYS.items() if f.name in keys]
+            raise ConfigError(
+                s, f"upload.auth.{f.name}",
+                f"not used by method {a.method!r} (only by {', '.join(map(repr, users))})",
+            )  # fmt: skip
+    for scope in a.scopes:
+        if not scope or any(ch.isspace() for ch in scope):
+            raise ConfigError(s, "upload.auth.scopes", f"not a scope: {scope!r}")
+    if a.method == "azure":
+        for key in ("tenant_id", "client_id", "client_secret_file"):
+            if not getattr(a, key):
+                raise ConfigError(s, f"upload.auth.{key}", "required with method 'azure'")
+        if not _TENANT_RE.fullmatch(a.tenant_id):
+            raise ConfigError(s, "upload.auth.tenant_id", f"not a tenant ID: {a.tenant_id!r}")
+        host = a.authority_host.removeprefix("https://").rstrip("/")
+        if not _HOST_RE.fullmatch(host):
+            # There is no plaintext mode for token endpoints either.
+            raise ConfigError(
+                s, "upload.auth.authority_host",
+                f"must be a host name (https is implied), got {a.authority_host!r}",
+            )  # fmt: skip
+        if len(a.scopes) > 1:
+            raise ConfigError(
+                s, "upload.auth.scopes", "client credentials take one scope ('<resource>/.default')"
+            )
+    if a.method == "aws-sigv4":
+        if not _REGION_RE.fullmatch(a.region):
+            raise ConfigError(
+                s,
+                "upload.auth.region",
+                f"required: an AWS region, e.g. 'us-east-1', got {a.region!r}",
+            )
+        if not re.fullmatch(r"[a-z0-9-]+", a.service):
+            raise ConfigError(s, "upload.auth.service", f"not an AWS service name: {a.service!r}")
+    if a.method == "bearer" and a.token_file is None:
+        raise ConfigError(s, "upload.auth.token_file", "required with method 'bearer'")
 
 
 def _valid_password_hash(value: str) -> bool:
@@ -475,6 +588,7 @@ def _check(c: Config) -> None:
         raise ConfigError(
             s, "mpps.backoff_max_seconds", "must not be less than backoff_initial_seconds"
         )
+    _check_auth(s, c.upload.auth)
     _check_web(c)
     if c.heartbeat.url and not c.heartbeat.url.startswith("https://"):
         raise ConfigError(s, "heartbeat.url", f"must be an https:// URL, got {c.heartbeat.url!r}")

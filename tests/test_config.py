@@ -180,6 +180,45 @@ interval_seconds = 30
         ("[heartbeat]\nurl = 'http://x'\n", "heartbeat.url", "https://"),
         ("[heartbeat]\ninterval_seconds = 0\n", "heartbeat.interval_seconds", "positive"),
         ("[dimse\nport = 1\n", "-", "not valid TOML"),
+        ("[upload]\nauth = 'google'\n", "upload.auth", "must be a table"),
+        ("[upload.auth]\nmethod = 'oauth'\n", "upload.auth.method", "'aws-sigv4'"),
+        ("[upload.auth]\nmethod = 'google'\nkey = 'x'\n", "upload.auth.key", "unknown key"),
+        ("[upload.auth]\nmethod = 'bearer'\n", "upload.auth.token_file", "required"),
+        ("[upload.auth]\nmethod = 'azure'\n", "upload.auth.tenant_id", "required"),
+        (
+            "[upload.auth]\nmethod = 'google'\ntoken_file = '/t'\n",
+            "upload.auth.token_file",
+            "not used by method 'google' (only by 'bearer')",
+        ),
+        (
+            "[upload.auth]\ntoken_file = '/t'\n",
+            "upload.auth.token_file",
+            "not used by method 'mtls'",
+        ),
+        ("[upload.auth]\nmethod = 'aws-sigv4'\n", "upload.auth.region", "AWS region"),
+        (
+            "[upload.auth]\nmethod = 'aws-sigv4'\nregion = 'us-east-1'\n"
+            "service = 'Medical Imaging'\n",
+            "upload.auth.service",
+            "not an AWS service",
+        ),
+        (
+            "[upload.auth]\nmethod = 'azure'\ntenant_id = 't'\nclient_id = 'c'\n"
+            "client_secret_file = '/s'\nauthority_host = 'http://login.example'\n",
+            "upload.auth.authority_host",
+            "https is implied",
+        ),
+        (
+            "[upload.auth]\nmethod = 'azure'\ntenant_id = 't'\nclient_id = 'c'\n"
+            "client_secret_file = '/s'\nscopes = ['a/.default', 'b/.default']\n",
+            "upload.auth.scopes",
+            "one scope",
+        ),
+        (
+            "[upload.auth]\nmethod = 'google'\nscopes = ['a b']\n",
+            "upload.auth.scopes",
+            "not a scope",
+        ),
     ],
 )
 def test_bad_values_name_file_key_and_problem(
@@ -192,6 +231,22 @@ def test_bad_values_name_file_key_and_problem(
     assert info.value.key == key
     assert problem in info.value.problem
     assert str(info.value).startswith(f"{path}: {key}: ")
+
+
+def test_upload_auth_is_a_sub_table(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(
+        "[upload]\ndicomweb_url = 'https://archive.example/dicomweb'\n"
+        "[upload.auth]\nmethod = 'azure'\ntenant_id = 'contoso.onmicrosoft.com'\n"
+        "client_id = '6731de76-14a6-49ae-97bc-6eba6914391e'\n"
+        "client_secret_file = '/etc/dicom-gateway/secrets/entra'\n"
+    )
+    a = config.load(path).upload.auth
+    assert a.method == "azure" and a.client_secret_file == Path("/etc/dicom-gateway/secrets/entra")
+    assert a.authority_host == "login.microsoftonline.com" and a.scopes == ()
+    assert config.load(None).upload.auth.method == "mtls"
+    assert "upload.auth.method" in config.documented_keys()
+    assert "upload.auth" not in config.documented_keys()
 
 
 def test_check_config_cli(tmp_path: Path) -> None:
