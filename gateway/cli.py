@@ -49,8 +49,15 @@ def _load_or_exit(path: str | None) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .app import Gateway
+    from .auth import check_secret_files
 
     config = _load_or_exit(args.config)
+    try:
+        # A secret file others can read is refused like a broken key (exit 78).
+        check_secret_files(config)
+    except ConfigError as exc:
+        print(f"dicom-gateway: config error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
     setup_logging(config)
     try:
         return asyncio.run(Gateway(config).run())

@@ -1,22 +1,26 @@
 """Optional heartbeat: POST a compact status to ``heartbeat.url`` every interval.
 
 For boxes behind NAT that a monitoring service cannot reach: the box calls out, over
-the same verified, mutual TLS as its uploads (``upload.ca_file``/``client_cert``), so
-the receiving end knows which box is speaking without any inbound connection.
+the same verified, mutual TLS as its uploads (``upload.ca_file``/``client_cert``) and
+with the same request credentials (``[upload.auth]``, gateway.auth), so the receiving
+end knows which box is speaking without any inbound connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
+from . import auth as auth_module
+from .auth import AuthError
 from .config import Config
 from .status import StatusService
-from .upload import ssl_context
+from .upload import http_hint, ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +46,25 @@ def compact(doc: dict[str, Any], ae_title: str) -> dict[str, Any]:
 
 async def run_heartbeat(config: Config, status: StatusService) -> None:
     hb = config.heartbeat
+    auth = auth_module.shared(config.upload)
+    headers = {"Content-Type": "application/json"}
     connector = aiohttp.TCPConnector(ssl=ssl_context(config.upload), limit=1)
     timeout = aiohttp.ClientTimeout(total=min(30.0, hb.interval_seconds))
     failing = False
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         while True:
-            body = compact(await status.status(fresh=True), config.dimse.ae_title)
+            doc = compact(await status.status(fresh=True), config.dimse.ae_title)
+            body = json.dumps(doc).encode()
             try:
-                async with session.post(hb.url, json=body) as resp:
-                    await resp.read()
-                    problem = None if resp.status < 300 else f"HTTP {resp.status}"
+                reply = await auth.send(session, "POST", hb.url, headers=headers, body=body)
+                problem = None
+                if reply.status >= 300:
+                    problem = http_hint(
+                        "the heartbeat endpoint", reply.status, reply.body, auth,
+                        reply.headers.get("WWW-Authenticate", ""), reply.reason,
+                    )  # fmt: skip
+            except AuthError as exc:
+                problem = f"{exc} (fix: {exc.fix})"
             except (TimeoutError, aiohttp.ClientError) as exc:
                 problem = repr(exc)
             if problem and not failing:

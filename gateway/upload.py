@@ -2,7 +2,11 @@
 
 There is no plaintext or unverified mode.  The archive is checked against
 ``upload.ca_file`` (or the system CAs when that is empty) with hostname verification;
-this box authenticates with ``upload.client_cert``/``client_key``.
+this box authenticates with ``upload.client_cert``/``client_key``, and with the
+credentials of ``[upload.auth]`` when a token method is set (gateway.auth): each
+request carries their headers, and an HTTP 401 gets fresh ones and one more try.
+An archive's 401/403 is never read as a STOW-RS answer: it is a :class:`RequestFailed`
+whose hint names ``upload.auth`` (or the certificate, for ``mtls``).
 
 A request stores one batch of instances of one study as
 ``multipart/related; type="application/dicom"``, streamed from the spool files.  The
@@ -35,11 +39,13 @@ not paced, but its bytes are charged to the bucket.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import ssl
 import time
+import uuid
 import warnings
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -55,7 +61,9 @@ from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
 from . import archives
+from . import auth as auth_module
 from .archives import ArchiveProfile
+from .auth import Authenticator, AuthError
 from .bandwidth import CHUNK, TokenBucket
 from .config import UploadConfig
 
@@ -311,32 +319,47 @@ def _warnings(item: Dataset, profile: ArchiveProfile) -> tuple[str, ...]:
     return tuple(warnings[:_MAX_WARNINGS])
 
 
-def http_hint(peer: str, status: int, body: bytes) -> str:
-    """One line for an HTTP error from *peer* (the archive, the UPS-RS server) over our mTLS."""
+def http_hint(
+    peer: str,
+    status: int,
+    body: bytes,
+    auth: Authenticator | None = None,
+    www_authenticate: str = "",
+    reason: str = "",
+) -> str:
+    """One line for an HTTP error from *peer* (the archive, the UPS-RS server).  A
+    401/403 with a token method (*auth*) names ``upload.auth`` and the peer's own
+    reason (sanitised: no token in it), never the certificate."""
     text = " ".join(body[:300].decode("utf-8", "replace").split())
     if status == 400 and "SSL certificate" in text:
         return (
             f"{peer} refused our client certificate (HTTP 400 'SSL certificate error'): "
             f"check upload.client_cert: {peer} does not trust the CA that signed it"
         )
+    if status in (401, 403) and auth is not None and auth.method != "mtls":
+        why = auth.sanitise(auth_module.refusal_text(body, www_authenticate), limit=160)
+        said = f"HTTP {status} {reason}".rstrip() + (f": {why}" if why else "")
+        return f"check upload.auth: {peer} refused the {auth.method} credentials ({said})"
     if status in (401, 403):
         return f"{peer} refused access (HTTP {status}): check this box's certificate/enrolment"
     return f"{peer} answered HTTP {status}: {text[:160]}"
 
 
-async def _paced_chunks(f: BinaryIO, bucket: TokenBucket) -> AsyncIterator[bytes]:
+async def _paced_chunks(f: BinaryIO, bucket: TokenBucket | None) -> AsyncIterator[bytes]:
     # Read in a thread: a slow disk must not stall the loop (the receiver's acks).
     while chunk := await asyncio.to_thread(f.read, CHUNK):
-        await bucket.take(len(chunk))
+        if bucket is not None:
+            await bucket.take(len(chunk))
         yield chunk
 
 
 class PacedFile(aiohttp.payload.AsyncIterablePayload):
     """One spool file as a multipart part whose chunks are paid for in *bucket* before
     they are sent.  Its size is known, so the request keeps its Content-Length (no
-    chunked transfer encoding, which some archives' proxies refuse)."""
+    chunked transfer encoding, which some archives' proxies refuse).  Without a
+    bucket it is not paced (SigV4 hashes the body this way before sending it)."""
 
-    def __init__(self, f: BinaryIO, size: int, bucket: TokenBucket) -> None:
+    def __init__(self, f: BinaryIO, size: int, bucket: TokenBucket | None) -> None:
         self._file_size = size
         super().__init__(_paced_chunks(f, bucket), content_type="application/dicom")
 
@@ -351,9 +374,12 @@ class StowClient:
         config: UploadConfig,
         metrics: Metrics | None = None,
         bucket: TokenBucket | None = None,
+        auth: Authenticator | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        #: Request credentials (``upload.auth``), shared with the worklist and heartbeat.
+        self.auth = auth if auth is not None else auth_module.shared(config)
         #: Shared by every request of this client (None or rate 0: not paced).
         self.bucket = bucket
         #: How the archive's answers read (upload.archive).
@@ -397,40 +423,55 @@ class StowClient:
         bytes are only charged to the bucket)."""
         assert self._session is not None, "use StowClient as an async context manager"
         bucket = self._paced(priority)
-        files = []
-        try:
-            size = 0
-            with aiohttp.MultipartWriter('related; type="application/dicom"') as body:
+        files: list[BinaryIO] = []
+        # One boundary for every build of this request's body: the bytes SigV4 hashed
+        # are the bytes sent, and sent again after a refusal.
+        boundary = uuid.uuid4().hex
+
+        def body(pacing: TokenBucket | None = bucket) -> aiohttp.MultipartWriter:
+            # A fresh build each time: aiohttp closes a sent body's files.
+            with aiohttp.MultipartWriter('related; type="application/dicom"', boundary) as w:
                 for item in items:
                     f = open(item.path, "rb")  # noqa: SIM115 - closed in finally
                     files.append(f)
-                    file_size = os.fstat(f.fileno()).st_size
-                    size += file_size
                     if bucket is None:
-                        body.append(f, {"Content-Type": "application/dicom"})
+                        w.append(f, {"Content-Type": "application/dicom"})
                     else:
-                        body.append_payload(PacedFile(f, file_size, bucket))
+                        w.append_payload(PacedFile(f, os.fstat(f.fileno()).st_size, pacing))
+            return w
+
+        try:
+            size = sum(os.stat(item.path).st_size for item in items)
+            digest = None
+            if self.auth.signs_payload:
+                digest = await _payload_sha256(body(None))
             if priority and self.bucket is not None:
                 self.bucket.charge(size)
-            return await self._post(body, items, self.timeout_for(size, bucket is not None))
+            return await self._post(body, digest, items, self.timeout_for(size, bucket is not None))
         finally:
             for f in files:
                 f.close()
 
     async def _post(
-        self, body: aiohttp.MultipartWriter, items: Sequence[Item], timeout: aiohttp.ClientTimeout
+        self,
+        body: auth_module.Body,
+        digest: str | None,
+        items: Sequence[Item],
+        timeout: aiohttp.ClientTimeout,
     ) -> dict[str, InstanceOutcome]:
         assert self._session is not None
         headers = {"Accept": "application/dicom+json"}
         started = time.monotonic()
         code = "error"
         try:
-            async with self._open(
-                "POST", self.url, data=body, headers=headers, timeout=timeout
-            ) as resp:
-                code = str(resp.status)
-                payload = await resp.read()
-                status = resp.status
+            reply = await self.auth.send(
+                self._session, "POST", self.url, headers=headers, body=body,
+                payload_sha256=digest, timeout=timeout,
+            )  # fmt: skip
+            code = str(reply.status)
+            payload, status = reply.body, reply.status
+        except AuthError as exc:
+            raise RequestFailed(f"{exc} (fix: {exc.fix})") from exc
         except aiohttp.ClientConnectorCertificateError as exc:
             raise RequestFailed(
                 f"TLS: the archive's certificate is not trusted ({exc.certificate_error}); "
@@ -456,17 +497,18 @@ class StowClient:
                 self.metrics.stow_duration.observe(time.monotonic() - started)
         if status == 413:
             raise RequestTooBig("archive refuses the size (HTTP 413)", refused=True)
+        if status in (401, 403):
+            # A refusal of this box (its token or certificate), whatever the body
+            # looks like: nothing about the instances.
+            raise RequestFailed(
+                http_hint("archive", status, payload, self.auth,
+                          reply.headers.get("WWW-Authenticate", ""), reply.reason)
+            )  # fmt: skip
         if status in (200, 202, 409) or (400 <= status < 500 and _is_dicom_json(payload)):
             return parse_response(status, payload, items, self.profile)
         # Anything else (5xx, 429, a proxy's error page, a refused client certificate)
         # says nothing about the instances: the batch is retried with backoff.
         raise RequestFailed(http_hint("archive", status, payload))
-
-    def _open(self, method: str, url: str, **kwargs: Any) -> Any:
-        """Every request to the archive goes through here (the STOW-RS POST and the
-        WADO-RS verification GET), so what each needs (TLS, headers) is in one place."""
-        assert self._session is not None, "use StowClient as an async context manager"
-        return self._session.request(method, url, **kwargs)
 
     async def instance_metadata(self, study: str, series: str, sop: str) -> dict[str, Any] | None:
         """WADO-RS ``GET {dicomweb_url}/studies/{study}/series/{series}/instances/{sop}
@@ -482,16 +524,25 @@ class StowClient:
         url = f"{self.url}/{path}/metadata"
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_seconds)
         headers = {"Accept": "application/dicom+json"}
+        assert self._session is not None, "use StowClient as an async context manager"
         try:
-            async with self._open("GET", url, headers=headers, timeout=timeout) as resp:
-                status = resp.status
-                payload = await resp.read()
+            # With the upload's credentials (and one refresh after a 401), as the POST.
+            reply = await self.auth.send(
+                self._session, "GET", url, headers=headers, timeout=timeout
+            )
+        except AuthError as exc:
+            raise RequestFailed(f"verification: {exc} (fix: {exc.fix})") from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise RequestFailed(f"verification request failed: {exc!r}") from exc
+        status, payload = reply.status, reply.body
         if status == 404:
             return None
         if status != 200:
-            raise RequestFailed("verification: " + http_hint("archive", status, payload))
+            raise RequestFailed(
+                "verification: "
+                + http_hint("archive", status, payload, self.auth,
+                            reply.headers.get("WWW-Authenticate", ""), reply.reason)
+            )  # fmt: skip
         try:
             value: Any = json.loads(payload)
         except ValueError as exc:
@@ -501,6 +552,26 @@ class StowClient:
         if not isinstance(value, dict):
             raise RequestFailed("verification: instance metadata is not one DICOM JSON object")
         return value
+
+
+class _Sha256Sink:
+    """A stand-in for aiohttp's stream writer that hashes what a payload writes."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    async def write(self, chunk: bytes | bytearray | memoryview) -> None:
+        self.hash.update(chunk)
+        self.size += len(chunk)
+
+
+async def _payload_sha256(body: aiohttp.MultipartWriter) -> str:
+    """SHA-256 of the bytes aiohttp sends for *body*: it writes itself into a
+    hashing sink, reading its files in chunks (never whole into memory)."""
+    sink = _Sha256Sink()
+    await body.write(sink)  # type: ignore[arg-type]
+    return sink.hash.hexdigest()
 
 
 def _is_dicom_json(payload: bytes) -> bool:

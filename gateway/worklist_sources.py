@@ -2,10 +2,11 @@
 
 UPS-RS (PS3.18 11.9, Search Transaction): ``GET {worklist.ups_url}/workitems`` for the
 SCHEDULED workitems from the expiry cutoff on, over the archive's mutual TLS (the
-``[upload]`` ca_file/client_cert/client_key), paged with ``limit``/``offset`` while the
-server says there is more (HTTP 206, or a ``Warning: 299 ... additional results``
-header).  Each workitem is turned into an MWL item by the UPS to MWL mapping of PS3.17
-(see :func:`ups_to_mwl`).
+``[upload]`` ca_file/client_cert/client_key) and with the ``[upload.auth]`` request
+credentials (gateway.auth; an HTTP 401 gets fresh ones and one more try), paged with
+``limit``/``offset`` while the server says there is more (HTTP 206, or a
+``Warning: 299 ... additional results`` header).  Each workitem is turned into an MWL
+item by the UPS to MWL mapping of PS3.17 (see :func:`ups_to_mwl`).
 
 Drop folder (``worklist.drop_folder``): a technician adds entries by hand as DICOM JSON
 (``*.json``: one object or an array, each object one MWL item) or as DICOM files the way
@@ -33,6 +34,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from . import auth as auth_module
+from .auth import AuthError
 from .config import Config
 from .upload import http_hint, ssl_context
 
@@ -213,6 +216,7 @@ class UpsClient:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.url = config.worklist.ups_url.rstrip("/") + "/workitems"
+        self.auth = auth_module.shared(config.upload)
 
     async def scheduled(self, from_date: str) -> UpsAnswer:
         try:
@@ -247,10 +251,13 @@ class UpsClient:
             "offset": str(offset),
         }
         headers = {"Accept": "application/dicom+json"}
+        url = auth_module.query_url(self.url, params)
         try:
-            async with session.get(self.url, params=params, headers=headers) as resp:
-                body = await resp.read()
-                status, more = resp.status, _more_pages(resp.status, resp.headers)
+            reply = await self.auth.send(session, "GET", url, headers=headers)
+            body = reply.body
+            status, more = reply.status, _more_pages(reply.status, reply.headers)
+        except AuthError as exc:
+            raise SourceError(f"{exc} (fix: {exc.fix})") from exc
         except aiohttp.ClientConnectorCertificateError as exc:
             raise SourceError(_tls_hint(exc.certificate_error)) from exc
         except aiohttp.ClientSSLError as exc:
@@ -273,7 +280,10 @@ class UpsClient:
         if status == 204:
             return [], False
         if status not in (200, 206):
-            raise SourceError(http_hint("the UPS-RS server", status, body))
+            raise SourceError(
+                http_hint("the UPS-RS server", status, body, self.auth,
+                          reply.headers.get("WWW-Authenticate", ""), reply.reason)
+            )  # fmt: skip
         try:
             page = json.loads(body)
         except ValueError as exc:
