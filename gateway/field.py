@@ -68,6 +68,7 @@ def _checks(config: Config) -> Iterator[Check]:
     yield check_dimse(config)
     yield check_certificate(config)
     yield check_archive(config)
+    yield check_auth(config)
     yield check_worklist_upstream(config)
 
 
@@ -174,6 +175,11 @@ def check_dimse(config: Config) -> Check:
 def check_certificate(config: Config) -> Check:
     u = config.upload
     if u.client_cert is None or u.client_key is None:
+        if u.dicomweb_url and u.auth.method != "mtls":
+            return Check(
+                "certificate", None,
+                f"no client certificate (upload.auth.method = {u.auth.method} authenticates)",
+            )  # fmt: skip
         if u.dicomweb_url:
             return Check(
                 "certificate",
@@ -299,6 +305,13 @@ def check_archive(config: Config) -> Check:
             f"{host}:{port} refused our client certificate (HTTP 400)",
             "install a certificate signed by the archive's CA (`dicom-gateway enroll`)",
         )
+    if resp.status in (401, 403) and u.auth.method != "mtls":
+        # Asked without a token on purpose: the auth line asks with one.
+        return Check(
+            "archive",
+            True,
+            f"TLS to {host}:{port}; it asks for credentials (HTTP {resp.status}): see auth",
+        )
     if resp.status in (401, 403):
         return Check(
             "archive",
@@ -314,6 +327,95 @@ def check_archive(config: Config) -> Check:
             "check upload.dicomweb_url (the DICOMweb base, e.g. https://host/dicom-web)",
         )
     return Check("archive", True, f"TLS with client certificate to {host}:{port}, QIDO answered")
+
+
+#: What to do when the archive refuses credentials it was given: its side's grant.
+_ARCHIVE_GRANT = {
+    "mtls": "ask the archive's operators to allow this box's certificate",
+    "google": "grant the service account a Healthcare DICOM role on the DICOM store (e.g."
+    " roles/healthcare.dicomEditor), and check upload.dicomweb_url's project, location,"
+    " dataset and store",
+    "azure": "assign the app registration the 'DICOM Data Owner' role on the DICOM service"
+    " (its Access control (IAM)); the scope must be https://dicom.healthcareapis.azure.com"
+    "/.default",
+    "aws-sigv4": "allow the HealthImaging DICOMweb actions on the data store in the IAM"
+    " policy of these credentials (medical-imaging:StoreDICOM, StoreDICOMStudy,"
+    " SearchDICOMStudies), and check upload.auth.region and service",
+    "bearer": "the token in upload.auth.token_file was refused: check the agent that"
+    " refreshes it, and the archive's access rules",
+}
+
+
+def check_auth(config: Config) -> Check:
+    """``upload.auth`` end to end: a token fetched (or a request signed) the way the
+    upload does it, and a harmless QIDO-RS request, ``GET {dicomweb_url}/studies?limit=1``,
+    answered 200 or 204 with it (for ``mtls``, with the client certificate alone)."""
+    import asyncio
+
+    from .auth import SecretFileError, read_secret, secret_files
+    from .upload import ssl_context
+
+    u = config.upload
+    if not u.dicomweb_url:
+        return Check("auth", None, "no upload.dicomweb_url configured")
+    for key, path in secret_files(u.auth):
+        try:
+            read_secret(path, key)
+        except SecretFileError as exc:
+            return Check("auth", False, f"{u.auth.method}: {exc}", exc.fix)
+    try:
+        ctx = ssl_context(u)
+    except (OSError, ssl.SSLError) as exc:
+        return Check(
+            "auth", False, f"cannot load the TLS files: {exc}",
+            "check upload.ca_file, client_cert and client_key",
+        )  # fmt: skip
+    return asyncio.run(_probe_auth(config, ctx))
+
+
+async def _probe_auth(config: Config, ctx: ssl.SSLContext) -> Check:
+    import aiohttp
+
+    from .auth import AuthError, authenticator, query_url
+    from .upload import http_hint
+
+    u = config.upload
+    method = u.auth.method
+    auth = authenticator(u.auth)
+    url = query_url(u.dicomweb_url.rstrip("/") + "/studies", {"limit": "1"})
+    connector = aiohttp.TCPConnector(ssl=ctx, limit=1)
+    timeout = aiohttp.ClientTimeout(total=3 * _TIMEOUT_S, sock_connect=_TIMEOUT_S)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        try:
+            reply = await auth.send(
+                session, "GET", url, headers={"Accept": "application/dicom+json"}
+            )
+        except AuthError as exc:
+            return Check("auth", False, f"{method}: {exc}", exc.fix)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return Check(
+                "auth", False, f"{method}: the QIDO-RS request failed: {auth.sanitise(repr(exc))}",
+                "see the archive line: TLS and the network come first",
+            )  # fmt: skip
+    path = urllib.parse.urlsplit(url).path
+    if reply.status in (200, 204):
+        return Check(
+            "auth", True,
+            f"{method}: {auth.describe()}; QIDO-RS GET {path}?limit=1 answered HTTP {reply.status}",
+        )  # fmt: skip
+    if reply.status in (401, 403):
+        hint = http_hint(
+            "the archive", reply.status, reply.body, auth,
+            reply.headers.get("WWW-Authenticate", ""), reply.reason,
+        )  # fmt: skip
+        return Check("auth", False, f"{method}: credentials obtained, but {hint}",
+                     _ARCHIVE_GRANT[method])  # fmt: skip
+    return Check(
+        "auth", False,
+        f"{method}: credentials obtained, but QIDO-RS GET {path}?limit=1 answered HTTP"
+        f" {reply.status} {reply.reason}",
+        "check upload.dicomweb_url (the DICOMweb base, e.g. https://host/dicom-web)",
+    )  # fmt: skip
 
 
 def check_worklist_upstream(config: Config) -> Check:

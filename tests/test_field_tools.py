@@ -71,11 +71,12 @@ def test_doctor_good_setup_passes_every_line(
     gw = gateway_factory(upload=upload_section(archive_lab), worklist=worklist)
     code, lines = doctor(gw.config_path)
     assert set(lines) == {
-        "config", "spool", "database", "dimse", "certificate", "archive", "worklist"
+        "config", "spool", "database", "dimse", "certificate", "archive", "auth", "worklist"
     }  # fmt: skip
     assert all(line.startswith("PASS") for line in lines.values()), lines
     assert code == 0
     assert "answers C-ECHO" in lines["dimse"] and "QIDO answered" in lines["archive"]
+    assert "mtls: the TLS client certificate authenticates" in lines["auth"]
     assert gw.stop() == 0
 
 
