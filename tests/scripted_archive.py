@@ -41,6 +41,17 @@ loop can use it.  By default every request is answered correctly (every instance
 stored, status 200); :meth:`ScriptedArchive.script` queues other answers, one per
 request, in order.  The multipart body is read with aiohttp's reader, each instance
 with pydicom.
+
+Request credentials (issue 14): with :attr:`ScriptedArchive.require_auth` set, every
+request (STOW-RS, WADO-RS metadata, the QIDO-RS probe ``GET /dicom-web/studies``, the UPS-RS search
+``GET /ups/workitems``, the heartbeat ``POST /heartbeat``) is read in full and
+checked by it first; a refusal is HTTP 401 with a JSON error body and, for bearer
+tokens, ``WWW-Authenticate: Bearer error="invalid_token", error_description=...``
+(RFC 6750 section 3, https://www.rfc-editor.org/rfc/rfc6750#section-3), or what
+:attr:`ScriptedArchive.refusal` makes.  :meth:`ScriptedArchive.revoke` refuses one
+bearer token from then on, which makes the gateway refresh and send again.  With
+``client_cert_required=False`` no client certificate is asked (the clouds take a
+token alone).
 """
 
 from __future__ import annotations
@@ -57,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pydicom
 import pytest
 import trustme
@@ -109,6 +121,8 @@ class Exchange:
     read: bool = False
     #: Each instance of the request by SOP Instance UID: its bytes and attributes.
     parts: dict[str, Held] = field(default_factory=dict)
+    #: The body, when it was read in full to check the request's credentials.
+    content: aiohttp.StreamReader | None = None
 
     async def read_instances(self, bytes_per_second: float | None = None) -> list[str]:
         """Read the multipart body (throttled to *bytes_per_second* if given); the
@@ -116,7 +130,10 @@ class Exchange:
         if self.read:
             return self.uids
         self.read = True
-        reader = await self.request.multipart()
+        if self.content is not None:
+            reader = aiohttp.MultipartReader(self.request.headers, self.content)
+        else:
+            reader = await self.request.multipart()
         while (part := await reader.next()) is not None:
             assert not isinstance(part, type(reader)), "nested multipart"
             chunks = []
@@ -487,8 +504,24 @@ def stored_then_dropped(answer: Answer) -> Answer:
 # -- the server ---------------------------------------------------------------------------
 
 
+def bearer_refusal(description: str = "The access token is invalid or has expired") -> web.Response:
+    """RFC 6750 3.1 ``invalid_token``, with a JSON body saying the same."""
+    challenge = (
+        f'Bearer realm="scripted-archive", error="invalid_token", error_description="{description}"'
+    )
+    return web.json_response(
+        {"error": "invalid_token", "error_description": description},
+        status=401,
+        headers={"WWW-Authenticate": challenge},
+    )
+
+
+#: Checks a request's credentials: (request, body) -> allowed.
+AuthCheck = Callable[[web.Request, bytes], bool]
+
+
 class ScriptedArchive:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, client_cert_required: bool = True) -> None:
         self.work = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         ca = trustme.CA()
@@ -501,8 +534,9 @@ class ScriptedArchive:
         client.private_key_pem.write_to_path(str(self.client_key))
         self._server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._server_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._server_ctx.verify_mode = ssl.CERT_REQUIRED
+        self._server_ctx.verify_mode = ssl.CERT_REQUIRED if client_cert_required else ssl.CERT_NONE
         ca.configure_trust(self._server_ctx)
+        self.client_cert_required = client_cert_required
         ca.issue_cert("localhost").configure_cert(self._server_ctx)
         self._script: list[Answer] = []
         self._lock = threading.Lock()
@@ -528,6 +562,17 @@ class ScriptedArchive:
         self.chunks: list[tuple[float, int]] = []
         #: How many requests were answered (scripted or default).
         self.answered = 0
+        #: Credentials check of every request (None: none asked); see the module docstring.
+        self.require_auth: AuthCheck | None = None
+        #: The answer to a request whose credentials are refused.
+        self.refusal: Callable[[], web.Response] = bearer_refusal
+        #: Authorization headers of every request, and how many were refused.
+        self.authorizations: list[str] = []
+        self.refused = 0
+        self.revoked: set[str] = set()
+        #: (method, path with query) of the GET/heartbeat requests, and heartbeat bodies.
+        self.other_requests: list[tuple[str, str]] = []
+        self.heartbeats: list[bytes] = []
         self.port = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -538,14 +583,12 @@ class ScriptedArchive:
         return f"https://localhost:{self.port}/dicom-web"
 
     def upload_config(self, **overrides: Any) -> dict[str, Any]:
-        """``[upload]`` keys that point a gateway at this archive."""
-        return {
-            "dicomweb_url": self.dicomweb_url,
-            "ca_file": str(self.ca_file),
-            "client_cert": str(self.client_cert),
-            "client_key": str(self.client_key),
-            **overrides,
-        }
+        """``[upload]`` keys that point a gateway at this archive (with the client
+        certificate when this archive asks for one)."""
+        keys: dict[str, Any] = {"dicomweb_url": self.dicomweb_url, "ca_file": str(self.ca_file)}
+        if self.client_cert_required:
+            keys |= {"client_cert": str(self.client_cert), "client_key": str(self.client_key)}
+        return keys | overrides
 
     def hold(self, path: Path, **changes: Any) -> Held:
         """Hold the instance in *path* as if stored earlier, with *changes* to its
@@ -576,6 +619,10 @@ class ScriptedArchive:
 
     async def _metadata(self, request: web.Request) -> web.StreamResponse:
         """WADO-RS instance metadata (PS3.18 10.4.1.1.2) of what the archive holds."""
+        if self.require_auth is not None:
+            refusal, _ = await self._refused(request)
+            if refusal is not None:
+                return refusal
         sop = request.match_info["sop"]
         with self._lock:
             self.metadata_requests.append(sop)
@@ -591,11 +638,53 @@ class ScriptedArchive:
             return web.Response(status=404, text="no such instance")
         return dicom_json(200, [held.metadata()])
 
+    def revoke(self, authorization: str) -> None:
+        """Refuse the bearer token of *authorization* from now on."""
+        with self._lock:
+            self.revoked.add(authorization.partition(" ")[2].strip())
+
+    async def _refused(self, request: web.Request) -> tuple[web.Response | None, bytes]:
+        """Read the body and check the credentials: a refusal, or None and the body."""
+        body = await request.read()
+        authorization = request.headers.get("Authorization", "")
+        with self._lock:
+            self.authorizations.append(authorization)
+            revoked = authorization.partition(" ")[2].strip() in self.revoked
+        check = self.require_auth
+        if check is None or (not revoked and check(request, body)):
+            return None, body
+        with self._lock:
+            self.refused += 1
+        return self.refusal(), body
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        content = None
+        if self.require_auth is not None:
+            refusal, body = await self._refused(request)
+            if refusal is not None:
+                return refusal
+            content = aiohttp.StreamReader(
+                request.protocol, len(body) + 1, loop=asyncio.get_running_loop()
+            )
+            content.feed_data(body)
+            content.feed_eof()
         with self._lock:
             answer = self._script.pop(0) if self._script else self.default
             self.answered += 1
-        return await answer(Exchange(request, self))
+        return await answer(Exchange(request, self, content=content))
+
+    async def _other(self, request: web.Request) -> web.StreamResponse:
+        """QIDO-RS ``/studies``, UPS-RS ``/workitems`` (nothing found) and the heartbeat."""
+        refusal, body = await self._refused(request)
+        if refusal is not None:
+            return refusal
+        with self._lock:
+            self.other_requests.append((request.method, request.raw_path))
+            if request.path == "/heartbeat":
+                self.heartbeats.append(body)
+        if request.path == "/heartbeat":
+            return web.Response(status=204)
+        return dicom_json(200, [])
 
     # -- lifecycle -------------------------------------------------------------------
     def start(self) -> ScriptedArchive:
@@ -623,6 +712,9 @@ class ScriptedArchive:
         app.router.add_get(
             "/dicom-web/studies/{study}/series/{series}/instances/{sop}/metadata", self._metadata
         )
+        app.router.add_get("/dicom-web/studies", self._other)
+        app.router.add_get("/ups/workitems", self._other)
+        app.router.add_post("/heartbeat", self._other)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._server_ctx)
