@@ -525,6 +525,7 @@ def config_summary(c: Config) -> dict[str, Any]:
         "dicomweb_url": c.upload.dicomweb_url,
         "client_cert": str(c.upload.client_cert or ""),
         "client_key": str(c.upload.client_key or ""),
+        "upload_auth": c.upload.auth.method,  # the method only: its files hold secrets
         "compression": c.upload.compression,
         "concurrent_requests": c.upload.concurrent_requests,
         "retention_keep_bytes": c.retention.keep_bytes,

@@ -74,6 +74,7 @@ def test_config_summary_has_no_secrets() -> None:
     assert password_hash not in text and token not in text
     assert "/etc/gw/box.key" in text  # the path, never the contents
     assert config_summary(c)["web_auth"] == ["password", "token"]
+    assert config_summary(c)["upload_auth"] == "mtls"
 
 
 def test_chart_scales_to_the_busiest_minute() -> None:
