@@ -788,3 +788,25 @@ def test_sanitise_removes_known_secrets_and_token_shapes_but_keeps_paths() -> No
         assert secret not in clean
     assert "/var/lib/dicom-gateway/secrets/service-account.json" in clean
     assert "1.2.826.0.1.3680043.8.498.1" in clean
+
+
+@pytest.mark.asyncio
+async def test_the_wado_rs_check_of_a_duplicate_carries_the_credentials(
+    clouds: Clouds, archive: ScriptedArchive, tmp_path: Path
+) -> None:
+    """Verifying an "already stored" answer (WADO-RS metadata) is a request to the
+    archive like the upload: signed, and refreshed once after a 401."""
+    from gateway.upload import StowClient
+
+    clouds.accept("azure", archive)
+    config = from_dict({"upload": archive.upload_config(auth=clouds.auth("azure"))})
+    ds = corpus.with_new_uids(corpus.testdata("CT_small.dcm"), tmp_path / "held.dcm")
+    archive.hold(tmp_path / "held.dcm")
+    ids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    async with StowClient(config.upload) as client:
+        first = await client.instance_metadata(*ids)
+        archive.revoke(archive.authorizations[-1])
+        second = await client.instance_metadata(*ids)
+    assert first is not None and first == second
+    assert archive.refused == 1 and clouds.entra().grants == 2
+    assert all(a.startswith("Bearer tok-") for a in archive.authorizations)
