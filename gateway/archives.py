@@ -102,6 +102,10 @@ class ArchiveProfile:
     max_request_bytes: int | None = None
     #: The largest single instance (None: none documented beyond the request's).
     max_instance_bytes: int | None = None
+    #: How long the archive lets one store transaction run before it ends it (None:
+    #: none documented).  Batches are cut so that one fits in 90 % of it at
+    #: ``upload.min_bytes_per_second``; a single larger instance still goes alone.
+    max_request_seconds: float | None = None
     #: Whether a re-sent instance with the same UIDs replaces the stored one: True,
     #: False, or None when that depends on the archive's own configuration.
     replaces_existing: bool | None = False
@@ -150,13 +154,19 @@ class ArchiveProfile:
     def warning_name(self, code: int) -> str:
         return self.warning_names.get(code) or STANDARD_WARNINGS.get(code) or "warning"
 
-    def request_budget(self, batch_max_bytes: int, batch_max_instances: int) -> int:
+    def request_budget(
+        self, batch_max_bytes: int, batch_max_instances: int, min_bytes_per_second: int = 0
+    ) -> int:
         """Bytes of instances one request may carry: ``upload.batch_max_bytes``, or
-        less when the archive's request limit (less the multipart framing) is lower."""
-        if self.max_request_bytes is None:
-            return batch_max_bytes
-        framing = MULTIPART_PART_OVERHEAD * batch_max_instances
-        return max(1, min(batch_max_bytes, self.max_request_bytes - framing))
+        less when the archive's request limit (less the multipart framing) is lower, or
+        when its transaction time limit at *min_bytes_per_second* allows less."""
+        budget = batch_max_bytes
+        if self.max_request_bytes is not None:
+            framing = MULTIPART_PART_OVERHEAD * batch_max_instances
+            budget = min(budget, self.max_request_bytes - framing)
+        if self.max_request_seconds is not None and min_bytes_per_second > 0:
+            budget = min(budget, int(0.9 * self.max_request_seconds * min_bytes_per_second))
+        return max(1, budget)
 
     def too_large(self, size: int) -> str | None:
         """Why an instance of *size* bytes cannot go to this archive at all, or None."""
@@ -297,9 +307,14 @@ GOOGLE = ArchiveProfile(
     failure_names={0x0110: "processing failure, or other bytes stored under this UID"},
     duplicate_absent="fail",
     absent_hint="0x0110 without a stored instance is a refusal of the content",
+    # Quotas and limits: "Store transaction: Unlimited" in size, but a store
+    # transaction "times out if the operation exceeds 30 minutes" (one hour in an older
+    # version of the page: the shorter is taken).
+    max_request_seconds=1800.0,
     unconfirmed=(
         "The 409/0x0110 duplicate answer comes from issue reports, not Google's"
-        " documentation; no instance size limit is documented."
+        " documentation.  The request size is unlimited; the transaction time limit"
+        " is given as 30 minutes and, in an older version of the page, one hour."
     ),
 )
 

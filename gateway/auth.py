@@ -582,8 +582,9 @@ class AzureAuth(_TokenAuth):
     configured ``authority_host`` (as trusted as the config itself), and MSAL would
     otherwise ask login.microsoftonline.com to vouch for any other host.  TLS to the
     authority is verified against ``upload.auth.ca_file`` or the system CAs
-    (azure-core's ``connection_verify``).  After a refusal the credential is built
-    again: MSAL would hand back its cached token."""
+    (azure-core's ``connection_verify``).  Each fetch builds the credential anew: a
+    closed one cannot be used again, and after a refusal MSAL would hand back its
+    cached token."""
 
     method = "azure"
 
@@ -618,7 +619,7 @@ class AzureAuth(_TokenAuth):
         try:
             token = self._credential.get_token(scope)
         except AzureError as exc:
-            self._credential.close()
+            self._reset()
             if _is_tls_untrusted(exc) or _is_unreachable(exc):
                 raise _endpoint_error(self, exc, where) from None
             text = self.sanitise(str(getattr(exc, "message", "") or exc))
@@ -627,9 +628,11 @@ class AzureAuth(_TokenAuth):
                 "check upload.auth.tenant_id and client_id, and that client_secret_file holds"
                 " the secret's value (not its ID) and it has not expired",
             ) from None
-        # The next fetch is most of an hour away: no idle connection kept (the
-        # credential opens a new one, and keeps MSAL's cache).
-        self._credential.close()
+        # The next fetch is most of an hour away: no idle connection kept.  A closed
+        # credential cannot open its transport again ("HTTP transport has already been
+        # closed"), so the next fetch builds a new one, reading the secret file again
+        # (a rotated secret is picked up); the token itself is cached here.
+        self._reset()
         return Token(str(token.token), float(token.expires_on))
 
     def _reset(self) -> None:

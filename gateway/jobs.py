@@ -762,7 +762,9 @@ class Pipeline:
     async def _upload_loop(self) -> None:
         c = self.config.upload
         bw = self.bandwidth
-        budget = self.profile.request_budget(c.batch_max_bytes, c.batch_max_instances)
+        budget = self.profile.request_budget(
+            c.batch_max_bytes, c.batch_max_instances, c.min_bytes_per_second
+        )
         slots = asyncio.Semaphore(c.concurrent_requests)
         # The priority lane has a request slot of its own: a STAT image does not wait
         # behind paced batches that hold every other slot.

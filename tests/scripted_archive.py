@@ -325,7 +325,7 @@ GOOGLE_CONFLICT = (
 )
 
 
-def google_answer() -> Answer:
+def google_answer(*, warnings: dict[str, int] | None = None) -> Answer:
     """Google Cloud Healthcare API's Store transaction, as far as it is public:
 
     * https://cloud.google.com/healthcare-api/docs/dicom (Store transaction);
@@ -334,7 +334,12 @@ def google_answer() -> Answer:
     * the 409 item has FailureReason 272 (0x0110) and a private FailureDetail
       (0009,0097), https://github.com/dcmjs-org/dcmjs/issues/249, with the text of
       https://github.com/GoogleCloudPlatform/nodejs-docs-samples/issues/3502.
+
+    *warnings*: a PS3.18 WarningReason (Table 10.5.3-1) for these instances, which the
+    standard lets any archive send with a stored instance; Google documents none of
+    its own, so these are the standard's codes.
     """
+    warned = warnings or {}
 
     async def answer(ex: Exchange) -> web.StreamResponse:
         out = _Answer()
@@ -344,7 +349,7 @@ def google_answer() -> Answer:
                 out.fail(part, 0x0110, **{"00090097": {"vr": "LT", "Value": [GOOGLE_CONFLICT]}})
                 continue
             ex.keep(uid)
-            out.ok(part)
+            out.ok(part, warning=warned.get(uid))
         return out.response()
 
     return answer
@@ -437,7 +442,9 @@ def dcm4chee_answer(*, rejected: set[str] | None = None) -> Answer:
     return answer
 
 
-def aws_answer(*, max_request_bytes: int = 1_000_000_000) -> Answer:
+def aws_answer(
+    *, max_request_bytes: int = 1_000_000_000, warnings: dict[str, int] | None = None
+) -> Answer:
     """AWS HealthImaging StoreDICOM:
 
     * https://docs.aws.amazon.com/healthimaging/latest/devguide/dicomweb-storing.html:
@@ -448,7 +455,12 @@ def aws_answer(*, max_request_bytes: int = 1_000_000_000) -> Answer:
 
     How a request over the limit is refused is not documented: this double answers
     HTTP 413 (and counts it in :attr:`ScriptedArchive.refusals`).
+
+    *warnings*: a WarningReason for these instances, such as HealthImaging's own 0xB100
+    (pixel data kept as a blob,
+    https://docs.aws.amazon.com/healthimaging/latest/devguide/reference-warning-codes.html).
     """
+    warned = warnings or {}
 
     async def answer(ex: Exchange) -> web.StreamResponse:
         uids = await ex.read_instances()
@@ -463,7 +475,7 @@ def aws_answer(*, max_request_bytes: int = 1_000_000_000) -> Answer:
                 ex.archive.stored.add(uid)
             else:
                 ex.keep(uid)
-            out.ok(part)
+            out.ok(part, warning=warned.get(uid))
         return out.response()
 
     return answer

@@ -189,6 +189,12 @@ def test_size_limits_of_a_profile() -> None:
     aws = archives.AWS
     assert aws.request_budget(64 * 2**20, 50) == 64 * 2**20  # batch_max_bytes is lower
     assert aws.request_budget(2 * 10**9, 50) == 10**9 - 50 * archives.MULTIPART_PART_OVERHEAD
+    # Google: no size limit, 30 minutes a transaction: at 125 kB/s, 90 % of that.
+    google = archives.profile("google")
+    assert google.request_budget(2 * 10**9, 50) == 2 * 10**9  # no line speed assumed
+    assert google.request_budget(2 * 10**9, 50, 125_000) == int(0.9 * 1800 * 125_000)
+    assert google.request_budget(64 * 2**20, 50, 125_000) == 64 * 2**20
+    assert google.too_large(10**10) is None  # a large instance still goes, alone
     assert aws.too_large(10**9) is not None and aws.too_large(10**8) is None
     assert "1000000000 bytes" in (aws.too_large(10**9) or "")
     assert archives.GENERIC.too_large(10**12) is None

@@ -26,8 +26,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from gateway import archives, field
 from gateway import auth as auth_module
-from gateway import field
 from gateway.config import ConfigError, from_dict
 from gateway.store import COMPRESSED, UPLOADED
 from gateway.upload import http_hint, ssl_context
@@ -707,19 +707,28 @@ def test_doctor_says_what_is_wrong_with_the_credentials(
 # -- no secret anywhere, the real gateway ------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", METHODS)
+#: Every upload.archive profile, each with an auth method (the clouds with their own).
+_PROFILES_AND_METHODS = [
+    ("google", "google"), ("azure", "azure"), ("aws", "aws-sigv4"),
+    ("dcm4chee", "bearer"), ("orthanc", "bearer"), ("generic", "bearer"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("profile", "method"), _PROFILES_AND_METHODS)
 def test_no_secret_in_logs_status_metrics_page_or_heartbeat(
-    method: str, clouds: Clouds, archive: ScriptedArchive, tmp_path: Path,
+    profile: str, method: str, clouds: Clouds, archive: ScriptedArchive, tmp_path: Path,
     gateway_factory: GatewayFactory,
 ) -> None:  # fmt: skip
-    """The real gateway at DEBUG, uploading with *method*, beating its heart through the
-    same credentials, then refused by the archive (its reason on the page): no secret
-    in its log, /api/status, /metrics, the page, the heartbeats, doctor or the queue."""
+    """The real gateway at DEBUG, uploading to a *profile* archive with *method*,
+    beating its heart through the same credentials, then refused by the archive (its
+    reason on the page): no secret in its log, /api/status, /metrics, the page, the
+    heartbeats, doctor or the queue (whose last_error holds the exception messages)."""
+    assert set(archives.PROFILES) == {p for p, _ in _PROFILES_AND_METHODS}
     clouds.accept(method, archive)
     auth = clouds.auth(method)
     gw = gateway_factory(
         start=False,
-        upload={**archive.upload_config(), "compression": "none",
+        upload={**archive.upload_config(), "archive": profile, "compression": "none",
                 "backoff_initial_seconds": 0.2, "backoff_max_seconds": 0.5},
         heartbeat={"url": f"https://localhost:{archive.port}/heartbeat", "interval_seconds": 0.5},
         logging={"level": "DEBUG"},
