@@ -28,6 +28,8 @@ ANSIBLE_BIN = ROOT / ".venv-ansible" / "bin"
 
 pytestmark = pytest.mark.slow
 
+ENTRA_SECRET = "entra-client-secret-4c2d9a"  # made up; must reach only its file
+
 
 def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload,no-any-return]
@@ -123,6 +125,13 @@ def test_role_applies_to_a_bookworm_chroot_and_is_idempotent(tmp_path: Path) -> 
         + "\n".join("  " + line for line in client.cert_chain_pems[0].bytes().decode().splitlines())
         + f"\nvault_dicom_gateway_client_key: |\n{indent}\n"
         "dicom_gateway_client_key: '{{ vault_dicom_gateway_client_key }}'\n"
+        # A Microsoft Entra token on top of the client certificate.
+        "dicom_gateway_archive_profile: azure\n"
+        "dicom_gateway_auth_method: azure\n"
+        "dicom_gateway_auth_tenant_id: contoso.onmicrosoft.com\n"
+        "dicom_gateway_auth_client_id: 6731de76-14a6-49ae-97bc-6eba6914391e\n"
+        f"vault_dicom_gateway_auth_client_secret: {ENTRA_SECRET}\n"
+        "dicom_gateway_auth_client_secret: '{{ vault_dicom_gateway_auth_client_secret }}'\n"
     )
     log = tmp_path / "ansible.log"
 
@@ -131,8 +140,9 @@ def test_role_applies_to_a_bookworm_chroot_and_is_idempotent(tmp_path: Path) -> 
     second_output = apply_role(chroot, extra, log)
     second = recap(second_output)
     assert second["changed"] == 0 and second["failed"] == 0, second_output[-6000:]
-    # The private key never appears in Ansible's output.
+    # The private key and the client secret never appear in Ansible's output.
     assert "PRIVATE KEY" not in log.read_text()
+    assert ENTRA_SECRET not in log.read_text()
 
     # The static user from sysusers.d.
     passwd = {
@@ -148,6 +158,9 @@ def test_role_applies_to_a_bookworm_chroot_and_is_idempotent(tmp_path: Path) -> 
         return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
 
     assert mode_owner("/etc/dicom-gateway/tls/device.key") == (0o600, uid, gid)
+    assert mode_owner("/etc/dicom-gateway/secrets") == (0o750, 0, gid)
+    assert mode_owner("/etc/dicom-gateway/secrets/client-secret") == (0o600, uid, gid)
+    assert (chroot / "etc/dicom-gateway/secrets/client-secret").read_text() == ENTRA_SECRET
     assert mode_owner("/etc/dicom-gateway/gateway.toml") == (0o640, 0, gid)
     assert mode_owner("/etc/dicom-gateway") == (0o750, 0, gid)
     assert mode_owner("/etc/systemd/system/dicom-gateway.service")[0] == 0o644
@@ -174,6 +187,8 @@ def test_role_applies_to_a_bookworm_chroot_and_is_idempotent(tmp_path: Path) -> 
     toml = (chroot / "etc/dicom-gateway/gateway.toml").read_text()
     assert 'ae_title = "CLINICGW"' in toml and "port = 104" in toml
     assert 'client_key = "/etc/dicom-gateway/tls/device.key"' in toml
+    assert 'archive = "azure"' in toml and '[upload.auth]\nmethod = "azure"\n' in toml
+    assert 'client_secret_file = "/etc/dicom-gateway/secrets/client-secret"' in toml
     sd = _run(["chroot", str(chroot), f"{venv}/python", "-c", "import systemd.daemon"])
     assert sd.returncode == 0, sd.stderr
 
