@@ -64,7 +64,9 @@ class GatewayProcess:
         #: A command the gateway runs under (e.g. ``["eatmydata"]``); empty: none.
         self.prefix: list[str] = []
 
-    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> GatewayProcess:
+    def start(self, timeout: float = 75.0, env: dict[str, str] | None = None) -> GatewayProcess:
+        # Past the gateway's own 60 s for its receiver processes to come up (receivers.
+        # _READY_TIMEOUT_S): on a loaded 2-core box their start took over 30 s.
         self.starts += 1
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         offset = log.tell()
