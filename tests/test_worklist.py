@@ -24,11 +24,10 @@ from .conftest import GatewayFactory
 from .gateway_proc import GatewayProcess
 from .peers import free_port, tool, wait_for_port
 
-TODAY = date.today()
-
 
 def _day(offset: int) -> str:
-    return (TODAY + timedelta(days=offset)).strftime("%Y%m%d")
+    # Today when asked, not when the module was imported: a run crosses midnight.
+    return (date.today() + timedelta(days=offset)).strftime("%Y%m%d")
 
 
 # (accession, patient name, charset, patient id, modality, station AE, day offset, time)
