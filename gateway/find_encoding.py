@@ -16,21 +16,19 @@ Two things are kept, both encoded by pydicom exactly as pynetdicom would:
   0xFF00/0xFF01, "data set present"), so each association keeps the last one, keyed
   on every field it is built from, and sends it again with the next identifier.
 
-:func:`install` wraps ``encode`` where pynetdicom's C-FIND SCP and DIMSE message
-encoder call it, and ``DIMSEServiceProvider.send_msg``; any other message goes
-through pynetdicom unchanged.  Like gateway.wakeup this reaches into pynetdicom's
-private parts; tests/test_find_encoding.py checks they are still there and that the
-bytes on the wire are the same as pynetdicom's own.
+gateway/patches.py puts :func:`encode` where pynetdicom's C-FIND SCP and DIMSE message
+encoder call ``encode``, and wraps ``DIMSEServiceProvider.send_msg`` with
+:func:`reuse_pending_command_set`; any other message goes through pynetdicom
+unchanged.  tests/test_find_encoding.py checks that the bytes on the wire are the
+same as pynetdicom's own, tests/test_patches.py that what is replaced is still there.
 """
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Callable
 from typing import Any
 
-import pynetdicom.dimse_messages
 import pynetdicom.dsutils
-import pynetdicom.service_class
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 from pynetdicom.dimse import DIMSEServiceProvider
@@ -38,8 +36,6 @@ from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
 
 _PENDING = (0xFF00, 0xFF01)
-_lock = threading.Lock()
-_installed = False
 _pydicom_encode = pynetdicom.dsutils.encode
 
 
@@ -57,9 +53,10 @@ class PreEncoded(Dataset):
         return self._encodings[key]
 
 
-def _encode(
+def encode(
     ds: Dataset, is_implicit_vr: bool, is_little_endian: bool, deflated: bool = False
 ) -> bytes | None:
+    """``pynetdicom.dsutils.encode``, which keeps the encoding of a :class:`PreEncoded`."""
     if isinstance(ds, PreEncoded):
         return ds.encoded(is_implicit_vr, is_little_endian, deflated)
     return _pydicom_encode(ds, is_implicit_vr, is_little_endian, deflated)
@@ -81,37 +78,31 @@ def _pending_key(primitive: Any, context_id: int) -> tuple[Any, ...] | None:
     )
 
 
-def install() -> None:
-    """Patch pynetdicom once per process (idempotent)."""
-    global _installed
-    with _lock:
-        if _installed:
+SendMsg = Callable[[DIMSEServiceProvider, Any, int], None]
+
+
+def reuse_pending_command_set(original: SendMsg) -> SendMsg:
+    """Wraps ``DIMSEServiceProvider.send_msg``: a pending C-FIND response reuses the
+    command set its association sent last, when built from the same fields."""
+
+    def send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
+        key = _pending_key(primitive, context_id)
+        if key is None:
+            original(self, primitive, context_id)
             return
-        _installed = True
-        original_send = DIMSEServiceProvider.send_msg
+        # Only the association's own thread sends its responses: no lock needed.
+        kept: tuple[tuple[Any, ...], C_FIND_RSP] | None = getattr(self, "_gateway_find_rsp", None)
+        if kept is None or kept[0] != key:
+            message = C_FIND_RSP()
+            message.primitive_to_message(primitive)
+            message.command_set = PreEncoded(message.command_set)
+            kept = (key, message)
+            self._gateway_find_rsp = kept  # type: ignore[attr-defined]
+        message = kept[1]
+        message.data_set = primitive.Identifier
+        message.context_id = context_id
+        evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        for pdata in message.encode_msg(context_id, self.maximum_pdu_size):
+            self.dul.send_pdu(pdata)
 
-        def send_msg(self: DIMSEServiceProvider, primitive: Any, context_id: int) -> None:
-            key = _pending_key(primitive, context_id)
-            if key is None:
-                original_send(self, primitive, context_id)
-                return
-            # Only the association's own thread sends its responses: no lock needed.
-            kept: tuple[tuple[Any, ...], C_FIND_RSP] | None = getattr(
-                self, "_gateway_find_rsp", None
-            )
-            if kept is None or kept[0] != key:
-                message = C_FIND_RSP()
-                message.primitive_to_message(primitive)
-                message.command_set = PreEncoded(message.command_set)
-                kept = (key, message)
-                self._gateway_find_rsp = kept  # type: ignore[attr-defined]
-            message = kept[1]
-            message.data_set = primitive.Identifier
-            message.context_id = context_id
-            evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": message})
-            for pdata in message.encode_msg(context_id, self.maximum_pdu_size):
-                self.dul.send_pdu(pdata)
-
-        DIMSEServiceProvider.send_msg = send_msg  # type: ignore[method-assign]
-        setattr(pynetdicom.service_class, "encode", _encode)  # noqa: B010
-        setattr(pynetdicom.dimse_messages, "encode", _encode)  # noqa: B010
+    return send_msg

@@ -49,11 +49,10 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import N_CREATE, N_SET
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from . import negotiation
+from . import negotiation, patches
 from .aio import wait_event
 from .config import Config, is_valid_uid
 from .store import Store, WriteFn, utcnow
@@ -657,7 +656,7 @@ class Forwarder:
         except _NoAssociation as exc:
             raise UpstreamUnavailable(str(exc), batch[0]) from None
         except asyncio.CancelledError:
-            _abandon(ae)
+            patches.stop_association_attempts(ae)
             raise
         released = False
         try:
@@ -692,6 +691,8 @@ class Forwarder:
             log.error("%s failed permanently, not retried: %s", what, delivery.reason)
 
     def _new_ae(self) -> AE:
+        # A plain AE, not the receiving server's: it advertises pynetdicom's default
+        # maximum PDU and dimse.max_pdu_size does not apply (gateway/patches.py).
         ae = AE(ae_title=self.config.dimse.ae_title)
         timeout = self.config.mpps.timeout_seconds
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -738,18 +739,6 @@ def _no_delay(event: evt.Event) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _abandon(ae: AE) -> None:
-    """Stop the association attempts of *ae*: pynetdicom's DUL threads are not daemon
-    threads, and one waiting for a silent upstream's answer would hold up the exit of
-    the gateway until the ACSE timeout."""
-    for thread in threading.enumerate():
-        if isinstance(thread, DULServiceProvider) and thread.assoc.ae is ae:
-            thread.kill_dul()
-            if thread.socket is not None:
-                with contextlib.suppress(OSError):
-                    thread.socket.close()
 
 
 async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:

@@ -34,18 +34,17 @@ from the abstract syntaxes it proposes, each with the same preference order.
 pynetdicom dispatches a C-STORE of a class it does not know (retired, private) only
 with its documented ``_config.UNRESTRICTED_STORAGE_SERVICE`` switch, and with that
 switch on it negotiates such contexts by taking the *requestor's* first transfer
-syntax, whatever it is.  :func:`install` turns the switch on for the dispatch and
-makes the negotiation the ordinary one over our supported contexts (one patch,
-tests/test_negotiation.py fails if pynetdicom changes that seam).
+syntax, whatever it is.  gateway/patches.py turns the switch on for the dispatch and
+makes that negotiation the ordinary one over our supported contexts
+(tests/test_negotiation.py and tests/test_patches.py fail if pynetdicom changes that
+seam).
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import pynetdicom.acse
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import (
     UID,
@@ -55,11 +54,9 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import _config
 from pynetdicom.presentation import (
     AllStoragePresentationContexts,
     PresentationContext,
-    negotiate_as_acceptor,
 )
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
@@ -68,9 +65,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from .config import is_valid_uid
-
-_lock = threading.Lock()
-_installed = False
 
 
 @dataclass(frozen=True)
@@ -282,17 +276,3 @@ def storage_contexts(
             cx.transfer_syntax = list(STORAGE_TRANSFER_SYNTAXES)
             contexts.append(cx)
     return contexts
-
-
-def install() -> None:
-    """Dispatch every C-STORE to the storage service, negotiate by our order (idempotent)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
-        # Retired, private and unknown classes reach the C-STORE handler only so.
-        _config.UNRESTRICTED_STORAGE_SERVICE = True
-        # ... but with it pynetdicom accepts such a context's *first proposed* transfer
-        # syntax (Implicit VR from a [Implicit, Explicit] proposal): negotiate as usual.
-        pynetdicom.acse.negotiate_unrestricted = negotiate_as_acceptor  # type: ignore[attr-defined]

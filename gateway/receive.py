@@ -1,8 +1,8 @@
 """DIMSE SCP: C-ECHO and C-STORE of every storage SOP class and transfer syntax.
 
 pynetdicom runs one thread per association.  Each C-STORE data set is streamed by
-pynetdicom to a temp file inside the spool (``STORE_RECV_CHUNKED_DATASET``, into a
-:class:`SpoolTempFile` in ``spool/tmp``), so a large instance costs disk, not
+pynetdicom to a temp file inside the spool (a :class:`SpoolTempFile` in ``spool/tmp``;
+gateway/patches.py makes pynetdicom do so), so a large instance costs disk, not
 memory.  The handler validates it, makes it durable (:meth:`Spool.commit_file`), waits
 for its queue row to commit, and only then answers 0x0000.  Every way that can fail
 maps to a failure status; nothing is acknowledged that is not on disk.
@@ -26,13 +26,13 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from pynetdicom import AE, _config, dimse_messages, evt
+from pynetdicom import evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import split_dataset
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
-from . import dul_guard, find_encoding, negotiation, wakeup
+from . import negotiation, patches
 from .config import DimseConfig, is_valid_uid
 from .notify import CALLING_AE, SOP_INSTANCE_UID
 from .spool import (
@@ -186,7 +186,6 @@ class _NoDelayServer(ThreadedAssociationServer):
 
 #: The slots file of the gateway-wide association limit, in the spool's root.
 SLOTS_FILE = "associations.lock"
-_refused = threading.local()
 
 
 class _AssociationSlots:
@@ -195,7 +194,8 @@ class _AssociationSlots:
     An association holds one byte of ``<spool>/associations.lock`` with an
     open-file-description lock on a descriptor of its own, from its A-ASSOCIATE-RQ
     until its connection closes (or its process ends: the kernel drops the lock).  No
-    free byte: pynetdicom rejects it as its own limit would (:class:`_AE`).
+    free byte: pynetdicom rejects it as its own limit would
+    (:meth:`gateway.patches.ReceivingAE.refuse`).
     """
 
     def __init__(self, spool: Spool, count: int) -> None:
@@ -219,22 +219,6 @@ class _AssociationSlots:
             raise
         os.close(fd)
         return None
-
-
-class _AE(AE):
-    """pynetdicom's acceptor rejects with "local limit exceeded" (PS3.8 A-ASSOCIATE-RJ
-    2, 3, 2) when its own associations exceed ``maximum_associations``; in an
-    association's thread whose request found no gateway-wide slot, the limit reads 0."""
-
-    @property
-    def maximum_associations(self) -> int:
-        if getattr(_refused, "refused", False):
-            return 0
-        return self._maximum_associations
-
-    @maximum_associations.setter
-    def maximum_associations(self, value: int) -> None:
-        AE.maximum_associations.fset(self, value)  # type: ignore[attr-defined]
 
 
 def _spool_write_failed(
@@ -374,24 +358,12 @@ class Receiver:
 
     # -- lifecycle ------------------------------------------------------------------
     def start(self) -> tuple[str, int]:
-        # Stream each data set to a temp file on the spool filesystem, so the final
-        # rename is atomic and a big instance never sits whole in memory.  pynetdicom
-        # has no hook for where that file goes, so its module-level
-        # NamedTemporaryFile is replaced (one Receiver per process).
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        # pynetdicom decodes and pretty-prints every C-FIND request and response
-        # identifier for a log the gateway silences (and that would hold patient
-        # names): some 15% of the cost of each worklist response.
-        _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
-        dimse_messages.NamedTemporaryFile = self.spool.temp_file_factory  # type: ignore[attr-defined,assignment]
-
+        patches.install()
         c = self.config
-        dul_guard.install(c.max_pdu_size)
-        wakeup.install()
-        find_encoding.install()
-        ae = _AE(ae_title=c.ae_title)
+        # Each data set streams to a temp file on the spool filesystem, so the final
+        # rename is atomic; its PDUs are no larger than dimse.max_pdu_size.
+        ae = patches.ReceivingAE(c.ae_title, c.max_pdu_size, self.spool.temp_file_factory)
         ae.maximum_associations = c.max_associations
-        ae.maximum_pdu_size = c.max_pdu_size
         ae.acse_timeout = c.acse_timeout
         ae.dimse_timeout = c.dimse_timeout
         ae.network_timeout = c.network_timeout
@@ -399,7 +371,6 @@ class Receiver:
         ae.require_calling_aet = list(c.allowed_aets)
         # Storage contexts are added per association when its request arrives
         # (_on_acse_recv): private and unknown classes cannot be listed in advance.
-        negotiation.install()
         services = list(negotiation.SERVICE_TRANSFER_SYNTAXES)
         ae.add_supported_context(negotiation.VERIFICATION, services)
         if self.worklist is not None:
@@ -427,8 +398,7 @@ class Receiver:
             listen_socket=self._listen_socket,
         )
         assert isinstance(server, _NoDelayServer)
-        # start_server() would register it; shutdown() expects to find it there.
-        ae._servers.append(server)
+        ae.serve(server)
         self._server = server
         host, port = server.server_address[:2]
         self.address = (str(host), int(port))
@@ -486,7 +456,7 @@ class Receiver:
         if not acceptor.writeable or request.result is not None:
             return  # not a request, or negotiation is already under way
         slot = self._slots.take()
-        _refused.refused = slot is None
+        patches.ReceivingAE.refuse(slot is None)
         if slot is not None and slot >= 0:
             event.assoc._gateway_slot = slot  # type: ignore[attr-defined]
         proposed = [
@@ -528,8 +498,7 @@ class Receiver:
             os.close(slot)  # the association's slot is free again
         # A connection that closes halfway through a data set (abort, timeout, peer
         # gone) leaves pynetdicom's partial message behind: drop its temp file now.
-        message = event.assoc.dimse.message
-        partial = getattr(message, "_data_set_file", None)
+        partial = patches.partial_data_set(event.assoc)
         if isinstance(partial, SpoolTempFile) and not partial.closed:
             log.warning("connection closed during a C-STORE; partial data discarded")
             partial.discard()
@@ -625,7 +594,7 @@ class Receiver:
             log.warning("C-STORE %s refused: invalid UID in command %r", where, sop_instance)
             return StoreOutcome(CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID is invalid")
         tmp_path = Path(event.dataset_path)
-        received = getattr(req, "_dataset_file", None)
+        received = patches.received_file(req)
         if self.spool.check() is not None:
             # Never written into a directory other than the one we started with.
             if isinstance(received, SpoolTempFile):

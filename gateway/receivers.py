@@ -523,12 +523,17 @@ def _worker_main(conn_fd: int, listen_fd: int) -> int:
 
 
 def _start_worker(setup: WorkerSetup, listen_fd: int, events: _Events) -> tuple[Any, Any, Any]:
+    # Imported here: the gateway's own process imports this module for ReceiverPool
+    # and needs none of them.
+    from . import patches
     from .mpps import MppsScp
     from .receive import Receiver
     from .spool import Spool
     from .store import Store
     from .worklist import Worklist
 
+    # Every change to pynetdicom, before anything of it runs in this process.
+    patches.install()
     config = setup.config
     spool = Spool(config.spool.dir, config.spool.min_free_bytes)
     spool.attach(setup.spool_identity)

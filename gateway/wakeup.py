@@ -7,7 +7,7 @@ With many small messages that adds up: a Modality Worklist answer of 56 items sp
 about 1.2 ms per response in those sleeps (tests/bench/worklist.py), and every C-STORE
 pays a few of them.
 
-:func:`install` keeps pynetdicom's loops as they are and only lets their sleep end
+The patch keeps pynetdicom's loops as they are and only lets their sleep end
 early.  Inside the two reactor threads, ``time.sleep(d)`` becomes "wait at most *d* for
 a wake-up":
 
@@ -17,10 +17,11 @@ a wake-up":
   or the DUL has something for the user (``to_user_queue.put``: release, abort).
 
 A sleep never lasts longer than pynetdicom asked, so the worst case is pynetdicom's
-own behaviour.  Sleeps in any other thread are untouched.  Like gateway.dul_guard this
-reaches into private parts of pynetdicom (the module-level ``time`` of ``dul`` and
-``association``, ``Association._run_reactor``); tests/test_wakeup.py checks they are
-still there and that wake-ups happen, so an upgrade that changes them fails loudly.
+own behaviour.  Sleeps in any other thread are untouched.  gateway/patches.py installs
+the two reactor wrappers and :class:`Time` (in place of the module-level ``time`` of
+``pynetdicom.dul`` and ``pynetdicom.association``); tests/test_wakeup.py and
+tests/test_patches.py check that what they replace is still there and that wake-ups
+happen, so an upgrade that changes them fails loudly.
 """
 
 from __future__ import annotations
@@ -31,16 +32,14 @@ import queue
 import select
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-import pynetdicom.association
-import pynetdicom.dul
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 
 _local = threading.local()
 _lock = threading.Lock()
-_installed = False
 
 
 class _EventWaker:
@@ -117,7 +116,7 @@ class _PollWaker:
                 os.close(self._fd)
 
 
-class _Time:
+class Time:
     """Stands in for the ``time`` module inside pynetdicom.dul and .association."""
 
     def __getattr__(self, name: str) -> Any:
@@ -156,35 +155,37 @@ def _assoc_waker(assoc: Any) -> _EventWaker:
     return waker
 
 
-def install() -> None:
-    """Patch pynetdicom once per process (idempotent)."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        _installed = True
-        original_dul_run = DULServiceProvider.run_reactor
-        original_assoc_run = Association._run_reactor
+def wake_dul_reactor(
+    original: Callable[[DULServiceProvider], None],
+) -> Callable[[DULServiceProvider], None]:
+    """Wraps ``DULServiceProvider.run_reactor``: its sleeps end on a queued PDU or a
+    readable socket."""
 
-        def dul_run_reactor(self: DULServiceProvider) -> None:
-            waker = _PollWaker(self)
-            _wake_on_put(self.to_provider_queue, waker)
-            self._gateway_waker = waker  # type: ignore[attr-defined]
-            _local.waker = waker
-            try:
-                original_dul_run(self)
-            finally:
-                _local.waker = None
-                waker.close()
+    def run_reactor(self: DULServiceProvider) -> None:
+        waker = _PollWaker(self)
+        _wake_on_put(self.to_provider_queue, waker)
+        self._gateway_waker = waker  # type: ignore[attr-defined]
+        _local.waker = waker
+        try:
+            original(self)
+        finally:
+            _local.waker = None
+            waker.close()
 
-        def assoc_run_reactor(self: Association) -> None:
-            _local.waker = _assoc_waker(self)
-            try:
-                original_assoc_run(self)
-            finally:
-                _local.waker = None
+    return run_reactor
 
-        DULServiceProvider.run_reactor = dul_run_reactor  # type: ignore[method-assign]
-        Association._run_reactor = assoc_run_reactor  # type: ignore[method-assign]
-        setattr(pynetdicom.dul, "time", _Time())  # noqa: B010 (private module attribute)
-        setattr(pynetdicom.association, "time", _Time())  # noqa: B010
+
+def wake_association_reactor(
+    original: Callable[[Association], None],
+) -> Callable[[Association], None]:
+    """Wraps ``Association._run_reactor``: its sleeps end on a complete DIMSE message or
+    an event from the DUL."""
+
+    def run_reactor(self: Association) -> None:
+        _local.waker = _assoc_waker(self)
+        try:
+            original(self)
+        finally:
+            _local.waker = None
+
+    return run_reactor

@@ -281,6 +281,8 @@ def prefilter(query: Dataset) -> tuple[list[str], list[str]]:
 def query_upstream(config: Config) -> list[Dataset]:
     """C-FIND every item from the upstream MWL SCP (blocking; run it in a thread)."""
     w = config.worklist
+    # A plain AE, not the receiving server's: it advertises pynetdicom's default
+    # maximum PDU and dimse.max_pdu_size does not apply (gateway/patches.py).
     ae = AE(ae_title=config.dimse.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(

@@ -1,4 +1,4 @@
-"""gateway.dul_guard's socket guard, on real TCP sockets.
+"""gateway.dul_guard's socket guard, on real TCP sockets (installed by gateway.patches).
 
 (Its PDU-size and protocol-error guards are exercised through the gateway by
 tests/test_bad_input.py.)
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pynetdicom.transport import AssociationSocket
 
-from gateway import dul_guard
+from gateway import patches
 
 
 def _reset_connection() -> socket.socket:
@@ -34,7 +34,7 @@ def test_a_reset_connection_is_closed_not_left_for_the_garbage_collector() -> No
     ours = _reset_connection()
     with pytest.raises(OSError):  # why pynetdicom never reaches its close()
         ours.shutdown(socket.SHUT_RDWR)
-    dul_guard.install(0)
+    patches.install()
     assoc: Any = SimpleNamespace(dul=SimpleNamespace(event_queue=queue.Queue()))
     wrapper = AssociationSocket(assoc, client_socket=ours, address=None)
     wrapper.close()

@@ -1,7 +1,7 @@
 """gateway.find_encoding sends the very bytes pynetdicom would, with far fewer encodings.
 
 The patch is process-wide and cannot be undone, so each side runs in its own Python:
-one with pynetdicom as it is, one with ``find_encoding.install()``.  Both serve the
+one with pynetdicom as it is, one with ``patches.install()``.  Both serve the
 same C-FIND answers (pending responses with a status change in the middle, a UTF-8 name,
 a sequence) to two associations, one implicit and one explicit VR, each asking twice
 with different message IDs.  Every byte the SCP sends (``EVT_DATA_SENT``) must be the
@@ -43,8 +43,8 @@ pynetdicom.dsutils.write_dataset = counting_write
 
 Response = Dataset
 if sys.argv[1] == "patched":
-    from gateway import find_encoding
-    find_encoding.install()
+    from gateway import find_encoding, patches
+    patches.install()
     Response = find_encoding.PreEncoded
 
 def item(n, name):

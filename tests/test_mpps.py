@@ -35,7 +35,7 @@ from pynetdicom.dimse_primitives import N_CREATE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 from gateway import config as gw_config
-from gateway import dul_guard, mpps
+from gateway import mpps, patches
 from gateway.config import ConfigError
 from gateway.mpps import (
     COMPLETED,
@@ -97,7 +97,7 @@ class UpstreamMpps:
     def start(self) -> UpstreamMpps:
         # pynetdicom leaves a socket the gateway reset (a stop mid-association) for the
         # garbage collector, which warns; the gateway's own guard closes it.
-        dul_guard.install(0)
+        patches.install()
         ae = AE(ae_title="RIS_MPPS")
         ae.add_supported_context(ModalityPerformedProcedureStep, SYNTAXES)
         handlers = [(evt.EVT_N_CREATE, self._on_create), (evt.EVT_N_SET, self._on_set)]

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from gateway import negotiation
+from gateway import negotiation, patches
 from gateway.negotiation import STORAGE_TRANSFER_SYNTAXES, TRANSFER_SYNTAX_GROUPS
 
 from . import corpus
@@ -90,8 +90,8 @@ def test_retired_and_private_classes_are_storage_classes() -> None:
 
 
 def test_pynetdicom_seam_is_still_there() -> None:
-    """negotiation.install() replaces what ACSE calls with the unrestricted switch on."""
-    negotiation.install()
+    """patches.install() replaces what ACSE calls with the unrestricted switch on."""
+    patches.install()
     from pynetdicom import _config
     from pynetdicom.presentation import negotiate_as_acceptor
 

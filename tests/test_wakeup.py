@@ -3,8 +3,8 @@
 The gateway runs every DIMSE test with the patch installed, so the suite as a whole
 checks nothing breaks; these tests check the patch still finds pynetdicom's private
 parts and that wake-ups really end the reactors' sleeps.  The SCP here is pynetdicom
-in this process (the patch is per process, and the test reads the association's
-wakers), the SCU is DCMTK findscu.
+in this process (gateway.patches installs it per process, and the test reads the
+association's wakers), the SCU is DCMTK findscu.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
-from gateway import wakeup
+from gateway import patches, wakeup
 
 from .peers import free_port
 from .test_worklist import findscu
@@ -49,8 +49,8 @@ def test_the_private_parts_it_patches_are_still_there() -> None:
 
 
 def test_a_long_worklist_answer_is_driven_by_wake_ups(tmp_path: Path) -> None:
-    wakeup.install()
-    assert isinstance(pynetdicom.dul.time, wakeup._Time)
+    patches.install()
+    assert isinstance(pynetdicom.dul.time, wakeup.Time)
     seen: list[Association] = []
 
     def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
@@ -131,7 +131,7 @@ def test_a_wake_up_after_the_reactor_ended_writes_nowhere() -> None:
 
 
 def test_sleep_outside_a_reactor_thread_is_a_plain_sleep() -> None:
-    wakeup.install()
+    patches.install()
     done = threading.Event()
 
     def other() -> None:
