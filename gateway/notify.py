@@ -6,8 +6,14 @@ begins, and, with ``WatchdogSec=`` (``WATCHDOG_USEC``), ``WATCHDOG=1`` every hal
 period.  The pings are sent by a task on the asyncio loop itself, so a loop that is
 stuck (a blocking call, a deadlock) stops them and systemd restarts the service.
 
-Both parts need systemd-python (the ``systemd`` extra); without it, or outside
-systemd, everything here is a no-op and logs go to stderr as before.
+The notifications are sent here, over the ``NOTIFY_SOCKET`` datagram socket, not with
+systemd-python's ``notify()``: that call blocks while the socket is full and holds the
+interpreter lock meanwhile, which froze every thread of the gateway when the reader of
+the socket fell behind.  A WATCHDOG=1 or STATUS= that finds the socket full is dropped
+(logged once; systemd not reading is no reason to stall the loop); READY=1 and
+STOPPING=1 wait up to :data:`_MUST_SEND_S` with the lock released.  Outside systemd
+everything here is a no-op.  The journal handler needs systemd-python (the ``systemd``
+extra); without it logs go to stderr as before.
 """
 
 from __future__ import annotations
@@ -15,15 +21,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Mapping
 
 try:  # the `systemd` extra; absent on a developer machine without libsystemd
-    import systemd.daemon as _sd_daemon
     import systemd.journal as _sd_journal
 except ImportError:  # pragma: no cover - the test venv has it
-    _sd_daemon = None
     _sd_journal = None
+
+log = logging.getLogger(__name__)
 
 #: Journal field names (upper case, as journald requires) that log calls pass through
 #: ``extra=``; shown by ``journalctl -o verbose`` and searchable, e.g.
@@ -33,6 +40,17 @@ CALLING_AE = "CALLING_AE"
 
 #: How often STATUS= is refreshed when there is no watchdog to pace it.
 _STATUS_INTERVAL_S = 30.0
+#: How long READY=1 and STOPPING=1 may wait for room on a full notify socket.
+_MUST_SEND_S = 5.0
+
+
+def notify_address(environ: Mapping[str, str]) -> str | None:
+    """The ``NOTIFY_SOCKET`` address (a path, or ``@name`` in the abstract namespace),
+    or None when there is none this process can use."""
+    path = environ.get("NOTIFY_SOCKET", "")
+    if path.startswith("@"):
+        return "\0" + path[1:]
+    return path if path.startswith("/") else None
 
 
 def watchdog_interval(environ: Mapping[str, str]) -> float | None:
@@ -52,21 +70,39 @@ class Notifier:
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         env = os.environ if environ is None else environ
-        self.enabled = _sd_daemon is not None and bool(env.get("NOTIFY_SOCKET"))
+        self._address = notify_address(env)
+        self.enabled = self._address is not None
         self.watchdog_interval = watchdog_interval(env) if self.enabled else None
+        self._dropping = False
 
-    def _send(self, *assignments: str) -> None:
-        if self.enabled and _sd_daemon is not None:
-            _sd_daemon.notify("\n".join(assignments))
+    def _send(self, *assignments: str, must: bool = False) -> None:
+        if self._address is None:
+            return
+        data = "\n".join(assignments).encode()
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                if must:
+                    s.settimeout(_MUST_SEND_S)  # waits with the interpreter lock released
+                    s.sendto(data, self._address)
+                else:
+                    s.sendto(data, socket.MSG_DONTWAIT, self._address)
+        except OSError as exc:  # full (BlockingIOError, TimeoutError) or gone
+            if not self._dropping:
+                log.warning("systemd notification not sent (%s): %s", assignments[0], exc)
+            self._dropping = True
+            return
+        if self._dropping:
+            log.info("systemd notifications are sent again")
+        self._dropping = False
 
     def ready(self, status: str) -> None:
-        self._send("READY=1", f"STATUS={status}")
+        self._send("READY=1", f"STATUS={status}", must=True)
 
     def status(self, status: str) -> None:
         self._send(f"STATUS={status}")
 
     def stopping(self, status: str) -> None:
-        self._send("STOPPING=1", f"STATUS={status}")
+        self._send("STOPPING=1", f"STATUS={status}", must=True)
 
     async def heartbeat(self, status: Callable[[], str]) -> None:
         """Ping the watchdog (and refresh STATUS=) from the loop until cancelled.

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,33 +35,48 @@ WATCHDOG_USEC = 400_000  # pings every 0.2 s
 
 
 class NotifySocket:
+    """The receiving end of ``NOTIFY_SOCKET``, read as systemd reads it: at once, by a
+    thread of its own (the kernel queues only net.unix.max_dgram_qlen datagrams, often
+    10, for a socket nobody reads)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        self.sock.settimeout(0.1)
         self.messages: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, name="notify-socket", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(self.sock.recv(65536).decode())
+            except TimeoutError:
+                continue
+            except OSError:
+                return
 
     def pending(self) -> list[str]:
-        """Every datagram queued right now, without waiting."""
+        """Every datagram received and not yet taken, without waiting."""
         got = []
-        self.sock.setblocking(False)
         while True:
             try:
-                got.append(self.sock.recv(65536).decode())
-            except BlockingIOError:
+                got.append(self._queue.get_nowait())
+            except queue.Empty:
                 break
         self.messages += got
         return got
 
     def wait_for(self, line: str, timeout: float = 30.0) -> str:
         """The first datagram (from now on) that contains *line*."""
-        self.sock.settimeout(timeout)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                message = self.sock.recv(65536).decode()
-            except TimeoutError:
+                message = self._queue.get(timeout=left)
+            except queue.Empty:
                 break
             self.messages.append(message)
             if line in message.splitlines():
@@ -67,6 +84,8 @@ class NotifySocket:
         raise AssertionError(f"no {line!r} within {timeout} s; got {self.messages[-5:]}")
 
     def close(self) -> None:
+        self._closed.set()
+        self._reader.join(timeout=5)
         self.sock.close()
 
 
@@ -116,7 +135,8 @@ def test_real_gateway_ready_watchdog_status_stopping(
     gw.proc.send_signal(signal.SIGSTOP)
     try:
         _wait_stopped(gw.proc.pid)
-        notify_socket.pending()  # what was sent before the stop took effect
+        time.sleep(0.3)  # what was sent before the stop took effect reaches the reader
+        notify_socket.pending()
         time.sleep(2.5 * WATCHDOG_USEC / 1e6)
         assert notify_socket.pending() == []
     finally:
@@ -144,7 +164,11 @@ async def test_stalled_loop_stops_the_pings(
     try:
         await asyncio.sleep(0.3)
         assert "WATCHDOG=1\nSTATUS=fine" in notify_socket.pending()
-        time.sleep(0.5)  # the stall: ten watchdog periods with the loop blocked
+        # The stall: twenty watchdog periods with the loop blocked.  What was sent
+        # before it is read within the first half; nothing comes in the second.
+        time.sleep(0.5)
+        notify_socket.pending()
+        time.sleep(0.5)
         assert notify_socket.pending() == []
         await asyncio.sleep(0.3)
         assert "WATCHDOG=1\nSTATUS=fine" in notify_socket.pending()
@@ -253,3 +277,40 @@ def test_real_gateway_logs_to_the_journal_with_fields(tmp_path: Path) -> None:
     assert fields[b"SYSLOG_IDENTIFIER"] == b"dicom-gateway"
     assert fields[b"PRIORITY"] == b"6"
     assert (tmp_path / "journal.bin.stderr").read_bytes() == b""  # nothing went to stderr
+
+
+def test_a_full_notify_socket_never_blocks_the_gateway(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nobody reads the socket: pings are dropped (logged once), READY=1 waits a bounded
+    time with the interpreter lock released, so the other threads keep running.
+    (systemd-python's notify() blocked holding the lock, and froze every thread.)"""
+    path = tmp_path / "full.sock"
+    reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.bind(str(path))
+    try:
+        monkeypatch.setattr(notify, "_MUST_SEND_S", 0.5)
+        notifier = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+        for _ in range(2000):  # far more than the socket holds
+            notifier.status("x" * 200)
+        assert caplog.text.count("systemd notification not sent") == 1
+
+        ticks = 0
+        done = threading.Event()
+
+        def count() -> None:
+            nonlocal ticks
+            while not done.is_set():
+                ticks += 1
+
+        counter = threading.Thread(target=count)
+        counter.start()
+        before = ticks
+        notifier.ready("up")  # waits for room, which never comes
+        after = ticks
+        done.set()
+        counter.join()
+        assert after > before, "another thread ran while READY=1 waited"
+    finally:
+        reader.close()
