@@ -76,6 +76,9 @@ MAX_AGE_S = 1.0
 #: Older than this, a request waits for the refresh instead of showing stale counts
 #: (so a look after a quiet spell is never more than this behind).
 STALE_S = 3.0
+#: A stop waits this long for a snapshot in progress, then interrupts its query
+#: (gateway.app.stop_budget_seconds counts it).
+STATUS_CLOSE_S = 3.0
 #: An instance waiting longer than this makes the gateway "degraded".
 PENDING_TOO_OLD_S = 3600.0
 CERT_WARN_DAYS = 30
@@ -379,6 +382,8 @@ class StatusService:
         self._cert_cache = _CertCache()
         self._taken = 0.0
         self._refreshing: asyncio.Task[None] | None = None
+        #: The reader connection of a snapshot in progress (close() may interrupt it).
+        self._reading: sqlite3.Connection | None = None
         self.snapshot_error: str | None = None
         self.last: StatusDoc | None = None
         #: Components that crashed lately and were restarted: name -> what happened.
@@ -406,9 +411,13 @@ class StatusService:
             free = total = 0
         self._free_bytes, self._total_bytes = free, total
         with self.store.reader() as conn:
-            db = query_database(conn, datetime.now(UTC))
-        if self.worklist is not None:
-            db = dataclasses.replace(db, worklist=_worklist_sources(self.worklist))
+            self._reading = conn
+            try:
+                db = query_database(conn, datetime.now(UTC))
+                if self.worklist is not None:  # its reads use this thread's connection
+                    db = dataclasses.replace(db, worklist=_worklist_sources(self.worklist))
+            finally:
+                self._reading = None
         self._cert = certificate_expiry(self.config.upload.client_cert, self._cert_cache)
         self._db = db
         self._taken = time.monotonic()
@@ -437,12 +446,24 @@ class StatusService:
         self.last = self.build()
         return self.last
 
-    async def close(self) -> None:
+    async def close(self, timeout: float = STATUS_CLOSE_S) -> None:
         """Wait for a snapshot in progress: its thread reads the database, which is
-        closed next (a cancelled task would not stop the thread anyway)."""
-        if self._refreshing is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refreshing
+        closed next (a cancelled task would not stop the thread).  Half of *timeout*
+        for it to finish, then its queries are interrupted until it gives up."""
+        task = self._refreshing
+        if task is None or task.done():
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        done, _ = await asyncio.wait([task], timeout=timeout / 2)
+        while not done and (left := deadline - loop.time()) > 0:
+            # Again and again: between two statements an interrupt is a no-op.
+            conn = self._reading
+            if conn is not None:
+                conn.interrupt()  # the query raises "interrupted": a failed snapshot
+            done, _ = await asyncio.wait([task], timeout=min(0.05, left))
+        if not done:
+            log.error("status snapshot still running after %.0f s; not waited for", timeout)
 
     # -- the document ----------------------------------------------------------------
     def build(self) -> StatusDoc:

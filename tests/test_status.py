@@ -1,8 +1,9 @@
 """The status document: its JSON key tree, health verdicts, the config summary, the
-chart, a real snapshot round-tripped through its JSON."""
+chart, a real snapshot round-tripped through its JSON, and a bounded close()."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sqlite3
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from gateway import app as app_module
-from gateway import config, webauth
+from gateway import config, status, webauth
 from gateway.heartbeat import compact
 from gateway.page import chart
 from gateway.status import config_summary, health
@@ -257,4 +258,39 @@ async def test_a_real_snapshot_round_trips_through_its_json(tmp_path: Path) -> N
         )
     finally:
         await gw.status.close()
+        gw.store.close()
+
+
+@pytest.mark.asyncio
+async def test_close_interrupts_a_snapshot_that_overruns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status.close() is bounded (gateway.app.stop_budget_seconds counts it): a query
+    still running then is interrupted, so the store may close its connection."""
+    gw = _gateway(tmp_path)
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def endless(conn: sqlite3.Connection, now: datetime) -> status.Snapshot:
+        loop.call_soon_threadsafe(started.set)
+        conn.execute(  # some seconds of counting, should the interrupt never come
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2e7)"
+            " SELECT count(*) FROM c"
+        ).fetchone()
+        raise AssertionError("the query was not interrupted")
+
+    monkeypatch.setattr(status, "query_database", endless)
+    try:
+        request = asyncio.create_task(gw.status.status())  # waits: no snapshot yet
+        await started.wait()
+        await gw.status.close(timeout=0.3)
+        task = gw.status._refreshing
+        assert task is not None and task.done()
+        assert gw.status.snapshot_error == "queue database unreadable: interrupted"
+        assert (await request).snapshot_error == gw.status.snapshot_error
+    finally:
+        if gw.status._refreshing is not None:
+            # Should close() not have stopped it: closing the store's connections
+            # under a running query would crash the interpreter.
+            await gw.status._refreshing
         gw.store.close()
