@@ -48,7 +48,7 @@ from .receive import COMMIT_TIMEOUT_S
 from .receivers import RECEIVER_EXIT_S, ReceiverPool
 from .reconcile import reconcile
 from .spool import Spool
-from .status import StatusService
+from .status import STATUS_CLOSE_S, StatusService
 from .store import Store
 from .upgrade import adopt_legacy_database
 from .web import WEB_STOP_S, WebServer
@@ -77,6 +77,7 @@ def stop_budget_seconds(config: Config) -> float:
     (tests/test_systemd_unit.py checks it against the defaults)."""
     return (
         WEB_STOP_S
+        + STATUS_CLOSE_S
         + _LISTENER_JOIN_S
         + config.dimse.drain_seconds
         + RECEIVER_EXIT_S

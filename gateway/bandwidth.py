@@ -191,17 +191,29 @@ class Bandwidth:
     def window_open(self) -> bool:
         return self.windows.is_open(self.now())
 
-    def state(self) -> dict[str, object]:
+    def state(self) -> BandwidthState:
         """For the status document (and /metrics)."""
         now = self.now()
         change = self.windows.next_change(now)
-        return {
-            "limit_bytes_per_second": self.max_bytes_per_second,
-            "window_open": self.windows.is_open(now),
-            "windows": [w.text for w in self.windows.windows],
-            "window_changes_at": change.isoformat(timespec="minutes") if change else None,
-            "priority_aets": list(self.priority_aets),
-        }
+        return BandwidthState(
+            limit_bytes_per_second=self.max_bytes_per_second,
+            window_open=self.windows.is_open(now),
+            windows=tuple(w.text for w in self.windows.windows),
+            window_changes_at=change.isoformat(timespec="minutes") if change else None,
+            priority_aets=self.priority_aets,
+        )
+
+
+@dataclass(frozen=True)
+class BandwidthState:
+    """The cap, the window and the lane as of one moment (:meth:`Bandwidth.state`)."""
+
+    limit_bytes_per_second: int
+    window_open: bool
+    windows: tuple[str, ...]
+    #: When the window next opens or closes (local time, to the minute); None: never.
+    window_changes_at: str | None
+    priority_aets: tuple[str, ...]
 
 
 #: Bytes read from a spool file, and paid for, at a time.

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 from datetime import UTC, datetime
-from typing import Any
+from typing import TypedDict
 
 import aiohttp
 
@@ -20,27 +20,75 @@ from . import auth as auth_module
 from .auth import AuthError
 from .config import Config
 from .status import StatusService
+from .status_doc import StatusDoc
 from .upload import http_hint, ssl_context
 
 log = logging.getLogger(__name__)
 
 
-def compact(doc: dict[str, Any], ae_title: str) -> dict[str, Any]:
-    q, a = doc["queue"], doc["archive"]
+class HeartbeatQueue(TypedDict):
+    pending: int
+    uploading: int
+    failed: int
+    done: int
+    done_today: int
+    oldest_pending_at: str | None
+
+
+class HeartbeatArchive(TypedDict):
+    state: str
+    last_success_at: str | None
+
+
+class HeartbeatDisk(TypedDict):
+    free_bytes: int | None
+    min_free_bytes: int
+    spool_bytes: int
+
+
+class Heartbeat(TypedDict):
+    """The body POSTed to ``heartbeat.url`` (JSON): a few facts, no patient data."""
+
+    ae_title: str
+    version: str
+    boot_id: str
+    sent_at: str
+    uptime_seconds: float
+    health: str
+    reasons: list[str]
+    queue: HeartbeatQueue
+    archive: HeartbeatArchive
+    uploads_paused: bool
+    disk: HeartbeatDisk
+    certificate_days_left: int | None
+
+
+def compact(doc: StatusDoc, ae_title: str) -> Heartbeat:
+    q, a, d = doc.queue, doc.archive, doc.disk
     return {
         "ae_title": ae_title,
-        "version": doc["version"],
-        "boot_id": doc["boot_id"],
+        "version": doc.version,
+        "boot_id": doc.boot_id,
         "sent_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "uptime_seconds": doc["uptime_seconds"],
-        "health": doc["health"]["state"],
-        "reasons": doc["health"]["reasons"][:5],
-        "queue": {k: q[k] for k in ("pending", "uploading", "failed", "done", "done_today")}
-        | {"oldest_pending_at": q["oldest_pending_at"]},
-        "archive": {"state": a["state"], "last_success_at": a["last_success_at"]},
-        "uploads_paused": doc["uploads"]["paused"],
-        "disk": {k: doc["disk"].get(k) for k in ("free_bytes", "min_free_bytes", "spool_bytes")},
-        "certificate_days_left": doc["certificate"]["days_left"],
+        "uptime_seconds": doc.uptime_seconds,
+        "health": doc.health.state,
+        "reasons": list(doc.health.reasons[:5]),
+        "queue": {
+            "pending": q.pending,
+            "uploading": q.uploading,
+            "failed": q.failed,
+            "done": q.done,
+            "done_today": q.done_today,
+            "oldest_pending_at": q.oldest_pending_at,
+        },
+        "archive": {"state": a.state, "last_success_at": a.last_success_at},
+        "uploads_paused": doc.uploads.paused,
+        "disk": {
+            "free_bytes": d.free_bytes,
+            "min_free_bytes": d.min_free_bytes,
+            "spool_bytes": d.spool_bytes,
+        },
+        "certificate_days_left": doc.certificate.days_left,
     }
 
 

@@ -13,13 +13,16 @@ in one process, as tests do.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .status_doc import StatusDoc
 
 PREFIX = "dicom_gateway"
 
@@ -119,15 +122,15 @@ class Metrics:
     def store_answered(self, status: int) -> None:
         self.instances_received.labels(STORE_RESULTS.get(status, f"0x{status:04x}")).inc()
 
-    def add_gauges(self, source: Callable[[], dict[str, Any] | None]) -> None:
+    def add_gauges(self, source: Callable[[], StatusDoc | None]) -> None:
         """Collect the snapshot gauges from *source* (see :class:`SnapshotCollector`)."""
         self.registry.register(SnapshotCollector(source))
 
 
 class SnapshotCollector(Collector):
-    """Gauges read from the latest status snapshot (a dict as built by gateway.status)."""
+    """Gauges read from the latest status document (as built by gateway.status)."""
 
-    def __init__(self, source: Callable[[], dict[str, Any] | None]) -> None:
+    def __init__(self, source: Callable[[], StatusDoc | None]) -> None:
         self.source = source
 
     def describe(self) -> list[Metric]:
@@ -140,62 +143,62 @@ class SnapshotCollector(Collector):
         depth = GaugeMetricFamily(
             f"{PREFIX}_queue_instances", "instances in the queue by state", labels=["state"]
         )
-        for state, n in s["queue"]["by_state"].items():
+        for state, n in s.queue.by_state.items():
             depth.add_metric([state], n)
         yield depth
         yield _gauge(
             "queue_oldest_pending_enqueue_timestamp_seconds",
             "when the oldest instance not yet uploaded was received (0: none)",
-            s["queue"]["oldest_pending_ts"] or 0,
+            s.queue.oldest_pending_ts or 0,
         )
-        yield _gauge("associations_active", "DIMSE associations open now", s["associations_active"])
+        yield _gauge("associations_active", "DIMSE associations open now", s.associations_active)
         yield _gauge(
             "last_successful_upload_timestamp_seconds",
             "when the archive last confirmed an instance (0: never)",
-            s["archive"]["last_success_ts"] or 0,
+            s.archive.last_success_ts or 0,
         )
-        uploads = s["uploads"]
-        yield _gauge("uploads_paused", "1 when uploads are paused", int(uploads["paused"]))
+        uploads = s.uploads
+        yield _gauge("uploads_paused", "1 when uploads are paused", int(uploads.paused))
         yield _gauge(
             "upload_limit_bytes_per_second",
             "upload.max_bytes_per_second, the cap on upload body bytes (0: unlimited)",
-            uploads["limit_bytes_per_second"],
+            uploads.limit_bytes_per_second,
         )
         yield _gauge(
             "upload_window_open",
             "1 when an upload window is open (or none is configured), 0 when uploads wait",
-            int(uploads["window_open"]),
+            int(uploads.window_open),
         )
-        disk = s["disk"]
-        yield _gauge("spool_bytes", "bytes of instances held in the spool", disk["spool_bytes"])
-        yield _gauge("spool_free_bytes", "free bytes on the spool file system", disk["free_bytes"])
-        yield _gauge(
-            "spool_min_free_bytes", "below this C-STOREs are refused", disk["min_free_bytes"]
-        )
+        disk = s.disk
+        yield _gauge("spool_bytes", "bytes of instances held in the spool", disk.spool_bytes)
+        if disk.free_bytes is not None:  # None only before the first snapshot
+            yield _gauge("spool_free_bytes", "free bytes on the spool file system", disk.free_bytes)
+        yield _gauge("spool_min_free_bytes", "below this C-STOREs are refused", disk.min_free_bytes)
         refreshed = GaugeMetricFamily(
             f"{PREFIX}_worklist_last_refresh_timestamp_seconds",
             "last successful worklist refresh per source (0: never)",
             labels=["source"],
         )
-        for w in s["worklist"]:
-            refreshed.add_metric([w["source"]], w["last_success_ts"] or 0)
+        for w in s.worklist:
+            refreshed.add_metric([w.source], w.last_success_ts or 0)
         yield refreshed
         outbox = GaugeMetricFamily(
             f"{PREFIX}_mpps_outbox_messages",
             "MPPS messages not yet delivered to the RIS, by state",
             labels=["state"],
         )
-        for state in ("pending", "sending", "failed"):
-            outbox.add_metric([state], s["mpps"][state])
+        for state, n in (("pending", s.mpps.pending), ("sending", s.mpps.sending),
+                         ("failed", s.mpps.failed)):  # fmt: skip
+            outbox.add_metric([state], n)
         yield outbox
-        cert = s["certificate"]
-        if cert["not_after_ts"] is not None:
+        cert = s.certificate
+        if cert.not_after_ts is not None:
             yield _gauge(
                 "client_certificate_expiry_timestamp_seconds",
                 "notAfter of upload.client_cert",
-                cert["not_after_ts"],
+                cert.not_after_ts,
             )
-        yield _gauge("uptime_seconds", "seconds since the gateway started", s["uptime_seconds"])
+        yield _gauge("uptime_seconds", "seconds since the gateway started", s.uptime_seconds)
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

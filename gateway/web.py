@@ -39,6 +39,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .config import Config, is_loopback
 from .jobs import retry_failed
 from .page import render_login, render_page
+from .status_doc import status_json
 from .store import STATES, Store, decode_warnings
 from .webauth import Session, Sessions, verify_password, verify_token
 
@@ -312,7 +313,8 @@ class WebServer:
         return response
 
     async def api_status(self, request: web.Request) -> web.StreamResponse:
-        return _json(await self.status.status(fresh=request.query.get("fresh") == "1"))
+        doc = await self.status.status(fresh=request.query.get("fresh") == "1")
+        return _json(status_json(doc))
 
     async def api_session(self, request: web.Request) -> web.StreamResponse:
         response = _json({})

@@ -29,6 +29,7 @@ from aiohttp import web
 from gateway import archives, field
 from gateway import auth as auth_module
 from gateway.config import ConfigError, from_dict
+from gateway.status_doc import StatusDoc
 from gateway.store import COMPRESSED, UPLOADED
 from gateway.upload import http_hint, ssl_context
 
@@ -38,6 +39,7 @@ from .conftest import GatewayFactory
 from .gateway_proc import write_config
 from .peers import free_port
 from .scripted_archive import ScriptedArchive, json_answer
+from .status_sample import sample_doc
 from .test_config import _cli
 from .test_isolation import Bench, _all
 from .web_client import WebClient, web_port
@@ -570,7 +572,7 @@ async def test_the_heartbeat_carries_the_credentials(
     })  # fmt: skip
 
     class Status:
-        async def status(self, fresh: bool = False) -> dict[str, Any]:
+        async def status(self, fresh: bool = False) -> StatusDoc:
             return _status_doc()
 
     task = asyncio.create_task(run_heartbeat(config, Status()))  # type: ignore[arg-type]
@@ -588,15 +590,8 @@ async def test_the_heartbeat_carries_the_credentials(
     assert archive.authorizations[-1].startswith("Bearer tok-")
 
 
-def _status_doc() -> dict[str, Any]:
-    return {
-        "version": "test", "boot_id": "b", "uptime_seconds": 1,
-        "health": {"state": "ok", "reasons": []},
-        "queue": {"pending": 0, "uploading": 0, "failed": 0, "done": 0, "done_today": 0,
-                  "oldest_pending_at": None},
-        "archive": {"state": "ok", "last_success_at": None},
-        "uploads": {"paused": False}, "disk": {}, "certificate": {"days_left": None},
-    }  # fmt: skip
+def _status_doc() -> StatusDoc:
+    return sample_doc(version="test", boot_id="b", uptime_seconds=1.0)
 
 
 # -- doctor ------------------------------------------------------------------------------------

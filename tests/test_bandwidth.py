@@ -254,7 +254,7 @@ async def test_a_closed_window_holds_all_but_the_priority_lane(
     # A study with instances from both: only the priority AE's go while closed.
     stat = [_add(bench, "ED_CT", stat_study), _add(bench, "ED_CT", stat_study)]
     mixed = _add(bench, "CT_ROOM1", stat_study)
-    assert bench.pipeline.bandwidth.state()["window_open"] is False
+    assert bench.pipeline.bandwidth.state().window_open is False
     async with bench.running() as task:
         await bench.in_one_batch(task)  # (pause stops the lane too)
         await bench.until(
@@ -267,7 +267,7 @@ async def test_a_closed_window_holds_all_but_the_priority_lane(
         assert [rows[u]["state"] for u in [*held, mixed]] == [COMPRESSED] * 4
         assert scripted_archive.requests == [stat]  # one request, one study
         clock["now"] = _at(7, 1, 30)  # next Monday 01:30: open
-        assert bench.pipeline.bandwidth.state()["window_open"] is True
+        assert bench.pipeline.bandwidth.state().window_open is True
         bench.pipeline.kick()
         await bench.until("the rest uploaded", task, _all(UPLOADED))
     assert scripted_archive.stored == {*held, *stat, mixed}

@@ -437,10 +437,10 @@ async def test_a_crashed_component_is_restarted_and_shown_degraded(
     )
     assert restarts == 2
     doc = gw.status.build()
-    assert doc["health"]["state"] == "degraded"
-    (reason,) = [r for r in doc["health"]["reasons"] if r.startswith("pipeline")]
+    assert doc.health.state == "degraded"
+    (reason,) = [r for r in doc.health.reasons if r.startswith("pipeline")]
     assert "pipeline restarting after error RuntimeError('surprise 2')" in reason
-    assert doc["components"]["pipeline"]["count"] == 2
+    assert doc.components["pipeline"].count == 2
 
 
 @pytest.mark.asyncio

@@ -1,60 +1,156 @@
-"""Pure parts of the status: health verdicts, the config summary, the chart."""
+"""The status document: its JSON key tree, health verdicts, the config summary, the
+chart, a real snapshot round-tripped through its JSON, and a bounded close()."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import sqlite3
 import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from gateway import config, webauth
+import pytest
+
+from gateway import app as app_module
+from gateway import config, status, webauth
+from gateway.heartbeat import compact
 from gateway.page import chart
 from gateway.status import config_summary, health
+from gateway.status_doc import ComponentRestart, StatusDoc, WorklistSource, status_json
+
+from .status_sample import from_json, key_tree, sample_doc
+
+# What /api/status returns, key by key (tests/status_sample.py, key_tree): a field of
+# gateway/status_doc.py renamed, moved, retyped or made nullable changes the API, which
+# scripts and monitoring read.  Change this only with the README's API description.
+_ROW = "str"
+GOLDEN: dict[str, Any] = {
+    "version": "str", "boot_id": "str", "started_at": "str", "uptime_seconds": "number",
+    "snapshot_age_seconds": "number|null",
+    "queue": {
+        "pending": "int", "received": "int", "compressing": "int", "pending_upload": "int",
+        "uploading": "int", "failed": "int", "done": "int", "done_today": "int",
+        "by_state": {"*": "int"}, "oldest_pending_at": "str|null",
+        "oldest_pending_ts": "number|null", "oldest_pending_age_seconds": "number|null",
+    },
+    "archive": {
+        "url": "str", "state": "str", "reachable": "bool", "last_success_at": "str|null",
+        "last_success_ts": "number|null", "last_error": "str|null", "last_error_at": "str|null",
+    },
+    "uploads": {
+        "paused": "bool", "limit_bytes_per_second": "int", "window_open": "bool",
+        "windows": ["str"], "window_changes_at": "str|null", "priority_aets": ["str"],
+    },
+    "associations_active": "int",
+    "throughput": [{"minute": "str", "received": "int", "received_bytes": "int",
+                    "uploaded": "int", "uploaded_bytes": "int"}],
+    "modalities": [{"calling_ae": "str", "last_24h": "int", "last_seen": "str|null"}],
+    "failed": [{"sop_instance_uid": "str", "study_instance_uid": "str",
+                "calling_ae": "str|null", "attempts": "int", "received_at": "str",
+                "updated_at": "str", "last_error": "str|null"}],
+    "retrying": [{"sop_instance_uid": "str", "attempts": "int",
+                  "next_attempt_at": "str|null", "last_error": "str|null"}],
+    "warnings": {
+        "count": "int",
+        "recent": [{"sop_instance_uid": "str", "study_instance_uid": "str",
+                    "calling_ae": "str|null", "uploaded_at": "str|null", "warnings": ["str"]}],
+    },
+    "recent_errors": [{"at": "str", "level": "str", "source": "str", "message": "str",
+                       "count": "int"}],
+    "disk": {"free_bytes": "int|null", "total_bytes": "int|null", "spool_bytes": "int",
+             "min_free_bytes": "int", "below_watermark": "bool"},
+    "spool": {"dir": "str", "problem": "str|null"},
+    "certificate": {"path": "str|null", "not_after": "str|null", "not_after_ts": "number|null",
+                    "days_left": "int|null", "warning": "bool", "error": "str|null"},
+    "worklist": [{"source": "str", "last_attempt_at": "str|null", "last_success_at": "str|null",
+                  "last_error": "str|null", "item_count": "int|null",
+                  "last_success_ts": "number|null"}],
+    "mpps": {
+        "pending": "int", "sending": "int", "failed": "int", "oldest_pending_at": "str|null",
+        "failed_messages": [{"seq": "int", "sop_instance_uid": "str", "kind": "str",
+                             "received_at": "str", "last_error": "str|null"}],
+        "forwarding_to": "str|null", "oldest_pending_ts": "number|null",
+    },
+    "config": {
+        "source": "str", "ae_title": "str", "dimse": "str", "allowed_aets": ["str"],
+        "spool_dir": "str", "min_free_bytes": "int", "database": "str", "dicomweb_url": "str",
+        "client_cert": "str", "client_key": "str", "upload_auth": "str", "compression": "str",
+        "concurrent_requests": "int", "retention_keep_bytes": "int",
+        "worklist_upstream": "str", "web": "str", "web_auth": ["str"], "heartbeat_url": "str",
+    },
+    "snapshot_error": "str|null",
+    "components": {"*": {"error": "str", "at": "str", "ts": "number", "count": "int",
+                         "restart_in_seconds": "number"}},
+    "health": {"state": "str", "reasons": ["str"]},
+}  # fmt: skip
+
+# The heartbeat's body (gateway.heartbeat.compact), which a monitoring service parses.
+HEARTBEAT_GOLDEN = {
+    "ae_title": "str", "version": "str", "boot_id": "str", "sent_at": "str",
+    "uptime_seconds": "float", "health": "str", "reasons": "list", "queue": {
+        "pending": "int", "uploading": "int", "failed": "int", "done": "int",
+        "done_today": "int", "oldest_pending_at": "NoneType",
+    },
+    "archive": {"state": "str", "last_success_at": "NoneType"}, "uploads_paused": "bool",
+    "disk": {"free_bytes": "int", "min_free_bytes": "int", "spool_bytes": "int"},
+    "certificate_days_left": "int",
+}  # fmt: skip
 
 
-def _doc(**changes: Any) -> dict[str, Any]:
-    doc: dict[str, Any] = {
-        "disk": {"below_watermark": False, "free_bytes": 10**10, "min_free_bytes": 10**9},
-        "archive": {"state": "reachable", "last_error": None},
-        "uploads": {"paused": False},
-        "queue": {"failed": 0, "oldest_pending_age_seconds": None},
-        "certificate": {"error": None, "warning": False, "days_left": 400},
-        "worklist": [],
-        "mpps": {"failed": 0, "oldest_pending_ts": None},
-        "snapshot_error": None,
-    }
-    for key, value in changes.items():
-        section, _, field = key.partition("__")
-        if field:
-            doc[section] = {**doc[section], field: value}
-        else:
-            doc[section] = value
-    return doc
+def _shape(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    return type(value).__name__
+
+
+def test_the_api_keeps_its_golden_key_tree() -> None:
+    # Key order too: json.dumps keeps it, and people read the API with their eyes.
+    assert json.dumps(key_tree(StatusDoc)) == json.dumps(GOLDEN)
+
+
+def test_the_heartbeat_keeps_its_golden_key_tree() -> None:
+    body = compact(sample_doc(), "DICOMGW")
+    assert json.dumps(_shape(body)) == json.dumps(HEARTBEAT_GOLDEN)
+    assert json.loads(json.dumps(body)) == body  # plain JSON, nothing converted
 
 
 def test_health_ok_degraded_failing() -> None:
-    assert health(_doc()) == {"state": "ok", "reasons": []}
-    outage = health(_doc(archive__state="unreachable", archive__last_error="HTTP 503"))
-    assert outage["state"] == "degraded" and "HTTP 503" in outage["reasons"][0]
-    assert health(_doc(uploads__paused=True))["state"] == "degraded"
-    nowhere = health(_doc(archive__state="not configured"))
-    assert nowhere["state"] == "degraded" and "upload.dicomweb_url" in nowhere["reasons"][0]
-    assert health(_doc(queue__failed=2))["state"] == "degraded"
-    assert health(_doc(queue__oldest_pending_age_seconds=7200))["state"] == "degraded"
+    def judge(**changes: Any) -> tuple[str, tuple[str, ...]]:
+        verdict = health(sample_doc(**changes))
+        return verdict.state, verdict.reasons
+
+    assert judge() == ("ok", ())
+    state, reasons = judge(archive__state="unreachable", archive__last_error="HTTP 503")
+    assert state == "degraded" and "HTTP 503" in reasons[0]
+    assert judge(uploads__paused=True)[0] == "degraded"
+    state, reasons = judge(archive__state="not configured")
+    assert state == "degraded" and "upload.dicomweb_url" in reasons[0]
+    assert judge(queue__failed=2)[0] == "degraded"
+    assert judge(queue__oldest_pending_age_seconds=7200)[0] == "degraded"
     # ...unless an upload window is closed: then the queue waits on purpose.
-    held = _doc(queue__oldest_pending_age_seconds=7200, uploads__window_open=False)
-    assert health(held)["state"] == "ok"
-    cert = health(_doc(certificate__warning=True, certificate__days_left=12))
-    assert cert["state"] == "degraded" and "12 days" in cert["reasons"][0]
-    stale = health(_doc(worklist=[{"source": "ris", "last_error": "timed out"}]))
-    assert stale["state"] == "degraded"
-    refused = health(_doc(mpps__failed=1))
-    assert refused["state"] == "degraded" and "MPPS" in refused["reasons"][0]
-    stuck = health(_doc(mpps__oldest_pending_ts=time.time() - 7200))
-    assert stuck["state"] == "degraded" and "MPPS" in stuck["reasons"][0]
-    assert health(_doc(mpps__oldest_pending_ts=time.time() - 5))["state"] == "ok"
-    full = health(_doc(disk__below_watermark=True, archive__state="unreachable"))
-    assert full["state"] == "failing" and len(full["reasons"]) == 2
-    broken = health(_doc(snapshot_error="queue database unreadable: disk I/O error"))
-    assert broken["state"] == "failing"
+    assert judge(queue__oldest_pending_age_seconds=7200, uploads__window_open=False)[0] == "ok"
+    state, reasons = judge(certificate__warning=True, certificate__days_left=12)
+    assert state == "degraded" and "12 days" in reasons[0]
+    state, reasons = judge(certificate__error="cannot read: no such file")
+    assert state == "degraded" and "no such file" in reasons[0]
+    stale = WorklistSource("ris", None, None, "timed out", None, None)
+    assert judge(worklist=(stale,))[0] == "degraded"
+    state, reasons = judge(mpps__failed=1)
+    assert state == "degraded" and "MPPS" in reasons[0]
+    state, reasons = judge(mpps__oldest_pending_ts=time.time() - 7200)
+    assert state == "degraded" and "MPPS" in reasons[0]
+    assert judge(mpps__oldest_pending_ts=time.time() - 5)[0] == "ok"
+    crash = ComponentRestart("RuntimeError('x')", "2026-01-01T00:00:00+00:00", 0.0, 2, 1.0)
+    state, reasons = judge(components={"pipeline": crash})
+    assert state == "degraded" and reasons[0].startswith("pipeline restarting after error")
+    state, reasons = judge(disk__below_watermark=True, archive__state="unreachable")
+    assert state == "failing" and len(reasons) == 2 and "below the watermark" in reasons[0]
+    state, reasons = judge(spool__problem="spool directory replaced")
+    assert state == "failing" and "C-STOREs are refused" in reasons[0]
+    assert judge(snapshot_error="queue database unreadable: disk I/O error")[0] == "failing"
 
 
 def test_config_summary_has_no_secrets() -> None:
@@ -70,17 +166,131 @@ def test_config_summary_has_no_secrets() -> None:
             },
         }
     )
-    text = repr(config_summary(c))
+    summary = config_summary(c)
+    text = repr(summary) + json.dumps(status_json(sample_doc(config=summary)))
     assert password_hash not in text and token not in text
     assert "/etc/gw/box.key" in text  # the path, never the contents
-    assert config_summary(c)["web_auth"] == ["password", "token"]
-    assert config_summary(c)["upload_auth"] == "mtls"
+    assert summary.web_auth == ("password", "token")
+    assert summary.upload_auth == "mtls"
 
 
 def test_chart_scales_to_the_busiest_minute() -> None:
-    minutes = [
-        {"received": i, "uploaded": 0, "received_bytes": 0, "uploaded_bytes": 0} for i in range(60)
-    ]
-    svg = chart(minutes, "", "instances")
+    svg = chart([(i, 0) for i in range(60)], "instances")
     assert svg.startswith("<svg") and "(max 59)" in svg
     assert svg.count("<polyline") == 2
+    assert "(max 2.0)" in chart([(2 * 1024 * 1024, 0)], "MB", scale=1024 * 1024)
+
+
+# -- a real snapshot -----------------------------------------------------------------------
+
+
+def _gateway(tmp_path: Path, **sections: Any) -> app_module.Gateway:
+    c = config.from_dict(
+        {
+            "spool": {"dir": str(tmp_path / "spool"), "min_free_bytes": 0},
+            "database": {"path": str(tmp_path / "q.sqlite3")},
+            "dimse": {"port": 0},
+            "web": {"port": 0},
+            **sections,
+        }
+    )
+    (tmp_path / "spool").mkdir()
+    gw = app_module.Gateway(c)
+    gw.store.open()
+    return gw
+
+
+def _fill(path: Path) -> None:
+    """One row of each kind the status lists: every list in the document has an item."""
+    now = datetime.now(UTC)
+
+    def iso(minutes: float) -> str:
+        return (now - timedelta(minutes=minutes)).isoformat(timespec="microseconds")
+
+    conn = sqlite3.connect(path)
+    rows = [
+        ("1.1", "failed", None, "HTTP 400", None, None),
+        ("1.2", "compressed", iso(-5), "HTTP 503", None, None),
+        ("1.3", "uploaded", None, None, iso(1), '["coerced <PatientName>"]'),
+        ("1.4", "received", None, None, None, None),
+    ]
+    for i, (uid, state, next_at, error, uploaded_at, warnings) in enumerate(rows):
+        conn.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
+            " series_instance_uid, calling_ae, transfer_syntax, size, sha256, path,"
+            " received_at, state, attempts, next_attempt_at, last_error, updated_at,"
+            " upload_size, uploaded_at, warnings) VALUES (?, '1.2', '1.3', '1.4', 'CT1',"
+            " '1.2.840.10008.1.2.1', 100, 'x', ?, ?, ?, 1, ?, ?, ?, 50, ?, ?)",
+            (uid, f"/spool/{i}", iso(i + 2), state, next_at, error, iso(i), uploaded_at, warnings),
+        )
+    conn.execute(
+        "INSERT INTO mpps_outbox (sop_instance_uid, kind, dataset, received_at, state,"
+        " last_error, updated_at) VALUES ('9.1', 'create', x'00', ?, 'failed', 'refused', ?)",
+        (iso(90), iso(0)),
+    )
+    conn.execute(
+        "INSERT INTO worklist_sources VALUES ('ris', ?, ?, 'timed out', 3)", (iso(1), iso(5))
+    )
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.asyncio
+async def test_a_real_snapshot_round_trips_through_its_json(tmp_path: Path) -> None:
+    """What the builder really produces has exactly the document's keys and types
+    (so the golden tree above is the API's), and the JSON keeps every value."""
+    gw = _gateway(tmp_path, mpps={"upstream_host": "ris.example", "upstream_ae": "RIS"})
+    try:
+        _fill(gw.store.path)
+        gw.status.component_crashed("worklist", "OSError('x')", 2.0)
+        gw.status.errors.handle(
+            logging.LogRecord("gateway.jobs", logging.WARNING, __file__, 1, "busy", (), None)
+        )
+        doc = await gw.status.status(fresh=True)
+        for part in (doc.throughput, doc.modalities, doc.failed, doc.retrying,
+                     doc.warnings.recent, doc.recent_errors, doc.worklist,
+                     doc.mpps.failed_messages, doc.components):  # fmt: skip
+            assert part, "the sample leaves a list of the document empty"
+        text = json.dumps(status_json(doc))
+        assert from_json(StatusDoc, json.loads(text)) == doc
+        assert doc.health.state == "degraded" and doc.warnings.recent[0].warnings == (
+            "coerced <PatientName>",
+        )
+    finally:
+        await gw.status.close()
+        gw.store.close()
+
+
+@pytest.mark.asyncio
+async def test_close_interrupts_a_snapshot_that_overruns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status.close() is bounded (gateway.app.stop_budget_seconds counts it): a query
+    still running then is interrupted, so the store may close its connection."""
+    gw = _gateway(tmp_path)
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def endless(conn: sqlite3.Connection, now: datetime) -> status.Snapshot:
+        loop.call_soon_threadsafe(started.set)
+        conn.execute(  # some seconds of counting, should the interrupt never come
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 2e7)"
+            " SELECT count(*) FROM c"
+        ).fetchone()
+        raise AssertionError("the query was not interrupted")
+
+    monkeypatch.setattr(status, "query_database", endless)
+    try:
+        request = asyncio.create_task(gw.status.status())  # waits: no snapshot yet
+        await started.wait()
+        await gw.status.close(timeout=0.3)
+        task = gw.status._refreshing
+        assert task is not None and task.done()
+        assert gw.status.snapshot_error == "queue database unreadable: interrupted"
+        assert (await request).snapshot_error == gw.status.snapshot_error
+    finally:
+        if gw.status._refreshing is not None:
+            # Should close() not have stopped it: closing the store's connections
+            # under a running query would crash the interpreter.
+            await gw.status._refreshing
+        gw.store.close()

@@ -20,12 +20,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import webauth
 from gateway.config import EXIT_CONFIG
 from gateway.heartbeat import compact
+from gateway.status_doc import StatusDoc
 
 from . import corpus
 from .archive import ArchiveLab
 from .conftest import GatewayFactory
 from .gateway_proc import GatewayProcess
 from .peers import storescu
+from .status_sample import from_json
 from .test_upload import _upload_config, wait_until
 from .web_client import WebClient, web_port
 
@@ -364,7 +366,8 @@ def test_heartbeat_reaches_the_archive_over_mutual_tls(
     assert log.count("POST /heartbeat") >= 1
     assert "heartbeat to" not in gw.log  # no failure logged
     # What is sent: compact, no secrets, no patient data.
-    body = compact(_client(gw).status(), "DICOMGW")
+    # The API's JSON back into the document (every key and type checked on the way).
+    body = compact(from_json(StatusDoc, _client(gw).status()), "DICOMGW")
     assert body["health"] == "ok" and body["queue"]["pending"] == 0
     assert body["certificate_days_left"] > 300
     text = json.dumps(body)
