@@ -49,7 +49,7 @@ from .receivers import RECEIVER_EXIT_S, ReceiverPool
 from .reconcile import reconcile
 from .spool import Spool
 from .status import STATUS_CLOSE_S, StatusService
-from .store import Store
+from .store import CLOSE_TIMEOUT_S, Store
 from .upgrade import adopt_legacy_database
 from .web import WEB_STOP_S, WebServer
 from .worklist import Worklist
@@ -67,7 +67,7 @@ _SWEEP_INTERVAL_S = 60.0
 # Upper bounds of the stop phases (see _shutdown), for stop_budget_seconds.
 _LISTENER_JOIN_S = 10.0  # ReceiverPool.stop_accepting waits this long for the receivers
 _POOL_STOP_S = 15.0  # the J2K pool finishes the image it is encoding
-_STORE_CLOSE_S = 30.0  # the last queued writes; SQLite's busy_timeout bounds each
+_STORE_CLOSE_S = CLOSE_TIMEOUT_S  # the last queued writes; SQLite's busy_timeout bounds each
 # A start waits this long for the receivers of a killed gateway to drain and exit.
 _INSTANCE_LOCK_WAIT_S = 60.0
 
@@ -123,14 +123,14 @@ class Gateway:
         self.metrics = Metrics()
         self.pipeline = Pipeline(config, self.spool, self.store, self.metrics)
         self.worklist = Worklist(config, self.store)
-        self.mpps = Forwarder(config, self.store)
+        self.mpps_forwarder = Forwarder(config, self.store)
         # C-STORE, MWL and MPPS are answered in processes of their own.
         self.receiver = ReceiverPool(
             config,
             spool_identity=self.spool.identity,
             database=lambda: self.store.path,
             on_stored=lambda: self._on_stored(None),
-            on_mpps=self.mpps.wake,
+            on_mpps=self.mpps_forwarder.wake,
             metrics=self.metrics,
             on_log_record=lambda record: self.status.errors.handle(record),
             instance_lock=lambda: self._instance_lock,
@@ -233,7 +233,7 @@ class Gateway:
                 tg.create_task(self._sweep_tmp(), name="sweep-tmp"),
                 tg.create_task(self._supervise("pipeline", self.pipeline.run)),
                 tg.create_task(self._supervise("worklist", self.worklist.run)),
-                tg.create_task(self._supervise("mpps", self.mpps.run)),
+                tg.create_task(self._supervise("mpps", self.mpps_forwarder.run)),
             ]
             if self.config.heartbeat.url:
                 beat = functools.partial(run_heartbeat, self.config, self.status)

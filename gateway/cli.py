@@ -10,33 +10,16 @@ import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from sqlite3 import Row
+from typing import Any
 
-from . import __version__
+from . import __version__, instances, mpps_outbox
 from .config import EXIT_CONFIG, Config, ConfigError, load
-from .store import STATES, Store, decode_warnings
+from .instances import QueueState
+from .mpps_outbox import OutboxState
+from .store import Store
 
 #: The gateway could not start for a reason outside its config (port taken, disk).
 EXIT_START_FAILED = 71
-
-
-def setup_logging(config: Config) -> None:
-    from .notify import journal_handler
-
-    # Under systemd stderr is the journal: log there with structured fields (SOP
-    # Instance UID, calling AE) and let journald add the time; else plain stderr.
-    journal = journal_handler()
-    if journal is not None:
-        journal.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        logging.basicConfig(level=config.logging.level.upper(), handlers=[journal])
-    else:
-        logging.basicConfig(
-            level=config.logging.level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
-    # pynetdicom narrates every PDU at INFO; the gateway logs what matters itself.
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def _load_or_exit(path: str | None) -> Config:
@@ -50,6 +33,7 @@ def _load_or_exit(path: str | None) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from .app import Gateway
     from .auth import check_secret_files
+    from .notify import setup_logging
 
     config = _load_or_exit(args.config)
     try:
@@ -58,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dicom-gateway: config error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
-    setup_logging(config)
+    setup_logging(config.logging.level)
     try:
         return asyncio.run(Gateway(config).run())
     except (OSError, sqlite3.Error) as exc:
@@ -85,22 +69,18 @@ def _database(config: Config) -> Path | None:
 
 def _list(
     args: argparse.Namespace,
-    select: str,
-    order: str,
-    line: Callable[[Row], str],
-    as_dict: Callable[[Row], dict[str, object]] = dict,
+    listing: Callable[[sqlite3.Connection, str | None, int], list[dict[str, Any]]],
+    line: Callable[[dict[str, Any]], str],
 ) -> int:
-    """``ls``: *select* (``SELECT ... FROM table``) filtered by ``--state``, as JSON
-    (each row through *as_dict*) or lines."""
+    """``ls``: *listing* (a table owner's) filtered by ``--state``, as JSON or lines."""
     db_path = _database(_load_or_exit(args.config))
     if db_path is None:
         return 1
     store = Store(db_path)
-    where, params = ("WHERE state = ?", (args.state,)) if args.state else ("", ())
-    rows = store.rows(f"{select} {where} ORDER BY {order} LIMIT ?", (*params, args.limit))
+    rows = store.read(lambda conn: listing(conn, args.state, args.limit))
     store.close()
     if args.json:
-        print(json.dumps([as_dict(r) for r in rows], indent=2))
+        print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
         print(line(r))
@@ -132,41 +112,45 @@ def _retry(
     return 0
 
 
-def _error(r: Row) -> str:
+def _error(r: dict[str, Any]) -> str:
     return f"  {r['last_error']}" if r["last_error"] else ""
 
 
-def _warnings(r: Row) -> str:
-    said = decode_warnings(r["warnings"])
-    return f"  warnings: {'; '.join(said)}" if said else ""
+def _warnings(r: dict[str, Any]) -> str:
+    return f"  warnings: {'; '.join(r['warnings'])}" if r["warnings"] else ""
+
+
+#: What ``queue ls`` shows of each row (``/api/queue`` shows them all), in this order.
+_QUEUE_LS_FIELDS = (
+    "sop_instance_uid", "study_instance_uid", "calling_ae", "state", "attempts", "size",
+    "received_at", "last_error", "warnings",
+)  # fmt: skip
+
+
+def _queue_listing(conn: sqlite3.Connection, state: str | None, limit: int) -> list[dict[str, Any]]:
+    rows = instances.listing(conn, state, limit, newest_first=False)
+    return [{k: r[k] for k in _QUEUE_LS_FIELDS} for r in rows]
 
 
 def cmd_queue_ls(args: argparse.Namespace) -> int:
     return _list(
         args,
-        "SELECT sop_instance_uid, study_instance_uid, calling_ae, state, attempts, size,"
-        " received_at, last_error, warnings FROM instances",
-        "received_at",
+        _queue_listing,
         lambda r: (
             f"{r['received_at']}  {r['state']:<11} {r['attempts']:>3}  {r['calling_ae']:<16}"
             f"  {r['sop_instance_uid']}  {r['size']}{_error(r)}{_warnings(r)}"
         ),
-        lambda r: {**dict(r), "warnings": decode_warnings(r["warnings"])},
     )
 
 
 def cmd_queue_retry(args: argparse.Namespace) -> int:
-    from .jobs import retry_failed
-
-    return _retry(args, retry_failed, "instance", "SOP Instance UIDs")
+    return _retry(args, instances.retry_failed, "instance", "SOP Instance UIDs")
 
 
 def cmd_mpps_ls(args: argparse.Namespace) -> int:
     return _list(
         args,
-        "SELECT seq, sop_instance_uid, kind, state, attempts, received_at, last_error"
-        " FROM mpps_outbox",
-        "seq",
+        mpps_outbox.listing,
         lambda r: (
             f"{r['seq']:>6}  {r['received_at']}  N-{r['kind'].upper():<6} {r['state']:<8}"
             f" {r['attempts']:>3}  {r['sop_instance_uid']}{_error(r)}"
@@ -175,9 +159,7 @@ def cmd_mpps_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_mpps_retry(args: argparse.Namespace) -> int:
-    from .mpps import retry_failed
-
-    return _retry(args, retry_failed, "MPPS message", "MPPS SOP Instance UIDs")
+    return _retry(args, mpps_outbox.retry_failed, "MPPS message", "MPPS SOP Instance UIDs")
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -277,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     queue_sub = queue.add_subparsers(dest="queue_command", required=True)
     ls = queue_sub.add_parser("ls", help="list queued instances")
     ls.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
-    ls.add_argument("--state", choices=STATES)
+    ls.add_argument("--state", choices=[s.value for s in QueueState])
     ls.add_argument("--limit", type=int, default=100)
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(func=cmd_queue_ls)
@@ -291,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     mpps_sub = mpps.add_subparsers(dest="mpps_command", required=True)
     mls = mpps_sub.add_parser("ls", help="list MPPS messages in delivery order")
     mls.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
-    mls.add_argument("--state", choices=("pending", "sending", "sent", "failed"))
+    mls.add_argument("--state", choices=[s.value for s in OutboxState])
     mls.add_argument("--limit", type=int, default=100)
     mls.add_argument("--json", action="store_true", help="print JSON")
     mls.set_defaults(func=cmd_mpps_ls)

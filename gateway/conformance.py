@@ -1,6 +1,7 @@
 """The DICOM Conformance Statement (PS3.2 layout), generated from the tables the code
 uses: gateway.negotiation (SOP classes, transfer syntaxes and their order), the status
-constants of gateway.receive and gateway.mpps, and the config defaults.
+codes of gateway.dimse_status (with gateway.receive's tables of when each is answered),
+and the config defaults.
 
 ``dicom-gateway conformance > docs/conformance.md`` writes it; tests/test_conformance.py
 fails when the file and this output differ.
@@ -17,28 +18,29 @@ from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 
-from . import __version__, mpps, negotiation, receive
+from . import __version__, negotiation, receive
+from . import dimse_status as ds
 from .config import DimseConfig
 
-#: MPPS SCP statuses beyond Success (gateway.mpps), and when each is answered.
+#: MPPS SCP statuses (gateway.dimse_status), and when gateway.mpps answers each.
 _MPPS_STATUSES: tuple[tuple[int, str], ...] = (
-    (mpps.SUCCESS, "the step and its outbox message are durable"),
-    (mpps.DUPLICATE_INSTANCE, "N-CREATE of an instance that exists"),
-    (mpps.MISSING_ATTRIBUTE, "N-CREATE without Performed Procedure Step Status"),
-    (mpps.MISSING_ATTRIBUTE_VALUE, "N-CREATE with an empty Performed Procedure Step Status"),
+    (ds.SUCCESS, "the step and its outbox message are durable"),
+    (ds.DUPLICATE_INSTANCE, "N-CREATE of an instance that exists"),
+    (ds.MISSING_ATTRIBUTE, "N-CREATE without Performed Procedure Step Status"),
+    (ds.MISSING_ATTRIBUTE_VALUE, "N-CREATE with an empty Performed Procedure Step Status"),
     (
-        mpps.INVALID_ATTRIBUTE_VALUE,
+        ds.INVALID_ATTRIBUTE_VALUE,
         "N-CREATE with a status other than IN PROGRESS; N-SET to a status other than"
         " IN PROGRESS, COMPLETED, DISCONTINUED",
     ),
-    (mpps.NO_SUCH_INSTANCE, "N-SET of an unknown instance"),
+    (ds.NO_SUCH_INSTANCE, "N-SET of an unknown instance"),
     (
-        mpps.PROCESSING_FAILURE,
+        ds.PROCESSING_FAILURE,
         "N-SET of a step already COMPLETED or DISCONTINUED; an attribute list that cannot"
         " be decoded",
     ),
-    (mpps.INVALID_INSTANCE, "the SOP Instance UID in the command is not a valid UID"),
-    (mpps.RESOURCE_LIMITATION, "the gateway is stopping or cannot commit (send again)"),
+    (ds.INVALID_INSTANCE, "the SOP Instance UID in the command is not a valid UID"),
+    (ds.RESOURCE_LIMITATION, "the gateway is stopping or cannot commit (send again)"),
 )
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import multiprocessing
 import os
@@ -44,12 +43,12 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from . import archives
+from . import archives, instances
 from .aio import wait_event
 from .archives import (
     ArchiveProfile,
@@ -58,22 +57,19 @@ from .archives import (
     identity_of_json,
 )
 from .bandwidth import Bandwidth
+from .clock import utcnow
 from .config import Config
 from .iffaster import Decision, IfFaster
+from .instances import Claimed, QueueState
 from .spool import Spool
-from .store import (
-    COMPRESSED,
-    COMPRESSING,
-    FAILED,
-    RECEIVED,
-    UPLOADED,
-    UPLOADING,
-    Store,
-    discard_files,
-    hand_back_leases,
-    utcnow,
+from .store import Store
+from .transcode import (
+    ENCODER_NICENESS,
+    TranscodeOutcome,
+    TranscodeResult,
+    init_encoder_process,
+    transcode,
 )
-from .transcode import ENCODER_NICENESS, TranscodeResult, init_encoder_process, transcode
 from .upload import (
     InstanceOutcome,
     Item,
@@ -96,26 +92,9 @@ _IDLE_POLL_S = 5.0
 #: How often an if-faster stage waiting for its first figures looks again.
 _MEASURE_POLL_S = 0.05
 _RETENTION_INTERVAL_S = 60.0
-#: Rows pruned per writer transaction (their files are unlinked by the writer).
-_PRUNE_MAX_ROWS = 500
 _BATCH_GROW_AFTER = 10
 #: WADO-RS metadata requests in flight at once to verify one batch's instances.
 _VERIFY_CONCURRENCY = 4
-
-
-@dataclass(frozen=True)
-class Claimed:
-    sop_instance_uid: str
-    study_instance_uid: str
-    sha256: str
-    path: str
-    upload_path: str
-    transfer_syntax: str
-    size: int
-    attempts: int
-    series_instance_uid: str = ""
-    #: STOW-RS requests that carried this UID before this one.
-    sends: int = 0
 
 
 #: Encoder processes run at this niceness: the receiver and the uploader come first.
@@ -160,7 +139,7 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
 def _fallback(claimed: Claimed, reason: str) -> TranscodeResult:
     """Send the original as it was received, saying why it was not compressed."""
     return TranscodeResult(
-        "fallback", reason, claimed.transfer_syntax, claimed.size, claimed.size, 0.0
+        TranscodeOutcome.FALLBACK, reason, claimed.transfer_syntax, claimed.size, claimed.size, 0.0
     )
 
 
@@ -200,269 +179,24 @@ def _identity_of(path: Path) -> dict[str, str]:
     return identity_of_dataset(pydicom.dcmread(path, stop_before_pixels=True))
 
 
-def _at(seconds_from_now: float) -> str:
-    when = datetime.now(UTC) + timedelta(seconds=seconds_from_now)
-    return when.isoformat(timespec="microseconds")
-
-
-# -- database transitions (run in the store's writer thread) ---------------------------
-
-
-def _claim_for_compression(limit: int) -> Callable[[sqlite3.Connection], list[Claimed]]:
-    def write(conn: sqlite3.Connection) -> list[Claimed]:
-        rows = conn.execute(
-            """
-            UPDATE instances SET state = ?, updated_at = ?
-            WHERE sop_instance_uid IN (
-                SELECT sop_instance_uid FROM instances WHERE state = ?
-                ORDER BY received_at LIMIT ?)
-            RETURNING sop_instance_uid, study_instance_uid, sha256, path, upload_path,
-                      transfer_syntax, size, attempts, series_instance_uid, sends
-            """,
-            (COMPRESSING, utcnow(), RECEIVED, limit),
-        ).fetchall()
-        return [Claimed(**{**dict(r), "upload_path": r["upload_path"] or ""}) for r in rows]
-
-    return write
-
-
-def _mark_compressed(
-    claimed: Claimed, upload_path: str, upload_size: int, result: TranscodeResult
-) -> Callable[[sqlite3.Connection], bool]:
-    def write(conn: sqlite3.Connection) -> bool:
-        now = utcnow()
-        cur = conn.execute(
-            """
-            UPDATE instances SET state = ?, upload_path = ?, upload_size = ?,
-                upload_transfer_syntax = ?, transcode_outcome = ?, transcode_reason = ?,
-                next_attempt_at = ?, updated_at = ?
-            WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?
-            """,
-            (
-                COMPRESSED, upload_path, upload_size, result.transfer_syntax, result.outcome,
-                result.reason or None, now, now,
-                claimed.sop_instance_uid, claimed.sha256, COMPRESSING,
-            ),
-        )  # fmt: skip
-        if cur.rowcount == 1:
-            return True
-        if upload_path != claimed.path:
-            # Re-received while we worked: this output belongs to the old copy.
-            discard_files(conn, [upload_path])
-        return False
-
-    return write
-
-
-def _claim_upload_batch(
-    max_instances: int,
-    max_bytes: int,
-    priority_aets: tuple[str, ...] = (),
-    *,
-    others: bool = True,
-) -> Callable[[sqlite3.Connection], tuple[list[Claimed], bool]]:
-    """Claim the next batch: instances of one study, oldest first.  The priority lane
-    comes first: the oldest due instance from one of *priority_aets* picks the study,
-    and only that study's instances from those AEs go in.  Otherwise (and only when
-    *others*: an upload window is open) the study of the oldest due instance.  Returns
-    the batch and whether it is the priority lane's."""
-
-    def write(conn: sqlite3.Connection) -> tuple[list[Claimed], bool]:
-        now = utcnow()
-        first = None
-        lane = ""
-        lane_params: tuple[str, ...] = ()
-        if priority_aets:
-            # Unary +: not along the (calling_ae, received_at) index, which would walk
-            # every row ever received from these AEs; the due rows are few.
-            lane = f" AND +calling_ae IN ({','.join('?' * len(priority_aets))})"
-            lane_params = priority_aets
-            first = conn.execute(
-                "SELECT study_instance_uid FROM instances WHERE state = ? AND next_attempt_at <= ?"
-                f"{lane} ORDER BY next_attempt_at, received_at LIMIT 1",
-                (COMPRESSED, now, *lane_params),
-            ).fetchone()
-        priority = first is not None
-        if first is None and others:
-            lane, lane_params = "", ()
-            first = conn.execute(
-                "SELECT study_instance_uid FROM instances WHERE state = ? AND next_attempt_at <= ?"
-                " ORDER BY next_attempt_at, received_at LIMIT 1",
-                (COMPRESSED, now),
-            ).fetchone()
-        if first is None:
-            return [], False
-        rows = conn.execute(
-            f"""
-            SELECT sop_instance_uid, study_instance_uid, sha256, path, upload_path,
-                   transfer_syntax, upload_size AS size, attempts, series_instance_uid, sends
-            FROM instances
-            WHERE state = ? AND study_instance_uid = ? AND next_attempt_at <= ?{lane}
-            ORDER BY received_at LIMIT ?
-            """,
-            (COMPRESSED, first["study_instance_uid"], now, *lane_params, max_instances),
-        ).fetchall()
-        batch: list[Claimed] = []
-        total = 0
-        for r in rows:
-            if batch and total + r["size"] > max_bytes:
-                break
-            total += r["size"]
-            batch.append(Claimed(**dict(r)))
-        # sends is counted at the claim: a crash after the request leaves it counted.
-        conn.executemany(
-            "UPDATE instances SET state = ?, sends = sends + 1, updated_at = ?"
-            " WHERE sop_instance_uid = ?",
-            [(UPLOADING, now, c.sop_instance_uid) for c in batch],
-        )
-        return batch, priority
-
-    return write
-
-
-def _queued_bytes(conn: sqlite3.Connection) -> tuple[int, int]:
-    """Bytes the link has still to carry (waiting to go up or going up), and bytes the
-    compress stage has still to decide on (received or being compressed)."""
-    rows = conn.execute(
-        "SELECT state, coalesce(sum(upload_size), 0) AS up, coalesce(sum(size), 0) AS n"
-        " FROM instances WHERE state IN (?, ?, ?, ?) GROUP BY state",
-        (COMPRESSED, UPLOADING, RECEIVED, COMPRESSING),
-    ).fetchall()
-    link = sum(int(r["up"]) for r in rows if r["state"] in (COMPRESSED, UPLOADING))
-    pending = sum(int(r["n"]) for r in rows if r["state"] in (RECEIVED, COMPRESSING))
-    return link, pending
-
-
-def _next_due(conn: sqlite3.Connection) -> str | None:
-    row = conn.execute(
-        "SELECT min(next_attempt_at) AS due FROM instances WHERE state = ?", (COMPRESSED,)
-    ).fetchone()
-    return row["due"] if row else None
-
-
 def _finish_uploads(
     results: list[tuple[Claimed, InstanceOutcome]],
     backoff: Callable[[int], float],
     give_up: GiveUp,
 ) -> Callable[[sqlite3.Connection], list[tuple[Claimed, InstanceOutcome]]]:
-    """Record each outcome; returns them as recorded (a retryable failure past
-    *give_up*'s limits is recorded, and returned, as a permanent one)."""
+    """Record each outcome (:func:`gateway.instances.finish_uploads`); returns them as
+    recorded (a retryable failure past *give_up*'s limits is recorded, and returned, as
+    a permanent one)."""
+    record = instances.finish_uploads(results, backoff, give_up.reason)
 
     def write(conn: sqlite3.Connection) -> list[tuple[Claimed, InstanceOutcome]]:
-        now = utcnow()
-        recorded: list[tuple[Claimed, InstanceOutcome]] = []
-        for claimed, outcome in results:
-            guard = (claimed.sop_instance_uid, claimed.sha256, UPLOADING)
-            if outcome.stored:
-                warnings = json.dumps(list(outcome.warnings)) if outcome.warnings else None
-                conn.execute(
-                    "UPDATE instances SET state = ?, uploaded_at = ?, attempts = attempts + 1,"
-                    " last_error = NULL, failing_since = NULL, warnings = ?, updated_at = ?"
-                    " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-                    (UPLOADED, now, warnings, now, *guard),
-                )
-                recorded.append((claimed, outcome))
-                continue
-            attempts = claimed.attempts + 1
-            if outcome.retryable:
-                row = conn.execute(
-                    "SELECT failing_since, received_at FROM instances WHERE sop_instance_uid = ?",
-                    (claimed.sop_instance_uid,),
-                ).fetchone()
-                since = row["failing_since"] if row is not None else None
-                if since is None or (row is not None and since < row["received_at"]):
-                    since = now  # the first failure since it was (re-)received
-                why = give_up.reason(attempts, since, now)
-                if why is None:
-                    conn.execute(
-                        "UPDATE instances SET state = ?, attempts = ?, last_error = ?,"
-                        " failing_since = ?, next_attempt_at = ?, updated_at = ?"
-                        " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-                        (COMPRESSED, attempts, outcome.reason, since, _at(backoff(attempts)),
-                         now, *guard),
-                    )  # fmt: skip
-                    recorded.append((claimed, outcome))
-                    continue
-                outcome = InstanceOutcome(stored=False, reason=f"{outcome.reason}; {why}")
-            conn.execute(
-                "UPDATE instances SET state = ?, attempts = ?, last_error = ?,"
-                " failing_since = NULL, updated_at = ?"
-                " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-                (FAILED, attempts, outcome.reason, now, *guard),
-            )
-            recorded.append((claimed, outcome))
-        return recorded
-
-    return write
-
-
-def _quarantine(claimed: Claimed, state: str, reason: str) -> Callable[[sqlite3.Connection], bool]:
-    """A row a stage cannot handle becomes ``failed`` with the reason (if it is still
-    the copy the stage claimed)."""
-
-    def write(conn: sqlite3.Connection) -> bool:
-        now = utcnow()
-        cur = conn.execute(
-            "UPDATE instances SET state = ?, last_error = ?, updated_at = ?"
-            " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-            (FAILED, reason, now, claimed.sop_instance_uid, claimed.sha256, state),
-        )
-        return cur.rowcount == 1
-
-    return write
-
-
-def retry_failed(conn: sqlite3.Connection, sop_instance_uids: list[str] | None) -> int:
-    """Operator action: send failed instances again (all of them when *uids* is None)."""
-    now = utcnow()
-    sql = (
-        "UPDATE instances SET state = CASE WHEN upload_path IS NULL THEN ? ELSE ? END,"
-        " attempts = 0, last_error = NULL, failing_since = NULL, next_attempt_at = ?,"
-        " updated_at = ?"
-        " WHERE state = ?"
-    )
-    params: list[Any] = [RECEIVED, COMPRESSED, now, now, FAILED]
-    if sop_instance_uids is not None:
-        sql += f" AND sop_instance_uid IN ({','.join('?' * len(sop_instance_uids))})"
-        params += sop_instance_uids
-    return conn.execute(sql, params).rowcount
-
-
-def _prune(
-    keep_bytes: int, keep_hours: float, max_rows: int = _PRUNE_MAX_ROWS
-) -> Callable[[sqlite3.Connection], list[str]]:
-    """Uploaded instances beyond the local cache (newest kept first) lose their files,
-    at most *max_rows* per call: the writer unlinks them, and C-STOREs wait for it."""
-
-    def write(conn: sqlite3.Connection) -> list[str]:
-        rows = conn.execute(
-            "SELECT sop_instance_uid, path, upload_path, size, upload_size, uploaded_at"
-            " FROM instances WHERE state = ? AND (path IS NOT NULL OR upload_path IS NOT NULL)"
-            " ORDER BY uploaded_at DESC",
-            (UPLOADED,),
-        ).fetchall()
-        oldest_kept = _at(-keep_hours * 3600) if keep_hours else ""
-        total = 0
-        doomed: list[str] = []
-        files: list[str] = []
-        for r in rows:
-            total += (r["size"] or 0) + (
-                r["upload_size"] or 0 if r["upload_path"] not in (None, r["path"]) else 0
-            )
-            if total <= keep_bytes and r["uploaded_at"] >= oldest_kept:
-                continue
-            doomed.append(r["sop_instance_uid"])
-            files += [p for p in {r["path"], r["upload_path"]} if p]
-            if len(doomed) >= max_rows:
-                break
-        conn.executemany(
-            "UPDATE instances SET path = NULL, upload_path = NULL WHERE sop_instance_uid = ?",
-            [(uid,) for uid in doomed],
-        )
-        # The writer removes them after the commit, those that no row (an identical
-        # re-send) and no C-STORE in progress still has.
-        discard_files(conn, files)
-        return files
+        gave_up = record(conn)
+        return [
+            (c, InstanceOutcome(stored=False, reason=gave_up[c.sop_instance_uid]))
+            if c.sop_instance_uid in gave_up
+            else (c, o)
+            for c, o in results
+        ]
 
     return write
 
@@ -527,7 +261,7 @@ class Pipeline:
         # Shielded: a cancelled stage (a stop, or a sibling stage's crash before an
         # in-process restart) must not cancel the submitted write's own future, which
         # the writer completes anyway (a cancelled one used to kill the writer thread).
-        return await asyncio.shield(asyncio.wrap_future(self.store.submit(fn, durable=durable)))
+        return await self.store.run(fn, durable, shield=True)
 
     async def run(self) -> None:
         """Run the stages until cancelled.  May be called again after it raised (the
@@ -535,7 +269,7 @@ class Pipeline:
         handed back first, as the start-up reconciler does."""
         self._loop = asyncio.get_running_loop()
         c = self.config.upload
-        returned = await self._db(hand_back_leases)
+        returned = await self._db(instances.hand_back_leases)
         if returned:
             log.warning("%d instances left in progress by the last run are queued again",
                         returned)  # fmt: skip
@@ -584,7 +318,7 @@ class Pipeline:
                     # if-faster waits for its first figures (gateway/iffaster.py).
                     await wait_event(self._compress_wake, _MEASURE_POLL_S)
                     continue
-                claimed = await self._db(_claim_for_compression(window - len(running)))
+                claimed = await self._db(instances.claim_for_compression(window - len(running)))
                 if not claimed:
                     # More work only comes with a wake (or a retry, seen within the poll).
                     await wait_event(self._compress_wake, _IDLE_POLL_S)
@@ -604,7 +338,7 @@ class Pipeline:
         """With ``if-faster``: for each instance whether to compress it (None: do)."""
         if self.if_faster is None or self._pool is None:
             return [None] * len(claimed)
-        backlog, pending = await asyncio.to_thread(self._read, _queued_bytes)
+        backlog, pending = await asyncio.to_thread(self.store.read, instances.queued_bytes)
         workers = self.config.upload.encoder_processes
         plan = self.if_faster.plan([c.size for c in claimed], backlog, pending, workers)
         return list(plan)
@@ -620,7 +354,7 @@ class Pipeline:
             # If the database itself fails here, the row stays `compressing` and is
             # handed back when the pipeline (or the gateway) next starts.
             with contextlib.suppress(Exception):
-                await self._db(_quarantine(claimed, COMPRESSING, reason))
+                await self._db(instances.quarantine(claimed, QueueState.COMPRESSING, reason))
 
     async def _compress_one(self, claimed: Claimed, decision: Decision | None = None) -> None:
         # Registered as in use, so the temp sweep leaves it alone however long it takes.
@@ -634,15 +368,16 @@ class Pipeline:
         if self._pool is None or (decision is not None and not decision.compress):
             why = "compression is off" if decision is None else decision.reason
             result = TranscodeResult(
-                "passthrough", why, claimed.transfer_syntax, claimed.size, claimed.size, 0.0
-            )
+                TranscodeOutcome.PASSTHROUGH, why, claimed.transfer_syntax,
+                claimed.size, claimed.size, 0.0,
+            )  # fmt: skip
         else:
             result = await self._transcode(src, dst, claimed)
-            if self.if_faster is not None and result.outcome == "compressed":
+            if self.if_faster is not None and result.outcome == TranscodeOutcome.COMPRESSED:
                 self.if_faster.encoder.add(result.size_in, result.size_out, result.seconds)
         upload_path, upload_size = claimed.path, claimed.size
         pinned = False
-        if result.outcome == "compressed":
+        if result.outcome == TranscodeOutcome.COMPRESSED:
             try:
                 spooled = await asyncio.to_thread(self.spool.commit_file, dst)
             except OSError as exc:  # e.g. the spool vanished meanwhile (Spool.check)
@@ -656,19 +391,19 @@ class Pipeline:
                 upload_path, upload_size, pinned = spooled.relpath, spooled.size, True
                 if self.metrics is not None and spooled.size:
                     self.metrics.compression_ratio.observe(claimed.size / spooled.size)
-        elif result.outcome == "fallback":
+        elif result.outcome == TranscodeOutcome.FALLBACK:
             log.warning("sop=%s sent uncompressed: %s", claimed.sop_instance_uid, result.reason)
-        if decision is not None and result.outcome == "compressed":
+        if decision is not None and result.outcome == TranscodeOutcome.COMPRESSED:
             # The queue row says why it was compressed too.
             result = TranscodeResult(
                 result.outcome, decision.reason, result.transfer_syntax,
                 result.size_in, result.size_out, result.seconds,
             )  # fmt: skip
-        mark = _mark_compressed(claimed, upload_path, upload_size, result)
+        mark = instances.mark_compressed(claimed, upload_path, upload_size, result)
         # commit_file pinned the output until the write naming it is resolved.
         unpin = (lambda: self.spool.release(upload_path)) if pinned else None
-        await asyncio.wrap_future(self.store.submit(mark, durable=False, when_done=unpin))
-        if result.outcome == "passthrough" and decision is not None:
+        await self.store.run(mark, durable=False, when_done=unpin)
+        if result.outcome == TranscodeOutcome.PASSTHROUGH and decision is not None:
             self._upload_wake.set()  # the link is idle: it need not wait for the others
 
     def _transcode_timeout(self, claimed: Claimed) -> float:
@@ -777,7 +512,7 @@ class Pipeline:
                 limit = self._batch_limit or c.batch_max_instances
                 if bw.priority_aets and not lane_slot.locked():
                     batch, _ = await self._db(
-                        _claim_upload_batch(limit, budget, bw.priority_aets, others=False)
+                        instances.claim_upload_batch(limit, budget, bw.priority_aets, others=False)
                     )  # fmt: skip
                     if batch:
                         await lane_slot.acquire()
@@ -789,9 +524,10 @@ class Pipeline:
                     continue
                 await slots.acquire()
                 window_open = bw.window_open()
-                batch, priority = await self._db(
-                    _claim_upload_batch(limit, budget, bw.priority_aets, others=window_open)
-                )  # fmt: skip
+                claim = instances.claim_upload_batch(
+                    limit, budget, bw.priority_aets, others=window_open
+                )
+                batch, priority = await self._db(claim)
                 if not batch:
                     slots.release()
                     # A closed window is looked at again within the idle poll (the rows
@@ -802,15 +538,11 @@ class Pipeline:
                 tg.create_task(self._upload_batch(client, batch, slots, priority))
 
     async def _idle_time(self) -> float:
-        due = await asyncio.to_thread(self._read, _next_due)
+        due = await asyncio.to_thread(self.store.read, instances.next_due)
         if due is None:
             return _IDLE_POLL_S
         wait = (datetime.fromisoformat(due) - datetime.now(UTC)).total_seconds()
         return min(_IDLE_POLL_S, max(0.05, wait))
-
-    def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        with self.store.reader() as conn:
-            return fn(conn)
 
     async def _upload_batch(
         self,
@@ -1042,8 +774,8 @@ class Pipeline:
             try:
                 # Durable before any file goes: a row must never point at a deleted file.
                 # The writer itself removes the files (see gateway.store.discard_files).
-                files = await self._db(_prune(r.keep_bytes, r.keep_hours), durable=True)
-                if len(files) >= _PRUNE_MAX_ROWS:
+                files = await self._db(instances.prune(r.keep_bytes, r.keep_hours), durable=True)
+                if len(files) >= instances.PRUNE_MAX_ROWS:
                     continue  # more are due: go on at once
             except Exception:
                 # A file left behind costs disk, not data: tried again next round.

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import socket
 import sqlite3
@@ -38,7 +37,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from enum import Enum
 from io import BytesIO
 from typing import Any, TypeVar
@@ -52,10 +50,25 @@ from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from . import negotiation, patches
+from . import mpps_outbox, negotiation, patches, worklist_cache
 from .aio import wait_event
+from .clock import utc_in, utcnow
 from .config import Config, is_valid_uid
-from .store import Store, WriteFn, utcnow
+from .dimse_status import (
+    DUPLICATE_INSTANCE,
+    INVALID_ATTRIBUTE_VALUE,
+    INVALID_INSTANCE,
+    MISSING_ATTRIBUTE,
+    MISSING_ATTRIBUTE_VALUE,
+    NO_SUCH_INSTANCE,
+    NOT_AUTHORIZED,
+    PROCESSING_FAILURE,
+    RESOURCE_LIMITATION,
+    SUCCESS,
+)
+from .mpps_outbox import Message
+from .store import Store, WriteFn
+from .worklist_cache import StepRef
 
 log = logging.getLogger(__name__)
 
@@ -69,25 +82,8 @@ DISCONTINUED = "DISCONTINUED"
 FINAL = frozenset({COMPLETED, DISCONTINUED})
 STEP_STATUSES = frozenset({IN_PROGRESS, COMPLETED, DISCONTINUED})
 
-# DIMSE statuses (PS3.7 C, PS3.4 F.7.2).
-SUCCESS = 0x0000
-INVALID_ATTRIBUTE_VALUE = 0x0106
-PROCESSING_FAILURE = 0x0110  # also "may no longer be updated" (F.7.2.2.3)
-DUPLICATE_INSTANCE = 0x0111
-NO_SUCH_INSTANCE = 0x0112
-INVALID_INSTANCE = 0x0117  # the SOP Instance UID breaks the UID rules
-MISSING_ATTRIBUTE = 0x0120
-MISSING_ATTRIBUTE_VALUE = 0x0121
-RESOURCE_LIMITATION = 0x0213  # shutting down, or the database cannot take the write
-
 #: Upstream statuses that say nothing is wrong with the message: try again later.
-_UPSTREAM_NOT_NOW = {0x0124, 0x0213}
-
-# Outbox states.
-PENDING = "pending"
-SENDING = "sending"  # a crash leaves it here: re-sent, and it may have arrived
-SENT = "sent"
-FAILED = "failed"
+_UPSTREAM_NOT_NOW = {NOT_AUTHORIZED, RESOURCE_LIMITATION}
 
 CREATE = "create"
 SET = "set"
@@ -190,16 +186,6 @@ def _parse_fully(ds: Dataset) -> None:
 # -- worklist references ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StepRef:
-    """What an MPPS says about the worklist item it performs."""
-
-    study_instance_uid: str
-    accession_number: str
-    requested_procedure_id: str
-    scheduled_procedure_step_id: str
-
-
 def step_refs(ds: Dataset) -> list[StepRef]:
     refs = []
     for item in ds.get("ScheduledStepAttributesSequence") or []:
@@ -214,66 +200,7 @@ def step_refs(ds: Dataset) -> list[StepRef]:
     return refs
 
 
-def _json_text(item: dict[str, Any], tag: str) -> str:
-    values = item.get(tag, {}).get("Value") or [""]
-    return str(values[0] or "")
-
-
-def refers_to(ref: StepRef, item_json: dict[str, Any]) -> bool:
-    """Whether *ref* names the cached worklist item (DICOM JSON): every identifier
-    both carry is equal, and at least one of Study Instance UID, Accession Number or
-    Scheduled Procedure Step ID is carried by both."""
-    steps = item_json.get("00400100", {}).get("Value") or [{}]
-    pairs = [
-        (ref.study_instance_uid, _json_text(item_json, "0020000D")),
-        (ref.accession_number, _json_text(item_json, "00080050")),
-        (ref.requested_procedure_id, _json_text(item_json, "00401001")),
-        (ref.scheduled_procedure_step_id, _json_text(steps[0], "00400009")),
-    ]
-    both = [(i, a == b) for i, (a, b) in enumerate(pairs) if a and b]
-    # A Requested Procedure ID alone is not enough: it is only unique per accession.
-    return any(i != 2 for i, _ in both) and all(same for _, same in both)
-
-
-def _mark_worklist(
-    conn: sqlite3.Connection, uid: str, refs: list[StepRef], status: str, now: str
-) -> int:
-    # Only items whose JSON holds one of the identifiers are parsed: this runs in the
-    # writer thread, which C-STORE acknowledgements wait for.
-    needles = sorted(
-        {json.dumps(v) for r in refs for v in (r.study_instance_uid, r.accession_number,
-                                               r.scheduled_procedure_step_id) if v}
-    )  # fmt: skip
-    if not needles:
-        return 0
-    where = " OR ".join(["instr(dataset, ?) > 0"] * len(needles))
-    marked = []
-    for row in conn.execute(f"SELECT item_id, dataset FROM worklist_items WHERE {where}", needles):
-        item = json.loads(row["dataset"])
-        if any(refers_to(ref, item) for ref in refs):
-            marked.append(row["item_id"])
-    conn.executemany(
-        "INSERT INTO worklist_mpps (item_id, mpps_instance_uid, mpps_status, updated_at)"
-        " VALUES (?, ?, ?, ?) ON CONFLICT (item_id) DO UPDATE SET"
-        " mpps_instance_uid = excluded.mpps_instance_uid,"
-        " mpps_status = excluded.mpps_status, updated_at = excluded.updated_at",
-        [(item_id, uid, status, now) for item_id in marked],
-    )
-    return len(marked)
-
-
 # -- database writes (run in the store's writer thread) ---------------------------------
-
-
-def _enqueue(
-    conn: sqlite3.Connection, uid: str, kind: str, data: bytes, final: bool, now: str
-) -> int:
-    row = conn.execute(
-        "INSERT INTO mpps_outbox (sop_instance_uid, kind, dataset, final, received_at, state,"
-        " next_attempt_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING seq",
-        (uid, kind, data, int(final), now, PENDING, now, now),
-    ).fetchone()
-    return int(row["seq"])
 
 
 def record_create(uid: str, attributes: Dataset, calling_ae: str) -> WriteFn[int]:
@@ -285,15 +212,11 @@ def record_create(uid: str, attributes: Dataset, calling_ae: str) -> WriteFn[int
 
     def write(conn: sqlite3.Connection) -> int:
         now = utcnow()
-        if conn.execute("SELECT 1 FROM mpps WHERE sop_instance_uid = ?", (uid,)).fetchone():
+        if mpps_outbox.step(conn, uid) is not None:
             raise Refused(DUPLICATE_INSTANCE, "this Performed Procedure Step already exists")
-        conn.execute(
-            "INSERT INTO mpps (sop_instance_uid, status, dataset, calling_ae, created_at,"
-            " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (uid, IN_PROGRESS, data, calling_ae, now, now),
-        )
-        _mark_worklist(conn, uid, refs, IN_PROGRESS, now)
-        return _enqueue(conn, uid, CREATE, data, False, now)
+        mpps_outbox.create_step(conn, uid, IN_PROGRESS, data, calling_ae, now)
+        worklist_cache.mark_mpps(conn, uid, refs, IN_PROGRESS, now)
+        return mpps_outbox.enqueue(conn, uid, CREATE, data, False, now)
 
     return write
 
@@ -306,22 +229,15 @@ def record_set(uid: str, modifications: Dataset) -> WriteFn[str]:
 
     def write(conn: sqlite3.Connection) -> str:
         now = utcnow()
-        row = conn.execute(
-            "SELECT status, dataset FROM mpps WHERE sop_instance_uid = ?", (uid,)
-        ).fetchone()
-        status = check_set(row["status"] if row else None, new)
-        current = from_bytes(row["dataset"])
+        step = mpps_outbox.step(conn, uid)
+        status = check_set(step.status if step is not None else None, new)
+        assert step is not None  # check_set refuses an unknown step
+        current = from_bytes(step.dataset)
         for elem in modifications:
             current[elem.tag] = elem  # a sequence is replaced whole (PS3.4 F.7.2.2.2)
-        conn.execute(
-            "UPDATE mpps SET status = ?, dataset = ?, updated_at = ? WHERE sop_instance_uid = ?",
-            (status, _encoded(current), now, uid),
-        )
-        conn.execute(
-            "UPDATE worklist_mpps SET mpps_status = ?, updated_at = ? WHERE mpps_instance_uid = ?",
-            (status, now, uid),
-        )
-        _enqueue(conn, uid, SET, data, status in FINAL, now)
+        mpps_outbox.update_step(conn, uid, status, _encoded(current), now)
+        worklist_cache.follow_mpps(conn, uid, status, now)
+        mpps_outbox.enqueue(conn, uid, SET, data, status in FINAL, now)
         return status
 
     return write
@@ -407,16 +323,6 @@ class MppsScp:
 # -- the forwarder --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Message:
-    seq: int
-    sop_instance_uid: str
-    kind: str
-    dataset: bytes
-    final: bool
-    maybe_delivered: bool
-
-
 class Outcome(Enum):
     DELIVERED = "delivered"
     REFUSED = "refused"  # final: the message is marked failed
@@ -464,127 +370,9 @@ def classify(message: Message, status: Dataset) -> Delivery:
     return Delivery(Outcome.REFUSED, f"upstream refused it: {said}")
 
 
-def _at(seconds_from_now: float) -> str:
-    return (datetime.now(UTC) + timedelta(seconds=seconds_from_now)).isoformat(
-        timespec="microseconds"
-    )
-
-
-def _requeue_interrupted(conn: sqlite3.Connection) -> int:
-    """At start: a message we were sending when we stopped may have arrived."""
-    return conn.execute(
-        "UPDATE mpps_outbox SET state = ?, maybe_delivered = 1, updated_at = ? WHERE state = ?",
-        (PENDING, utcnow(), SENDING),
-    ).rowcount
-
-
-def _next_batch(limit: int) -> WriteFn[list[Message]]:
-    def write(conn: sqlite3.Connection) -> list[Message]:
-        now = utcnow()
-        # Later messages of a step whose earlier message failed can never be delivered.
-        conn.execute(
-            "UPDATE mpps_outbox SET state = ?, updated_at = ?,"
-            " last_error = 'not sent: an earlier message of this step failed upstream'"
-            " WHERE state = ? AND EXISTS (SELECT 1 FROM mpps_outbox e"
-            "  WHERE e.sop_instance_uid = mpps_outbox.sop_instance_uid"
-            "  AND e.seq < mpps_outbox.seq AND e.state = ?)",
-            (FAILED, now, PENDING, FAILED),
-        )
-        rows = conn.execute(
-            "SELECT seq, sop_instance_uid, kind, dataset, final, maybe_delivered"
-            " FROM mpps_outbox WHERE state = ? ORDER BY seq LIMIT ?",
-            (PENDING, limit),
-        ).fetchall()
-        return [_message(r) for r in rows]
-
-    return write
-
-
-def _message(r: sqlite3.Row) -> Message:
-    return Message(
-        seq=r["seq"],
-        sop_instance_uid=r["sop_instance_uid"],
-        kind=r["kind"],
-        dataset=r["dataset"],
-        final=bool(r["final"]),
-        maybe_delivered=bool(r["maybe_delivered"]),
-    )
-
-
-def _mark_sending(seq: int) -> WriteFn[None]:
-    def write(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "UPDATE mpps_outbox SET state = ?, updated_at = ? WHERE seq = ?",
-            (SENDING, utcnow(), seq),
-        )
-
-    return write
-
-
-def _finish(seq: int, delivery: Delivery) -> WriteFn[None]:
-    def write(conn: sqlite3.Connection) -> None:
-        now = utcnow()
-        if delivery.outcome is Outcome.DELIVERED:
-            conn.execute(
-                "UPDATE mpps_outbox SET state = ?, attempts = attempts + 1, sent_at = ?,"
-                " last_error = ?, updated_at = ? WHERE seq = ?",
-                (SENT, now, delivery.reason or None, now, seq),
-            )
-        else:
-            conn.execute(
-                "UPDATE mpps_outbox SET state = ?, attempts = attempts + 1, last_error = ?,"
-                " updated_at = ? WHERE seq = ?",
-                (FAILED, delivery.reason, now, seq),
-            )
-
-    return write
-
-
-def _retry(failure: UpstreamUnavailable, retry_in: float) -> WriteFn[None]:
-    """The message stays first in line; its row shows the error and the next try."""
-
-    def write(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "UPDATE mpps_outbox SET state = ?, attempts = attempts + 1, last_error = ?,"
-            " next_attempt_at = ?, maybe_delivered = maybe_delivered | ?, updated_at = ?"
-            " WHERE seq = ?",
-            (PENDING, str(failure), _at(retry_in), int(failure.maybe_delivered), utcnow(),
-             failure.message.seq),
-        )  # fmt: skip
-
-    return write
-
-
-def retry_failed(conn: sqlite3.Connection, sop_instance_uids: list[str] | None) -> int:
-    """Operator action: send the failed messages of these steps (all steps when None)
-    again, in their original order; the upstream answers them afresh."""
-    sql = (
-        "UPDATE mpps_outbox SET state = ?, attempts = 0, next_attempt_at = NULL,"
-        " updated_at = ? WHERE state = ?"
-    )
-    params: list[Any] = [PENDING, utcnow(), FAILED]
-    if sop_instance_uids is not None:
-        sql += f" AND sop_instance_uid IN ({','.join('?' * len(sop_instance_uids))})"
-        params += sop_instance_uids
-    return conn.execute(sql, params).rowcount
-
-
 def _prune(conn: sqlite3.Connection) -> int:
-    cutoff = _at(-_KEEP_DAYS * 86400)
-    pruned = conn.execute(
-        "DELETE FROM mpps_outbox WHERE state = ? AND sent_at < ?", (SENT, cutoff)
-    ).rowcount
-    pruned += conn.execute(
-        "DELETE FROM mpps WHERE status IN (?, ?) AND updated_at < ? AND NOT EXISTS"
-        " (SELECT 1 FROM mpps_outbox o WHERE o.sop_instance_uid = mpps.sop_instance_uid)",
-        (COMPLETED, DISCONTINUED, cutoff),
-    ).rowcount
-    pruned += conn.execute(
-        "DELETE FROM worklist_mpps WHERE updated_at < ? AND item_id NOT IN"
-        " (SELECT item_id FROM worklist_items)",
-        (cutoff,),
-    ).rowcount
-    return pruned
+    cutoff = utc_in(-_KEEP_DAYS * 86400)
+    return mpps_outbox.prune(conn, cutoff, FINAL) + worklist_cache.prune_mpps_marks(conn, cutoff)
 
 
 class Forwarder:
@@ -608,11 +396,11 @@ class Forwarder:
     async def _db(self, fn: WriteFn[T], durable: bool = False) -> T:
         # Outbox transitions are safe to lose: a lost "sent" means one re-send, which
         # the upstream answers as a duplicate (see classify).
-        return await asyncio.wrap_future(self.store.submit(fn, durable=durable))
+        return await self.store.run(fn, durable)
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        requeued = await self._db(_requeue_interrupted)
+        requeued = await self._db(mpps_outbox.requeue_interrupted)
         if requeued:
             log.warning("MPPS: %d messages were being sent when we stopped; sending again",
                         requeued)  # fmt: skip
@@ -624,7 +412,7 @@ class Forwarder:
             if time.monotonic() - self._pruned_at >= _PRUNE_INTERVAL_S:
                 self._pruned_at = time.monotonic()
                 await self._db(_prune)
-            batch = await self._db(_next_batch(_BATCH))
+            batch = await self._db(mpps_outbox.next_batch(_BATCH))
             if not batch:
                 await wait_event(self._wake, _IDLE_POLL_S)
                 continue
@@ -633,7 +421,12 @@ class Forwarder:
             except UpstreamUnavailable as exc:
                 self._failures += 1
                 delay = self._backoff()
-                await self._db(_retry(exc, delay))
+                retry_at = utc_in(delay)
+                await self._db(
+                    mpps_outbox.retry_later(
+                        exc.message.seq, str(exc), retry_at, exc.maybe_delivered
+                    )
+                )
                 log.error("MPPS upstream %s@%s:%d unavailable (#%d kept, retry in %.1f s): %s",
                           m.upstream_ae, m.upstream_host, m.upstream_port, exc.message.seq,
                           delay, exc)  # fmt: skip
@@ -664,11 +457,15 @@ class Forwarder:
             for message in batch:
                 if message.sop_instance_uid in held:
                     continue
-                await self._db(_mark_sending(message.seq))
+                await self._db(mpps_outbox.mark_sending(message.seq))
                 delivery = await _in_daemon_thread(self._send, assoc, message)
                 if delivery.outcome is Outcome.RETRY:
                     raise UpstreamUnavailable(delivery.reason, message, delivery.maybe_delivered)
-                await self._db(_finish(message.seq, delivery))
+                await self._db(
+                    mpps_outbox.finish(
+                        message.seq, delivery.outcome is Outcome.DELIVERED, delivery.reason
+                    )
+                )
                 self._log(message, delivery)
                 if delivery.outcome is Outcome.REFUSED:
                     held.add(message.sop_instance_uid)

@@ -136,3 +136,21 @@ def journal_handler(environ: Mapping[str, str] | None = None) -> logging.Handler
         return None  # stderr was redirected: the caller wants it there
     handler: logging.Handler = _sd_journal.JournalHandler(SYSLOG_IDENTIFIER="dicom-gateway")
     return handler
+
+
+def setup_logging(level: str) -> None:
+    """Logging for the gateway's processes, at *level* (``logging.level``)."""
+    # Under systemd stderr is the journal: log there with structured fields (SOP
+    # Instance UID, calling AE) and let journald add the time; else plain stderr.
+    journal = journal_handler()
+    if journal is not None:
+        journal.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.basicConfig(level=level.upper(), handlers=[journal])
+    else:
+        logging.basicConfig(
+            level=level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+    # pynetdicom narrates every PDU at INFO; the gateway logs what matters itself.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)

@@ -34,6 +34,21 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from . import negotiation, patches
 from .config import DimseConfig, is_valid_uid
+from .dimse_status import (
+    FIND_CANCELLED,
+    FIND_FAILED,
+    FIND_PENDING,
+    FIND_UNABLE_TO_PROCESS,
+    PROCESSING_FAILURE,
+    RESOURCE_LIMITATION,
+    STORE_CANNOT_UNDERSTAND,
+    STORE_DATASET_MISMATCH,
+    STORE_OUT_OF_RESOURCES,
+    STORE_PROCESSING_ERROR,
+    STORE_UNDECODABLE,
+    SUCCESS,
+)
+from .instances import ReceivedInstance
 from .notify import CALLING_AE, SOP_INSTANCE_UID
 from .spool import (
     MISSING_COMMENT,
@@ -44,7 +59,7 @@ from .spool import (
     SpoolTempFile,
     ofd_lock,
 )
-from .store import ReceivedInstance, Store
+from .store import Store
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -52,51 +67,39 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses (PS3.4 B.2.3).  Each failure the handler can meet has its own.
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # spool below watermark, disk full, spool gone, or shutting down
-DATASET_MISMATCH = 0xA900  # data set does not match the command or lacks Type 1 UIDs
-CANNOT_UNDERSTAND = 0xC000  # a UID in the command that is not a UID
-UNDECODABLE = 0xC210  # the data set cannot be parsed
-PROCESSING_FAILURE = 0xC001  # an I/O or database error other than "no space"
-
 #: Every C-STORE status the handler answers: (PS3.4 B.2.3 meaning, when).  The
 #: Conformance Statement's table is generated from it.
 STORE_STATUSES: dict[int, tuple[str, str]] = {
     SUCCESS: ("Success", "the file and its queue row are durable"),
-    OUT_OF_RESOURCES: (
+    STORE_OUT_OF_RESOURCES: (
         "Refused: Out of Resources",
         "spool free space below `spool.min_free_bytes`, disk full, the spool directory"
         " missing or replaced, or the gateway is stopping",
     ),
-    DATASET_MISMATCH: (
+    STORE_DATASET_MISMATCH: (
         "Error: Data Set does not match SOP Class",
         "SOP Class/Instance UID in the data set differs from the command; Study or Series"
         " Instance UID missing, empty or not a valid UID (no archive could store it)",
     ),
-    CANNOT_UNDERSTAND: (
+    STORE_CANNOT_UNDERSTAND: (
         "Error: Cannot understand",
         "Affected SOP Class/Instance UID in the command is not a valid UID",
     ),
-    UNDECODABLE: (
+    STORE_UNDECODABLE: (
         "Error: Cannot understand (data set)",
         "the data set cannot be decoded (truncated, garbage, not in the negotiated"
         " transfer syntax)",
     ),
-    PROCESSING_FAILURE: (
+    STORE_PROCESSING_ERROR: (
         "Error: Cannot understand (processing failure)",
         "an I/O or database error other than no space",
     ),
 }
 
-# Modality Worklist C-FIND statuses (PS3.4 K.4.1.1.4).
-FIND_SUCCESS = 0x0000
-FIND_PENDING = 0xFF00
-FIND_CANCELLED = 0xFE00
-FIND_FAILED = 0xC001
+#: Every Modality Worklist C-FIND status the handler answers (PS3.4 K.4.1.1.4).
 FIND_STATUSES: dict[int, tuple[str, str]] = {
     FIND_PENDING: ("Pending", "one matching worklist item follows"),
-    FIND_SUCCESS: ("Success", "all matches sent"),
+    SUCCESS: ("Success", "all matches sent"),
     FIND_CANCELLED: ("Cancel", "the SCU sent C-CANCEL"),
     FIND_FAILED: ("Failed: Unable to process", "the query could not be answered"),
 }
@@ -228,13 +231,13 @@ def _spool_write_failed(
     log.error("C-STORE %s sop=%s failed writing the spool: %s", where, sop_instance, exc,
               extra=fields)  # fmt: skip
     if exc.errno in NO_SPACE_ERRNOS:
-        return StoreOutcome(OUT_OF_RESOURCES, "spool disk is full")
-    return StoreOutcome(PROCESSING_FAILURE, "I/O error writing the spool")
+        return StoreOutcome(STORE_OUT_OF_RESOURCES, "spool disk is full")
+    return StoreOutcome(STORE_PROCESSING_ERROR, "I/O error writing the spool")
 
 
 def _spool_missing(where: str, sop_instance: str, fields: dict[str, str]) -> StoreOutcome:
     log.error("C-STORE %s sop=%s refused: %s", where, sop_instance, MISSING_COMMENT, extra=fields)
-    return StoreOutcome(OUT_OF_RESOURCES, MISSING_COMMENT)
+    return StoreOutcome(STORE_OUT_OF_RESOURCES, MISSING_COMMENT)
 
 
 def _check_dataset(
@@ -260,18 +263,22 @@ def _check_dataset(
             if value_tell is None or length is None or length == 0xFFFFFFFF:
                 continue
             if value_tell + length > size:
-                raise _Refusal(UNDECODABLE, f"element {raw.tag} runs past the end of the data")
+                raise _Refusal(
+                    STORE_UNDECODABLE, f"element {raw.tag} runs past the end of the data"
+                )
         if not transfer_syntax.is_deflated:
             for raw in elements:
                 implicit = getattr(raw, "is_implicit_VR", None)
                 if implicit is not None and implicit != transfer_syntax.is_implicit_VR:
-                    raise _Refusal(UNDECODABLE, "data set not in the negotiated transfer syntax")
+                    raise _Refusal(
+                        STORE_UNDECODABLE, "data set not in the negotiated transfer syntax"
+                    )
         # pydicom stops quietly when fewer than a header's bytes remain: a data set cut
         # inside an element header shows as bytes after the last whole element.
         last = elements[-1] if elements else None
         tell, length = getattr(last, "value_tell", None), getattr(last, "length", None)
         if tell is not None and length not in (None, 0xFFFFFFFF) and tell + length != size:
-            raise _Refusal(UNDECODABLE, "data set ends inside an element header")
+            raise _Refusal(STORE_UNDECODABLE, "data set ends inside an element header")
         found = {kw: ds.get(kw) for kw in _HEADER_TAGS}
     except _Refusal:
         raise
@@ -284,22 +291,22 @@ def _check_dataset(
         OverflowError,
         zlib.error,
     ) as exc:
-        raise _Refusal(UNDECODABLE, f"data set cannot be decoded: {exc}") from exc
+        raise _Refusal(STORE_UNDECODABLE, f"data set cannot be decoded: {exc}") from exc
     except Exception as exc:  # pydicom raises a wide range (OSError too) on malformed input
-        raise _Refusal(UNDECODABLE, f"data set cannot be decoded: {exc!r}") from exc
+        raise _Refusal(STORE_UNDECODABLE, f"data set cannot be decoded: {exc!r}") from exc
     if found["SOPInstanceUID"] != sop_instance:
-        raise _Refusal(DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE command")
+        raise _Refusal(STORE_DATASET_MISMATCH, "SOP Instance UID differs from the C-STORE command")
     if found["SOPClassUID"] != sop_class:
-        raise _Refusal(DATASET_MISMATCH, "SOP Class UID differs from the C-STORE command")
+        raise _Refusal(STORE_DATASET_MISMATCH, "SOP Class UID differs from the C-STORE command")
     for kw in ("StudyInstanceUID", "SeriesInstanceUID"):
         # Type 1 in every composite IOD, and the key a DICOMweb archive stores by: an
         # instance without them can never be delivered, so the modality hears it now
         # (its operator can fix it) instead of an acknowledged image failing later.
         value = found[kw]
         if value is None or value == "":
-            raise _Refusal(DATASET_MISMATCH, f"no {_NAMES[kw]} in the data set")
+            raise _Refusal(STORE_DATASET_MISMATCH, f"no {_NAMES[kw]} in the data set")
         if not is_valid_uid(value):
-            raise _Refusal(DATASET_MISMATCH, f"{_NAMES[kw]} is not a valid UID")
+            raise _Refusal(STORE_DATASET_MISMATCH, f"{_NAMES[kw]} is not a valid UID")
     return str(found["StudyInstanceUID"]), str(found["SeriesInstanceUID"])
 
 
@@ -334,7 +341,7 @@ class Receiver:
         store: Store,
         on_stored: Callable[[ReceivedInstance], None] | None = None,
         worklist: Callable[[Dataset], Iterator[Dataset]] | None = None,
-        mpps: MppsScp | None = None,
+        mpps_scp: MppsScp | None = None,
         metrics: Metrics | None = None,
         listen_socket: socket.socket | None = None,
     ) -> None:
@@ -348,7 +355,7 @@ class Receiver:
         self.store = store
         self.on_stored = on_stored
         self.worklist = worklist
-        self.mpps = mpps
+        self.mpps_scp = mpps_scp
         self._server: _NoDelayServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -375,7 +382,7 @@ class Receiver:
         ae.add_supported_context(negotiation.VERIFICATION, services)
         if self.worklist is not None:
             ae.add_supported_context(negotiation.MODALITY_WORKLIST_FIND, services)
-        if self.mpps is not None:
+        if self.mpps_scp is not None:
             ae.add_supported_context(negotiation.MPPS, services)
         handlers: list[Any] = [
             (evt.EVT_ACSE_RECV, self._on_acse_recv),
@@ -507,7 +514,7 @@ class Receiver:
         """Modality Worklist C-FIND, answered from the local cache only."""
         requestor = event.assoc.requestor
         if self.worklist is None:
-            yield 0xC000, None  # pragma: no cover - no MWL context is offered then
+            yield FIND_UNABLE_TO_PROCESS, None  # pragma: no cover - no MWL context is offered
             return
         try:
             query = event.identifier
@@ -524,26 +531,26 @@ class Receiver:
             yield FIND_FAILED, None
             return
         log.info("worklist query from %r: %d items", requestor.ae_title, found)
-        yield FIND_SUCCESS, None
+        yield SUCCESS, None
 
     # -- MPPS (gateway/mpps.py); counted in flight like C-STOREs, so a stop lets an
     # accepted N-CREATE/N-SET reach its answer.
     def _on_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
-        if self.mpps is None:
-            return 0x0110, None  # pragma: no cover - no MPPS context is offered then
-        return self._mpps_call(event, self.mpps.n_create)
+        if self.mpps_scp is None:
+            return PROCESSING_FAILURE, None  # pragma: no cover - no MPPS context is offered
+        return self._mpps_call(event, self.mpps_scp.n_create)
 
     def _on_n_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
-        if self.mpps is None:
-            return 0x0110, None  # pragma: no cover - no MPPS context is offered then
-        return self._mpps_call(event, self.mpps.n_set)
+        if self.mpps_scp is None:
+            return PROCESSING_FAILURE, None  # pragma: no cover - no MPPS context is offered
+        return self._mpps_call(event, self.mpps_scp.n_set)
 
     def _mpps_call(
         self, event: evt.Event, handler: Callable[[evt.Event], tuple[int | Dataset, Dataset | None]]
     ) -> tuple[int | Dataset, Dataset | None]:
         if self._stopping.is_set():
             log.warning("MPPS request refused: shutting down")
-            return 0x0213, None  # Resource limitation: the modality sends it again
+            return RESOURCE_LIMITATION, None  # the modality sends it again
         with self._inflight_cond:
             self._inflight += 1
         try:
@@ -589,10 +596,14 @@ class Receiver:
         fields = {SOP_INSTANCE_UID: sop_instance, CALLING_AE: requestor.ae_title}
         if self._stopping.is_set():
             log.warning("C-STORE %s refused: shutting down", where, extra=fields)
-            return StoreOutcome(OUT_OF_RESOURCES, "gateway is shutting down, send again later")
+            return StoreOutcome(
+                STORE_OUT_OF_RESOURCES, "gateway is shutting down, send again later"
+            )
         if not (is_valid_uid(sop_class) and is_valid_uid(sop_instance)):
             log.warning("C-STORE %s refused: invalid UID in command %r", where, sop_instance)
-            return StoreOutcome(CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID is invalid")
+            return StoreOutcome(
+                STORE_CANNOT_UNDERSTAND, "Affected SOP Class/Instance UID is invalid"
+            )
         tmp_path = Path(event.dataset_path)
         received = patches.received_file(req)
         if self.spool.check() is not None:
@@ -612,7 +623,7 @@ class Receiver:
             return _spool_missing(where, sop_instance, fields)
         except SpoolFull as exc:
             log.error("C-STORE %s sop=%s refused: %s", where, sop_instance, exc, extra=fields)
-            return StoreOutcome(OUT_OF_RESOURCES, "spool is full")
+            return StoreOutcome(STORE_OUT_OF_RESOURCES, "spool is full")
         except _Refusal as exc:
             log.warning("C-STORE %s sop=%s refused: %s", where, sop_instance, exc, extra=fields)
             return exc.outcome
@@ -644,7 +655,7 @@ class Receiver:
                 "C-STORE %s sop=%s failed committing the queue row: %r",
                 where, sop_instance, exc, extra=fields,
             )  # fmt: skip
-            return StoreOutcome(PROCESSING_FAILURE, "queue database error")
+            return StoreOutcome(STORE_PROCESSING_ERROR, "queue database error")
         log.info(
             "stored sop=%s class=%s %s ts=%s bytes=%d",
             sop_instance,

@@ -482,9 +482,9 @@ def _worker_main(conn_fd: int, listen_fd: int) -> int:
     events = _Events(conn)
     setup: WorkerSetup = conn.recv()
     config = setup.config
-    from .cli import setup_logging
+    from .notify import setup_logging
 
-    setup_logging(config)
+    setup_logging(config.logging.level)
     logging.getLogger("gateway").addHandler(_LogForwarder(events))
     try:
         receiver, store, spool = _start_worker(setup, listen_fd, events)
@@ -546,7 +546,7 @@ def _start_worker(setup: WorkerSetup, listen_fd: int, events: _Events) -> tuple[
         store,
         on_stored=lambda _instance: events.send("stored"),
         worklist=worklist.answer,
-        mpps=MppsScp(store, on_accepted=lambda: events.send("mpps")),
+        mpps_scp=MppsScp(store, on_accepted=lambda: events.send("mpps")),
         metrics=_MetricsProxy(events),  # type: ignore[arg-type]
         listen_socket=socket.socket(fileno=listen_fd),
     )

@@ -20,11 +20,11 @@ cleared, so that a later retry compresses again rather than send a missing file.
 from __future__ import annotations
 
 import logging
-import sqlite3
 from dataclasses import dataclass
 
+from . import instances
 from .spool import Spool
-from .store import COMPRESSED, FAILED, RECEIVED, UPLOADING, Store, hand_back_leases, utcnow
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -41,46 +41,21 @@ class Reconciliation:
 def reconcile(spool: Spool, store: Store) -> Reconciliation:
     temp_removed = spool.clean_tmp()
 
-    rows = store.rows("SELECT path, upload_path FROM instances")
-    referenced = {
-        relpath for row in rows for relpath in (row["path"], row["upload_path"]) if relpath
-    }
+    rows = store.read(instances.file_references)
+    referenced = {relpath for row in rows for relpath in row if relpath}
     on_disk = spool.stored_relpaths()
     orphans = on_disk - referenced
     for relpath in orphans:
         spool.remove(relpath)
-    missing = {row["path"] for row in rows if row["path"] and row["path"] not in on_disk}
+    missing = {path for path, _ in rows if path and path not in on_disk}
     missing_copies = {
-        row["upload_path"]
-        for row in rows
-        if row["upload_path"] and row["upload_path"] not in on_disk and row["path"] in on_disk
+        upload_path
+        for path, upload_path in rows
+        if upload_path and upload_path not in on_disk and path in on_disk
     }
-
-    def fix_rows(conn: sqlite3.Connection) -> tuple[int, int]:
-        now = utcnow()
-        requeued = hand_back_leases(conn)
-        for relpath in missing:
-            conn.execute(
-                "UPDATE instances SET state = ?, last_error = ?, updated_at = ? WHERE path = ?",
-                (FAILED, "spool file missing at start-up", now, relpath),
-            )
-        recompress = 0
-        for relpath in missing_copies:
-            # After the transient states went back: UPLOADING is COMPRESSED by now.
-            recompress += conn.execute(
-                "UPDATE instances SET state = ?, updated_at = ? WHERE upload_path = ?"
-                " AND state IN (?, ?)",
-                (RECEIVED, now, relpath, COMPRESSED, UPLOADING),
-            ).rowcount
-            conn.execute(
-                "UPDATE instances SET upload_path = NULL, upload_size = NULL,"
-                " upload_transfer_syntax = NULL, transcode_outcome = NULL,"
-                " transcode_reason = NULL, updated_at = ? WHERE upload_path = ?",
-                (now, relpath),
-            )
-        return requeued, recompress
-
-    requeued, recompress = store.submit(fix_rows).result()
+    requeued, recompress = store.submit(
+        instances.repair_missing_files(missing, missing_copies)
+    ).result()
     result = Reconciliation(temp_removed, len(orphans), requeued, len(missing), recompress)
     if missing:
         log.error("reconcile: %d queued files are missing from the spool", len(missing))

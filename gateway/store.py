@@ -1,29 +1,37 @@
-"""SQLite queue: schema, migrations and its single writer.
+"""The queue database: schema, migrations, its single writer, and its readers.
 
 One thread owns the write connection and is fed by a queue; every caller gets a
-:class:`concurrent.futures.Future` back.  The writer takes everything waiting, runs it
-inside one ``BEGIN IMMEDIATE`` transaction (a savepoint each, so one failing write does
-not undo its neighbours) and commits once: with ``synchronous=FULL`` that commit is the
-fsync that makes a queue row durable, and concurrent C-STOREs share it (group commit).
-Reads use a connection per thread.
+:class:`concurrent.futures.Future` back (or awaits :meth:`Store.run` on the loop).  The
+writer takes everything waiting, runs it inside one ``BEGIN IMMEDIATE`` transaction (a
+savepoint each, so one failing write does not undo its neighbours) and commits once:
+with ``synchronous=FULL`` that commit is the fsync that makes a queue row durable, and
+concurrent C-STOREs share it (group commit).  Reads use a connection per thread.
+
+Each table has one owning module, the only one that writes SQL against it; the others
+call its functions, which the writer (or a reader) runs:
+
+* ``instances`` (the upload queue): gateway/instances.py;
+* ``mpps``, ``mpps_outbox``: gateway/mpps_outbox.py;
+* ``worklist_items``, ``worklist_sources``, ``worklist_mpps``: gateway/worklist_cache.py.
+
+This module holds the schema (the migrations) and runs the statements, but writes none.
 
 Spool files are content-addressed, so two rows (or a row and a C-STORE that has renamed
 its file but not yet committed) can share one path.  No caller unlinks a spool file
-itself: a write names the files it stopped referencing with :func:`discard_files`, the
-writer checks at the end of the batch, inside the transaction, that no row refers to
-them any more, and after the commit hands the rest to the spool, which skips any path a
-C-STORE or the compress stage holds pinned between its rename and its commit
-(:meth:`gateway.spool.Spool.commit_file`), in this process or another one.  Each
-process has its own writer (the receivers, gateway/receivers.py, and the rest), so
-rows can also change elsewhere between the check and the unlink: the spool asks
-again, under the path's cross-process lock, whether a committed row refers to it
-(:meth:`gateway.spool.Spool.remove_unpinned`).
+itself: a write names the files it stopped referencing
+(:func:`gateway.instances.discard_files`), the writer checks at the end of the batch,
+inside the transaction, that no row refers to them any more, and after the commit hands
+the rest to the spool, which skips any path a C-STORE or the compress stage holds pinned
+between its rename and its commit (:meth:`gateway.spool.Spool.commit_file`), in this
+process or another one.  Each process has its own writer (the receivers,
+gateway/receivers.py, and the rest), so rows can also change elsewhere between the check
+and the unlink: the spool asks again, under the path's cross-process lock, whether a
+committed row refers to it (:meth:`gateway.spool.Spool.remove_unpinned`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import queue
@@ -33,12 +41,15 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import sqlite_utils
+
+from . import instances
+from .clock import utcnow
+from .instances import QueueState, ReceivedInstance
+from .instances import decode_warnings as decode_warnings  # for gateway/status.py (issue 15)
 
 log = logging.getLogger(__name__)
 
@@ -47,52 +58,25 @@ WriteFn = Callable[[sqlite3.Connection], T]
 #: Unlinks a spool file unless pinned or the callable says a row refers to it.
 RemoveFile = Callable[[str, Callable[[], bool]], bool]
 
-# Queue states.  RECEIVED is where the receiver leaves a row; the transient states
-# are leases that a crash can leave behind, and the reconciler hands them back.
-RECEIVED = "received"
-COMPRESSING = "compressing"
-COMPRESSED = "compressed"
-UPLOADING = "uploading"
-UPLOADED = "uploaded"
-FAILED = "failed"
-STATES = (RECEIVED, COMPRESSING, COMPRESSED, UPLOADING, UPLOADED, FAILED)
-TRANSIENT_STATES = {COMPRESSING: RECEIVED, UPLOADING: COMPRESSED}
-
 _BATCH_MAX = 256
+#: How long :meth:`Store.close` waits for the writer by default: the last queued writes,
+#: each bounded by SQLite's busy_timeout (30 s) for a lock another process holds.
+CLOSE_TIMEOUT_S = 30.0
+
+# The queue states, under the names gateway/status.py imports them by.  Temporary
+# (issue 15): the lead switches status.py to gateway.instances.QueueState and
+# removes these.
+RECEIVED = QueueState.RECEIVED
+COMPRESSING = QueueState.COMPRESSING
+COMPRESSED = QueueState.COMPRESSED
+UPLOADING = QueueState.UPLOADING
+UPLOADED = QueueState.UPLOADED
+FAILED = QueueState.FAILED
+STATES: tuple[str, ...] = tuple(QueueState)
 
 
 class StoreClosed(Exception):
     """The store is shutting down and takes no more writes."""
-
-
-def utcnow() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def hand_back_leases(conn: sqlite3.Connection) -> int:
-    """Rows a stage had claimed go back to the state before it: what a crash (at
-    start-up, the reconciler) or a crashed run of the pipeline leaves behind."""
-    now = utcnow()
-    return sum(
-        conn.execute(
-            "UPDATE instances SET state = ?, updated_at = ? WHERE state = ?", (back, now, leased)
-        ).rowcount
-        for leased, back in TRANSIENT_STATES.items()
-    )
-
-
-@dataclass(frozen=True)
-class ReceivedInstance:
-    sop_instance_uid: str
-    sop_class_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    calling_ae: str
-    peer_address: str
-    transfer_syntax: str
-    size: int
-    sha256: str
-    path: str
 
 
 def _connect(path: Path, create: bool = True) -> sqlite3.Connection:
@@ -281,115 +265,6 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
 ]
 
 
-def decode_warnings(value: str | None) -> list[str]:
-    """The ``warnings`` column as a list of texts (empty: none)."""
-    if not value:
-        return []
-    try:
-        decoded = json.loads(value)
-    except ValueError:
-        return [value]
-    return [str(w) for w in decoded] if isinstance(decoded, list) else [str(decoded)]
-
-
-def discard_files(conn: sqlite3.Connection, relpaths: list[str]) -> None:
-    """In a write function: these spool files may go once this transaction commits.
-
-    Each is removed only if, at the end of the writer's transaction, no row refers to
-    it by ``path`` or ``upload_path``, and no one holds it pinned.  A write that is
-    rolled back discards nothing (the list lives in a temp table of the transaction).
-    """
-    conn.executemany(
-        "INSERT OR IGNORE INTO temp.discarded_files (path) VALUES (?)",
-        [(p,) for p in relpaths if p],
-    )
-
-
-def _unreferenced_discards(conn: sqlite3.Connection) -> list[str]:
-    if conn.execute("SELECT 1 FROM temp.discarded_files LIMIT 1").fetchone() is None:
-        return []  # the common batch: C-STOREs of new instances, queue transitions
-    rows = conn.execute(
-        "SELECT path FROM temp.discarded_files AS d"
-        " WHERE NOT EXISTS (SELECT 1 FROM instances WHERE path = d.path)"
-        " AND NOT EXISTS (SELECT 1 FROM instances WHERE upload_path = d.path)"
-    ).fetchall()
-    conn.execute("DELETE FROM temp.discarded_files")
-    return [r[0] for r in rows]
-
-
-def is_referenced(conn: sqlite3.Connection, relpath: str) -> bool:
-    """Does any row refer to *relpath*, as ``path`` or ``upload_path``?"""
-    row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM instances WHERE path = ?)"
-        " OR EXISTS (SELECT 1 FROM instances WHERE upload_path = ?)",
-        (relpath, relpath),
-    ).fetchone()
-    return bool(row[0])
-
-
-def _record_instance(inst: ReceivedInstance, now: str) -> WriteFn[list[str]]:
-    def write(conn: sqlite3.Connection) -> list[str]:
-        row = conn.execute(
-            "SELECT path, upload_path FROM instances WHERE sop_instance_uid = ?",
-            (inst.sop_instance_uid,),
-        ).fetchone()
-        conn.execute(
-            """
-            INSERT INTO instances (
-                sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,
-                calling_ae, peer_address, transfer_syntax, size, sha256, path,
-                received_at, state, attempts, next_attempt_at, last_error, updated_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, NULL, ?)
-            ON CONFLICT (sop_instance_uid) DO UPDATE SET
-                sop_class_uid = excluded.sop_class_uid,
-                study_instance_uid = excluded.study_instance_uid,
-                series_instance_uid = excluded.series_instance_uid,
-                calling_ae = excluded.calling_ae,
-                peer_address = excluded.peer_address,
-                transfer_syntax = excluded.transfer_syntax,
-                size = excluded.size,
-                sha256 = excluded.sha256,
-                path = excluded.path,
-                received_at = excluded.received_at,
-                state = excluded.state,
-                attempts = 0,
-                next_attempt_at = excluded.next_attempt_at,
-                last_error = NULL,
-                upload_path = NULL,
-                upload_size = NULL,
-                upload_transfer_syntax = NULL,
-                transcode_outcome = NULL,
-                transcode_reason = NULL,
-                uploaded_at = NULL,
-                warnings = NULL,
-                updated_at = excluded.updated_at
-            """,
-            (
-                inst.sop_instance_uid,
-                inst.sop_class_uid,
-                inst.study_instance_uid,
-                inst.series_instance_uid,
-                inst.calling_ae,
-                inst.peer_address,
-                inst.transfer_syntax,
-                inst.size,
-                inst.sha256,
-                inst.path,
-                now,
-                RECEIVED,
-                now,
-                now,
-            ),
-        )
-        if row is None:
-            return []
-        replaced = [p for p in {row["path"], row["upload_path"]} if p and p != inst.path]
-        discard_files(conn, replaced)
-        return replaced
-
-    return write
-
-
 class _Write(NamedTuple):
     fn: WriteFn[Any]
     future: Future[Any]
@@ -428,7 +303,7 @@ class Store:
         if mode != "wal":
             raise RuntimeError(f"{self.path}: could not enable WAL (journal_mode={mode})")
         self._migrate(conn)
-        conn.execute("CREATE TEMP TABLE discarded_files (path TEXT PRIMARY KEY)")
+        instances.create_discard_table(conn)
         self._thread = threading.Thread(
             target=self._writer, args=(conn,), name="store-writer", daemon=True
         )
@@ -460,9 +335,13 @@ class Store:
     def close(self, timeout: float | None = None) -> None:
         """Finish every write already submitted, then stop the writer.
 
-        Called last at stop, once every caller is gone.  *timeout* bounds the wait (a
-        write can wait SQLite's busy_timeout for a lock held by another process).
+        Called last at stop, once every caller is gone.  *timeout* (None:
+        :data:`CLOSE_TIMEOUT_S`) bounds the wait, never unbounded: a write can wait
+        SQLite's busy_timeout for a lock held by another process.  Past it, the writer
+        is left to finish on its own (a daemon thread) and an error says so.
         """
+        if timeout is None:
+            timeout = CLOSE_TIMEOUT_S
         with self._lock:
             if self._closing:
                 return
@@ -471,8 +350,8 @@ class Store:
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.error("queue database writer still busy after %.0f s; not waited for",
-                          timeout or 0)  # fmt: skip
+                log.error("queue database writer still busy after %.1f s; not waited for",
+                          timeout)  # fmt: skip
                 return
         for conn in self._readers:
             conn.close()
@@ -503,17 +382,31 @@ class Store:
             self._queue.put(_Write(fn, fut, durable))
         return fut
 
-    async def run(self, fn: WriteFn[T], durable: bool = True) -> T:
-        """:meth:`submit` for the event loop.  Cancelling the caller skips the write if
-        the writer has not started it; once started, it completes regardless."""
-        return await asyncio.wrap_future(self.submit(fn, durable))
+    async def run(
+        self,
+        fn: WriteFn[T],
+        durable: bool = True,
+        *,
+        when_done: Callable[[], None] | None = None,
+        shield: bool = False,
+    ) -> T:
+        """:meth:`submit` for the event loop.
+
+        Cancelling the caller skips the write if the writer has not started it; once
+        started, it completes regardless.  With *shield*, cancelling the caller leaves
+        the write's own future alone: the write runs (and *when_done* with it) whether
+        or not anyone still waits for it.
+        """
+        future = asyncio.wrap_future(self.submit(fn, durable, when_done=when_done))
+        return await (asyncio.shield(future) if shield else future)
 
     def record_instance(
         self, inst: ReceivedInstance, when_done: Callable[[], None] | None = None
     ) -> Future[list[str]]:
-        """Insert or replace the queue row; the future gives the replaced files' paths
-        (removed by the writer once nothing refers to them: see :func:`discard_files`)."""
-        return self.submit(_record_instance(inst, utcnow()), when_done=when_done)
+        """Insert or replace the queue row of a C-STORE; the future gives the replaced
+        files' paths (removed by the writer once nothing refers to them: see
+        :func:`gateway.instances.discard_files`)."""
+        return self.submit(instances.record_received(inst, utcnow()), when_done=when_done)
 
     def _writer(self, conn: sqlite3.Connection) -> None:
         try:
@@ -569,7 +462,7 @@ class Store:
                     results.append((fut, True, value))
                 conn.execute(f"RELEASE w{i}")
             # Decided inside the transaction: no row refers to these any more.
-            doomed = _unreferenced_discards(conn)
+            doomed = instances.unreferenced_discards(conn)
             conn.execute("COMMIT")
         except Exception as exc:
             log.error("queue database commit failed: %s", exc)
@@ -604,7 +497,7 @@ class Store:
             return
         try:
             # Outside the transaction now: the query sees every process's commits.
-            if not self.remove_file(relpath, lambda: is_referenced(conn, relpath)):
+            if not self.remove_file(relpath, lambda: instances.is_referenced(conn, relpath)):
                 log.info("spool file %s kept: a C-STORE in progress has it", relpath)
         except OSError as exc:
             # Left behind as an orphan: the reconciler removes it at the next start.
@@ -620,6 +513,12 @@ class Store:
             with self._lock:
                 self._readers.append(conn)
         yield conn
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *fn* (a read function of a table's owner) on this thread's reader
+        connection (blocking: SQLite)."""
+        with self.reader() as conn:
+            return fn(conn)
 
     def rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self.reader() as conn:

@@ -124,6 +124,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -159,9 +160,14 @@ from pydicom.valuerep import AMBIGUOUS_VR
 
 log = logging.getLogger(__name__)
 
-COMPRESSED = "compressed"
-PASSTHROUGH = "passthrough"
-FALLBACK = "fallback"
+
+class TranscodeOutcome(StrEnum):
+    """What became of an instance (kept in the queue row's ``transcode_outcome``)."""
+
+    COMPRESSED = "compressed"  # the J2K copy is written
+    PASSTHROUGH = "passthrough"  # not compressed, by policy: the original goes up
+    FALLBACK = "fallback"  # could not be compressed: the original goes up
+
 
 #: ``upload.compression`` values that compress, and the transfer syntax each writes.
 CODECS: dict[str, UID] = {
@@ -241,7 +247,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 @dataclass(frozen=True)
 class TranscodeResult:
-    outcome: str  # "compressed" | "passthrough" | "fallback"
+    outcome: TranscodeOutcome
     reason: str  # why not compressed; "" when compressed
     transfer_syntax: str  # of the file to upload
     size_in: int
@@ -250,18 +256,18 @@ class TranscodeResult:
 
 
 class _NotCompressed(Exception):
-    def __init__(self, outcome: str, reason: str) -> None:
+    def __init__(self, outcome: TranscodeOutcome, reason: str) -> None:
         super().__init__(reason)
         self.outcome = outcome
         self.reason = reason
 
 
 def _passthrough(reason: str) -> _NotCompressed:
-    return _NotCompressed(PASSTHROUGH, reason)
+    return _NotCompressed(TranscodeOutcome.PASSTHROUGH, reason)
 
 
 def _fallback(reason: str) -> _NotCompressed:
-    return _NotCompressed(FALLBACK, reason)
+    return _NotCompressed(TranscodeOutcome.FALLBACK, reason)
 
 
 @contextlib.contextmanager
@@ -309,7 +315,7 @@ def transcode(src: Path, dst: Path, codec: str = "j2k-lossless") -> TranscodeRes
             _compress(ds, src, dst, ts_out)
         size_out = dst.stat().st_size
         return TranscodeResult(
-            COMPRESSED, "", ts_out, size_in, size_out, time.perf_counter() - start
+            TranscodeOutcome.COMPRESSED, "", ts_out, size_in, size_out, time.perf_counter() - start
         )
     except _NotCompressed as nc:
         dst.unlink(missing_ok=True)

@@ -36,11 +36,12 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import instances
 from .config import Config, is_loopback
-from .jobs import retry_failed
+from .instances import QueueState
 from .page import render_login, render_page
 from .status_doc import status_json
-from .store import STATES, Store, decode_warnings
+from .store import Store
 from .webauth import Session, Sessions, verify_password, verify_token
 
 if TYPE_CHECKING:
@@ -326,24 +327,17 @@ class WebServer:
 
     async def api_queue(self, request: web.Request) -> web.StreamResponse:
         state = request.query.get("state") or None
-        if state is not None and state not in STATES:
-            return _json({"error": f"state must be one of {', '.join(STATES)}"}, 400)
+        if state is not None and state not in tuple(QueueState):
+            return _json({"error": f"state must be one of {', '.join(QueueState)}"}, 400)
         try:
             limit = int(request.query.get("limit", "100"))
         except ValueError:
             return _json({"error": "limit must be an integer"}, 400)
         if not 1 <= limit <= QUEUE_LIMIT_MAX:
             return _json({"error": f"limit must be between 1 and {QUEUE_LIMIT_MAX}"}, 400)
-        where, params = ("WHERE state = ?", (state,)) if state else ("", ())
-        rows = await asyncio.to_thread(
-            self.store.rows,
-            "SELECT sop_instance_uid, study_instance_uid, series_instance_uid, calling_ae,"
-            " state, attempts, size, upload_size, transfer_syntax, received_at,"
-            " next_attempt_at, uploaded_at, last_error, transcode_outcome, warnings"
-            f" FROM instances {where} ORDER BY received_at DESC LIMIT ?",
-            (*params, limit),
+        items = await asyncio.to_thread(
+            self.store.read, lambda conn: instances.listing(conn, state, limit)
         )
-        items = [{**dict(r), "warnings": decode_warnings(r["warnings"])} for r in rows]
         return _json({"state": state, "limit": limit, "items": items})
 
     async def _action_done(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
@@ -373,7 +367,7 @@ class WebServer:
             uids = list(raw)[:QUEUE_LIMIT_MAX]
         else:
             return _json({"error": 'give "sop_instance_uids": [...] or "all": true'}, 400)
-        count = await asyncio.wrap_future(self.store.submit(lambda c: retry_failed(c, uids)))
+        count = await self.store.run(lambda c: instances.retry_failed(c, uids))
         log.info("status page: %d failed instance(s) queued again by %s", count, request["user"])
         self.pipeline.kick()
         return await self._action_done(request, {"retried": count})

@@ -25,10 +25,7 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
-import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
@@ -37,10 +34,12 @@ from pydicom.sequence import Sequence
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
-from . import negotiation
+from . import negotiation, worklist_cache
 from .config import Config
+from .dimse_status import FIND_PENDING, FIND_PENDING_WARNING, SUCCESS
 from .find_encoding import PreEncoded
-from .store import Store, WriteFn, utcnow
+from .store import Store
+from .worklist_cache import DICOM_DATE, CachedItem
 from .worklist_match import find
 from .worklist_sources import (
     DROP_SOURCE,
@@ -86,19 +85,6 @@ def universal_query() -> Dataset:
     return query
 
 
-@dataclass(frozen=True)
-class CachedItem:
-    item_id: str
-    scheduled_date: str
-    dataset_json: str
-    # For the SQL prefilter: a value only when the item has exactly that one value.
-    step_date: str | None = None
-    modality: str | None = None
-    station_ae: str | None = None
-    patient_id: str | None = None
-    accession: str | None = None
-
-
 def _identity(source: str, ds: Dataset, extra: str = "") -> str:
     steps = ds.get("ScheduledProcedureStepSequence") or [Dataset()]
     parts = [
@@ -112,7 +98,6 @@ def _identity(source: str, ds: Dataset, extra: str = "") -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
 
 
-_DATE = re.compile(r"\d{8}")
 _ANSWERS_KEPT = 64  # distinct queries whose responses are kept (one per modality, roughly)
 # Parsed items and remembered responses kept, at most.  Each is a hundred or so Python
 # objects that every full garbage collection walks, in every thread's time: 2,000 cost
@@ -139,9 +124,9 @@ def to_cached(source: str, ds: Dataset, extra: str = "") -> CachedItem:
     first = str(steps[0].get("ScheduledProcedureStepStartDate", "")).strip().replace(".", "")
     return CachedItem(
         item_id=_identity(source, ds, extra),
-        scheduled_date=first if _DATE.fullmatch(first) else "",
+        scheduled_date=first if DICOM_DATE.fullmatch(first) else "",
         dataset_json=json.dumps(ds.to_json_dict()),
-        step_date=date if date and _DATE.fullmatch(date) else None,
+        step_date=date if date and DICOM_DATE.fullmatch(date) else None,
         modality=_one_value(step, "Modality"),
         station_ae=_one_value(step, "ScheduledStationAETitle"),
         patient_id=_one_value(ds, "PatientID"),
@@ -151,131 +136,6 @@ def to_cached(source: str, ds: Dataset, extra: str = "") -> CachedItem:
 
 def _drop_row(name: str, index: int, ds: Dataset) -> CachedItem:
     return to_cached(DROP_SOURCE, ds, extra=f"{name}#{index}")
-
-
-def _replace_source(
-    source: str, items: list[CachedItem], error: str | None = None
-) -> WriteFn[tuple[int, list[str]]]:
-    """Replace what *source* holds; *error* names what it skipped. Gives the count and
-    the IDs of the items that are gone."""
-
-    def write(conn: sqlite3.Connection) -> tuple[int, list[str]]:
-        now = utcnow()
-        before = {
-            r[0]
-            for r in conn.execute("SELECT item_id FROM worklist_items WHERE source = ?", (source,))
-        }
-        conn.execute("DELETE FROM worklist_items WHERE source = ?", (source,))
-        conn.executemany(
-            "INSERT OR REPLACE INTO worklist_items"
-            " (item_id, source, scheduled_date, dataset, last_seen_at, step_date, modality,"
-            " station_ae, patient_id, accession) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (i.item_id, source, i.scheduled_date, i.dataset_json, now, i.step_date,
-                 i.modality, i.station_ae, i.patient_id, i.accession)
-                for i in items
-            ],
-        )  # fmt: skip
-        ids = {i.item_id for i in items}
-        conn.execute(
-            "INSERT INTO worklist_sources (source, last_attempt_at, last_success_at, last_error,"
-            " item_count) VALUES (?, ?, ?, ?, ?) ON CONFLICT (source) DO UPDATE SET"
-            " last_attempt_at = excluded.last_attempt_at,"
-            " last_success_at = excluded.last_success_at, last_error = excluded.last_error,"
-            " item_count = excluded.item_count",
-            (source, now, now, error, len(ids)),
-        )
-        return len(ids), sorted(before - ids)
-
-    return write
-
-
-def _record_unchanged(source: str) -> WriteFn[None]:
-    def write(conn: sqlite3.Connection) -> None:
-        now = utcnow()
-        conn.execute(
-            "UPDATE worklist_sources SET last_attempt_at = ?, last_success_at = ? WHERE source = ?",
-            (now, now, source),
-        )
-
-    return write
-
-
-def _record_failure(source: str, error: str) -> WriteFn[None]:
-    def write(conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT INTO worklist_sources (source, last_attempt_at, last_error, item_count)"
-            " VALUES (?, ?, ?, 0) ON CONFLICT (source) DO UPDATE SET"
-            " last_attempt_at = excluded.last_attempt_at, last_error = excluded.last_error",
-            (source, utcnow(), error),
-        )
-
-    return write
-
-
-def _expire(before: str) -> WriteFn[list[str]]:
-    def write(conn: sqlite3.Connection) -> list[str]:
-        rows = conn.execute(
-            "DELETE FROM worklist_items WHERE scheduled_date != '' AND scheduled_date < ?"
-            " RETURNING item_id",
-            (before,),
-        ).fetchall()
-        return [r[0] for r in rows]
-
-    return write
-
-
-def _text_clause(column: str, value: object) -> tuple[str, list[str]] | None:
-    """SQL that keeps every row the matcher could accept for this key (PS3.4 C.2.2.2);
-    None when the key cannot narrow the rows safely."""
-    if not isinstance(value, str):  # absent, several values, or undecoded
-        return None
-    text = value.strip(" \x00")
-    if not text or set(text) == {"*"} or text == '""':
-        return None
-    if "*" in text or "?" in text:
-        if "[" in text or "]" in text:  # GLOB would read these as a character class
-            return None
-        return f"({column} IS NULL OR {column} GLOB ?)", [text]
-    return f"({column} IS NULL OR {column} = ?)", [text]
-
-
-_DATE_RANGE = re.compile(r"(\d{8})?-(\d{8})?")
-
-
-def _date_clause(value: object) -> tuple[str, list[str]] | None:
-    if not isinstance(value, str):
-        return None
-    text = value.replace(" ", "").strip("\x00")
-    if _DATE.fullmatch(text):
-        low = high = text
-    elif (m := _DATE_RANGE.fullmatch(text)) and (m.group(1) or m.group(2)):
-        low, high = m.group(1) or "00000000", m.group(2) or "99999999"
-    else:
-        return None
-    return "(step_date IS NULL OR step_date BETWEEN ? AND ?)", [low, high]
-
-
-def prefilter(query: Dataset) -> tuple[list[str], list[str]]:
-    """WHERE clauses and parameters that narrow the cache for *query*, never too much."""
-    steps = query.get("ScheduledProcedureStepSequence")
-    step = steps[0] if isinstance(steps, Sequence) and len(steps) else None
-    clauses = [
-        _date_clause(step.get("ScheduledProcedureStepStartDate") if step is not None else None),
-        _text_clause("modality", step.get("Modality") if step is not None else None),
-        _text_clause(
-            "station_ae", step.get("ScheduledStationAETitle") if step is not None else None
-        ),
-        _text_clause("patient_id", query.get("PatientID")),
-        _text_clause("accession", query.get("AccessionNumber")),
-    ]
-    where: list[str] = []
-    params: list[str] = []
-    for clause in clauses:
-        if clause is not None:
-            where.append(clause[0])
-            params.extend(clause[1])
-    return where, params
 
 
 def query_upstream(config: Config) -> list[Dataset]:
@@ -302,9 +162,9 @@ def query_upstream(config: Config) -> list[Dataset]:
             if not status:
                 raise ConnectionError("upstream worklist: C-FIND got no response (timeout)")
             code = int(status.Status)
-            if code in (0xFF00, 0xFF01) and identifier is not None:
+            if code in (FIND_PENDING, FIND_PENDING_WARNING) and identifier is not None:
                 items.append(identifier)
-            elif code != 0x0000:
+            elif code != SUCCESS:
                 raise ConnectionError(f"upstream worklist: C-FIND failed with 0x{code:04X}")
     finally:
         assoc.release()
@@ -389,9 +249,7 @@ class Worklist:
             return
         self._drop_error_logged = None
         if not scan.changed:
-            await asyncio.wrap_future(
-                self.store.submit(_record_unchanged(DROP_SOURCE), durable=False)
-            )
+            await self.store.run(worklist_cache.record_unchanged(DROP_SOURCE), durable=False)
             return
         items = scan.items
         error = "; ".join(scan.errors) or None
@@ -404,7 +262,7 @@ class Worklist:
         )
 
     async def _failed(self, source: str, error: str) -> None:
-        await asyncio.wrap_future(self.store.submit(_record_failure(source, error), durable=False))
+        await self.store.run(worklist_cache.record_failure(source, error), durable=False)
 
     async def _replace(
         self, source: str, items: list[CachedItem], error: str | None = None
@@ -412,10 +270,8 @@ class Worklist:
         cutoff = self._expiry_cutoff()
         # Already past the expiry: not cached, and not counted as the source's items.
         items = [i for i in items if not (i.scheduled_date and i.scheduled_date < cutoff)]
-        count, gone = await asyncio.wrap_future(
-            self.store.submit(_replace_source(source, items, error))
-        )
-        expired = await asyncio.wrap_future(self.store.submit(_expire(cutoff)))
+        count, gone = await self.store.run(worklist_cache.replace_source(source, items, error))
+        expired = await self.store.run(worklist_cache.expire(cutoff))
         for item_id in (*gone, *expired):
             self._parsed.pop(item_id, None)
         return count, len(expired)
@@ -438,27 +294,8 @@ class Worklist:
         return ds
 
     def _rows(self, query: Dataset | None) -> list[tuple[str, str, str | None]]:
-        # With what MPPS told us (gateway/mpps.py): a step the modality COMPLETED is left
-        # out (it is done; offering it again invites a second exam under the same
-        # accession); one IN PROGRESS or DISCONTINUED stays, its Scheduled Procedure
-        # Step Status STARTED or DISCONTINUED, so it can be resumed or redone.
-        where, params = (
-            ["(w.scheduled_date = '' OR w.scheduled_date >= ?)",
-             "(m.mpps_status IS NULL OR m.mpps_status != 'COMPLETED')"],
-            [self._expiry_cutoff()],
-        )  # fmt: skip
-        if query is not None:
-            more, more_params = prefilter(query)
-            where += more
-            params += more_params
-        sql = (
-            "SELECT w.item_id, w.dataset, m.mpps_status FROM worklist_items w"
-            " LEFT JOIN worklist_mpps m ON m.item_id = w.item_id WHERE " + " AND ".join(where)
-        )
-        return [
-            (r["item_id"], r["dataset"], r["mpps_status"])
-            for r in self.store.rows(sql, tuple(params))
-        ]
+        cutoff = self._expiry_cutoff()
+        return self.store.read(lambda conn: worklist_cache.unexpired(conn, cutoff, query))
 
     def cached(self, query: Dataset | None = None) -> Iterator[Dataset]:
         """The unexpired items, narrowed for *query* when given (blocking: SQLite)."""
@@ -492,4 +329,4 @@ class Worklist:
 
     def freshness(self) -> list[dict[str, Any]]:
         """Per source: last attempt, last success, last error, item count (blocking)."""
-        return [dict(r) for r in self.store.rows("SELECT * FROM worklist_sources")]
+        return self.store.read(worklist_cache.freshness)

@@ -121,8 +121,9 @@ class GatewayProcess:
         """
         import pydicom
 
+        from gateway.instances import ReceivedInstance
         from gateway.spool import Spool
-        from gateway.store import ReceivedInstance, Store
+        from gateway.store import Store
 
         assert self.proc is None or self.proc.poll() is not None, "stop the gateway first"
         ds = pydicom.dcmread(path, stop_before_pixels=True)

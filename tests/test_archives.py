@@ -27,8 +27,8 @@ from pydicom.dataset import Dataset
 
 from gateway import archives
 from gateway.config import ConfigError, from_dict
+from gateway.instances import QueueState
 from gateway.metrics import Metrics
-from gateway.store import FAILED, UPLOADED
 from gateway.upload import Item, parse_response
 
 from . import corpus
@@ -260,7 +260,7 @@ async def test_a_duplicate_after_a_crash_ends_uploaded(
     uids = [bench.add(), bench.add()]
     async with bench.running() as task:
         await bench.in_one_batch(task)
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert [len(r) for r in scripted_archive.requests] == [2, 2]
     assert [rows[u]["attempts"] for u in uids] == [2, 2]
     assert [rows[u]["sends"] for u in uids] == [2, 2]
@@ -287,7 +287,7 @@ async def test_a_conflicting_duplicate_fails_with_the_reason(
     scripted_archive.hold(_spool_file(bench, uid), PatientID="THEIRS")
     _sent_before(bench, uid)
     async with bench.running() as task:
-        rows = await bench.until("failed", task, _all(FAILED))
+        rows = await bench.until("failed", task, _all(QueueState.FAILED))
     reason = rows[uid]["last_error"]
     assert reason.startswith(
         "archive holds a different instance under this UID: PatientID archive 'THEIRS' vs ours"
@@ -312,7 +312,7 @@ async def test_a_failed_check_is_retried_never_counted(
     uid = bench.add()
     scripted_archive.hold(_spool_file(bench, uid))  # stored before a crash
     async with bench.running() as task:
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     # The first check answered 503: not counted, the instance sent and checked again.
     assert rows[uid]["attempts"] == 2
     assert scripted_archive.metadata_requests == [uid, uid]
@@ -333,7 +333,7 @@ async def test_google_0x0110_for_an_instance_it_does_not_hold_fails(
     bench = _bench(tmp_path, scripted_archive, "google")
     uid = bench.add()
     async with bench.running() as task:
-        rows = await bench.until("failed", task, _all(FAILED))
+        rows = await bench.until("failed", task, _all(QueueState.FAILED))
     assert rows[uid]["attempts"] == 1
     assert rows[uid]["last_error"] == (
         "archive refused: processing failure, or other bytes stored under this UID (0x0110);"
@@ -350,11 +350,11 @@ async def test_dcm4chee_conflicting_patient_id_fails_not_retried(
     bench = _bench(tmp_path, scripted_archive, "dcm4chee")
     earlier = bench.add(patient_id="FIRST")
     async with bench.running() as task:
-        await bench.until("uploaded", task, _all(UPLOADED))
+        await bench.until("uploaded", task, _all(QueueState.UPLOADED))
         uid = bench.add(patient_id="SECOND")  # same study, another Patient ID
         bench.pipeline.wake()
-        rows = await bench.until("failed", task, lambda r: r[uid]["state"] == FAILED)
-    assert rows[earlier]["state"] == UPLOADED
+        rows = await bench.until("failed", task, lambda r: r[uid]["state"] == QueueState.FAILED)
+    assert rows[earlier]["state"] == QueueState.UPLOADED
     assert rows[uid]["attempts"] == 1
     assert rows[uid]["last_error"] == (
         "archive refused: conflicting Patient ID: differs from the study's earlier objects (0xA778)"
@@ -371,7 +371,7 @@ async def test_dcm4chee_rejected_object_fails(
     uid = bench.add()
     scripted_archive.default = dcm4chee_answer(rejected={uid})
     async with bench.running() as task:
-        rows = await bench.until("failed", task, _all(FAILED))
+        rows = await bench.until("failed", task, _all(QueueState.FAILED))
     assert rows[uid]["attempts"] == 1 and "(0xA771)" in rows[uid]["last_error"]
 
 
@@ -384,7 +384,7 @@ async def test_mistyped_argument_fails_at_once(
     bench = _bench(tmp_path, scripted_archive, profile)
     uid = bench.add()
     async with bench.running() as task:
-        rows = await bench.until("failed", task, _all(FAILED))
+        rows = await bench.until("failed", task, _all(QueueState.FAILED))
     assert rows[uid]["attempts"] == 1 and len(scripted_archive.requests) == 1
 
 
@@ -396,7 +396,7 @@ async def test_azure_45071_is_retried_then_stored(
     uid = bench.add()
     scripted_archive.default = azure_answer(pending={uid})
     async with bench.running() as task:
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert rows[uid]["attempts"] == 2
     assert scripted_archive.metadata_requests == []  # stored the second time: nothing to check
 
@@ -412,7 +412,7 @@ async def test_azure_warnings_are_recorded_while_stored(
     )
     async with bench.running() as task:
         await bench.in_one_batch(task)
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert json.loads(rows[warned]["warnings"]) == [
         "0xB007 data set does not match SOP class (Azure 45063)",
         'attributes DICOM100: (0008,0020) - Content "20XX" does not validate',
@@ -436,9 +436,9 @@ async def test_azure_parts_it_cannot_read_fail_alone(
     async with bench.running() as task:
         await bench.in_one_batch(task)
         rows = await bench.until(
-            "settled", task, lambda r: {r[u]["state"] for u in (bad1, bad2)} == {FAILED}
+            "settled", task, lambda r: {r[u]["state"] for u in (bad1, bad2)} == {QueueState.FAILED}
         )
-    assert rows[good]["state"] == UPLOADED
+    assert rows[good]["state"] == QueueState.UPLOADED
     assert [len(r) for r in scripted_archive.requests] == [3, 1, 1]
     for uid in (bad1, bad2):
         assert rows[uid]["attempts"] == 1
@@ -466,8 +466,8 @@ async def test_aws_request_limit_splits_batches_before_sending(
     async with bench.running() as task:
         await bench.in_one_batch(task)
         rows = await bench.until(
-            "settled", task, lambda r: r[big]["state"] == FAILED
-            and all(r[u]["state"] == UPLOADED for u in small),
+            "settled", task, lambda r: r[big]["state"] == QueueState.FAILED
+            and all(r[u]["state"] == QueueState.UPLOADED for u in small),
         )  # fmt: skip
     assert scripted_archive.refusals == 0
     assert sorted(len(r) for r in scripted_archive.requests) == [1, 1, 1]
@@ -491,7 +491,7 @@ async def test_aws_conflicting_resend_goes_to_a_non_primary_set_and_fails(
     scripted_archive.hold(_spool_file(bench, uid), PatientID="THEIRS")
     _sent_before(bench, uid)
     async with bench.running() as task:
-        rows = await bench.until("failed", task, _all(FAILED))
+        rows = await bench.until("failed", task, _all(QueueState.FAILED))
     assert uid in scripted_archive.non_primary
     assert "PatientID archive 'THEIRS' vs ours 'OURS'" in rows[uid]["last_error"]
 
@@ -515,7 +515,7 @@ def test_warnings_are_shown_in_queue_ls_status_page_and_metrics(
     gw = gateway_factory(upload=scripted_archive.upload_config(archive="azure", compression="none"))
     assert storescu(gw.port, [src]).acknowledged == 1
     deadline = time.monotonic() + 60
-    while {r["state"] for r in gw.rows()} != {UPLOADED}:
+    while {r["state"] for r in gw.rows()} != {QueueState.UPLOADED}:
         assert time.monotonic() < deadline, gw.log
         time.sleep(0.1)
     said = "0xB007 data set does not match SOP class (Azure 45063)"
@@ -576,7 +576,7 @@ async def test_orthanc_resend_of_an_instance_it_holds_is_checked_and_uploaded(
     _sent_before(bench, uid)  # the gateway had sent it when it crashed
     row = bench.rows()[uid]
     async with bench.running() as task:
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert rows[uid]["attempts"] == 1
     log = await _access_log(archive_lab, "/metadata")
     wanted = (
@@ -613,7 +613,7 @@ async def test_orthanc_conflicting_copies_fail_the_resend(tmp_path: Path) -> Non
             _sent_before(bench, uid)
         async with bench.running() as task:
             await bench.in_one_batch(task)
-            rows = await bench.until("failed", task, _all(FAILED))
+            rows = await bench.until("failed", task, _all(QueueState.FAILED))
         assert rows[renumbered]["last_error"] == (
             "archive holds a different instance under this UID: InstanceNumber archive '99' vs"
             " ours '1' (archive confirmed a re-send)"

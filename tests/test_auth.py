@@ -29,8 +29,8 @@ from aiohttp import web
 from gateway import archives, field
 from gateway import auth as auth_module
 from gateway.config import ConfigError, from_dict
+from gateway.instances import QueueState
 from gateway.status_doc import StatusDoc
-from gateway.store import COMPRESSED, UPLOADED
 from gateway.upload import http_hint, ssl_context
 
 from . import corpus
@@ -208,7 +208,7 @@ async def test_each_method_uploads_through_the_pipeline(
     uids = [bench.add() for _ in range(3)]
     async with bench.running() as task:
         await bench.in_one_batch(task)
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert archive.stored == set(uids)
     assert [len(r) for r in archive.requests] == [3]
     assert archive.refused == 0 and all(r["attempts"] == 1 for r in rows.values())
@@ -233,7 +233,7 @@ async def test_google_token_with_mutual_tls_combined(
     bench = _bench(tmp_path, mtls_archive, clouds.auth("google"))
     uid = bench.add()
     async with bench.running() as task:
-        await bench.until("uploaded", task, _all(UPLOADED))
+        await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert mtls_archive.stored == {uid} and mtls_archive.refused == 0
 
 
@@ -250,7 +250,7 @@ async def test_sigv4_signature_is_verified_by_botocore(
     uids = [bench.add(), bench.add("MR_small.dcm")]
     async with bench.running() as task:
         await bench.in_one_batch(task)
-        await bench.until("uploaded", task, _all(UPLOADED))
+        await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert archive.stored == set(uids) and archive.refused == 0
     assert clouds.aws.checked == 1
 
@@ -297,7 +297,9 @@ async def test_a_token_is_refreshed_before_it_expires(
     bench = _bench(tmp_path, archive, clouds.auth("google"))
     first = bench.add()
     async with bench.running() as task:
-        await bench.until("first uploaded", task, lambda rows: rows[first]["state"] == UPLOADED)
+        await bench.until(
+            "first uploaded", task, lambda rows: rows[first]["state"] == QueueState.UPLOADED
+        )
     (expires,) = google.tokens.issued.values()
     await asyncio.sleep(max(0.0, expires - 0.35 - time.time()))
     # The pipeline's own authenticator (one per configuration), asked as it would be.
@@ -322,11 +324,13 @@ async def test_a_revoked_token_gets_one_refresh_and_the_request_is_sent_again(
     bench = _bench(tmp_path, archive, clouds.auth(method))
     first = bench.add()
     async with bench.running() as task:
-        await bench.until("first uploaded", task, lambda rows: rows[first]["state"] == UPLOADED)
+        await bench.until(
+            "first uploaded", task, lambda rows: rows[first]["state"] == QueueState.UPLOADED
+        )
         archive.revoke(archive.authorizations[-1])
         second = bench.add()
         rows = await bench.until(
-            "second uploaded", task, lambda rows: rows[second]["state"] == UPLOADED
+            "second uploaded", task, lambda rows: rows[second]["state"] == QueueState.UPLOADED
         )
     issuer = clouds.google() if method == "google" else clouds.entra()
     assert issuer.grants == 2
@@ -348,7 +352,7 @@ async def test_a_refused_token_fails_the_request_with_an_auth_hint(
     async with bench.running() as task:
         rows = await bench.until("refused", task, lambda rows: rows[uid]["attempts"] >= 1)
     row = rows[uid]
-    assert row["state"] == COMPRESSED  # still to be retried
+    assert row["state"] == QueueState.COMPRESSED  # still to be retried
     reason = row["last_error"]
     assert reason.startswith(f"check upload.auth: archive refused the {method} credentials")
     if method == "aws-sigv4":
@@ -375,7 +379,7 @@ async def test_a_401_or_403_with_a_dicom_json_body_is_not_a_stow_answer(
     bench = _bench(tmp_path, mtls_archive, {"method": "mtls"})
     uid = bench.add()
     async with bench.running() as task:
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert rows[uid]["attempts"] == 2
 
 
@@ -441,7 +445,7 @@ async def test_wrong_credentials_are_a_clear_reason_without_the_secret(
     async with bench.running() as task:
         rows = await bench.until("refused", task, lambda rows: rows[uid]["attempts"] >= 1)
     reason = rows[uid]["last_error"]
-    assert rows[uid]["state"] == COMPRESSED and expected in reason, reason
+    assert rows[uid]["state"] == QueueState.COMPRESSED and expected in reason, reason
     assert archive.stored == set()
     assert_no_secret(clouds.secrets() + wrong, reason=reason, log=caplog.text)
 
@@ -510,11 +514,11 @@ async def test_a_rotated_bearer_token_file_is_picked_up(
     bench = _bench(tmp_path, archive, clouds.auth("bearer"))
     first = bench.add()
     async with bench.running() as task:
-        await bench.until("first", task, lambda rows: rows[first]["state"] == UPLOADED)
+        await bench.until("first", task, lambda rows: rows[first]["state"] == QueueState.UPLOADED)
         # The agent rotates the file: the next request reads it (it changed), no 401.
         clouds.write_bearer()
         second = bench.add()
-        await bench.until("second", task, lambda rows: rows[second]["state"] == UPLOADED)
+        await bench.until("second", task, lambda rows: rows[second]["state"] == QueueState.UPLOADED)
         assert archive.refused == 0
         # The archive moves on before the agent does: 401, the file read again (the
         # same token), 401 again: retried later with the archive's reason.
@@ -529,7 +533,7 @@ async def test_a_rotated_bearer_token_file_is_picked_up(
         )
         # Then the agent catches up: the retry goes through.
         clouds.write_bearer(accepted)
-        await bench.until("third", task, lambda rows: rows[third]["state"] == UPLOADED)
+        await bench.until("third", task, lambda rows: rows[third]["state"] == QueueState.UPLOADED)
     tokens = [a.removeprefix("Bearer ") for a in archive.authorizations]
     assert tokens[0] == clouds.bearer_tokens[0] and tokens[1] == clouds.bearer_tokens[1]
     assert tokens[-1] == accepted

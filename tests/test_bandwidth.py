@@ -30,7 +30,7 @@ from gateway.bandwidth import (
     parse_window,
 )
 from gateway.config import ConfigError, from_dict
-from gateway.store import COMPRESSED, UPLOADED, ReceivedInstance
+from gateway.instances import QueueState, ReceivedInstance
 
 from . import corpus
 from .conftest import GatewayFactory
@@ -199,7 +199,7 @@ async def test_the_cap_holds_at_the_archive(
     study = pydicom.uid.generate_uid()
     uids = [_add(bench, "CT", study, padding=250_000) for _ in range(8)]
     async with bench.running() as task:
-        await bench.until("uploaded", task, _all(UPLOADED), timeout=60)
+        await bench.until("uploaded", task, _all(QueueState.UPLOADED), timeout=60)
     assert scripted_archive.stored == set(uids)
     chunks = scripted_archive.chunks
     total = sum(n for _, n in chunks)
@@ -230,7 +230,7 @@ async def test_the_priority_lane_is_not_held_by_the_cap(
     )  # fmt: skip
     uid = _add(bench, "ED_CT", pydicom.uid.generate_uid(), padding=200_000)
     async with bench.running() as task:
-        await bench.until("uploaded", task, _all(UPLOADED), timeout=10)
+        await bench.until("uploaded", task, _all(QueueState.UPLOADED), timeout=10)
     assert scripted_archive.stored == {uid}
     assert bench.pipeline.bandwidth.bucket.charge(0) > 5  # in debt for its bytes
 
@@ -258,18 +258,18 @@ async def test_a_closed_window_holds_all_but_the_priority_lane(
     async with bench.running() as task:
         await bench.in_one_batch(task)  # (pause stops the lane too)
         await bench.until(
-            "the priority lane uploaded", task, lambda r: all(r[u]["state"] == UPLOADED
+            "the priority lane uploaded", task, lambda r: all(r[u]["state"] == QueueState.UPLOADED
                                                               for u in stat))  # fmt: skip
         await asyncio.sleep(1.0)  # the loop has looked again meanwhile (idle poll: 5 s)
         bench.pipeline.kick()
         await asyncio.sleep(0.5)
         rows = bench.rows()
-        assert [rows[u]["state"] for u in [*held, mixed]] == [COMPRESSED] * 4
+        assert [rows[u]["state"] for u in [*held, mixed]] == [QueueState.COMPRESSED] * 4
         assert scripted_archive.requests == [stat]  # one request, one study
         clock["now"] = _at(7, 1, 30)  # next Monday 01:30: open
         assert bench.pipeline.bandwidth.state().window_open is True
         bench.pipeline.kick()
-        await bench.until("the rest uploaded", task, _all(UPLOADED))
+        await bench.until("the rest uploaded", task, _all(QueueState.UPLOADED))
     assert scripted_archive.stored == {*held, *stat, mixed}
     # Still one study per request.
     assert sorted(map(sorted, scripted_archive.requests[1:])) == sorted([sorted(held), [mixed]])
@@ -316,7 +316,8 @@ def test_closed_window_holds_uploads_while_storescu_is_accepted_and_the_stat_lan
     def compressed() -> bool:
         rows = gw.rows("SELECT * FROM instances WHERE calling_ae = 'CT_ROOM1'")
         return len(rows) == 3 and all(
-            r["state"] == COMPRESSED and r["transcode_outcome"] == "compressed" for r in rows
+            r["state"] == QueueState.COMPRESSED and r["transcode_outcome"] == "compressed"
+            for r in rows
         )
 
     wait_until("the routine instances compressed", compressed)
@@ -351,6 +352,6 @@ async def test_a_paced_request_cut_short_is_retried(
     bench = Bench(tmp_path, max_bytes_per_second=1_000_000, **scripted_archive.upload_config())
     uid = _add(bench, "CT", pydicom.uid.generate_uid(), padding=300_000)
     async with bench.running() as task:
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert rows[uid]["attempts"] == 2
     assert scripted_archive.stored == {uid}

@@ -40,8 +40,8 @@ from typing import Any
 import pytest
 
 from gateway import archives
+from gateway.instances import QueueState
 from gateway.metrics import Metrics
-from gateway.store import FAILED, UPLOADED
 
 from .conftest import GatewayFactory
 from .scripted_archive import (
@@ -94,7 +94,9 @@ def _metric(bench: Bench, name: str, labels: dict[str, str]) -> float | None:
 async def _upload_one(bench: Bench, task: asyncio.Task[None], **add: Any) -> dict[str, Any]:
     uid = bench.add(**add)
     bench.pipeline.wake()
-    rows = await bench.until(f"{uid} uploaded", task, lambda r: r[uid]["state"] == UPLOADED)
+    rows = await bench.until(
+        f"{uid} uploaded", task, lambda r: r[uid]["state"] == QueueState.UPLOADED
+    )
     return dict(rows[uid])
 
 
@@ -154,7 +156,7 @@ async def test_a_duplicate_after_a_crash_ends_uploaded(
     uids = [bench.add(), bench.add()]
     async with bench.running() as task:
         await bench.in_one_batch(task)
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert [len(r) for r in archive.requests] == [2, 2]
     assert set(archive.held) == set(uids)
     assert [rows[u]["attempts"] for u in uids] == [2, 2]
@@ -180,7 +182,7 @@ async def test_a_conflicting_duplicate_fails_with_the_reason(
         lambda c: c.execute("UPDATE instances SET sends = 1 WHERE sop_instance_uid = ?", (uid,))
     ).result()
     async with bench.running() as task:
-        rows = await bench.until("failed", task, _all(FAILED))
+        rows = await bench.until("failed", task, _all(QueueState.FAILED))
     reason = rows[uid]["last_error"]
     assert reason.startswith("archive holds a different instance under this UID"), reason
     assert "PatientID archive 'THEIRS' vs ours 'OURS'" in reason
@@ -214,7 +216,7 @@ async def test_warnings_are_recorded_while_the_instance_counts_as_stored(
     archive.default = CLOUDS[cloud][1](warnings={warned: sent["warnings"]})
     async with bench.running() as task:
         await bench.in_one_batch(task)
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert json.loads(rows[warned]["warnings"]) == expected
     assert rows[plain]["warnings"] is None
     code = expected[0].split()[0]
@@ -242,12 +244,12 @@ async def test_the_archives_size_limit_is_kept(
     )
     small = [bench.add(), bench.add(), bench.add()]  # 39 kB each: one per request
     big = bench.add("OBXXXX1A.dcm")  # 486 kB
-    big_end = UPLOADED if cloud == "google" else FAILED
+    big_end = QueueState.UPLOADED if cloud == "google" else QueueState.FAILED
     async with bench.running() as task:
         await bench.in_one_batch(task)
         rows = await bench.until(
             "settled", task, lambda r: r[big]["state"] == big_end
-            and all(r[u]["state"] == UPLOADED for u in small),
+            and all(r[u]["state"] == QueueState.UPLOADED for u in small),
         )  # fmt: skip
     small_requests = [size for r, size in zip(archive.requests, archive.request_sizes, strict=True)
                       if big not in r]  # fmt: skip

@@ -24,7 +24,7 @@ from gateway.iffaster import (
     compress_share,
     plan,
 )
-from gateway.store import UPLOADED
+from gateway.instances import QueueState
 
 from .scripted_archive import ScriptedArchive, scripted_archive, throttled
 from .test_isolation import Bench, _all
@@ -173,7 +173,7 @@ CT = "693_UNCR.dcm"
 
 async def _upload(bench: Bench, task: asyncio.Task[None], n: int) -> list[str]:
     uids = [bench.add(CT) for _ in range(n)]
-    await bench.until("uploaded", task, _all(UPLOADED), timeout=60)
+    await bench.until("uploaded", task, _all(QueueState.UPLOADED), timeout=60)
     return uids
 
 

@@ -24,10 +24,11 @@ import pydicom
 import pytest
 
 from gateway import app as app_module
-from gateway import jobs
+from gateway import instances, jobs
 from gateway.config import Config, from_dict
+from gateway.instances import QueueState, ReceivedInstance
 from gateway.spool import Spool
-from gateway.store import COMPRESSED, FAILED, UPLOADED, ReceivedInstance, Store
+from gateway.store import Store
 from gateway.transcode import TranscodeResult, transcode
 
 from . import corpus
@@ -133,7 +134,7 @@ class Bench:
     async def in_one_batch(self, task: asyncio.Task[None]) -> None:
         """Uploads held until every instance is compressed, so they go in one batch."""
         self.pipeline.pause()
-        await self.until("compressed", task, _all(COMPRESSED))
+        await self.until("compressed", task, _all(QueueState.COMPRESSED))
         self.pipeline.resume()
 
     async def until(
@@ -185,7 +186,7 @@ async def test_odd_archive_answer_is_retried_then_uploaded(
     uids = [bench.add(), bench.add()]
     scripted_archive.script(_ODD_ANSWERS[answer])  # then the default: stored
     async with bench.running() as task:
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert scripted_archive.stored == set(uids)
     assert [r["attempts"] for r in rows.values()] == [2, 2]  # one odd answer, one good
 
@@ -199,7 +200,7 @@ async def test_a_batch_too_large_for_the_archive_is_split(
     uids = [bench.add() for _ in range(4)]
     async with bench.running() as task:
         await bench.in_one_batch(task)
-        await bench.until("uploaded", task, _all(UPLOADED))
+        await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert scripted_archive.stored == set(uids)
     assert [len(r) for r in scripted_archive.requests] == [4, 2, 1, 1, 2, 1, 1]
 
@@ -214,7 +215,7 @@ async def test_one_instance_too_large_fails_with_the_reason(
     bench.add()
     async with bench.running() as task:
         await bench.in_one_batch(task)
-        rows = await bench.until("failed", task, _all(FAILED))
+        rows = await bench.until("failed", task, _all(QueueState.FAILED))
     assert {r["last_error"] for r in rows.values()} == {"archive refuses the size (HTTP 413)"}
     assert [len(r) for r in scripted_archive.requests] == [2, 1, 1]
 
@@ -228,7 +229,7 @@ async def test_a_stalled_batch_is_split_and_retried(
     uids = [bench.add(), bench.add()]
     async with bench.running() as task:
         await bench.in_one_batch(task)
-        await bench.until("uploaded", task, _all(UPLOADED))
+        await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert scripted_archive.stored == set(uids)
     assert [len(r) for r in scripted_archive.requests] == [2, 1, 1]
 
@@ -246,7 +247,7 @@ async def test_a_big_instance_finishes_on_a_slow_line(
     )  # fmt: skip
     uid = bench.add("OBXXXX1A.dcm")
     async with bench.running() as task:
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert rows[uid]["attempts"] == 1
     assert scripted_archive.stored == {uid}
 
@@ -265,11 +266,13 @@ async def test_attempts_beyond_the_cap_fail_with_the_reason_not_a_crash(
         lambda c: c.execute(
             "UPDATE instances SET state = ?, upload_path = path, upload_size = size,"
             " attempts = 10000, next_attempt_at = '' WHERE sop_instance_uid = ?",
-            (COMPRESSED, uid),
+            (QueueState.COMPRESSED, uid),
         )
     ).result()
     async with bench.running() as task:
-        rows = await bench.until("failed", task, lambda rows: rows[uid]["state"] == FAILED)
+        rows = await bench.until(
+            "failed", task, lambda rows: rows[uid]["state"] == QueueState.FAILED
+        )
         assert rows[uid]["attempts"] == 10_001
         assert rows[uid]["last_error"].startswith("archive answered HTTP 503")
         assert rows[uid]["last_error"].endswith(
@@ -281,7 +284,9 @@ async def test_attempts_beyond_the_cap_fail_with_the_reason_not_a_crash(
         from .scripted_archive import store_all
 
         scripted_archive.default = store_all()
-        await bench.until("uploaded", task, lambda rows: rows[other]["state"] == UPLOADED)
+        await bench.until(
+            "uploaded", task, lambda rows: rows[other]["state"] == QueueState.UPLOADED
+        )
 
 
 @pytest.mark.asyncio
@@ -302,7 +307,7 @@ async def test_an_unexpected_upload_error_fails_only_its_batch(
     bench = Bench(tmp_path, **scripted_archive.upload_config())
     uid = bench.add()
     async with bench.running() as task:
-        rows = await bench.until("uploaded", task, _all(UPLOADED))
+        rows = await bench.until("uploaded", task, _all(QueueState.UPLOADED))
     assert rows[uid]["attempts"] == 2
     assert scripted_archive.stored == {uid}
 
@@ -317,9 +322,9 @@ async def test_a_compress_stage_error_quarantines_only_that_instance(
     bench = Bench(tmp_path)
     bad = bench.add()
     good = [bench.add(), bench.add()]
-    real_mark = jobs._mark_compressed
+    real_mark = instances.mark_compressed
 
-    def mark(claimed: jobs.Claimed, *args: Any) -> Callable[[sqlite3.Connection], bool]:
+    def mark(claimed: instances.Claimed, *args: Any) -> Callable[[sqlite3.Connection], bool]:
         write = real_mark(claimed, *args)
         if claimed.sop_instance_uid != bad:
             return write
@@ -329,11 +334,11 @@ async def test_a_compress_stage_error_quarantines_only_that_instance(
 
         return failing
 
-    monkeypatch.setattr(jobs, "_mark_compressed", mark)
+    monkeypatch.setattr(instances, "mark_compressed", mark)
     async with bench.running() as task:
         rows = await bench.until(
-            "settled", task, lambda rows: rows[bad]["state"] == FAILED
-            and all(rows[g]["state"] == COMPRESSED for g in good),
+            "settled", task, lambda rows: rows[bad]["state"] == QueueState.FAILED
+            and all(rows[g]["state"] == QueueState.COMPRESSED for g in good),
         )  # fmt: skip
     assert "compress stage error" in rows[bad]["last_error"]
     assert "a database surprise" in rows[bad]["last_error"]
@@ -351,7 +356,7 @@ async def test_the_j2k_copy_not_kept_sends_the_original(
 
     monkeypatch.setattr(bench.spool, "commit_file", disk_full)
     async with bench.running() as task:
-        rows = await bench.until("compressed", task, _all(COMPRESSED))
+        rows = await bench.until("compressed", task, _all(QueueState.COMPRESSED))
     assert rows[uid]["transcode_outcome"] == "fallback"
     assert "No space left on device" in rows[uid]["transcode_reason"]
     assert rows[uid]["upload_path"] == rows[uid]["path"]
@@ -370,11 +375,11 @@ async def test_a_hung_encoder_sends_only_its_image_uncompressed(
     async with bench.running() as task:
         # The workers are started (spawned, imports done) before the timed batch, so
         # the images next to the hung one do not spend their time budget starting up.
-        await bench.until("warm", task, _all(COMPRESSED), timeout=60)
+        await bench.until("warm", task, _all(QueueState.COMPRESSED), timeout=60)
         hung = bench.add(patient_id=HANG_ME)
         others += [bench.add(), bench.add()]
         bench.pipeline.wake()
-        rows = await bench.until("compressed", task, _all(COMPRESSED), timeout=60)
+        rows = await bench.until("compressed", task, _all(QueueState.COMPRESSED), timeout=60)
     assert rows[hung]["transcode_outcome"] == "fallback"
     assert rows[hung]["transcode_reason"] == "encoder timed out after 6 s"
     assert [rows[u]["transcode_outcome"] for u in others] == ["compressed"] * 3
@@ -390,7 +395,7 @@ async def test_a_dying_encoder_sends_only_its_image_uncompressed(
     crasher = bench.add(patient_id=CRASH_ME)
     others.append(bench.add())
     async with bench.running() as task:
-        rows = await bench.until("compressed", task, _all(COMPRESSED), timeout=60)
+        rows = await bench.until("compressed", task, _all(QueueState.COMPRESSED), timeout=60)
     assert rows[crasher]["transcode_outcome"] == "fallback"
     assert rows[crasher]["transcode_reason"] == "encoder process crashed"
     assert [rows[u]["transcode_outcome"] for u in others] == ["compressed"] * 3

@@ -13,26 +13,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import ConfigError, UploadConfig, from_dict
+from gateway.instances import Claimed, QueueState, ReceivedInstance, prune, retry_failed
 from gateway.jobs import (
     _ENCODER_NICENESS,
-    Claimed,
     GiveUp,
     _finish_uploads,
     _new_pool,
-    _prune,
     _stop_pool,
     backoff_seconds,
-    retry_failed,
 )
-from gateway.store import (
-    COMPRESSED,
-    FAILED,
-    RECEIVED,
-    UPLOADED,
-    UPLOADING,
-    ReceivedInstance,
-    Store,
-)
+from gateway.store import Store
 from gateway.upload import InstanceOutcome, Item, parse_response, ssl_context
 
 
@@ -57,40 +47,40 @@ def _paths(store: Store) -> dict[str, str | None]:
 
 
 def test_prune_without_cache_deletes_every_confirmed_file(store: Store) -> None:
-    _add(store, "1.1", 1000, UPLOADED)
-    _add(store, "1.2", 1000, COMPRESSED)  # not confirmed: never deleted
-    _add(store, "1.3", 1000, FAILED)  # kept for the operator
-    files = store.submit(_prune(0, 0)).result()
+    _add(store, "1.1", 1000, QueueState.UPLOADED)
+    _add(store, "1.2", 1000, QueueState.COMPRESSED)  # not confirmed: never deleted
+    _add(store, "1.3", 1000, QueueState.FAILED)  # kept for the operator
+    files = store.submit(prune(0, 0)).result()
     assert sorted(files) == ["objects/00/1.1.dcm", "objects/01/1.1.j2k"]
     assert _paths(store) == {"1.1": None, "1.2": "objects/00/1.2.dcm", "1.3": "objects/00/1.3.dcm"}
 
 
 def test_prune_keeps_the_newest_within_the_cache_size(store: Store) -> None:
     for i, age in enumerate([5, 4, 3, 2, 1]):  # 1.0 oldest ... 1.4 newest
-        _add(store, f"1.{i}", 1000, UPLOADED, hours_ago=age)
+        _add(store, f"1.{i}", 1000, QueueState.UPLOADED, hours_ago=age)
     # Each instance counts 1000 + 500 (its J2K copy): 3000 bytes keep the newest two.
-    store.submit(_prune(3000, 0)).result()
+    store.submit(prune(3000, 0)).result()
     kept = {uid for uid, path in _paths(store).items() if path}
     assert kept == {"1.3", "1.4"}
 
 
 def test_prune_age_limit_applies_within_the_cache(store: Store) -> None:
-    _add(store, "1.1", 10, UPLOADED, hours_ago=30)
-    _add(store, "1.2", 10, UPLOADED, hours_ago=1)
-    store.submit(_prune(10**9, 24)).result()
+    _add(store, "1.1", 10, QueueState.UPLOADED, hours_ago=30)
+    _add(store, "1.2", 10, QueueState.UPLOADED, hours_ago=1)
+    store.submit(prune(10**9, 24)).result()
     assert _paths(store) == {"1.1": None, "1.2": "objects/00/1.2.dcm"}
 
 
 def test_retry_failed(store: Store) -> None:
-    _add(store, "1.1", 10, FAILED)
-    _add(store, "1.2", 10, FAILED)
+    _add(store, "1.1", 10, QueueState.FAILED)
+    _add(store, "1.2", 10, QueueState.FAILED)
     store.submit(lambda c: c.execute("UPDATE instances SET upload_path = NULL WHERE "
                                      "sop_instance_uid = '1.2'")).result()  # fmt: skip
     assert store.submit(lambda c: retry_failed(c, ["1.1"])).result() == 1
     assert store.submit(lambda c: retry_failed(c, None)).result() == 1
     states = {r["sop_instance_uid"]: r["state"] for r in store.rows("SELECT * FROM instances")}
     # With its J2K file it goes straight back to upload; without, to compression.
-    assert states == {"1.1": COMPRESSED, "1.2": RECEIVED}
+    assert states == {"1.1": QueueState.COMPRESSED, "1.2": QueueState.RECEIVED}
     assert store.submit(lambda c: retry_failed(c, None)).result() == 0
 
 
@@ -201,7 +191,7 @@ def _finish(store: Store, attempts: int, give_up: GiveUp, failing_since: str | N
     store.submit(
         lambda c: c.execute(
             "UPDATE instances SET state = ?, attempts = ?, failing_since = ?",
-            (UPLOADING, attempts, failing_since),
+            (QueueState.UPLOADING, attempts, failing_since),
         )
     ).result()
     (row,) = store.rows("SELECT * FROM instances")
@@ -215,10 +205,10 @@ def _finish(store: Store, attempts: int, give_up: GiveUp, failing_since: str | N
 
 def test_attempts_beyond_the_cap_end_as_failed_with_the_reason(store: Store) -> None:
     """Done-when 3: 10,000 attempts in the database (2.0 ** 9999 overflowed before)."""
-    _add(store, "1.1", 10, COMPRESSED)
+    _add(store, "1.1", 10, QueueState.COMPRESSED)
     _finish(store, 10_000, GiveUp(max_attempts=500, after_hours=72), None)
     (row,) = store.rows("SELECT * FROM instances")
-    assert row["state"] == FAILED
+    assert row["state"] == QueueState.FAILED
     assert row["attempts"] == 10_001
     assert row["last_error"] == (
         "HTTP 503: busy; gave up after 10001 attempts (upload.max_attempts)"
@@ -226,11 +216,11 @@ def test_attempts_beyond_the_cap_end_as_failed_with_the_reason(store: Store) -> 
     # An operator's retry gives it a fresh start.
     assert store.submit(lambda c: retry_failed(c, None)).result() == 1
     (row,) = store.rows("SELECT * FROM instances")
-    assert (row["state"], row["attempts"], row["failing_since"]) == (COMPRESSED, 0, None)
+    assert (row["state"], row["attempts"], row["failing_since"]) == (QueueState.COMPRESSED, 0, None)
 
 
 def test_gives_up_after_hours_of_failures(store: Store) -> None:
-    _add(store, "1.1", 10, COMPRESSED, hours_ago=100)
+    _add(store, "1.1", 10, QueueState.COMPRESSED, hours_ago=100)
     store.submit(
         lambda c: c.execute(
             "UPDATE instances SET received_at = ?",
@@ -240,11 +230,11 @@ def test_gives_up_after_hours_of_failures(store: Store) -> None:
     limits = GiveUp(max_attempts=500, after_hours=72)
     _finish(store, 3, limits, None)  # the first failure starts the clock now
     (row,) = store.rows("SELECT * FROM instances")
-    assert row["state"] == COMPRESSED and row["failing_since"] is not None
+    assert row["state"] == QueueState.COMPRESSED and row["failing_since"] is not None
     since = (datetime.now(UTC) - timedelta(hours=73)).isoformat()
     _finish(store, 4, limits, since)
     (row,) = store.rows("SELECT * FROM instances")
-    assert row["state"] == FAILED
+    assert row["state"] == QueueState.FAILED
     assert row["last_error"].startswith("HTTP 503: busy; gave up after 73 hours")
 
 
@@ -318,10 +308,10 @@ async def test_a_transcode_bug_falls_back_to_the_original(
     try:
         for _ in range(300):
             (row,) = store.rows("SELECT * FROM instances")
-            if row["state"] == COMPRESSED:
+            if row["state"] == QueueState.COMPRESSED:
                 break
             await asyncio.sleep(0.1)
-        assert row["state"] == COMPRESSED, "the pipeline stopped on the bug"
+        assert row["state"] == QueueState.COMPRESSED, "the pipeline stopped on the bug"
         assert row["transcode_outcome"] == "fallback"
         assert "bug in the encoder glue" in row["transcode_reason"]
         assert row["upload_path"] == f.relpath  # the original goes up unchanged

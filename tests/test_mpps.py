@@ -43,16 +43,15 @@ from gateway.mpps import (
     DISCONTINUED,
     IN_PROGRESS,
     SET,
-    Message,
     Outcome,
     Refused,
-    StepRef,
     check_create,
     check_set,
     classify,
-    refers_to,
 )
+from gateway.mpps_outbox import Message
 from gateway.store import Store
+from gateway.worklist_cache import StepRef, refers_to
 
 from .conftest import GatewayFactory
 from .gateway_proc import GatewayProcess

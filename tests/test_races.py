@@ -24,19 +24,13 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from gateway import jobs
+from gateway import instances, jobs
+from gateway import store as store_module
 from gateway.config import from_dict
+from gateway.instances import QueueState, ReceivedInstance
 from gateway.reconcile import reconcile
 from gateway.spool import Spool
-from gateway.store import (
-    COMPRESSED,
-    COMPRESSING,
-    FAILED,
-    RECEIVED,
-    UPLOADED,
-    ReceivedInstance,
-    Store,
-)
+from gateway.store import Store
 
 from . import corpus
 from .conftest import GatewayFactory
@@ -130,7 +124,7 @@ def test_concurrent_changed_and_identical_resend_keep_the_file(
     assert gw.stop() == 0
     gw.start()
     (row,) = gw.rows()
-    assert row["state"] != FAILED, row["last_error"]
+    assert row["state"] != QueueState.FAILED, row["last_error"]
     assert gw.stop() == 0
 
 
@@ -201,7 +195,7 @@ async def test_retention_keeps_the_file_of_an_identical_resend(
     store.submit(
         lambda c: c.execute(
             "UPDATE instances SET state = ?, uploaded_at = '2000-01-01T00:00:00+00:00'",
-            (UPLOADED,),
+            (QueueState.UPLOADED,),
         )
     ).result()
     (row,) = store.rows("SELECT * FROM instances")
@@ -232,7 +226,7 @@ async def test_retention_keeps_the_file_of_an_identical_resend(
         with pytest.raises(asyncio.CancelledError):
             await task
     (row,) = store.rows("SELECT * FROM instances")
-    assert (row["path"], row["state"]) == (relpath, RECEIVED)
+    assert (row["path"], row["state"]) == (relpath, QueueState.RECEIVED)
     assert spool.path_of(relpath).read_bytes() == data, "the re-send's file was deleted"
 
 
@@ -247,11 +241,11 @@ def test_pruned_file_goes_when_nothing_refers_to_it(spool: Spool, wired: Store) 
         lambda c: c.execute(
             "UPDATE instances SET state = ?, uploaded_at = '2000-01-01T00:00:00+00:00'"
             " WHERE sop_instance_uid IN ('1.1', '1.3')",
-            (UPLOADED,),
+            (QueueState.UPLOADED,),
         )
     ).result()
     paths = {r["sop_instance_uid"]: r["path"] for r in store.rows("SELECT * FROM instances")}
-    store.submit(jobs._prune(0, 0), durable=True).result()
+    store.submit(instances.prune(0, 0), durable=True).result()
     _settle(store)
     assert spool.path_of(paths["1.2"]).exists()  # 1.2 (not uploaded) still refers to it
     assert not spool.path_of(paths["1.3"]).exists()
@@ -282,7 +276,7 @@ def test_lost_compression_output_is_removed_only_if_unreferenced(
 ) -> None:
     store = wired
     _receive(spool, store, "1.1", b"original").result()
-    claimed = store.submit(jobs._claim_for_compression(1)).result()[0]
+    claimed = store.submit(instances.claim_for_compression(1)).result()[0]
     tmp = spool.tmp_dir / "j2k.dcm"
     tmp.write_bytes(b"compressed")
     output = spool.commit_file(tmp)
@@ -290,18 +284,18 @@ def test_lost_compression_output_is_removed_only_if_unreferenced(
     _receive(spool, store, "1.1", b"original, changed").result()
     _receive(spool, store, "1.9", b"compressed").result()
     result = jobs.TranscodeResult("compressed", "", "1.2.840.10008.1.2.4.90", 8, 10, 0.1)
-    mark = jobs._mark_compressed(claimed, output.relpath, 10, result)
+    mark = instances.mark_compressed(claimed, output.relpath, 10, result)
     unpin = lambda: spool.release(output.relpath)  # noqa: E731
     assert store.submit(mark, durable=False, when_done=unpin).result() is False
     _settle(store)
     assert spool.path_of(output.relpath).exists(), "1.9 refers to it"
 
-    claimed = store.submit(jobs._claim_for_compression(2)).result()
+    claimed = store.submit(instances.claim_for_compression(2)).result()
     one = next(c for c in claimed if c.sop_instance_uid == "1.1")
     tmp.write_bytes(b"another output")
     output = spool.commit_file(tmp)
     _receive(spool, store, "1.1", b"changed again").result()
-    mark = jobs._mark_compressed(one, output.relpath, 10, result)
+    mark = instances.mark_compressed(one, output.relpath, 10, result)
     assert store.submit(mark, durable=False, when_done=unpin).result() is False
     _settle(store)
     assert not spool.path_of(output.relpath).exists()
@@ -354,7 +348,9 @@ async def test_store_run_is_the_loop_side_submit(store: Store) -> None:
     assert await store.run(lambda c: c.execute("SELECT 41 + 1").fetchone()[0]) == 42
 
 
-def test_close_finishes_queued_writes_and_is_bounded(tmp_path: Path) -> None:
+def test_close_finishes_queued_writes_and_is_bounded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     s = Store(tmp_path / "q.sqlite3")
     s.open()
     with write_lock(s.path):
@@ -362,10 +358,27 @@ def test_close_finishes_queued_writes_and_is_bounded(tmp_path: Path) -> None:
         started = time.monotonic()
         s.close(timeout=0.2)  # the lock outlives the timeout: close does not hang
         assert time.monotonic() - started < 5
+    assert "queue database writer still busy after 0.2 s" in caplog.text
     for fut in futures:
         assert fut.result(timeout=30) == 7  # the writer outlives the caller's close
     s._thread.join(timeout=30)  # type: ignore[union-attr]
     assert not s.alive
+
+
+def test_close_without_a_timeout_is_bounded_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every caller's close (the CLI's too) has a bound: store.CLOSE_TIMEOUT_S."""
+    monkeypatch.setattr(store_module, "CLOSE_TIMEOUT_S", 0.2)
+    s = Store(tmp_path / "q.sqlite3")
+    s.open()
+    with write_lock(s.path):
+        future = s.submit(lambda c: 7)
+        s.close()
+        assert s.alive  # not waited for: the lock is still held
+    assert "queue database writer still busy after 0.2 s" in caplog.text
+    assert future.result(timeout=30) == 7
+    s._thread.join(timeout=30)  # type: ignore[union-attr]
 
 
 # -- stop order ------------------------------------------------------------------------------
@@ -410,7 +423,7 @@ def test_requests_in_flight_at_sigterm_get_their_true_answer(
     assert [r["sop_instance_uid"] for r in gw.rows("SELECT * FROM mpps")] == [mpps_uid]
     gw.start()
     (row,) = gw.rows()
-    assert row["state"] != FAILED and (gw.spool / row["path"]).exists()
+    assert row["state"] != QueueState.FAILED and (gw.spool / row["path"]).exists()
     assert gw.stop() == 0
 
 
@@ -451,12 +464,12 @@ async def test_compress_stage_registers_its_output(
     _receive(spool, wired, "1.1", b"x").result()
     pipeline = jobs.Pipeline(_config(tmp_path, spool), spool, wired)  # type: ignore[arg-type]
     pipeline._pool = object()  # type: ignore[assignment]
-    (claimed,) = wired.submit(jobs._claim_for_compression(1)).result()
+    (claimed,) = wired.submit(instances.claim_for_compression(1)).result()
     await pipeline._compress_one(claimed)
     assert seen == [(True, True)]
     assert spool._outputs == set()
     (row,) = wired.rows("SELECT state FROM instances")
-    assert row["state"] == COMPRESSED
+    assert row["state"] == QueueState.COMPRESSED
 
 
 def test_reconciler_recompresses_a_missing_j2k_copy(spool: Spool, wired: Store) -> None:
@@ -476,7 +489,8 @@ def test_reconciler_recompresses_a_missing_j2k_copy(spool: Spool, wired: Store) 
                 (p, uid),
             )
         ).result()
-    states = {"1.1": COMPRESSED, "1.2": "uploading", "1.3": UPLOADED, "1.4": COMPRESSED}
+    s = QueueState
+    states = {"1.1": s.COMPRESSED, "1.2": s.UPLOADING, "1.3": s.UPLOADED, "1.4": s.COMPRESSED}
     for uid, state in states.items():
         store.submit(
             lambda c, uid=uid, state=state: c.execute(
@@ -490,11 +504,11 @@ def test_reconciler_recompresses_a_missing_j2k_copy(spool: Spool, wired: Store) 
     assert (result.missing_files, result.recompress, result.orphans_removed) == (0, 2, 0)
     rows = {r["sop_instance_uid"]: r for r in store.rows("SELECT * FROM instances")}
     assert {u: r["state"] for u, r in rows.items()} == {
-        "1.1": RECEIVED, "1.2": RECEIVED, "1.3": UPLOADED, "1.4": COMPRESSED,
+        "1.1": s.RECEIVED, "1.2": s.RECEIVED, "1.3": s.UPLOADED, "1.4": s.COMPRESSED,
     }  # fmt: skip
     assert [u for u, r in rows.items() if r["upload_path"] is None] == ["1.1", "1.2", "1.3"]
     assert rows["1.4"]["upload_path"] == copies["1.4"]
-    assert COMPRESSING not in {r["state"] for r in rows.values()}
+    assert QueueState.COMPRESSING not in {r["state"] for r in rows.values()}
 
 
 def test_reconciler_keeps_files_any_row_refers_to(spool: Spool, wired: Store) -> None:
@@ -526,11 +540,11 @@ def test_prune_works_in_bounded_passes(spool: Spool, wired: Store) -> None:
     store.submit(
         lambda c: c.execute(
             "UPDATE instances SET state = ?, uploaded_at = '2000-01-01T00:00:00+00:00'",
-            (UPLOADED,),
+            (QueueState.UPLOADED,),
         )
     ).result()
     passes = []
-    while files := store.submit(jobs._prune(0, 0, max_rows=2), durable=True).result():
+    while files := store.submit(instances.prune(0, 0, max_rows=2), durable=True).result():
         passes.append(len(files))
     _settle(store)
     assert passes == [2, 2, 1]

@@ -18,8 +18,9 @@ import pytest
 
 from gateway.app import EXIT_COMPONENT_FAILED, Gateway
 from gateway.config import from_dict
+from gateway.instances import ReceivedInstance
 from gateway.spool import Spool
-from gateway.store import ReceivedInstance, Store
+from gateway.store import Store
 
 from . import corpus
 from .conftest import GatewayFactory

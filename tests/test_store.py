@@ -12,18 +12,10 @@ from hypothesis import strategies as st
 from pydicom.uid import generate_uid
 
 from gateway.config import is_valid_uid
+from gateway.instances import QueueState, ReceivedInstance
 from gateway.reconcile import reconcile
 from gateway.spool import Spool
-from gateway.store import (
-    COMPRESSED,
-    COMPRESSING,
-    FAILED,
-    MIGRATIONS,
-    RECEIVED,
-    UPLOADING,
-    ReceivedInstance,
-    Store,
-)
+from gateway.store import MIGRATIONS, Store
 
 
 def _instance(uid: str, path: str = "objects/00/x.dcm", sha: str = "0" * 64) -> ReceivedInstance:
@@ -78,12 +70,16 @@ def test_concurrent_writers_all_commit(store: Store) -> None:
 def test_resend_keeps_one_row_and_reports_the_replaced_file(store: Store) -> None:
     assert store.record_instance(_instance("1.2.3", "objects/aa/a.dcm")).result() == []
     store.submit(
-        lambda c: c.execute("UPDATE instances SET state = ?, attempts = 3", (FAILED,))
+        lambda c: c.execute("UPDATE instances SET state = ?, attempts = 3", (QueueState.FAILED,))
     ).result()
     replaced = store.record_instance(_instance("1.2.3", "objects/bb/b.dcm", "1" * 64)).result()
     assert replaced == ["objects/aa/a.dcm"]
     (row,) = store.rows("SELECT * FROM instances")
-    assert (row["path"], row["state"], row["attempts"]) == ("objects/bb/b.dcm", RECEIVED, 0)
+    assert (row["path"], row["state"], row["attempts"]) == (
+        "objects/bb/b.dcm",
+        QueueState.RECEIVED,
+        0,
+    )
     # Same content again: nothing to remove.
     assert store.record_instance(_instance("1.2.3", "objects/bb/b.dcm", "1" * 64)).result() == []
 
@@ -147,7 +143,7 @@ def test_reconcile(tmp_path: Path) -> None:
     store.record_instance(_instance("1.3", "objects/ff/gone.dcm")).result()
     store.submit(
         lambda c: c.execute(
-            "UPDATE instances SET state = ? WHERE sop_instance_uid = '1.2'", (UPLOADING,)
+            "UPDATE instances SET state = ? WHERE sop_instance_uid = '1.2'", (QueueState.UPLOADING,)
         )
     ).result()
 
@@ -157,9 +153,13 @@ def test_reconcile(tmp_path: Path) -> None:
     assert not spool.path_of(orphan.relpath).exists()
     assert spool.path_of(kept.relpath).exists()
     states = {r["sop_instance_uid"]: r["state"] for r in store.rows("SELECT * FROM instances")}
-    assert states == {"1.1": RECEIVED, "1.2": COMPRESSED, "1.3": FAILED}
+    assert states == {
+        "1.1": QueueState.RECEIVED,
+        "1.2": QueueState.COMPRESSED,
+        "1.3": QueueState.FAILED,
+    }
     assert list(spool.tmp_dir.iterdir()) == []
-    assert COMPRESSING not in states.values()
+    assert QueueState.COMPRESSING not in states.values()
     store.close()
 
 

@@ -35,7 +35,8 @@ from pydicom.uid import generate_uid
 from gateway import worklist as worklist_module
 from gateway.config import ConfigError, from_dict
 from gateway.store import Store
-from gateway.worklist import Worklist, _replace_source, prefilter, to_cached
+from gateway.worklist import Worklist, to_cached
+from gateway.worklist_cache import prefilter, replace_source
 from gateway.worklist_match import find
 from gateway.worklist_sources import (
     DROP_SOURCE,
@@ -602,7 +603,7 @@ PREFILTER_QUERIES = {
 def test_prefilter_never_drops_a_match(name: str, store: Store) -> None:
     """The SQL prefilter only narrows: the answer equals matching the whole cache."""
     items = _prefilter_items()
-    store.submit(_replace_source("test", [to_cached("test", ds) for ds in items])).result()
+    store.submit(replace_source("test", [to_cached("test", ds) for ds in items])).result()
     worklist = Worklist(from_dict({"worklist": {"expire_after_days": 30}}), store)
     query = PREFILTER_QUERIES[name]
     expected = sorted(r.AccessionNumber for r in find(items, query))
@@ -615,7 +616,7 @@ def test_prefilter_never_drops_a_match(name: str, store: Store) -> None:
 
 def test_a_remembered_answer_follows_the_cache(store: Store) -> None:
     item = _item("RA001", "Before^Name", "", "PRA1", "CT", "CT_ROOM1", 0, "0800")
-    store.submit(_replace_source("test", [to_cached("test", item)])).result()
+    store.submit(replace_source("test", [to_cached("test", item)])).result()
     worklist = Worklist(from_dict({}), store)
     query = _query({"PatientName": ""}, ScheduledProcedureStepStartDate=_day(0), Modality="CT")
     (first,) = worklist.answer(query)
@@ -624,10 +625,10 @@ def test_a_remembered_answer_follows_the_cache(store: Store) -> None:
     item.PatientName = "After^Name"
     other = _item("RA002", "Other^Name", "", "PRA2", "CT", "CT_ROOM2", 0, "0900")
     items = [to_cached("test", item), to_cached("test", other)]
-    store.submit(_replace_source("test", items)).result()
+    store.submit(replace_source("test", items)).result()
     names = sorted(str(r.PatientName) for r in worklist.answer(query))
     assert names == ["After^Name", "Other^Name"]
-    store.submit(_replace_source("test", [])).result()
+    store.submit(replace_source("test", [])).result()
     assert list(worklist.answer(query)) == []
 
 
@@ -639,7 +640,7 @@ def test_what_the_worklist_keeps_in_memory_is_bounded(
     monkeypatch.setattr(worklist_module, "_RESPONSES_KEPT", 4)
     items = [_item(f"BK{n:03d}", f"Kept^{n}", "", f"PBK{n}", "CT" if n % 2 else "MR",
                    "ROOM1", 0, "0800") for n in range(8)]  # fmt: skip
-    store.submit(_replace_source("test", [to_cached("test", ds) for ds in items])).result()
+    store.submit(replace_source("test", [to_cached("test", ds) for ds in items])).result()
     worklist = Worklist(from_dict({}), store)
     everything = _query({"PatientName": ""})
     assert len(list(worklist.answer(everything))) == 8
