@@ -4,9 +4,10 @@
                                                ^                      |
                                                +--- retry (backoff) --+--> failed
 
-Every transition is a write through the store's single writer.  A stage claims rows by
-moving them into its transient state; a crash leaves them there and the start-up
-reconciler hands them back.  Completions are guarded by the row's sha256 and state,
+Every transition is a write through the store's single writer, one of the queue
+table's functions (gateway/instances.py, the only place with its SQL).  A stage claims
+rows by moving them into its transient state; a crash leaves them there and the
+start-up reconciler hands them back.  Completions are guarded by the row's sha256 and state,
 so an instance re-received while it was being processed is not marked with the
 outcome of its older copy.
 

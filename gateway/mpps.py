@@ -4,8 +4,9 @@ The modality tells us it started (N-CREATE, status IN PROGRESS) and finished
 (N-SET, COMPLETED or DISCONTINUED) a procedure step.  Each request is checked against
 PS3.4 F.7.2 and against the step as it stands, inside the store's writer transaction
 (so two associations cannot both create the same instance), and answered only after
-it committed durably: the step's current state, the message in the outbox, and the
-MPPS status of the worklist item(s) it refers to.
+it committed durably: the step's current state, the message in the outbox
+(gateway/mpps_outbox.py), and the MPPS status of the worklist item(s) it refers to
+(gateway/worklist_cache.py).
 
 The :class:`Forwarder` sends the outbox to the upstream MPPS SCP (``[mpps]``) as an
 SCU, in the order received, one association per round:

@@ -8,7 +8,8 @@ Each refresh replaces what that source holds, so the cache follows it within one
 period; a failed refresh keeps the last good items and records the error.  Items whose
 scheduled date is more than ``worklist.expire_after_days`` in the past are dropped.
 Items are kept as DICOM JSON, with their Specific Character Set, so names in any
-character set go back out as they came in.
+character set go back out as they came in (the cache's tables and their SQL:
+gateway/worklist_cache.py).
 
 A query is answered in two steps: SQL narrows the rows by the step's date, modality
 and station and by patient ID and accession number, using columns that hold a value
