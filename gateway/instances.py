@@ -594,3 +594,147 @@ def listing(
         (*params, limit),
     ).fetchall()
     return [{**dict(r), "warnings": decode_warnings(r["warnings"])} for r in rows]
+
+
+# -- the status page, /api/status, /metrics and the heartbeat (reads) ---------------------
+# Each query stays cheap on a large queue: counts use the state indexes, time ranges
+# the received_at / uploaded_at covering indexes (migration 5), warnings a partial
+# index (migration 9).  gateway/status.py takes its snapshot from these.
+
+
+def count_by_state(conn: sqlite3.Connection) -> dict[QueueState, int]:
+    """Rows in each state (every state, 0 when none)."""
+    counts = dict.fromkeys(QueueState, 0)
+    for row in conn.execute("SELECT state, count(*) AS n FROM instances GROUP BY state"):
+        counts[row["state"]] = row["n"]
+    return counts
+
+
+def uploaded_since(conn: sqlite3.Connection, since: str) -> int:
+    """Instances uploaded at or after *since* (and still ``uploaded``)."""
+    row = conn.execute(
+        "SELECT count(*) FROM instances WHERE state = ? AND uploaded_at >= ?",
+        (QueueState.UPLOADED, since),
+    ).fetchone()
+    return int(row[0])
+
+
+def oldest_received_at(conn: sqlite3.Connection, states: Sequence[QueueState]) -> str | None:
+    """When the oldest row in one of *states* was received (None: no such row); one
+    index lookup per state."""
+    oldest: str | None = None
+    for state in states:
+        value = conn.execute(
+            "SELECT min(received_at) FROM instances WHERE state = ?", (state,)
+        ).fetchone()[0]
+        if value is not None and (oldest is None or value < oldest):
+            oldest = value
+    return oldest
+
+
+def last_uploaded_at(conn: sqlite3.Connection) -> str | None:
+    value = conn.execute("SELECT max(uploaded_at) FROM instances").fetchone()[0]
+    return str(value) if value is not None else None
+
+
+#: Per minute (``YYYY-MM-DDTHH:MM``): (instances, bytes).
+PerMinute = dict[str, tuple[int, int]]
+
+
+def per_minute(conn: sqlite3.Connection, since: str) -> tuple[PerMinute, PerMinute]:
+    """Received and uploaded instances and bytes per minute, from *since* on."""
+    received: PerMinute = {}
+    for row in conn.execute(
+        "SELECT substr(received_at, 1, 16) AS m, count(*) AS n, sum(size) AS b"
+        " FROM instances WHERE received_at >= ? GROUP BY m",
+        (since,),
+    ):
+        received[row["m"]] = (row["n"], row["b"] or 0)
+    uploaded: PerMinute = {}
+    for row in conn.execute(
+        "SELECT substr(uploaded_at, 1, 16) AS m, count(*) AS n, sum(upload_size) AS b"
+        " FROM instances WHERE uploaded_at >= ? GROUP BY m",
+        (since,),
+    ):
+        uploaded[row["m"]] = (row["n"], row["b"] or 0)
+    return received, uploaded
+
+
+def calling_aes(conn: sqlite3.Connection, since: str, limit: int = 200) -> list[dict[str, Any]]:
+    """Each calling AE (at most *limit*): ``calling_ae``, ``last_24h`` (instances
+    received at or after *since*) and ``last_seen``, the most recently seen first."""
+    # Distinct calling AEs by hopping along the (calling_ae, received_at) index, then
+    # two index lookups each: O(AEs x log n), not a scan of the whole queue.
+    aes = [
+        r[0]
+        for r in conn.execute(
+            "WITH RECURSIVE ae(x) AS (SELECT min(calling_ae) FROM instances UNION ALL"
+            " SELECT (SELECT min(calling_ae) FROM instances WHERE calling_ae > x)"
+            " FROM ae WHERE x IS NOT NULL) SELECT x FROM ae WHERE x IS NOT NULL LIMIT ?",
+            (limit,),
+        )
+    ]
+    found = []
+    for ae in aes:
+        last, n = conn.execute(
+            "SELECT max(received_at), (SELECT count(*) FROM instances"
+            " WHERE calling_ae = ?1 AND received_at >= ?2) FROM instances WHERE calling_ae = ?1",
+            (ae, since),
+        ).fetchone()
+        found.append({"calling_ae": ae, "last_24h": n, "last_seen": last})
+    found.sort(key=lambda m: m["last_seen"] or "", reverse=True)
+    return found
+
+
+def failed(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+    """The newest *limit* failed rows."""
+    return [
+        dict(r)
+        for r in conn.execute(
+            "SELECT sop_instance_uid, study_instance_uid, calling_ae, attempts, received_at,"
+            " updated_at, last_error FROM instances WHERE state = ?"
+            " ORDER BY received_at DESC LIMIT ?",
+            (QueueState.FAILED, limit),
+        )
+    ]
+
+
+def retrying(conn: sqlite3.Connection, limit: int = 10) -> list[dict[str, Any]]:
+    """Instances waiting for a retry after a failed upload, soonest first."""
+    return [
+        dict(r)
+        for r in conn.execute(
+            # The partial index of migration 5, named: the planner otherwise walks every
+            # waiting row along (state, next_attempt_at) looking for ones with an error.
+            # The state is written out, not bound: only then does the index apply.
+            "SELECT sop_instance_uid, attempts, next_attempt_at, last_error FROM instances"
+            " INDEXED BY idx_instances_retrying"
+            f" WHERE state = '{QueueState.COMPRESSED}' AND last_error IS NOT NULL"
+            " ORDER BY next_attempt_at LIMIT ?",
+            (limit,),
+        )
+    ]
+
+
+def warned(conn: sqlite3.Connection, limit: int) -> tuple[int, list[dict[str, Any]]]:
+    """How many instances the archive stored with warnings, and the newest *limit* of
+    them (``warnings`` as a list of texts)."""
+    count = conn.execute("SELECT count(*) FROM instances WHERE warnings IS NOT NULL").fetchone()
+    recent = [
+        {**dict(r), "warnings": decode_warnings(r["warnings"])}
+        for r in conn.execute(
+            "SELECT sop_instance_uid, study_instance_uid, calling_ae, uploaded_at, warnings"
+            " FROM instances WHERE warnings IS NOT NULL ORDER BY uploaded_at DESC LIMIT ?",
+            (limit,),
+        )
+    ]
+    return int(count[0]), recent
+
+
+def bytes_on_disk(conn: sqlite3.Connection) -> int:
+    """Bytes of the spool files rows refer to (a J2K copy counted besides its original)."""
+    row = conn.execute(
+        "SELECT coalesce(sum(size), 0) + coalesce(sum(CASE WHEN upload_path != path"
+        " THEN upload_size END), 0) FROM instances WHERE path IS NOT NULL"
+    ).fetchone()
+    return int(row[0])

@@ -213,7 +213,7 @@ def record_create(uid: str, attributes: Dataset, calling_ae: str) -> WriteFn[int
 
     def write(conn: sqlite3.Connection) -> int:
         now = utcnow()
-        if mpps_outbox.step(conn, uid) is not None:
+        if mpps_outbox.has_step(conn, uid):
             raise Refused(DUPLICATE_INSTANCE, "this Performed Procedure Step already exists")
         mpps_outbox.create_step(conn, uid, IN_PROGRESS, data, calling_ae, now)
         worklist_cache.mark_mpps(conn, uid, refs, IN_PROGRESS, now)

@@ -51,6 +51,12 @@ class Step:
 # -- the SCP (inside its write functions, in the writer thread) --------------------------
 
 
+def has_step(conn: sqlite3.Connection, uid: str) -> bool:
+    return (
+        conn.execute("SELECT 1 FROM mpps WHERE sop_instance_uid = ?", (uid,)).fetchone() is not None
+    )
+
+
 def step(conn: sqlite3.Connection, uid: str) -> Step | None:
     row = conn.execute(
         "SELECT status, dataset FROM mpps WHERE sop_instance_uid = ?", (uid,)
@@ -225,3 +231,38 @@ def listing(conn: sqlite3.Connection, state: str | None, limit: int) -> list[dic
         (*params, limit),
     ).fetchall()
     return [dict(r) for r in rows]
+
+
+# -- the status page, /api/status, /metrics (reads) ---------------------------------------
+
+
+def count_unsent(conn: sqlite3.Connection) -> dict[OutboxState, int]:
+    """Messages in each state but ``sent`` (0 when none)."""
+    counts = dict.fromkeys((OutboxState.PENDING, OutboxState.SENDING, OutboxState.FAILED), 0)
+    for row in conn.execute(
+        "SELECT state, count(*) AS n FROM mpps_outbox WHERE state != ? GROUP BY state",
+        (OutboxState.SENT,),
+    ):
+        counts[row["state"]] = row["n"]
+    return counts
+
+
+def oldest_waiting_at(conn: sqlite3.Connection) -> str | None:
+    """When the oldest message still to be delivered (pending or sending) came in."""
+    value = conn.execute(
+        "SELECT min(received_at) FROM mpps_outbox WHERE state IN (?, ?)",
+        (OutboxState.PENDING, OutboxState.SENDING),
+    ).fetchone()[0]
+    return str(value) if value is not None else None
+
+
+def failed_messages(conn: sqlite3.Connection, limit: int) -> list[dict[str, Any]]:
+    """The newest *limit* messages the upstream refused for good."""
+    return [
+        dict(r)
+        for r in conn.execute(
+            "SELECT seq, sop_instance_uid, kind, received_at, last_error FROM mpps_outbox"
+            " WHERE state = ? ORDER BY seq DESC LIMIT ?",
+            (OutboxState.FAILED, limit),
+        )
+    ]

@@ -198,3 +198,75 @@ def test_generated_uids_are_valid(seed: int) -> None:
 )
 def test_bad_uids_rejected(bad: str) -> None:
     assert not is_valid_uid(bad)
+
+
+# -- the owners' reads for the status page (gateway/status.py takes its snapshot) --------
+
+
+def test_queue_reads_for_the_status(store: Store) -> None:
+    from gateway import instances
+
+    for uid, ae in (("1.1", "CT1"), ("1.2", "CT1"), ("1.3", "MR1"), ("1.4", "MR1")):
+        store.record_instance(_instance(uid, f"objects/00/{uid}.dcm")).result()
+        store.submit(
+            lambda c, uid=uid, ae=ae: c.execute(
+                "UPDATE instances SET calling_ae = ? WHERE sop_instance_uid = ?", (ae, uid)
+            )
+        ).result()
+    s = QueueState
+    rows = {
+        "1.1": (s.UPLOADED, "2030-01-01T10:00:30", None, '["0xB000 coerced"]', "2020-01-01"),
+        "1.2": (s.FAILED, None, "boom", None, "2020-01-02"),
+        "1.3": (s.COMPRESSED, None, "HTTP 503", None, "2020-01-03"),
+        "1.4": (s.RECEIVED, None, None, None, "2020-01-04"),
+    }
+    for uid, (state, uploaded_at, error, warnings, received_at) in rows.items():
+        store.submit(
+            lambda c, uid=uid, r=(state, uploaded_at, error, warnings, received_at): c.execute(
+                "UPDATE instances SET state = ?, uploaded_at = ?, last_error = ?, warnings = ?,"
+                " received_at = ?, upload_size = 5, upload_path = 'objects/j2k'"
+                " WHERE sop_instance_uid = ?",
+                (*r, uid),
+            )
+        ).result()
+    conn_reads = store.read
+    assert conn_reads(instances.count_by_state) == {
+        s.RECEIVED: 1, s.COMPRESSING: 0, s.COMPRESSED: 1, s.UPLOADING: 0, s.UPLOADED: 1,
+        s.FAILED: 1,
+    }  # fmt: skip
+    assert conn_reads(lambda c: instances.uploaded_since(c, "2030-01-01T00:00")) == 1
+    assert conn_reads(lambda c: instances.uploaded_since(c, "2030-01-02T00:00")) == 0
+    pending = (s.RECEIVED, s.COMPRESSING, s.COMPRESSED, s.UPLOADING)
+    assert conn_reads(lambda c: instances.oldest_received_at(c, pending)) == "2020-01-03"
+    assert conn_reads(instances.last_uploaded_at) == "2030-01-01T10:00:30"
+    received, uploaded = conn_reads(lambda c: instances.per_minute(c, "2000"))
+    assert received == {"2020-01-01": (1, 10), "2020-01-02": (1, 10), "2020-01-03": (1, 10),
+                        "2020-01-04": (1, 10)}  # fmt: skip
+    assert uploaded == {"2030-01-01T10:00": (1, 5)}
+    assert conn_reads(lambda c: instances.calling_aes(c, "2020-01-02")) == [
+        {"calling_ae": "MR1", "last_24h": 2, "last_seen": "2020-01-04"},
+        {"calling_ae": "CT1", "last_24h": 1, "last_seen": "2020-01-02"},
+    ]
+    assert [r["sop_instance_uid"] for r in conn_reads(lambda c: instances.failed(c, 10))] == ["1.2"]
+    assert conn_reads(instances.retrying)[0]["sop_instance_uid"] == "1.3"
+    count, recent = conn_reads(lambda c: instances.warned(c, 10))
+    assert (count, recent[0]["warnings"]) == (1, ["0xB000 coerced"])
+    assert conn_reads(instances.bytes_on_disk) == 4 * (10 + 5)
+
+
+def test_outbox_reads_for_the_status(store: Store) -> None:
+    from gateway import mpps_outbox
+    from gateway.mpps_outbox import OutboxState
+
+    def fill(conn: sqlite3.Connection) -> None:
+        for i, state in enumerate(("sent", "pending", "sending", "failed", "failed")):
+            seq = mpps_outbox.enqueue(conn, f"1.{i}", "create", b"", False, f"2020-01-0{i + 1}")
+            conn.execute("UPDATE mpps_outbox SET state = ? WHERE seq = ?", (state, seq))
+
+    store.submit(fill).result()
+    assert store.read(mpps_outbox.count_unsent) == {
+        OutboxState.PENDING: 1, OutboxState.SENDING: 1, OutboxState.FAILED: 2,
+    }  # fmt: skip
+    assert store.read(mpps_outbox.oldest_waiting_at) == "2020-01-02"
+    failed = store.read(lambda c: mpps_outbox.failed_messages(c, 1))
+    assert [m["sop_instance_uid"] for m in failed] == ["1.4"]
