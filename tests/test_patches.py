@@ -55,7 +55,8 @@ from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from gateway import config as gw_config
 from gateway import mpps, patches, wakeup, worklist
-from gateway.mpps import CREATE, SET, Message, Outcome
+from gateway.mpps import CREATE, SET, Outcome
+from gateway.mpps_outbox import Message
 from gateway.store import Store
 
 from .conftest import GatewayFactory
