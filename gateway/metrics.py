@@ -20,6 +20,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .mpps_outbox import OutboxState
 
 if TYPE_CHECKING:
     from .status_doc import StatusDoc
@@ -187,9 +188,10 @@ class SnapshotCollector(Collector):
             "MPPS messages not yet delivered to the RIS, by state",
             labels=["state"],
         )
-        for state, n in (("pending", s.mpps.pending), ("sending", s.mpps.sending),
-                         ("failed", s.mpps.failed)):  # fmt: skip
-            outbox.add_metric([state], n)
+        o = OutboxState
+        for state, n in ((o.PENDING, s.mpps.pending), (o.SENDING, s.mpps.sending),
+                         (o.FAILED, s.mpps.failed)):  # fmt: skip
+            outbox.add_metric([state.value], n)
         yield outbox
         cert = s.certificate
         if cert.not_after_ts is not None:
