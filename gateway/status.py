@@ -26,8 +26,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
+from . import __version__, instances, mpps_outbox
 from .config import Config
+from .instances import QueueState
+from .mpps_outbox import OutboxState
 from .status_doc import (
     ArchiveState,
     ArchiveStatus,
@@ -51,17 +53,7 @@ from .status_doc import (
     WarningsStatus,
     WorklistSource,
 )
-from .store import (
-    COMPRESSED,
-    COMPRESSING,
-    FAILED,
-    RECEIVED,
-    STATES,
-    UPLOADED,
-    UPLOADING,
-    Store,
-    decode_warnings,
-)
+from .store import Store
 
 if TYPE_CHECKING:
     from .jobs import Pipeline
@@ -89,7 +81,7 @@ WARNED_SHOWN = 20
 RECENT_ERRORS = 20
 #: A component restarted after a crash shows as "degraded" for this long.
 RESTART_SHOWN_S = 600.0
-PENDING_STATES = (RECEIVED, COMPRESSING, COMPRESSED)
+PENDING_STATES = (QueueState.RECEIVED, QueueState.COMPRESSING, QueueState.COMPRESSED)
 
 
 def _ts(iso: str | None) -> float | None:
@@ -172,7 +164,7 @@ _NO_WARNINGS = WarningsStatus(count=0, recent=())
 class QueueFacts:
     """What the snapshot read from ``instances``."""
 
-    by_state: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STATES, 0))
+    by_state: dict[str, int] = field(default_factory=lambda: dict.fromkeys(map(str, QueueState), 0))
     done_today: int = 0
     oldest_pending_at: str | None = None
     last_upload_at: str | None = None
@@ -205,143 +197,58 @@ class Snapshot:
 
 
 def read_queue(conn: sqlite3.Connection, now: datetime) -> QueueFacts:
-    """The queue's counts, ages, throughput, modalities and problem instances."""
-    by_state = dict.fromkeys(STATES, 0)
-    for row in conn.execute("SELECT state, count(*) AS n FROM instances GROUP BY state"):
-        by_state[row["state"]] = row["n"]
+    """The queue's counts, ages, throughput, modalities and problem instances, through
+    the queue table's owner (gateway/instances.py)."""
+    by_state = {str(state): n for state, n in instances.count_by_state(conn).items()}
     local_midnight = now.astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
-    done_today = conn.execute(
-        "SELECT count(*) FROM instances WHERE state = ? AND uploaded_at >= ?",
-        (UPLOADED, local_midnight.astimezone(UTC).isoformat(timespec="microseconds")),
-    ).fetchone()[0]
-    oldest: str | None = None
-    for state in (*PENDING_STATES, UPLOADING):
-        value = conn.execute(
-            "SELECT min(received_at) FROM instances WHERE state = ?", (state,)
-        ).fetchone()[0]
-        if value is not None and (oldest is None or value < oldest):
-            oldest = value
-    last_upload = conn.execute("SELECT max(uploaded_at) FROM instances").fetchone()[0]
+    done_today = instances.uploaded_since(
+        conn, local_midnight.astimezone(UTC).isoformat(timespec="microseconds")
+    )
+    oldest = instances.oldest_received_at(conn, (*PENDING_STATES, QueueState.UPLOADING))
 
     since = (now - timedelta(minutes=THROUGHPUT_MINUTES - 1)).replace(second=0, microsecond=0)
-    since_iso = since.isoformat(timespec="microseconds")
     minutes = [(since + timedelta(minutes=i)).isoformat()[:16] for i in range(THROUGHPUT_MINUTES)]
-    received = {m: (0, 0) for m in minutes}
-    uploaded = {m: (0, 0) for m in minutes}
-    for row in conn.execute(
-        "SELECT substr(received_at, 1, 16) AS m, count(*) AS n, sum(size) AS b"
-        " FROM instances WHERE received_at >= ? GROUP BY m",
-        (since_iso,),
-    ):
-        if row["m"] in received:
-            received[row["m"]] = (row["n"], row["b"] or 0)
-    for row in conn.execute(
-        "SELECT substr(uploaded_at, 1, 16) AS m, count(*) AS n, sum(upload_size) AS b"
-        " FROM instances WHERE uploaded_at >= ? GROUP BY m",
-        (since_iso,),
-    ):
-        if row["m"] in uploaded:
-            uploaded[row["m"]] = (row["n"], row["b"] or 0)
+    received, uploaded = instances.per_minute(conn, since.isoformat(timespec="microseconds"))
     throughput = tuple(
-        ThroughputMinute(minute=m, received=received[m][0], received_bytes=received[m][1],
-                         uploaded=uploaded[m][0], uploaded_bytes=uploaded[m][1])
+        ThroughputMinute(minute=m, received=received.get(m, (0, 0))[0],
+                         received_bytes=received.get(m, (0, 0))[1],
+                         uploaded=uploaded.get(m, (0, 0))[0],
+                         uploaded_bytes=uploaded.get(m, (0, 0))[1])
         for m in minutes
     )  # fmt: skip
 
     day_ago = (now - timedelta(days=1)).isoformat(timespec="microseconds")
-    # Distinct calling AEs by hopping along the (calling_ae, received_at) index, then
-    # two index lookups each: O(AEs x log n), not a scan of the whole queue.
-    aes = [
-        r[0]
-        for r in conn.execute(
-            "WITH RECURSIVE ae(x) AS (SELECT min(calling_ae) FROM instances UNION ALL"
-            " SELECT (SELECT min(calling_ae) FROM instances WHERE calling_ae > x)"
-            " FROM ae WHERE x IS NOT NULL) SELECT x FROM ae WHERE x IS NOT NULL LIMIT 200"
-        )
-    ]
-    modalities = []
-    for ae in aes:
-        last, n = conn.execute(
-            "SELECT max(received_at), (SELECT count(*) FROM instances"
-            " WHERE calling_ae = ?1 AND received_at >= ?2) FROM instances WHERE calling_ae = ?1",
-            (ae, day_ago),
-        ).fetchone()
-        modalities.append(Modality(calling_ae=ae, last_24h=n, last_seen=last))
-    modalities.sort(key=lambda m: m.last_seen or "", reverse=True)
-    failed = tuple(
-        FailedInstance(**dict(r))
-        for r in conn.execute(
-            "SELECT sop_instance_uid, study_instance_uid, calling_ae, attempts, received_at,"
-            " updated_at, last_error FROM instances WHERE state = ?"
-            " ORDER BY received_at DESC LIMIT ?",
-            (FAILED, FAILED_SHOWN),
-        )
-    )
-    retrying = tuple(
-        RetryingInstance(**dict(r))
-        for r in conn.execute(
-            # The partial index of migration 5, named: the planner otherwise walks every
-            # waiting row along (state, next_attempt_at) looking for ones with an error.
-            "SELECT sop_instance_uid, attempts, next_attempt_at, last_error FROM instances"
-            " INDEXED BY idx_instances_retrying"
-            f" WHERE state = '{COMPRESSED}' AND last_error IS NOT NULL"
-            " ORDER BY next_attempt_at LIMIT 10"
-        )
-    )
-    # Both along the partial index of migration 9 (rows with warnings only).
-    warned_count = conn.execute(
-        "SELECT count(*) FROM instances WHERE warnings IS NOT NULL"
-    ).fetchone()[0]
-    warned = tuple(
-        WarnedInstance(**{**dict(r), "warnings": tuple(decode_warnings(r["warnings"]))})
-        for r in conn.execute(
-            "SELECT sop_instance_uid, study_instance_uid, calling_ae, uploaded_at, warnings"
-            " FROM instances WHERE warnings IS NOT NULL ORDER BY uploaded_at DESC LIMIT ?",
-            (WARNED_SHOWN,),
-        )
-    )
-    on_disk = conn.execute(
-        "SELECT coalesce(sum(size), 0) + coalesce(sum(CASE WHEN upload_path != path"
-        " THEN upload_size END), 0) FROM instances WHERE path IS NOT NULL"
-    ).fetchone()[0]
+    modalities = tuple(Modality(**m) for m in instances.calling_aes(conn, day_ago))
+    failed = tuple(FailedInstance(**r) for r in instances.failed(conn, FAILED_SHOWN))
+    retrying = tuple(RetryingInstance(**r) for r in instances.retrying(conn))
+    warned_count, warned_rows = instances.warned(conn, WARNED_SHOWN)
+    warned = tuple(WarnedInstance(**{**r, "warnings": tuple(r["warnings"])}) for r in warned_rows)
     return QueueFacts(
         by_state=by_state,
         done_today=done_today,
         oldest_pending_at=oldest,
-        last_upload_at=last_upload,
+        last_upload_at=instances.last_uploaded_at(conn),
         throughput=throughput,
-        modalities=tuple(modalities),
+        modalities=modalities,
         failed=failed,
         retrying=retrying,
         warnings=WarningsStatus(count=warned_count, recent=warned),
-        spool_bytes=on_disk,
+        spool_bytes=instances.bytes_on_disk(conn),
     )
 
 
 def read_mpps_outbox(conn: sqlite3.Connection) -> OutboxFacts:
-    """MPPS messages not yet delivered: counts by state, the oldest, the refused."""
-    counts = dict.fromkeys(("pending", "sending", "failed"), 0)
-    for row in conn.execute(
-        "SELECT state, count(*) AS n FROM mpps_outbox WHERE state != 'sent' GROUP BY state"
-    ):
-        counts[row["state"]] = row["n"]
-    oldest = conn.execute(
-        "SELECT min(received_at) FROM mpps_outbox WHERE state IN ('pending', 'sending')"
-    ).fetchone()[0]
-    failed = tuple(
-        MppsFailedMessage(**dict(r))
-        for r in conn.execute(
-            "SELECT seq, sop_instance_uid, kind, received_at, last_error FROM mpps_outbox"
-            " WHERE state = 'failed' ORDER BY seq DESC LIMIT ?",
-            (FAILED_SHOWN,),
-        )
-    )
+    """MPPS messages not yet delivered: counts by state, the oldest, the refused,
+    through the outbox's owner (gateway/mpps_outbox.py)."""
+    counts = mpps_outbox.count_unsent(conn)
     return OutboxFacts(
-        pending=counts["pending"],
-        sending=counts["sending"],
-        failed=counts["failed"],
-        oldest_pending_at=oldest,
-        failed_messages=failed,
+        pending=counts[OutboxState.PENDING],
+        sending=counts[OutboxState.SENDING],
+        failed=counts[OutboxState.FAILED],
+        oldest_pending_at=mpps_outbox.oldest_waiting_at(conn),
+        failed_messages=tuple(
+            MppsFailedMessage(**r) for r in mpps_outbox.failed_messages(conn, FAILED_SHOWN)
+        ),
     )
 
 
@@ -565,12 +472,12 @@ def _queue(facts: QueueFacts, now: float) -> QueueStatus:
     oldest_ts = _ts(facts.oldest_pending_at)
     return QueueStatus(
         pending=sum(by_state[s] for s in PENDING_STATES),
-        received=by_state[RECEIVED],
-        compressing=by_state[COMPRESSING],
-        pending_upload=by_state[COMPRESSED],
-        uploading=by_state[UPLOADING],
-        failed=by_state[FAILED],
-        done=by_state[UPLOADED],
+        received=by_state[QueueState.RECEIVED],
+        compressing=by_state[QueueState.COMPRESSING],
+        pending_upload=by_state[QueueState.COMPRESSED],
+        uploading=by_state[QueueState.UPLOADING],
+        failed=by_state[QueueState.FAILED],
+        done=by_state[QueueState.UPLOADED],
         done_today=facts.done_today,
         by_state=by_state,
         oldest_pending_at=facts.oldest_pending_at,

@@ -48,8 +48,7 @@ import sqlite_utils
 
 from . import instances
 from .clock import utcnow
-from .instances import QueueState, ReceivedInstance
-from .instances import decode_warnings as decode_warnings  # for gateway/status.py (issue 15)
+from .instances import ReceivedInstance
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +61,6 @@ _BATCH_MAX = 256
 #: How long :meth:`Store.close` waits for the writer by default: the last queued writes,
 #: each bounded by SQLite's busy_timeout (30 s) for a lock another process holds.
 CLOSE_TIMEOUT_S = 30.0
-
-# The queue states, under the names gateway/status.py imports them by.  Temporary
-# (issue 15): the lead switches status.py to gateway.instances.QueueState and
-# removes these.
-RECEIVED = QueueState.RECEIVED
-COMPRESSING = QueueState.COMPRESSING
-COMPRESSED = QueueState.COMPRESSED
-UPLOADING = QueueState.UPLOADING
-UPLOADED = QueueState.UPLOADED
-FAILED = QueueState.FAILED
-STATES: tuple[str, ...] = tuple(QueueState)
 
 
 class StoreClosed(Exception):
