@@ -1,7 +1,7 @@
 """The Gateway: start order, the main wait, and a two-phase stop.
 
 Start:  spool directories -> queue database -> reconcile -> DIMSE listener and its
-receiver processes (gateway/receivers.py) -> status page, then the compress/upload
+receiver processes (gateway/dicom/receivers.py) -> status page, then the compress/upload
 pipeline, the worklist refresh, the MPPS forwarder (and the heartbeat, when configured);
 systemd hears READY=1 once the listener and the page are up, WATCHDOG=1 from the loop
 itself (gateway.notify), and STOPPING=1 when the stop begins.
@@ -39,20 +39,20 @@ from typing import Any
 
 from . import __version__
 from .config import Config
-from .heartbeat import run_heartbeat
-from .jobs import Pipeline
+from .dicom.receive import COMMIT_TIMEOUT_S
+from .dicom.receivers import RECEIVER_EXIT_S, ReceiverPool
 from .metrics import Metrics
-from .mpps import Forwarder
+from .mpps.forwarder import Forwarder
 from .notify import Notifier
-from .receive import COMMIT_TIMEOUT_S
-from .receivers import RECEIVER_EXIT_S, ReceiverPool
-from .reconcile import reconcile
+from .pipeline.jobs import Pipeline
+from .pipeline.reconcile import reconcile
 from .spool import Spool
-from .status import STATUS_CLOSE_S, StatusService
 from .store import CLOSE_TIMEOUT_S, Store
 from .upgrade import adopt_legacy_database
-from .web import WEB_STOP_S, WebServer
-from .worklist import Worklist
+from .web.heartbeat import run_heartbeat
+from .web.server import WEB_STOP_S, WebServer
+from .web.status import STATUS_CLOSE_S, StatusService
+from .worklist.service import Worklist
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, instances, mpps_outbox
+from . import __version__, instances
 from .config import EXIT_CONFIG, Config, ConfigError, load
 from .instances import QueueState
-from .mpps_outbox import OutboxState
+from .mpps import outbox as mpps_outbox
+from .mpps.outbox import OutboxState
 from .store import Store
 
 #: The gateway could not start for a reason outside its config (port taken, disk).
@@ -163,7 +164,7 @@ def cmd_mpps_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
-    from .webauth import hash_password, new_token, token_sha256
+    from .web.auth import hash_password, new_token, token_sha256
 
     if args.token:
         token = new_token()
@@ -234,7 +235,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 
 
 def cmd_conformance(args: argparse.Namespace) -> int:
-    from .conformance import render
+    from .dicom.conformance import render
 
     sys.stdout.write(render())
     return 0

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .archives import PROFILES
-from .bandwidth import WindowError, parse_window
+from .pipeline.archives import PROFILES
+from .pipeline.bandwidth import WindowError, parse_window
 
 #: Exit status for a configuration error (sysexits.h EX_CONFIG).  The systemd unit
 #: lists it in ``RestartPreventExitStatus=`` so a broken file is not restarted in a loop.
@@ -39,10 +39,10 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {key}: {problem}")
 
 
-#: upload.compression values: "none" and the codecs of gateway.transcode.CODECS (not
+#: upload.compression values: "none" and the codecs of gateway.pipeline.transcode.CODECS (not
 #: imported here: that would load the codecs into every process that reads config).
 _COMPRESSION = ("j2k-lossless", "htj2k-lossless", "htj2k-lossless-rpcl", "none")
-#: upload.compress_when values (see gateway.iffaster).
+#: upload.compress_when values (see gateway.pipeline.iffaster).
 _COMPRESS_WHEN = ("always", "if-faster")
 
 
@@ -59,7 +59,7 @@ class DimseConfig:
     network_timeout: float = 60.0
     drain_seconds: float = 20.0
     storage_sop_classes: tuple[str, ...] = ()
-    # 0: one receiver process per usable core (gateway/receivers.py).
+    # 0: one receiver process per usable core (gateway/dicom/receivers.py).
     receiver_processes: int = 0
 
 
@@ -125,7 +125,7 @@ AUTH_KEYS: dict[str, tuple[str, ...]] = {
 @dataclass(frozen=True)
 class UploadConfig:
     dicomweb_url: str = ""
-    #: Which archive's STOW-RS semantics apply (gateway/archives.py).
+    #: Which archive's STOW-RS semantics apply (gateway/pipeline/archives.py).
     archive: str = "generic"
     ca_file: Path | None = None
     client_cert: Path | None = None

@@ -2,7 +2,7 @@
 
 One row per SOP Instance UID, from the C-STORE that made it durable to the archive's
 answer (and, with retention, until its files are pruned).  Nothing else writes SQL
-against this table: the receiver, the pipeline stages (gateway/jobs.py), the start-up
+against this table: the receiver, the pipeline stages (gateway/pipeline/jobs.py), the start-up
 reconciler, the retention loop and the operator's commands call the functions here.
 Each write function runs in the store's writer thread (:meth:`gateway.store.Store.submit`),
 each read on a reader connection (:meth:`gateway.store.Store.reader`).
@@ -83,7 +83,8 @@ class Claimed:
 
 
 class Transcoded(Protocol):
-    """What the compress stage decided for an instance (gateway.transcode.TranscodeResult)."""
+    """What the compress stage decided for an instance
+    (gateway.pipeline.transcode.TranscodeResult)."""
 
     @property
     def outcome(self) -> str: ...
@@ -94,7 +95,7 @@ class Transcoded(Protocol):
 
 
 class Uploaded(Protocol):
-    """What the archive said about an instance (gateway.upload.InstanceOutcome)."""
+    """What the archive said about an instance (gateway.pipeline.upload.InstanceOutcome)."""
 
     @property
     def stored(self) -> bool: ...
@@ -599,7 +600,7 @@ def listing(
 # -- the status page, /api/status, /metrics and the heartbeat (reads) ---------------------
 # Each query stays cheap on a large queue: counts use the state indexes, time ranges
 # the received_at / uploaded_at covering indexes (migration 5), warnings a partial
-# index (migration 9).  gateway/status.py takes its snapshot from these.
+# index (migration 9).  gateway/web/status.py takes its snapshot from these.
 
 
 def count_by_state(conn: sqlite3.Connection) -> dict[QueueState, int]:

@@ -20,10 +20,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .mpps_outbox import OutboxState
+from .mpps.outbox import OutboxState
 
 if TYPE_CHECKING:
-    from .status_doc import StatusDoc
+    from .web.status_doc import StatusDoc
 
 PREFIX = "dicom_gateway"
 
@@ -129,7 +129,7 @@ class Metrics:
 
 
 class SnapshotCollector(Collector):
-    """Gauges read from the latest status document (as built by gateway.status)."""
+    """Gauges read from the latest status document (as built by gateway.web.status)."""
 
     def __init__(self, source: Callable[[], StatusDoc | None]) -> None:
         self.source = source

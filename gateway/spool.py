@@ -12,7 +12,7 @@ therefore pinned from just before its rename until its row's write is resolved
 (:meth:`Spool.commit_file`, :meth:`Spool.release`), and the queue's writer removes a
 file no row refers to only through :meth:`Spool.remove_unpinned` (gateway/store.py).
 
-The DIMSE receivers and the pipeline are separate processes (gateway/receivers.py),
+The DIMSE receivers and the pipeline are separate processes (gateway/dicom/receivers.py),
 each with its own queue writer, so a pin must be seen across processes: besides the
 in-process count, a pinned path holds a shared open-file-description lock
 (``F_OFD_SETLKW``) on one byte of ``<spool>/pins.lock``, at an offset taken from the

@@ -11,8 +11,8 @@ Each table has one owning module, the only one that writes SQL against it; the o
 call its functions, which the writer (or a reader) runs:
 
 * ``instances`` (the upload queue): gateway/instances.py;
-* ``mpps``, ``mpps_outbox``: gateway/mpps_outbox.py;
-* ``worklist_items``, ``worklist_sources``, ``worklist_mpps``: gateway/worklist_cache.py.
+* ``mpps``, ``mpps_outbox``: gateway/mpps/outbox.py;
+* ``worklist_items``, ``worklist_sources``, ``worklist_mpps``: gateway/worklist/cache.py.
 
 This module holds the schema (the migrations) and runs the statements, but writes none.
 
@@ -24,7 +24,7 @@ inside the transaction, that no row refers to them any more, and after the commi
 the rest to the spool, which skips any path a C-STORE or the compress stage holds pinned
 between its rename and its commit (:meth:`gateway.spool.Spool.commit_file`), in this
 process or another one.  Each process has its own writer (the receivers,
-gateway/receivers.py, and the rest), so rows can also change elsewhere between the check
+gateway/dicom/receivers.py, and the rest), so rows can also change elsewhere between the check
 and the unlink: the spool asks again, under the path's cross-process lock, whether a
 committed row refers to it (:meth:`gateway.spool.Spool.remove_unpinned`).
 """
@@ -150,7 +150,7 @@ def _migration_3(db: sqlite_utils.Database) -> None:
 
 
 def _migration_4(db: sqlite_utils.Database) -> None:
-    # MPPS (gateway/mpps.py).
+    # MPPS (gateway/mpps/forwarder.py).
     # mpps: each Performed Procedure Step as it stands now (the N-CREATE with every
     # accepted N-SET merged in), to validate the next N-SET against.
     db.execute(
@@ -231,7 +231,7 @@ def _migration_9(db: sqlite_utils.Database) -> None:
     # it stored (a JSON list of texts, NULL: nothing), shown in `queue ls` and on the
     # page, the newest first.  sends: how many STOW-RS requests carried this UID, kept
     # across a re-receive: a re-send to an archive that may keep a conflicting copy
-    # silently is verified (gateway/archives.py, verify_resends).
+    # silently is verified (gateway/pipeline/archives.py, verify_resends).
     table = db["instances"]
     table.add_column("warnings", str)  # type: ignore[union-attr]
     table.add_column("sends", int, not_null_default=0)  # type: ignore[union-attr]

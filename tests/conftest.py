@@ -8,8 +8,8 @@ import pytest
 
 from gateway.store import Store
 
-from .archive import archive_lab
-from .gateway_proc import GatewayProcess
+from .support.archive import archive_lab
+from .support.gateway_proc import GatewayProcess
 
 __all__ = ["archive_lab", "gateway", "gateway_factory", "store"]
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from gateway.archives import PROFILES
 from gateway.auth import check_secret_files, read_secret
 from gateway.config import AUTH_METHODS, AuthConfig, load
+from gateway.pipeline.archives import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAYBOOK = ROOT / ".venv-ansible" / "bin" / "ansible-playbook"

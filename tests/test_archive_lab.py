@@ -1,4 +1,4 @@
-"""The archive lab itself (tests/archive.py), driven by real STOW-RS requests.
+"""The archive lab itself (tests/support/archive.py), driven by real STOW-RS requests.
 
 aiohttp talks to nginx with the lab's certificates exactly as the gateway's uploader
 does; what arrived is checked straight in Orthanc.  The answers asserted here are the
@@ -23,7 +23,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from .archive import ArchiveLab
+from .support.archive import ArchiveLab
 
 FAILURE_REASON = "00081197"
 FAILED_SOP_SEQUENCE = "00081198"

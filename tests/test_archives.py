@@ -1,10 +1,10 @@
 """Archive profiles (issue 14): what each archive's STOW-RS answers mean to the queue.
 
 No cloud archive is reachable from this machine: Google, Azure, AWS HealthImaging and
-dcm4chee are played by the scripted archive (tests/scripted_archive.py, a hand-written
+dcm4chee are played by the scripted archive (tests/support/scripted_archive.py, a hand-written
 double over mutual TLS whose vendor answers cite the documents and source they follow).
 The pipeline is the real one, on a real spool and database (tests/test_isolation.py's
-Bench).  Orthanc is the real one behind nginx (tests/archive.py): the last tests show
+Bench).  Orthanc is the real one behind nginx (tests/support/archive.py): the last tests show
 what it answers to a re-sent instance and how the gateway checks it.
 """
 
@@ -25,17 +25,17 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from gateway import archives
 from gateway.config import ConfigError, from_dict
 from gateway.instances import QueueState
 from gateway.metrics import Metrics
-from gateway.upload import Item, parse_response
+from gateway.pipeline import archives
+from gateway.pipeline.upload import Item, parse_response
 
-from . import corpus
-from .archive import ArchiveLab
 from .conftest import GatewayFactory
-from .peers import storescu
-from .scripted_archive import (
+from .support import corpus
+from .support.archive import ArchiveLab
+from .support.peers import storescu
+from .support.scripted_archive import (
     GOOGLE_CONFLICT,
     Answer,
     ScriptedArchive,
@@ -48,8 +48,8 @@ from .scripted_archive import (
     scripted_archive,
     stored_then_dropped,
 )
+from .support.web_client import WebClient, web_port
 from .test_isolation import Bench, _all
-from .web_client import WebClient, web_port
 
 __all__ = ["scripted_archive"]
 
@@ -567,7 +567,7 @@ async def test_orthanc_resend_of_an_instance_it_holds_is_checked_and_uploaded(
     archive_lab: ArchiveLab, tmp_path: Path
 ) -> None:
     """Orthanc 1.10 answers a re-sent instance it holds with HTTP 200, listed as stored
-    (tests/archive.py): the gateway checks its copy with WADO-RS metadata, through the
+    (tests/support/archive.py): the gateway checks its copy with WADO-RS metadata, through the
     same nginx with mutual TLS, before counting it."""
     bench = Bench(tmp_path, **_lab_upload(archive_lab))
     uid = bench.add()

@@ -1,11 +1,11 @@
 """Request authentication against the clouds (issue 14), through test doubles.
 
 No real cloud is reachable from this machine: the token endpoints are the doubles of
-tests/cloud_auth.py (Google's OAuth 2.0 service-account grant, a Microsoft Entra
+tests/support/cloud_auth.py (Google's OAuth 2.0 service-account grant, a Microsoft Entra
 tenant, an AWS SigV4 verifier built on botocore's own signer), each written from the
 vendor's documents (cited there), over TLS with a trustme CA.  The tokens come from
 each library's real flow (google-auth, azure-identity/MSAL, botocore), and the
-archive is the scripted STOW-RS double (tests/scripted_archive.py) checking every
+archive is the scripted STOW-RS double (tests/support/scripted_archive.py) checking every
 request's credentials.  The upload runs through the real pipeline on a real spool
 and database (test_isolation.Bench), or the real gateway process.
 """
@@ -26,23 +26,24 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway import archives, field
 from gateway import auth as auth_module
+from gateway import field
 from gateway.config import ConfigError, from_dict
 from gateway.instances import QueueState
-from gateway.status_doc import StatusDoc
-from gateway.upload import http_hint, ssl_context
+from gateway.pipeline import archives
+from gateway.pipeline.upload import http_hint, ssl_context
+from gateway.web.status_doc import StatusDoc
 
-from . import corpus
-from .cloud_auth import EntraTenant, GoogleTokenEndpoint, SigV4Verifier, TlsSite
 from .conftest import GatewayFactory
-from .gateway_proc import write_config
-from .peers import free_port
-from .scripted_archive import ScriptedArchive, json_answer
-from .status_sample import sample_doc
+from .support import corpus
+from .support.cloud_auth import EntraTenant, GoogleTokenEndpoint, SigV4Verifier, TlsSite
+from .support.gateway_proc import write_config
+from .support.peers import free_port
+from .support.scripted_archive import ScriptedArchive, json_answer
+from .support.status_sample import sample_doc
+from .support.web_client import WebClient, web_port
 from .test_config import _cli
 from .test_isolation import Bench, _all
-from .web_client import WebClient, web_port
 
 METHODS = ["google", "azure", "aws-sigv4", "bearer"]
 
@@ -548,7 +549,7 @@ async def test_ups_rs_search_is_signed_with_its_query(
 ) -> None:
     """The UPS-RS GET carries a query (a date range, ``includefield=all``): the URL
     sent is the one signed, so botocore's verifier agrees."""
-    from gateway.worklist_sources import UpsClient
+    from gateway.worklist.sources import UpsClient
 
     clouds.accept("aws-sigv4", archive)
     config = from_dict({
@@ -566,7 +567,7 @@ async def test_ups_rs_search_is_signed_with_its_query(
 async def test_the_heartbeat_carries_the_credentials(
     clouds: Clouds, archive: ScriptedArchive, tmp_path: Path
 ) -> None:
-    from gateway.heartbeat import run_heartbeat
+    from gateway.web.heartbeat import run_heartbeat
 
     clouds.accept("azure", archive)
     config = from_dict({
@@ -804,7 +805,7 @@ async def test_the_wado_rs_check_of_a_duplicate_carries_the_credentials(
 ) -> None:
     """Verifying an "already stored" answer (WADO-RS metadata) is a request to the
     archive like the upload: signed, and refreshed once after a 401."""
-    from gateway.upload import StowClient
+    from gateway.pipeline.upload import StowClient
 
     clouds.accept("azure", archive)
     config = from_dict({"upload": archive.upload_config(auth=clouds.auth("azure"))})

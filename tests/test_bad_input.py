@@ -48,13 +48,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from gateway.receive import SLOTS_FILE
+from gateway.dicom.receive import SLOTS_FILE
 from gateway.spool import INSTANCE_FILE, PINS_FILE
 
-from . import corpus
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import echoscu, storescu, tool
+from .support import corpus
+from .support.gateway_proc import GatewayProcess
+from .support.peers import echoscu, storescu, tool
 
 # -- the gateway under test ------------------------------------------------------------
 
@@ -95,7 +95,7 @@ def _stream_until_refused(sock: socket.socket) -> int:
     return accepted
 
 
-# C-STORE failure statuses of gateway/receive.py that bad input must get.  (0xC001,
+# C-STORE failure statuses of gateway/dicom/receive.py that bad input must get.  (0xC001,
 # "I/O error writing the spool", is not one of them: it sends an operator to the disk.)
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000

@@ -2,7 +2,7 @@
 
 The token bucket and the windows are pure code, tested with a fake clock.  The cap is
 measured where it matters, at the archive: the scripted STOW-RS archive
-(tests/scripted_archive.py, a hand-written double, because no real archive reports
+(tests/support/scripted_archive.py, a hand-written double, because no real archive reports
 when each chunk of a request body arrived) logs every chunk it reads, and the bytes
 are counted per interval with a generous tolerance (no timed assertion on a noisy
 rate).  The windows and the lane run the real pipeline on a real spool and database
@@ -20,7 +20,9 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.bandwidth import (
+from gateway.config import ConfigError, from_dict
+from gateway.instances import QueueState, ReceivedInstance
+from gateway.pipeline.bandwidth import (
     CHUNK,
     DAYS,
     Bandwidth,
@@ -29,16 +31,14 @@ from gateway.bandwidth import (
     Windows,
     parse_window,
 )
-from gateway.config import ConfigError, from_dict
-from gateway.instances import QueueState, ReceivedInstance
 
-from . import corpus
 from .conftest import GatewayFactory
-from .peers import storescu
-from .scripted_archive import ScriptedArchive, reset, scripted_archive
+from .support import corpus
+from .support.peers import storescu
+from .support.scripted_archive import ScriptedArchive, reset, scripted_archive
+from .support.web_client import WebClient, web_port
 from .test_isolation import Bench, _all
 from .test_upload import wait_until
-from .web_client import WebClient, web_port
 
 __all__ = ["scripted_archive"]
 

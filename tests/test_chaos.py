@@ -1,13 +1,13 @@
 """The chaos soak (issue 12): storescu keeps sending while the archive misbehaves.
 
-A real gateway uploads to :class:`tests.chaos_archive.ChaosArchive` (a fault-injecting
+A real gateway uploads to :class:`tests.support.chaos_archive.ChaosArchive` (a fault-injecting
 TLS proxy in front of a real Orthanc + DICOMweb) while two DCMTK storescu loops send
 new instances and identical and changed re-sends of the same UIDs.  See
-:mod:`tests.chaos_soak` for what is checked all the while and at the end.
+:mod:`tests.support.chaos_soak` for what is checked all the while and at the end.
 
 ``CHAOS_SECONDS`` sets the duration of the chaos (default 600 s), ``CHAOS_SEED``
 replays a run's random choices (not its timing), ``CHAOS_FAULTS=forward,stall,...``
-draws only those archive faults (names in :class:`tests.chaos_archive.Fault`).
+draws only those archive faults (names in :class:`tests.support.chaos_archive.Fault`).
 ``make bench`` runs a longer one as ``tests/bench/chaos.py``.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from . import chaos_soak, corpus
+from .support import chaos_soak, corpus
 
 
 @pytest.mark.slow

@@ -3,9 +3,9 @@ together, through the real pipeline on a real spool and database.
 
 No cloud is reachable from this machine, so each cloud is two hand-written doubles
 working together, both written from the vendor's public documents and open-source
-code, which they cite: its token issuer or signature check (tests/cloud_auth.py:
+code, which they cite: its token issuer or signature check (tests/support/cloud_auth.py:
 Google's OAuth 2.0 service-account grant, a Microsoft Entra tenant, a SigV4 check
-built on botocore's own signer) and its archive's answers (tests/scripted_archive.py:
+built on botocore's own signer) and its archive's answers (tests/support/scripted_archive.py:
 ``google_answer``, ``azure_answer``, ``aws_answer``).  The tokens come from each
 library's real flow (google-auth, azure-identity, botocore).  Everything Orthanc can
 show is tested against the real Orthanc behind nginx mTLS (tests/test_upload.py,
@@ -39,12 +39,12 @@ from typing import Any
 
 import pytest
 
-from gateway import archives
 from gateway.instances import QueueState
 from gateway.metrics import Metrics
+from gateway.pipeline import archives
 
 from .conftest import GatewayFactory
-from .scripted_archive import (
+from .support.scripted_archive import (
     Answer,
     ScriptedArchive,
     aws_answer,

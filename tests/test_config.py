@@ -52,7 +52,7 @@ def test_compress_when() -> None:
 
 
 def test_every_codec_of_the_compress_stage_is_configurable() -> None:
-    from gateway.transcode import CODECS
+    from gateway.pipeline.transcode import CODECS
 
     assert set(config._COMPRESSION) == {*CODECS, "none"}
 

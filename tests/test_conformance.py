@@ -17,9 +17,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from gateway import dimse_status, negotiation, receive
+from gateway.dicom import dimse_status, negotiation, receive
 
-from .gateway_proc import GatewayProcess
+from .support.gateway_proc import GatewayProcess
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "conformance.md"

@@ -1,10 +1,10 @@
 """Issue 11, Done when 1: the real-SCU matrix.
 
-The public corpus (tests/corpus.py ``MATRIX``) goes through four independent SCUs with
-their default proposals (tests/scus.py) into one real gateway that compresses and
+The public corpus (tests/support/corpus.py ``MATRIX``) goes through four independent SCUs with
+their default proposals (tests/support/scus.py) into one real gateway that compresses and
 uploads to the real archive (Orthanc + DICOMweb behind nginx mTLS); each archive copy
 is compared with what was sent, element by element, VR included
-(tests/conformance.py).  Each SCU also sends to a reference DCMTK storescp, so what an
+(tests/support/conformance.py).  Each SCU also sends to a reference DCMTK storescp, so what an
 SCU cannot send by its own defaults is reported and not counted against the gateway.
 
 The whole run happens once per module; the tests below each judge one criterion for
@@ -22,8 +22,8 @@ import pydicom
 import pytest
 from pydicom.uid import UID
 
-from . import corpus, scus
-from .conformance import MatrixRun, Outcome, markdown, run_matrix
+from .support import corpus, scus
+from .support.conformance import MatrixRun, Outcome, markdown, run_matrix
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 

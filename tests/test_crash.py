@@ -3,7 +3,7 @@
 After the restart that follows the last kill, every instance storescu saw
 acknowledged is in the spool with its sha256 and exactly one queue row,
 ``PRAGMA integrity_check`` is ok, and the debris of each kill (temp files, files no
-row references) is gone.  See :mod:`tests.crashloop` for what each round does and
+row references) is gone.  See :mod:`tests.support.crashloop` for what each round does and
 checks.  ``CRASH_SEED=<n>`` replays a run's random choices (not its timing).
 
 The 200-kill run is ``-m slow`` here, and ``make bench`` runs it as
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from . import crashloop
+from .support import crashloop
 
 
 def _kill_loop(tmp_path: Path, kills: int) -> crashloop.CrashReport:

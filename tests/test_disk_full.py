@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from . import corpus
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import echoscu, storescu
+from .support import corpus
+from .support.gateway_proc import GatewayProcess
+from .support.peers import echoscu, storescu
 
 REFUSED = "Refused: OutOfResources"
 

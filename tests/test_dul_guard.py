@@ -1,4 +1,4 @@
-"""gateway.dul_guard's socket guard, on real TCP sockets (installed by gateway.patches).
+"""gateway.dicom.dul_guard's socket guard, on real TCP sockets (installed by gateway.dicom.patches).
 
 (Its PDU-size and protocol-error guards are exercised through the gateway by
 tests/test_bad_input.py.)
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from pynetdicom.transport import AssociationSocket
 
-from gateway import patches
+from gateway.dicom import patches
 
 
 def _reset_connection() -> socket.socket:

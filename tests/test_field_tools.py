@@ -1,5 +1,5 @@
 """Field tools against the real lab: `doctor` with the gateway, Orthanc behind nginx
-mutual TLS (tests/archive.py) and DCMTK wlmscpfs as the RIS; `enroll` with the lab's
+mutual TLS (tests/support/archive.py) and DCMTK wlmscpfs as the RIS; `enroll` with the lab's
 CA signing the CSR; `send` to DCMTK storescp and to the gateway.
 """
 
@@ -15,11 +15,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from . import corpus
-from .archive import ArchiveLab
 from .conftest import GatewayFactory
-from .gateway_proc import write_config
-from .peers import Storescp, free_port
+from .support import corpus
+from .support.archive import ArchiveLab
+from .support.gateway_proc import write_config
+from .support.peers import Storescp, free_port
 from .test_config import _cli
 from .test_disk_full import _fill, small_fs
 from .test_worklist import Ris

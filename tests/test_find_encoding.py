@@ -1,4 +1,4 @@
-"""gateway.find_encoding sends the very bytes pynetdicom would, with far fewer encodings.
+"""gateway.dicom.find_encoding sends the very bytes pynetdicom would, with far fewer encodings.
 
 The patch is process-wide and cannot be undone, so each side runs in its own Python:
 one with pynetdicom as it is, one with ``patches.install()``.  Both serve the
@@ -20,7 +20,7 @@ import pynetdicom.service_class
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_FIND_RSP, DIMSEMessage
 
-from gateway.find_encoding import PreEncoded
+from gateway.dicom.find_encoding import PreEncoded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ pynetdicom.dsutils.write_dataset = counting_write
 
 Response = Dataset
 if sys.argv[1] == "patched":
-    from gateway import find_encoding, patches
+    from gateway.dicom import find_encoding, patches
     patches.install()
     Response = find_encoding.PreEncoded
 
@@ -59,7 +59,7 @@ def item(n, name):
     ds.ScheduledProcedureStepSequence = Sequence([step])
     return ds
 
-# The same response objects for every query, as gateway.worklist remembers them.
+# The same response objects for every query, as gateway.worklist.service remembers them.
 NAMES = ["Dvořák^Zdeněk", "Smith^John", "Jones^Mary", "Müller^Jürgen", "Nováková^Eva"]
 ANSWER = [(0xFF00 if n < 5 else 0xFF01, item(n, NAMES[n % 5])) for n in range(10)]
 

@@ -3,7 +3,7 @@ delay the instance.
 
 The decision is a pure function, tested with synthetic rates.  The pipeline is then
 run for real (spool, database, encoder pool) against the scripted STOW-RS archive
-(tests/scripted_archive.py, a hand-written double: no real archive can be told to read
+(tests/support/scripted_archive.py, a hand-written double: no real archive can be told to read
 a request body at a set rate), once fast and once throttled, and each queue row must
 show the decision and its reason.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.iffaster import (
+from gateway.instances import QueueState
+from gateway.pipeline.iffaster import (
     HOLD_MAX_S,
     CompressMeter,
     IfFaster,
@@ -24,9 +25,8 @@ from gateway.iffaster import (
     compress_share,
     plan,
 )
-from gateway.instances import QueueState
 
-from .scripted_archive import ScriptedArchive, scripted_archive, throttled
+from .support.scripted_archive import ScriptedArchive, scripted_archive, throttled
 from .test_isolation import Bench, _all
 
 __all__ = ["scripted_archive"]

@@ -25,7 +25,7 @@ import pytest
 
 from gateway import __version__
 
-from . import corpus
+from .support import corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = "/opt/dicom-gateway/venv/bin"

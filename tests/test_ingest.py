@@ -13,10 +13,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from . import corpus
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import Storescp, dataset_bytes, echoscu, store_one, storescu, transfer_syntax_of
+from .support import corpus
+from .support.gateway_proc import GatewayProcess
+from .support.peers import Storescp, dataset_bytes, echoscu, store_one, storescu, transfer_syntax_of
 
 TS_CASES = [(ts, name) for ts, names in corpus.BY_TRANSFER_SYNTAX.items() for name in names]
 

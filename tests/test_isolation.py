@@ -1,6 +1,6 @@
 """Fault injection (issue 12): one instance, batch or archive answer fails only itself.
 
-The archive here is the scripted STOW-RS server (tests/scripted_archive.py, a
+The archive here is the scripted STOW-RS server (tests/support/scripted_archive.py, a
 hand-written double written from PS3.18 10.5) for the answers Orthanc cannot be made
 to give; the pipeline is the real one, on a real spool and database, in this process
 (cheap), and the real gateway process where it matters that it never exits.  The
@@ -24,17 +24,18 @@ import pydicom
 import pytest
 
 from gateway import app as app_module
-from gateway import instances, jobs
+from gateway import instances
 from gateway.config import Config, from_dict
 from gateway.instances import QueueState, ReceivedInstance
+from gateway.pipeline import jobs
+from gateway.pipeline.transcode import TranscodeResult, transcode
 from gateway.spool import Spool
 from gateway.store import Store
-from gateway.transcode import TranscodeResult, transcode
 
-from . import corpus
 from .conftest import GatewayFactory
-from .peers import storescu
-from .scripted_archive import (
+from .support import corpus
+from .support.peers import storescu
+from .support.scripted_archive import (
     ScriptedArchive,
     failed_all,
     html_error,
@@ -281,7 +282,7 @@ async def test_attempts_beyond_the_cap_fail_with_the_reason_not_a_crash(
         # The other one is retried meanwhile, and goes up when the archive is back.
         scripted_archive.default = html_error(429)
         await bench.until("retried", task, lambda rows: rows[other]["attempts"] >= 2)
-        from .scripted_archive import store_all
+        from .support.scripted_archive import store_all
 
         scripted_archive.default = store_all()
         await bench.until(
@@ -525,7 +526,7 @@ def test_the_gateway_outlives_every_odd_answer(
 # Installed into the gateway child through sitecustomize (test-only): the compress
 # stage raises once, as a bug or a library surprise would, taking the pipeline down.
 _CRASH_ONCE = """
-import gateway.jobs as jobs
+import gateway.pipeline.jobs as jobs
 
 _real = jobs.Pipeline._compress_loop
 _crashed = []
@@ -545,8 +546,8 @@ jobs.Pipeline._compress_loop = _compress_loop
 def test_a_crashed_pipeline_restarts_in_process_and_the_port_stays_open(
     gateway_factory: GatewayFactory, scripted_archive: ScriptedArchive, tmp_path: Path
 ) -> None:
-    from .peers import echoscu
-    from .web_client import WebClient, web_port
+    from .support.peers import echoscu
+    from .support.web_client import WebClient, web_port
 
     hooks = tmp_path / "hooks"
     hooks.mkdir()

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from gateway.config import ConfigError, UploadConfig, from_dict
 from gateway.instances import Claimed, QueueState, ReceivedInstance, prune, retry_failed
-from gateway.jobs import (
+from gateway.pipeline.jobs import (
     _ENCODER_NICENESS,
     GiveUp,
     _finish_uploads,
@@ -22,8 +22,8 @@ from gateway.jobs import (
     _stop_pool,
     backoff_seconds,
 )
+from gateway.pipeline.upload import InstanceOutcome, Item, parse_response, ssl_context
 from gateway.store import Store
-from gateway.upload import InstanceOutcome, Item, parse_response, ssl_context
 
 
 def _add(store: Store, uid: str, size: int, state: str, hours_ago: float = 0.0) -> None:
@@ -270,10 +270,10 @@ async def test_a_transcode_bug_falls_back_to_the_original(
 ) -> None:
     import asyncio
 
-    from gateway import jobs
+    from gateway.pipeline import jobs
     from gateway.spool import Spool
 
-    from . import corpus
+    from .support import corpus
 
     config = from_dict(
         {
@@ -346,8 +346,8 @@ def test_encoders_start_with_the_pool_codecs_loaded_without_the_pipeline() -> No
     pool = _new_pool(2)
     try:
         started = len(pool._processes or {})  # before any instance is submitted
-        names = ("gateway.transcode", "imagecodecs._jpeg2k", "imagecodecs._htj2k",
-                 "openjpeg.utils", "gateway.jobs", "aiohttp")  # fmt: skip
+        names = ("gateway.pipeline.transcode", "imagecodecs._jpeg2k", "imagecodecs._htj2k",
+                 "openjpeg.utils", "gateway.pipeline.jobs", "aiohttp")  # fmt: skip
         # eval: a builtin is what pickles to a spawned process without a test module.
         loaded = pool.submit(eval, f"[m for m in {names!r} if m in __import__('sys').modules]")
         modules = loaded.result(timeout=60)

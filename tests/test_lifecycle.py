@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from . import corpus
 from .conftest import GatewayFactory
-from .peers import echoscu, tool
+from .support import corpus
+from .support.peers import echoscu, tool
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

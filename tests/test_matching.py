@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from gateway.worklist_match import find, matches, response
+from gateway.worklist.match import find, matches, response
 
 
 def _item(**kw: object) -> Dataset:

@@ -35,9 +35,10 @@ from pynetdicom.dimse_primitives import N_CREATE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 from gateway import config as gw_config
-from gateway import mpps, patches
 from gateway.config import ConfigError
-from gateway.mpps import (
+from gateway.dicom import patches
+from gateway.mpps import forwarder as mpps
+from gateway.mpps.forwarder import (
     COMPLETED,
     CREATE,
     DISCONTINUED,
@@ -49,17 +50,17 @@ from gateway.mpps import (
     check_set,
     classify,
 )
-from gateway.mpps_outbox import Message
+from gateway.mpps.outbox import Message
 from gateway.store import Store
-from gateway.worklist_cache import StepRef, refers_to
+from gateway.worklist.cache import StepRef, refers_to
 
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import free_port, wait_for_port
+from .support.gateway_proc import GatewayProcess
+from .support.peers import free_port, wait_for_port
+from .support.web_client import WebClient, web_port
 from .test_config import _cli
 from .test_worklist import RETURN_KEYS, Ris, findscu
 from .test_worklist import ris as ris  # the fixture
-from .web_client import WebClient, web_port
 
 MPPS_CLASS = str(ModalityPerformedProcedureStep)
 SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]

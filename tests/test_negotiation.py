@@ -1,5 +1,5 @@
 """Presentation context negotiation with real SCUs: the transfer syntax preference of
-gateway.negotiation (never one that loses information), and every storage SOP class
+gateway.dicom.negotiation (never one that loses information), and every storage SOP class
 (standard, retired, private, unknown) unless ``dimse.storage_sop_classes`` restricts.
 
 Peers: DCMTK storescu (its defaults, ``-xi``, and ``-xf`` with a profile written here)
@@ -33,13 +33,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from gateway import negotiation, patches
-from gateway.negotiation import STORAGE_TRANSFER_SYNTAXES, TRANSFER_SYNTAX_GROUPS
+from gateway.dicom import negotiation, patches
+from gateway.dicom.negotiation import STORAGE_TRANSFER_SYNTAXES, TRANSFER_SYNTAX_GROUPS
 
-from . import corpus
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import PROPOSE_FLAG, StoreResult, storescu, transfer_syntax_of
+from .support import corpus
+from .support.gateway_proc import GatewayProcess
+from .support.peers import PROPOSE_FLAG, StoreResult, storescu, transfer_syntax_of
 
 ULTRASOUND_RETIRED = "1.2.840.10008.5.1.4.1.1.6"  # Ultrasound Image Storage (Retired)
 SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"

@@ -26,10 +26,10 @@ import pytest
 from gateway import notify
 from gateway.notify import Notifier, journal_handler, watchdog_interval
 
-from . import corpus
 from .conftest import GatewayFactory
-from .gateway_proc import write_config
-from .peers import free_port, storescu
+from .support import corpus
+from .support.gateway_proc import write_config
+from .support.peers import free_port, storescu
 
 WATCHDOG_USEC = 400_000  # pings every 0.2 s
 
@@ -237,7 +237,7 @@ def test_journal_entries_carry_the_structured_fields() -> None:
 
 
 def test_real_gateway_logs_to_the_journal_with_fields(tmp_path: Path) -> None:
-    """The real gateway under a stand-in journald (tests/journal_sink.py: a datagram
+    """The real gateway under a stand-in journald (tests/support/journal_sink.py: a datagram
     socket at /run/systemd/journal/socket in a private mount namespace, stderr named
     by JOURNAL_STREAM): C-STORE lines carry SOP_INSTANCE_UID and CALLING_AE."""
     if os.geteuid() != 0:
@@ -247,7 +247,9 @@ def test_real_gateway_logs_to_the_journal_with_fields(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(root / "gateway.toml", root, port)
     out = tmp_path / "journal.bin"
-    script = 'mount -t tmpfs tmpfs /run/systemd && exec "$0" -m tests.journal_sink "$1" "$2"'
+    script = (
+        'mount -t tmpfs tmpfs /run/systemd && exec "$0" -m tests.support.journal_sink "$1" "$2"'
+    )
     sink = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script,
          sys.executable, str(out), str(config)],

@@ -1,9 +1,9 @@
-"""gateway.patches: every change to pynetdicom, each checked against pynetdicom itself.
+"""gateway.dicom.patches: every change to pynetdicom, each checked against pynetdicom itself.
 
 * Every name the gateway replaces is still in pynetdicom with the shape its patch was
   written for, and every private name it reads is still there: a pynetdicom upgrade
   that changes one fails here, by name.
-* The two wrappers of the DUL reactor (gateway.dul_guard's and gateway.wakeup's) work
+* The two wrappers of the DUL reactor (gateway.dicom.dul_guard's and gateway.dicom.wakeup's) work
   together: a too-large PDU is still aborted, and wake-ups still happen.
 * What is scoped to the receiving server stays with it: its temp files, its PDU-size
   guard, its association limit.  The gateway's own associations to its upstreams, the
@@ -54,10 +54,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from gateway import config as gw_config
-from gateway import mpps, patches, wakeup, worklist
-from gateway.mpps import CREATE, SET, Outcome
-from gateway.mpps_outbox import Message
+from gateway.dicom import patches, wakeup
+from gateway.mpps import forwarder as mpps
+from gateway.mpps.forwarder import CREATE, SET, Outcome
+from gateway.mpps.outbox import Message
 from gateway.store import Store
+from gateway.worklist import service as worklist
 
 from .conftest import GatewayFactory
 from .test_bad_input import (
@@ -79,7 +81,7 @@ LARGE = 3 * 16382
 
 # -- pynetdicom still has what the patches replace -----------------------------------------
 
-#: Each patch's target -> the shape of pynetdicom's original (gateway.patches.shape).
+#: Each patch's target -> the shape of pynetdicom's original (gateway.dicom.patches.shape).
 EXPECTED_SHAPES: dict[str, str] = {
     "pynetdicom._config.STORE_RECV_CHUNKED_DATASET": "bool",
     "pynetdicom.dimse_messages.NamedTemporaryFile": patches.shape(tempfile.NamedTemporaryFile),
@@ -133,7 +135,7 @@ def test_install_is_idempotent_and_keeps_the_order_of_the_reactor_wrappers() -> 
     run_reactor = DULServiceProvider.run_reactor
     patches.install()
     assert DULServiceProvider.run_reactor is run_reactor  # not wrapped twice more
-    # dul_guard's wrapper is made first, wakeup's around it (gateway/patches.py).
+    # dul_guard's wrapper is made first, wakeup's around it (gateway/dicom/patches.py).
     (guard, wake) = [p for p in patches.PATCHES if p.target.endswith(".run_reactor")]
     assert wake.replace is wakeup.wake_dul_reactor
     assert patches.PATCHES.index(guard) < patches.PATCHES.index(wake)

@@ -6,7 +6,7 @@ disk later whether or not anyone called ``fsync``.  So a gateway that never fsyn
 passes every kill -9 test (``tests/test_crash.py``), and loses acknowledged images the
 first time the power goes.  Here the power goes: the disk the spool lives on is copied
 at random moments while DCMTK storescu sends (a copy of the block device is what a
-power cut leaves; see ``tests/powercut.py`` for how and why the copy is consistent),
+power cut leaves; see ``tests/support/powercut.py`` for how and why the copy is consistent),
 and each copy is booted: mounted, so ext4 replays its journal, and handed to the real
 gateway (``python -m gateway run``), which runs its own start-up reconciliation on it
 and is stopped again.  Then every instance storescu saw acknowledged *before the copy
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import pytest
 
-from .crashloop import Instance, build_corpus, sha256_file
-from .gateway_proc import GatewayProcess
-from .peers import dataset_bytes
-from .powercut import DiskLab, Sender, Snapshot, snapshot_while_sending
+from .support.crashloop import Instance, build_corpus, sha256_file
+from .support.gateway_proc import GatewayProcess
+from .support.peers import dataset_bytes
+from .support.powercut import DiskLab, Sender, Snapshot, snapshot_while_sending
 
 pytestmark = pytest.mark.slow
 

@@ -24,17 +24,18 @@ from pathlib import Path
 import pytest
 from pydicom.uid import generate_uid
 
-from gateway import instances, jobs
+from gateway import instances
 from gateway import store as store_module
 from gateway.config import from_dict
 from gateway.instances import QueueState, ReceivedInstance
-from gateway.reconcile import reconcile
+from gateway.pipeline import jobs
+from gateway.pipeline.reconcile import reconcile
 from gateway.spool import Spool
 from gateway.store import Store
 
-from . import corpus
 from .conftest import GatewayFactory
-from .peers import tool
+from .support import corpus
+from .support.peers import tool
 
 
 @contextmanager

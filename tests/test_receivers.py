@@ -1,4 +1,4 @@
-"""The DIMSE receivers in processes of their own (gateway/receivers.py): spool pins
+"""The DIMSE receivers in processes of their own (gateway/dicom/receivers.py): spool pins
 across processes, a receiver process that dies, and who runs at which priority."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.receivers import GATEWAY_NICENESS
+from gateway.dicom.receivers import GATEWAY_NICENESS
 from gateway.spool import Spool
 
-from . import corpus
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import echoscu, storescu
-from .web_client import WebClient, web_port
+from .support import corpus
+from .support.gateway_proc import GatewayProcess
+from .support.peers import echoscu, storescu
+from .support.web_client import WebClient, web_port
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
 def _receiver_pids(gw: GatewayProcess) -> list[int]:
     assert gw.proc is not None
     out = subprocess.run(
-        ["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.receivers"],
+        ["pgrep", "-P", str(gw.proc.pid), "-f", "gateway.dicom.receivers"],
         capture_output=True,
         text=True,
     ).stdout

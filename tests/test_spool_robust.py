@@ -1,6 +1,6 @@
 """The spool and its queue database: where the database lives, an upgrade from the old
 default location, and a spool directory that vanishes (or is replaced) under a running
-gateway.  Real gateway processes (tests/gateway_proc.py), DCMTK storescu/echoscu.
+gateway.  Real gateway processes (tests/support/gateway_proc.py), DCMTK storescu/echoscu.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from gateway.instances import ReceivedInstance
 from gateway.spool import Spool
 from gateway.store import Store
 
-from . import corpus
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import echoscu, storescu
-from .web_client import WebClient, web_port
+from .support import corpus
+from .support.gateway_proc import GatewayProcess
+from .support.peers import echoscu, storescu
+from .support.web_client import WebClient, web_port
 
 REFUSED = "Refused: OutOfResources"
 IN_SPOOL = {"path": ""}  # database.path unset: the default, inside spool.dir

@@ -15,16 +15,18 @@ from typing import Any
 import pytest
 
 from gateway import app as app_module
-from gateway import config, status, webauth
-from gateway.heartbeat import compact
-from gateway.page import chart
-from gateway.status import config_summary, health
-from gateway.status_doc import ComponentRestart, StatusDoc, WorklistSource, status_json
+from gateway import config
+from gateway.web import auth as webauth
+from gateway.web import status
+from gateway.web.heartbeat import compact
+from gateway.web.page import chart
+from gateway.web.status import config_summary, health
+from gateway.web.status_doc import ComponentRestart, StatusDoc, WorklistSource, status_json
 
-from .status_sample import from_json, key_tree, sample_doc
+from .support.status_sample import from_json, key_tree, sample_doc
 
-# What /api/status returns, key by key (tests/status_sample.py, key_tree): a field of
-# gateway/status_doc.py renamed, moved, retyped or made nullable changes the API, which
+# What /api/status returns, key by key (tests/support/status_sample.py, key_tree): a field of
+# gateway/web/status_doc.py renamed, moved, retyped or made nullable changes the API, which
 # scripts and monitoring read.  Change this only with the README's API description.
 _ROW = "str"
 GOLDEN: dict[str, Any] = {
@@ -87,7 +89,7 @@ GOLDEN: dict[str, Any] = {
     "health": {"state": "str", "reasons": ["str"]},
 }  # fmt: skip
 
-# The heartbeat's body (gateway.heartbeat.compact), which a monitoring service parses.
+# The heartbeat's body (gateway.web.heartbeat.compact), which a monitoring service parses.
 HEARTBEAT_GOLDEN = {
     "ae_title": "str", "version": "str", "boot_id": "str", "sent_at": "str",
     "uptime_seconds": "float", "health": "str", "reasons": "list", "queue": {
@@ -244,7 +246,9 @@ async def test_a_real_snapshot_round_trips_through_its_json(tmp_path: Path) -> N
         _fill(gw.store.path)
         gw.status.component_crashed("worklist", "OSError('x')", 2.0)
         gw.status.errors.handle(
-            logging.LogRecord("gateway.jobs", logging.WARNING, __file__, 1, "busy", (), None)
+            logging.LogRecord(
+                "gateway.pipeline.jobs", logging.WARNING, __file__, 1, "busy", (), None
+            )
         )
         doc = await gw.status.status(fresh=True)
         for part in (doc.throughput, doc.modalities, doc.failed, doc.retrying,

@@ -13,7 +13,7 @@ from pydicom.uid import generate_uid
 
 from gateway.config import is_valid_uid
 from gateway.instances import QueueState, ReceivedInstance
-from gateway.reconcile import reconcile
+from gateway.pipeline.reconcile import reconcile
 from gateway.spool import Spool
 from gateway.store import MIGRATIONS, Store
 
@@ -200,7 +200,7 @@ def test_bad_uids_rejected(bad: str) -> None:
     assert not is_valid_uid(bad)
 
 
-# -- the owners' reads for the status page (gateway/status.py takes its snapshot) --------
+# -- the owners' reads for the status page (gateway/web/status.py takes its snapshot) --------
 
 
 def test_queue_reads_for_the_status(store: Store) -> None:
@@ -255,8 +255,8 @@ def test_queue_reads_for_the_status(store: Store) -> None:
 
 
 def test_outbox_reads_for_the_status(store: Store) -> None:
-    from gateway import mpps_outbox
-    from gateway.mpps_outbox import OutboxState
+    from gateway.mpps import outbox as mpps_outbox
+    from gateway.mpps.outbox import OutboxState
 
     def fill(conn: sqlite3.Connection) -> None:
         for i, state in enumerate(("sent", "pending", "sending", "failed", "failed")):

@@ -167,9 +167,10 @@ libc = ctypes.CDLL(None, use_errno=True)
 if libc.prctl(65, 1, 0, 0, 0) != 0:
     raise SystemExit(f"prctl(PR_SET_MDWE) failed: errno {ctypes.get_errno()}")
 from cryptography.hazmat.primitives.asymmetric import ec
-from gateway import app, field, notify, upload
+from gateway import app, field, notify
+from gateway.pipeline import upload
 from gateway.config import UploadConfig
-from gateway.transcode import transcode
+from gateway.pipeline.transcode import transcode
 ec.generate_private_key(ec.SECP256R1())
 upload.ssl_context(UploadConfig())
 result = transcode(Path(sys.argv[1]), Path(sys.argv[2]))
@@ -183,7 +184,7 @@ def test_native_code_runs_with_memory_deny_write_execute(tmp_path: Path) -> None
     stack must work under it."""
     import sys
 
-    from . import corpus
+    from .support import corpus
 
     src = corpus.testdata("CT_small.dcm")
     proc = subprocess.run(
@@ -206,7 +207,7 @@ def _start_with_caps(tmp_path: Path, bounding: str) -> tuple[subprocess.Popen[by
     import random
     import sys
 
-    from .gateway_proc import write_config
+    from .support.gateway_proc import write_config
 
     tmp_path.mkdir(parents=True)
     addr = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}"
@@ -239,7 +240,7 @@ def test_port_104_needs_exactly_cap_net_bind_service(tmp_path: Path) -> None:
     import os
     import sys
 
-    from . import corpus
+    from .support import corpus
 
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv (util-linux)")

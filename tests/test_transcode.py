@@ -26,10 +26,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from gateway import transcode as transcode_module
-from gateway.transcode import TranscodeResult, transcode
+from gateway.pipeline import transcode as transcode_module
+from gateway.pipeline.transcode import TranscodeResult, transcode
 
-from . import corpus
+from .support import corpus
 
 J2K = "1.2.840.10008.1.2.4.90"
 HTJ2K = "1.2.840.10008.1.2.4.201"

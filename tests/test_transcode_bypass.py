@@ -19,9 +19,9 @@ import pydicom
 import pytest
 from pydicom.pixels import pixel_array
 
-from gateway import transcode as transcode_module
+from gateway.pipeline import transcode as transcode_module
 
-from . import corpus
+from .support import corpus
 from .test_transcode import compressed, fragments, make_image, siz, stored, uses_mct
 
 
@@ -202,7 +202,7 @@ def test_glymur_missing_is_logged_once(
     transcode_module._glymur.cache_clear()
     try:
         monkeypatch.setitem(sys.modules, "glymur", None)  # import glymur: ImportError
-        with caplog.at_level(logging.WARNING, logger="gateway.transcode"):
+        with caplog.at_level(logging.WARNING, logger="gateway.pipeline.transcode"):
             assert transcode_module._glymur() is None
             assert transcode_module._glymur() is None
         assert len(caplog.records) == 1
@@ -219,7 +219,7 @@ def test_libopenjp2_missing(
     try:
         monkeypatch.setattr(glymur.version, "openjpeg_version", "0.0.0")
         monkeypatch.setattr(glymur.version, "openjpeg_version_tuple", (0, 0, 0))
-        with caplog.at_level(logging.WARNING, logger="gateway.transcode"):
+        with caplog.at_level(logging.WARNING, logger="gateway.pipeline.transcode"):
             assert transcode_module._glymur() is None
         assert "libopenjp2 0.0.0" in caplog.text
         monkeypatch.undo()

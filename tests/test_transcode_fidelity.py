@@ -27,10 +27,10 @@ from pydicom.data import get_testdata_files
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
-from gateway import transcode as transcode_module
-from gateway.transcode import compressibility
+from gateway.pipeline import transcode as transcode_module
+from gateway.pipeline.transcode import compressibility
 
-from . import corpus
+from .support import corpus
 from .test_transcode import run
 
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from gateway import transcode as transcode_module
+from gateway.pipeline import transcode as transcode_module
 
-from . import corpus
+from .support import corpus
 from .test_transcode import (
     assert_same_elements,
     compressed,

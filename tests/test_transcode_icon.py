@@ -1,7 +1,7 @@
 """Images with an Icon Image Sequence (0088,0200): the icon is compressed with the image.
 
 PS3.5 A.4: the Transfer Syntax covers the whole data set, so the icon's Pixel Data is
-encapsulated JPEG 2000 Lossless too (see the module docstring of gateway.transcode).
+encapsulated JPEG 2000 Lossless too (see the module docstring of gateway.pipeline.transcode).
 The real files are pydicom's only ones with an icon (PALETTE COLOR 64x64, OW); the
 others are real uncompressed images given an icon of each common kind.
 """
@@ -23,9 +23,9 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from gateway.transcode import transcode
+from gateway.pipeline.transcode import transcode
 
-from . import corpus
+from .support import corpus
 from .test_transcode import compressed, patch_encoder, run, siz, uses_mct
 
 BIG = "1.2.840.10008.1.2.2"

@@ -15,9 +15,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from gateway import transcode as transcode_module
+from gateway.pipeline import transcode as transcode_module
 
-from . import corpus
+from .support import corpus
 from .test_transcode import compressed, make_image, stored
 
 

@@ -20,9 +20,9 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from gateway import transcode as transcode_module
+from gateway.pipeline import transcode as transcode_module
 
-from . import corpus
+from .support import corpus
 from .test_transcode import (
     ELE,
     ILE,

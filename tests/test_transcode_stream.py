@@ -16,9 +16,9 @@ import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 
-from gateway import transcode as transcode_module
+from gateway.pipeline import transcode as transcode_module
 
-from . import corpus
+from .support import corpus
 from .test_transcode import compressed, make_image, run
 from .test_transcode_fidelity import NATIVE_FILES
 

@@ -1,7 +1,7 @@
 """End to end: DCMTK storescu -> gateway -> nginx (mutual TLS) -> Orthanc + DICOMweb.
 
 Every peer is real: storescu is the modality, nginx with ``ssl_verify_client on`` and
-Orthanc with its DICOMweb plugin are the cloud archive (tests/archive.py).
+Orthanc with its DICOMweb plugin are the cloud archive (tests/support/archive.py).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, UncompressedTransferSyntaxes
 
-from . import corpus
-from .archive import ArchiveLab
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import storescu
+from .support import corpus
+from .support.archive import ArchiveLab
+from .support.gateway_proc import GatewayProcess
+from .support.peers import storescu
 
 
 def wait_until(what: str, predicate: Callable[[], bool], timeout: float = 60.0) -> None:
@@ -94,7 +94,7 @@ def test_everything_reaches_the_archive_intact(
     paths += [charset, private]
 
     for path in paths:  # each as it is stored, compressed syntaxes proposed as such
-        from .peers import store_one
+        from .support.peers import store_one
 
         assert store_one(gw.port, path).statuses == ["Success"]
     wait_until("all uploaded", _all_uploaded(gw, len(paths)))

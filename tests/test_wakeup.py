@@ -1,9 +1,9 @@
-"""gateway.wakeup: pynetdicom's reactor threads woken by work instead of by their polls.
+"""gateway.dicom.wakeup: pynetdicom's reactor threads woken by work instead of by their polls.
 
 The gateway runs every DIMSE test with the patch installed, so the suite as a whole
 checks nothing breaks; these tests check the patch still finds pynetdicom's private
 parts and that wake-ups really end the reactors' sleeps.  The SCP here is pynetdicom
-in this process (gateway.patches installs it per process, and the test reads the
+in this process (gateway.dicom.patches installs it per process, and the test reads the
 association's wakers), the SCU is DCMTK findscu.
 """
 
@@ -28,9 +28,9 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]
 
-from gateway import patches, wakeup
+from gateway.dicom import patches, wakeup
 
-from .peers import free_port
+from .support.peers import free_port
 from .test_worklist import findscu
 
 RESPONSES = 300

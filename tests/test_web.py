@@ -1,7 +1,7 @@
 """Status page, JSON API, /metrics, health and access control against the real gateway.
 
-Every gateway here is the real process (tests/gateway_proc.py); modalities are DCMTK
-storescu, the archive is Orthanc behind nginx with mutual TLS (tests/archive.py).
+Every gateway here is the real process (tests/support/gateway_proc.py); modalities are DCMTK
+storescu, the archive is Orthanc behind nginx with mutual TLS (tests/support/archive.py).
 """
 
 from __future__ import annotations
@@ -17,19 +17,19 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import webauth
 from gateway.config import EXIT_CONFIG
-from gateway.heartbeat import compact
-from gateway.status_doc import StatusDoc
+from gateway.web import auth as webauth
+from gateway.web.heartbeat import compact
+from gateway.web.status_doc import StatusDoc
 
-from . import corpus
-from .archive import ArchiveLab
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import storescu
-from .status_sample import from_json
+from .support import corpus
+from .support.archive import ArchiveLab
+from .support.gateway_proc import GatewayProcess
+from .support.peers import storescu
+from .support.status_sample import from_json
+from .support.web_client import WebClient, web_port
 from .test_upload import _upload_config, wait_until
-from .web_client import WebClient, web_port
 
 PASSWORD = "correct horse battery"
 TOKEN = "test-token-not-a-secret"
@@ -434,7 +434,7 @@ def test_client_certificate_requirement(gateway_factory: GatewayFactory, tmp_pat
 def test_failing_heartbeat_is_logged_once_and_harms_nothing(
     gateway_factory: GatewayFactory, tmp_path: Path
 ) -> None:
-    from .peers import free_port
+    from .support.peers import free_port
 
     url = f"https://localhost:{free_port()}/heartbeat"  # nothing listens there
     gw = gateway_factory(heartbeat={"url": url, "interval_seconds": 0.2})

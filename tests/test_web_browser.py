@@ -17,12 +17,12 @@ import pydicom
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from . import corpus
-from .archive import ArchiveLab
 from .conftest import GatewayFactory
-from .peers import storescu
+from .support import corpus
+from .support.archive import ArchiveLab
+from .support.peers import storescu
+from .support.web_client import WebClient, web_port
 from .test_upload import _upload_config, wait_until
-from .web_client import WebClient, web_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

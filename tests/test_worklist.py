@@ -21,8 +21,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import free_port, tool, wait_for_port
+from .support.gateway_proc import GatewayProcess
+from .support.peers import free_port, tool, wait_for_port
 
 
 def _day(offset: int) -> str:
@@ -213,7 +213,7 @@ def test_queries_answer_what_the_ris_holds(
 def test_a_query_asked_again_in_one_association_gets_the_same_answer(
     gateway_factory: GatewayFactory, ris: Ris, tmp_path: Path
 ) -> None:
-    """Later answers come from remembered responses, encoded once (gateway/find_encoding.py).
+    """Later answers come from remembered responses, encoded once (gateway/dicom/find_encoding.py).
 
     findscu asks three times in one association and checks that each response answers
     its own request's message ID; the implicit VR run makes the gateway encode the same

@@ -1,4 +1,4 @@
-"""Modality Worklist C-FIND matching (gateway.worklist_match), PS3.4 C.2.2.2."""
+"""Modality Worklist C-FIND matching (gateway.worklist.match), PS3.4 C.2.2.2."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pynetdicom.dsutils import decode, encode
 
-from gateway.worklist_match import find, matches, response
+from gateway.worklist.match import find, matches, response
 
 UID = "1.2.826.0.1.3680043.2.1143.1"
 

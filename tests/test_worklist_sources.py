@@ -32,13 +32,13 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from gateway import worklist as worklist_module
 from gateway.config import ConfigError, from_dict
 from gateway.store import Store
-from gateway.worklist import Worklist, to_cached
-from gateway.worklist_cache import prefilter, replace_source
-from gateway.worklist_match import find
-from gateway.worklist_sources import (
+from gateway.worklist import service as worklist_module
+from gateway.worklist.cache import prefilter, replace_source
+from gateway.worklist.match import find
+from gateway.worklist.service import Worklist, to_cached
+from gateway.worklist.sources import (
     DROP_SOURCE,
     UPS_SOURCE,
     DropFolder,
@@ -48,8 +48,8 @@ from gateway.worklist_sources import (
 )
 
 from .conftest import GatewayFactory
-from .gateway_proc import GatewayProcess
-from .peers import free_port
+from .support.gateway_proc import GatewayProcess
+from .support.peers import free_port
 from .test_worklist import ITEMS, Ris, _day, _item, _keys, _wait_for, _write_wl, findscu
 from .test_worklist import ris as ris  # the fixture: wlmscpfs with the test items
 

@@ -2,7 +2,7 @@
 
 A real gateway process with ``upload.max_bytes_per_second`` set (``--cap``, 2 MB/s by
 default) uploads to the real archive (Orthanc + DICOMweb behind nginx with mutual TLS,
-tests/archive.py).  Between the two sits a byte-counting TCP relay that only forwards
+tests/support/archive.py).  Between the two sits a byte-counting TCP relay that only forwards
 (TLS passes through it untouched, so the gateway still verifies nginx and nginx the
 gateway): it counts what the gateway sends, per second, as it arrives.  storescu first
 sends more than ``--seconds`` at the cap can carry (``compression = "none"``, so the
@@ -38,10 +38,10 @@ if str(REPO) not in sys.path:
 
 import pydicom  # noqa: E402
 
-from tests import corpus  # noqa: E402
-from tests.archive import ArchiveLab  # noqa: E402
-from tests.gateway_proc import GatewayProcess  # noqa: E402
-from tests.peers import storescu  # noqa: E402
+from tests.support import corpus  # noqa: E402
+from tests.support.archive import ArchiveLab  # noqa: E402
+from tests.support.gateway_proc import GatewayProcess  # noqa: E402
+from tests.support.peers import storescu  # noqa: E402
 
 
 class CountingRelay:

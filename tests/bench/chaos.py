@@ -1,6 +1,6 @@
 """The chaos soak as a report: ``python tests/bench/chaos.py --seconds 1800``.
 
-Same run and checks as ``tests/test_chaos.py`` (:mod:`tests.chaos_soak`), longer: a
+Same run and checks as ``tests/test_chaos.py`` (:mod:`tests.support.chaos_soak`), longer: a
 real gateway uploads through a fault-injecting TLS proxy in front of a real Orthanc
 while two storescu loops send new instances and identical and changed re-sends.
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests import chaos_soak  # noqa: E402
+from tests.support import chaos_soak  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """JPEG 2000 compression coverage of the conformance corpus (issue 11, Done when 3).
 
 Run as ``python tests/bench/conformance.py`` (``make bench``).  The full matrix corpus
-(tests/corpus.py ``MATRIX``, large files included) goes through the real gateway with
+(tests/support/corpus.py ``MATRIX``, large files included) goes through the real gateway with
 ``upload.compression = "j2k-lossless"`` into the real archive (Orthanc + DICOMweb
-behind nginx mTLS), sent by the SCUs of tests/scus.py (default: Orthanc, which sends
+behind nginx mTLS), sent by the SCUs of tests/support/scus.py (default: Orthanc, which sends
 every file in its own transfer syntax; ``--scu dcmtk gdcm orthanc pynetdicom`` for
 all).  For every image instance that reached the gateway uncompressed it reports
 whether the archive holds it as JPEG 2000 Lossless (1.2.840.10008.1.2.4.90 in the
@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from tests import scus  # noqa: E402
-from tests.conformance import MatrixRun, Outcome, run_matrix  # noqa: E402
+from tests.support import scus  # noqa: E402
+from tests.support.conformance import MatrixRun, Outcome, run_matrix  # noqa: E402
 
 J2K_LOSSLESS = "1.2.840.10008.1.2.4.90"
 NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}

@@ -1,6 +1,6 @@
 """The kill -9 durability run as a report: ``python tests/bench/crash_run.py --kills 200``.
 
-Same loop and checks as ``tests/test_crash.py`` (:mod:`tests.crashloop`): a child
+Same loop and checks as ``tests/test_crash.py`` (:mod:`tests.support.crashloop`): a child
 gateway is SIGKILLed at random moments while DCMTK storescu sends, restarted, and
 after the last kill every acknowledged instance must be in the spool with its sha256
 and one queue row, the database must pass ``PRAGMA integrity_check`` and every kill's
@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests import crashloop  # noqa: E402
+from tests.support import crashloop  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ that died, a pixel mismatch in the archive).
 
 For each corpus set and each mode:
 
-* a fresh archive (tests/archive.py ``ArchiveLab``: Orthanc + DICOMweb behind nginx
+* a fresh archive (tests/support/archive.py ``ArchiveLab``: Orthanc + DICOMweb behind nginx
   with mutual TLS);
 * a fresh sender target: the real gateway (``python -m gateway run``,
   ``upload.compression`` = none / j2k-lossless / htj2k-lossless,
@@ -60,7 +60,6 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 
-from tests.archive import DICOMWEB_PLUGIN, ORTHANC, ArchiveLab  # noqa: E402
 from tests.bench.ingest import (  # noqa: E402
     BenchFailure,
     SetSpec,
@@ -69,8 +68,9 @@ from tests.bench.ingest import (  # noqa: E402
     send,
     warm_cache,
 )
-from tests.gateway_proc import GatewayProcess  # noqa: E402
-from tests.peers import free_port, tool, wait_for_port  # noqa: E402
+from tests.support.archive import DICOMWEB_PLUGIN, ORTHANC, ArchiveLab  # noqa: E402
+from tests.support.gateway_proc import GatewayProcess  # noqa: E402
+from tests.support.peers import free_port, tool, wait_for_port  # noqa: E402
 
 MB = 1_000_000
 GDCM_PLUGIN = "/usr/share/orthanc/plugins/libOrthancGdcm.so"

@@ -60,9 +60,9 @@ import pydicom  # noqa: E402
 from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
-from tests.corpus import testdata  # noqa: E402
-from tests.gateway_proc import GatewayProcess  # noqa: E402
-from tests.peers import free_port, tool, wait_for_port  # noqa: E402
+from tests.support.corpus import testdata  # noqa: E402
+from tests.support.gateway_proc import GatewayProcess  # noqa: E402
+from tests.support.peers import free_port, tool, wait_for_port  # noqa: E402
 
 AE_TITLE = "DICOMGW"
 CALLING_AE = "BENCHSCU"
@@ -677,7 +677,8 @@ def main(argv: list[str] | None = None) -> int:
         "commands": {
             "send": f"storescu -v -aec {AE_TITLE} -aet {CALLING_AE} -xe 127.0.0.1 PORT FILES...",
             "storescp": f"storescp -aet {AE_TITLE} -od DIR +xa PORT",
-            "gateway": "python -m gateway run --config gateway.toml (tests/gateway_proc.py)",
+            "gateway": "python -m gateway run --config gateway.toml"
+            " (tests/support/gateway_proc.py)",
             "env": "TCP_NODELAY=1 for storescu and storescp",
         },
         "units": {"mb": "10^6 bytes", "rss": "MiB (2^20 bytes), VmHWM of the server"},

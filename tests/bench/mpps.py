@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
 
 from pydicom.uid import generate_uid  # noqa: E402
 
-from tests.gateway_proc import GatewayProcess  # noqa: E402
+from tests.support.gateway_proc import GatewayProcess  # noqa: E402
 from tests.test_mpps import (  # noqa: E402
     COMPLETED,
     CREATE,

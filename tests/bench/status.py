@@ -47,8 +47,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from gateway.store import Store  # noqa: E402
-from tests.gateway_proc import GatewayProcess  # noqa: E402
-from tests.peers import free_port, wait_for_port  # noqa: E402
+from tests.support.gateway_proc import GatewayProcess  # noqa: E402
+from tests.support.peers import free_port, wait_for_port  # noqa: E402
 
 TARGET_P99_MS = 100.0
 AES = ["CT_ROOM1", "CT_ROOM2", "MR_3T", "US_1", "US_2", "CR_ER", "DX_WARD", "MG_1"]
@@ -202,7 +202,7 @@ def main() -> int:
         build_queue(work / "gw", args.rows)
         results["build_seconds"] = round(time.perf_counter() - started, 1)
         gw.start(timeout=120)
-        from tests.web_client import web_port
+        from tests.support.web_client import web_port
 
         port = web_port(gw)
         probe_conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

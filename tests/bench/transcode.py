@@ -9,7 +9,7 @@ Run as ``python tests/bench/transcode.py`` (``make bench``).
   its own; time is the best of three, encode plus the whole verification.  The sets
   of issue 13 are 693_UNCR (CT 512x512, signed 14-bit), MR2_UNCR (MR 1024x1024,
   12-bit) and RG1_UNCR (CR, 7.2 MB, 15-bit).
-* Per set: the stage as the pipeline runs it (``gateway.jobs._new_pool``: spawned,
+* Per set: the stage as the pipeline runs it (``gateway.pipeline.jobs._new_pool``: spawned,
   niced encoder processes), N transcodes of one file submitted at once, after one
   warm-up per process.  MB/s is input MB over the wall clock (encode plus verify);
   CPU is the encoder processes' user+system time.  The machine's load average is
@@ -67,8 +67,8 @@ def measure_one(name: str, codec: str) -> None:
     import pydicom
     from pydicom.data import get_testdata_file
 
-    from gateway.transcode import transcode
-    from tests.corpus import testdata
+    from gateway.pipeline.transcode import transcode
+    from tests.support.corpus import testdata
 
     src = testdata(name)
     _ = pydicom.dcmread(get_testdata_file("CT_small.dcm")).pixel_array  # load the codecs
@@ -89,7 +89,7 @@ def _multiframe(directory: Path, frames: int) -> Path:
     import numpy as np
     import pydicom
 
-    from tests.corpus import testdata
+    from tests.support.corpus import testdata
 
     ds = pydicom.dcmread(testdata("693_UNCR.dcm"))
     arr = ds.pixel_array
@@ -104,7 +104,7 @@ def _multiframe(directory: Path, frames: int) -> Path:
 def timed_transcode(src: Path, dst: Path, codec: str) -> tuple[str, float]:
     """In an encoder process: the outcome and the process's CPU time for it (all its
     threads; the process runs one transcode at a time)."""
-    from gateway.transcode import transcode
+    from gateway.pipeline.transcode import transcode
 
     start = time.process_time()
     outcome = transcode(src, dst, codec).outcome
@@ -113,9 +113,9 @@ def timed_transcode(src: Path, dst: Path, codec: str) -> tuple[str, float]:
 
 def measure_set(name: str, source: str, count: int, workers: int, codec: str) -> str:
     sys.path.insert(0, str(REPO))
-    from gateway.jobs import _new_pool, _stop_pool
-    from gateway.transcode import transcode
-    from tests.corpus import testdata
+    from gateway.pipeline.jobs import _new_pool, _stop_pool
+    from gateway.pipeline.transcode import transcode
+    from tests.support.corpus import testdata
 
     if str(REPO) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
         # The spawned encoder processes import this file's gateway, not another one.
@@ -153,7 +153,7 @@ def _big_multiframe(directory: Path, frames: int) -> Path:
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-    from tests.corpus import testdata
+    from tests.support.corpus import testdata
 
     ds = pydicom.dcmread(testdata("693_UNCR.dcm"))
     arr = ds.pixel_array
@@ -185,8 +185,8 @@ def measure_tree(codec: str, frames: int = TREE_FRAMES) -> str:
     sys.path.insert(0, str(REPO))
     import psutil
 
-    from tests.gateway_proc import GatewayProcess
-    from tests.peers import tool
+    from tests.support.gateway_proc import GatewayProcess
+    from tests.support.peers import tool
 
     if str(REPO) not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
         # The gateway (and its encoder processes) run this file's gateway, not another.

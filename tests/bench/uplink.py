@@ -1,6 +1,6 @@
 """Emulated uplinks (issue 13, Done-when 4): ``python tests/bench/uplink.py`` (as root).
 
-The archive (Orthanc + DICOMweb behind nginx with mutual TLS, tests/archive.py) runs
+The archive (Orthanc + DICOMweb behind nginx with mutual TLS, tests/support/archive.py) runs
 on loopback; only traffic *to nginx's port* is shaped, with ``tc`` on ``lo``: an
 ``htb`` root qdisc without a default class (packets no filter classifies are sent
 directly, unshaped: every other flow on loopback passes as before), one class at the
@@ -46,10 +46,10 @@ if str(REPO) not in sys.path:
 
 import pydicom  # noqa: E402
 
-from tests import corpus  # noqa: E402
-from tests.archive import ArchiveLab  # noqa: E402
-from tests.gateway_proc import GatewayProcess  # noqa: E402
-from tests.peers import storescu  # noqa: E402
+from tests.support import corpus  # noqa: E402
+from tests.support.archive import ArchiveLab  # noqa: E402
+from tests.support.gateway_proc import GatewayProcess  # noqa: E402
+from tests.support.peers import storescu  # noqa: E402
 
 MODES = {
     "none": {"compression": "none"},

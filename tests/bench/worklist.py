@@ -24,7 +24,7 @@ cost of a lookup.  All servers must return the same items.  A third server shows
 pynetdicom alone costs: a pynetdicom SCP set up as the gateway's (TCP_NODELAY,
 identifier logging off) that answers each query with the responses it computed for the
 first one, encoding them each time as pynetdicom does (the gateway encodes a remembered
-answer once: gateway/find_encoding.py).  TCP_NODELAY is on for both clients, for
+answer once: gateway/dicom/find_encoding.py).  TCP_NODELAY is on for both clients, for
 wlmscpfs (``TCP_NODELAY=1`` in its environment) and in the gateway, so no side waits
 for a delayed ACK.  Target from the issue: gateway p99 < 50 ms for the date-and-modality
 query, as the modality (findscu) sees it.
@@ -56,9 +56,9 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 from pynetdicom import AE  # noqa: E402
 from pynetdicom.sop_class import ModalityWorklistInformationFind  # type: ignore[attr-defined]  # noqa: E402
 
-from gateway.worklist import universal_query  # noqa: E402
-from tests.gateway_proc import GatewayProcess  # noqa: E402
-from tests.peers import free_port, tool, wait_for_port  # noqa: E402
+from gateway.worklist.service import universal_query  # noqa: E402
+from tests.support.gateway_proc import GatewayProcess  # noqa: E402
+from tests.support.peers import free_port, tool, wait_for_port  # noqa: E402
 
 MODALITIES = ["CT", "MR", "US", "CR", "DX", "MG"]
 DAYS = 30
@@ -324,8 +324,8 @@ def serve_floor(port: int, count: int) -> None:
     """The floor: pynetdicom answering from responses computed once per query."""
     from pynetdicom import _config, evt
 
-    from gateway.receive import _NoDelayServer
-    from gateway.worklist_match import find
+    from gateway.dicom.receive import _NoDelayServer
+    from gateway.worklist.match import find
 
     _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
     items = [make_item(n) for n in range(count)]

@@ -1,0 +1,38 @@
+"""The DIMSE status codes the gateway answers and reads, one name per meaning.
+
+A code can mean different things to different services: 0xC001 is "Cannot understand"
+to a C-STORE SCU and "Unable to process" to a C-FIND SCU, while PS3.7's "Processing
+failure" is 0x0110.  So the C-STORE codes start with ``STORE_``, the C-FIND codes with
+``FIND_``, and the codes PS3.7 Annex C gives every DIMSE-N service (MPPS) have its names.
+gateway/dicom/receive.py, gateway/mpps/forwarder.py and gateway/worklist/service.py take them from
+here; gateway/dicom/conformance.py lists them.
+"""
+
+from __future__ import annotations
+
+SUCCESS = 0x0000
+
+# PS3.7 C: N-CREATE / N-SET (the MPPS SCP, PS3.4 F.7.2, and its upstream).
+INVALID_ATTRIBUTE_VALUE = 0x0106
+PROCESSING_FAILURE = 0x0110  # also "may no longer be updated" (F.7.2.2.3)
+DUPLICATE_INSTANCE = 0x0111
+NO_SUCH_INSTANCE = 0x0112
+INVALID_INSTANCE = 0x0117  # the SOP Instance UID breaks the UID rules
+MISSING_ATTRIBUTE = 0x0120
+MISSING_ATTRIBUTE_VALUE = 0x0121
+NOT_AUTHORIZED = 0x0124
+RESOURCE_LIMITATION = 0x0213  # shutting down, or the database cannot take the write
+
+# C-STORE (PS3.4 B.2.3).  Each failure the handler can meet has its own.
+STORE_OUT_OF_RESOURCES = 0xA700  # spool below watermark, disk full, spool gone, stopping
+STORE_DATASET_MISMATCH = 0xA900  # data set does not match the command or lacks Type 1 UIDs
+STORE_CANNOT_UNDERSTAND = 0xC000  # a UID in the command that is not a UID
+STORE_PROCESSING_ERROR = 0xC001  # an I/O or database error other than "no space"
+STORE_UNDECODABLE = 0xC210  # the data set cannot be parsed
+
+# C-FIND, Modality Worklist (PS3.4 K.4.1.1.4).
+FIND_PENDING = 0xFF00
+FIND_PENDING_WARNING = 0xFF01  # pending, but optional keys were not supported
+FIND_CANCELLED = 0xFE00
+FIND_UNABLE_TO_PROCESS = 0xC000  # no worklist is served (no MWL context is offered then)
+FIND_FAILED = 0xC001  # the query could not be answered
