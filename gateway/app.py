@@ -66,7 +66,7 @@ _SWEEP_INTERVAL_S = 60.0
 
 # Upper bounds of the stop phases (see _shutdown), for stop_budget_seconds.
 _LISTENER_JOIN_S = 10.0  # ReceiverPool.stop_accepting waits this long for the receivers
-_POOL_STOP_S = 15.0  # the J2K pool finishes the image it is encoding
+_POOL_STOP_S = 15.0  # the J2K pool's workers are killed and joined (an encode is redone)
 _STORE_CLOSE_S = CLOSE_TIMEOUT_S  # the last queued writes; SQLite's busy_timeout bounds each
 # A start waits this long for the receivers of a killed gateway to drain and exit.
 _INSTANCE_LOCK_WAIT_S = 60.0
