@@ -142,3 +142,26 @@ def test_sleep_outside_a_reactor_thread_is_a_plain_sleep() -> None:
     t.start()
     t.join(10)
     assert done.is_set()
+
+
+def test_only_accepted_associations_are_woken() -> None:
+    """A requestor's reactor keeps pynetdicom's own sleeps: woken early, it raced
+    ``send_n_create()`` for the response (seen once in CI as an unexpected N-CREATE)."""
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    patches.install()
+    ae = AE(ae_title="ACCEPTOR")
+    ae.add_supported_context(Verification)
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        scu = AE(ae_title="REQUESTOR")
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", server.server_address[1], ae_title="ACCEPTOR")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        (accepted,) = server.active_associations
+        assert hasattr(accepted, "_gateway_waker")
+        assert not hasattr(assoc, "_gateway_waker")
+        assoc.release()
+    finally:
+        server.shutdown()

@@ -179,9 +179,16 @@ def wake_association_reactor(
     original: Callable[[Association], None],
 ) -> Callable[[Association], None]:
     """Wraps ``Association._run_reactor``: its sleeps end on a complete DIMSE message or
-    an event from the DUL."""
+    an event from the DUL.  Only for the associations this process accepts: a
+    requestor's ``send_*()`` pauses its reactor with a flag read without a lock, and a
+    reactor woken by every message took a response off the queue before ``send_*()``
+    could ("Received unexpected N-CREATE service message", then a DIMSE timeout).  An
+    acceptor answers through its handlers and never pauses its reactor."""
 
     def run_reactor(self: Association) -> None:
+        if not self.is_acceptor:
+            original(self)
+            return
         _local.waker = _assoc_waker(self)
         try:
             original(self)
