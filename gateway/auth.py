@@ -39,6 +39,7 @@ before it is shown.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import errno
@@ -432,7 +433,7 @@ def _redact_tokenish(match: re.Match[str]) -> str:
     return "[redacted]" if mixed and any(c.isdigit() for c in s) else s
 
 
-class _TokenAuth(Authenticator):
+class _TokenAuth(Authenticator, abc.ABC):
     """A bearer token fetched by a library (in a thread) and refreshed ahead of expiry."""
 
     retry_statuses = frozenset({401})
@@ -490,9 +491,9 @@ class _TokenAuth(Authenticator):
             return f"{self.method} token in hand"
         return f"{self.method} token valid for {token.expires_at - time.time():.0f} s"
 
+    @abc.abstractmethod
     def _fetch(self) -> Token:
         """Get a new token (blocking; called in a thread, one at a time)."""
-        raise NotImplementedError
 
     def _reset(self) -> None:
         """After a refusal: forget what the library cached, so the next fetch asks anew."""
