@@ -80,6 +80,8 @@ class Claimed:
     series_instance_uid: str = ""
     #: STOW-RS requests that carried this UID before this one.
     sends: int = 0
+    #: When the C-STORE was answered (ISO 8601, UTC), for the end-to-end latency.
+    received_at: str = ""
 
 
 class Transcoded(Protocol):
@@ -308,7 +310,7 @@ def claim_for_compression(limit: int) -> Callable[[sqlite3.Connection], list[Cla
                 SELECT sop_instance_uid FROM instances WHERE state = ?
                 ORDER BY received_at LIMIT ?)
             RETURNING sop_instance_uid, study_instance_uid, sha256, path, upload_path,
-                      transfer_syntax, size, attempts, series_instance_uid, sends
+                      transfer_syntax, size, attempts, series_instance_uid, sends, received_at
             """,
             (QueueState.COMPRESSING, utcnow(), QueueState.RECEIVED, limit),
         ).fetchall()
@@ -424,7 +426,8 @@ def claim_upload_batch(
         rows = conn.execute(
             f"""
             SELECT sop_instance_uid, study_instance_uid, sha256, path, upload_path,
-                   transfer_syntax, upload_size AS size, attempts, series_instance_uid, sends
+                   transfer_syntax, upload_size AS size, attempts, series_instance_uid, sends,
+                   received_at
             FROM instances
             WHERE state = ? AND study_instance_uid = ? AND next_attempt_at <= ?{lane}
             ORDER BY received_at LIMIT ?

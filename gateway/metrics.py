@@ -12,6 +12,7 @@ in one process, as tests do.
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -21,9 +22,14 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .mpps.outbox import OutboxState
+from .web.status_doc import ArchiveState, HealthState
 
 if TYPE_CHECKING:
     from .web.status_doc import StatusDoc
+
+#: The values of ``dicom_gateway_health_state{state}`` and ``..._archive_state{state}``.
+HEALTH_STATES: tuple[str, ...] = typing.get_args(HealthState)
+ARCHIVE_STATES: tuple[str, ...] = typing.get_args(ArchiveState)
 
 PREFIX = "dicom_gateway"
 
@@ -41,6 +47,9 @@ STORE_RESULTS = {
 # batch over a thin uplink minutes.
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _RATIO_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
+# Seconds from C-STORE to the archive's confirmation: seconds on a quiet LAN box, hours
+# behind a closed upload window or an outage.
+_END_TO_END_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 
 class Metrics:
@@ -98,6 +107,12 @@ class Metrics:
         )
         for result in ("match", "mismatch", "absent", "error"):
             self.verifications.labels(result)
+        self.end_to_end = Histogram(
+            f"{PREFIX}_instance_end_to_end_seconds",
+            "seconds from an instance's C-STORE answer to the archive's confirmation",
+            buckets=_END_TO_END_BUCKETS,
+            registry=r,
+        )
         self.compression_ratio = Histogram(
             f"{PREFIX}_compression_ratio",
             "original size / compressed size of each instance compressed",
@@ -141,6 +156,19 @@ class SnapshotCollector(Collector):
         s = self.source()
         if s is None:
             return
+        yield _state_set(
+            "health_state",
+            "1 for the gateway's health (ok, degraded, failing: the status page's verdict), 0"
+            " for the others; failing means C-STOREs are refused",
+            HEALTH_STATES,
+            s.health.state,
+        )
+        yield _state_set(
+            "archive_state",
+            "1 for the archive's state as the uploads last found it, 0 for the others",
+            ARCHIVE_STATES,
+            s.archive.state,
+        )
         depth = GaugeMetricFamily(
             f"{PREFIX}_queue_instances", "instances in the queue by state", labels=["state"]
         )
@@ -174,15 +202,27 @@ class SnapshotCollector(Collector):
         yield _gauge("spool_bytes", "bytes of instances held in the spool", disk.spool_bytes)
         if disk.free_bytes is not None:  # None only before the first snapshot
             yield _gauge("spool_free_bytes", "free bytes on the spool file system", disk.free_bytes)
+        if disk.total_bytes is not None:
+            yield _gauge(
+                "spool_filesystem_size_bytes", "size of the spool file system", disk.total_bytes
+            )
         yield _gauge("spool_min_free_bytes", "below this C-STOREs are refused", disk.min_free_bytes)
         refreshed = GaugeMetricFamily(
             f"{PREFIX}_worklist_last_refresh_timestamp_seconds",
             "last successful worklist refresh per source (0: never)",
             labels=["source"],
         )
+        interval = GaugeMetricFamily(
+            f"{PREFIX}_worklist_refresh_interval_seconds",
+            "seconds between two reads of each configured worklist source",
+            labels=["source"],
+        )
         for w in s.worklist:
             refreshed.add_metric([w.source], w.last_success_ts or 0)
+            if w.refresh_interval_seconds is not None:
+                interval.add_metric([w.source], w.refresh_interval_seconds)
         yield refreshed
+        yield interval
         outbox = GaugeMetricFamily(
             f"{PREFIX}_mpps_outbox_messages",
             "MPPS messages not yet delivered to the RIS, by state",
@@ -193,6 +233,28 @@ class SnapshotCollector(Collector):
                          (o.FAILED, s.mpps.failed)):  # fmt: skip
             outbox.add_metric([state.value], n)
         yield outbox
+        yield _gauge(
+            "mpps_outbox_oldest_pending_timestamp_seconds",
+            "when the oldest MPPS message still to be delivered came in (0: none)",
+            s.mpps.oldest_pending_ts or 0,
+        )
+        # Bounded: the status document lists at most 200 calling AEs (gateway.instances).
+        received = GaugeMetricFamily(
+            f"{PREFIX}_calling_ae_instances_last_24h",
+            "instances received in the last 24 hours, by calling AE title",
+            labels=["calling_ae"],
+        )
+        seen = GaugeMetricFamily(
+            f"{PREFIX}_calling_ae_last_seen_timestamp_seconds",
+            "when an instance of this calling AE title was last received",
+            labels=["calling_ae"],
+        )
+        for m in s.modalities:
+            received.add_metric([m.calling_ae], m.last_24h)
+            if m.last_seen_ts is not None:
+                seen.add_metric([m.calling_ae], m.last_seen_ts)
+        yield received
+        yield seen
         cert = s.certificate
         if cert.not_after_ts is not None:
             yield _gauge(
@@ -205,3 +267,12 @@ class SnapshotCollector(Collector):
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _state_set(name: str, doc: str, states: tuple[str, ...], current: str) -> GaugeMetricFamily:
+    """One sample per possible state, 1 for *current*: an alert can ask for a state
+    by name, and a state never seen still has a series (at 0)."""
+    family = GaugeMetricFamily(f"{PREFIX}_{name}", doc, labels=["state"])
+    for state in states:
+        family.add_metric([state], int(state == current))
+    return family

@@ -4,6 +4,7 @@ chart, a real snapshot round-tripped through its JSON, and a bounded close()."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -16,12 +17,19 @@ import pytest
 
 from gateway import app as app_module
 from gateway import config
+from gateway.metrics import Metrics
 from gateway.web import auth as webauth
 from gateway.web import status
 from gateway.web.heartbeat import compact
 from gateway.web.page import chart
 from gateway.web.status import config_summary, health
-from gateway.web.status_doc import ComponentRestart, StatusDoc, WorklistSource, status_json
+from gateway.web.status_doc import (
+    ComponentRestart,
+    Modality,
+    StatusDoc,
+    WorklistSource,
+    status_json,
+)
 
 from .support.status_sample import from_json, key_tree, sample_doc
 
@@ -49,7 +57,8 @@ GOLDEN: dict[str, Any] = {
     "associations_active": "int",
     "throughput": [{"minute": "str", "received": "int", "received_bytes": "int",
                     "uploaded": "int", "uploaded_bytes": "int"}],
-    "modalities": [{"calling_ae": "str", "last_24h": "int", "last_seen": "str|null"}],
+    "modalities": [{"calling_ae": "str", "last_24h": "int", "last_seen": "str|null",
+                    "last_seen_ts": "number|null"}],
     "failed": [{"sop_instance_uid": "str", "study_instance_uid": "str",
                 "calling_ae": "str|null", "attempts": "int", "received_at": "str",
                 "updated_at": "str", "last_error": "str|null"}],
@@ -69,7 +78,7 @@ GOLDEN: dict[str, Any] = {
                     "days_left": "int|null", "warning": "bool", "error": "str|null"},
     "worklist": [{"source": "str", "last_attempt_at": "str|null", "last_success_at": "str|null",
                   "last_error": "str|null", "item_count": "int|null",
-                  "last_success_ts": "number|null"}],
+                  "last_success_ts": "number|null", "refresh_interval_seconds": "number|null"}],
     "mpps": {
         "pending": "int", "sending": "int", "failed": "int", "oldest_pending_at": "str|null",
         "failed_messages": [{"seq": "int", "sop_instance_uid": "str", "kind": "str",
@@ -138,7 +147,7 @@ def test_health_ok_degraded_failing() -> None:
     assert state == "degraded" and "12 days" in reasons[0]
     state, reasons = judge(certificate__error="cannot read: no such file")
     assert state == "degraded" and "no such file" in reasons[0]
-    stale = WorklistSource("ris", None, None, "timed out", None, None)
+    stale = WorklistSource("ris", None, None, "timed out", None, None, 300.0)
     assert judge(worklist=(stale,))[0] == "degraded"
     state, reasons = judge(mpps__failed=1)
     assert state == "degraded" and "MPPS" in reasons[0]
@@ -298,3 +307,57 @@ async def test_close_interrupts_a_snapshot_that_overruns(
             # under a running query would crash the interpreter.
             await gw.status._refreshing
         gw.store.close()
+
+
+def _samples(doc: StatusDoc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    m = Metrics()
+    m.add_gauges(lambda: doc)
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in m.registry.collect()
+        for s in family.samples
+    }
+
+
+def test_metrics_gauges_follow_the_status_document() -> None:
+    """/metrics's snapshot gauges are the document's facts (the alerts of monitoring/
+    read them): each state of a state set has a series, 1 for the current one."""
+    p = "dicom_gateway_"
+    now = time.time()
+    doc = sample_doc(
+        archive__state="unreachable",
+        mpps__oldest_pending_ts=now - 60,
+        worklist=(
+            WorklistSource("upstream-mwl", None, None, None, 3, now - 5, 300.0),
+            WorklistSource("ris-gone", None, None, None, 1, now - 9999, None),
+        ),
+        modalities=(Modality("CT_ROOM1", 7, "2026-01-01T00:00:00+00:00", 1767225600.0),),
+    )
+    doc = dataclasses.replace(doc, health=health(doc))
+    m = _samples(doc)
+    assert m[p + "health_state", (("state", "degraded"),)] == 1
+    assert m[p + "health_state", (("state", "ok"),)] == 0
+    assert m[p + "health_state", (("state", "failing"),)] == 0
+    assert m[p + "archive_state", (("state", "unreachable"),)] == 1
+    assert m[p + "archive_state", (("state", "reachable"),)] == 0
+    assert m[p + "archive_state", (("state", "not configured"),)] == 0
+    assert m[p + "mpps_outbox_oldest_pending_timestamp_seconds", ()] == now - 60
+    assert m[p + "worklist_refresh_interval_seconds", (("source", "upstream-mwl"),)] == 300
+    assert m[p + "worklist_last_refresh_timestamp_seconds", (("source", "upstream-mwl"),)] == (
+        now - 5
+    )
+    # A source no longer configured keeps its last refresh, but has no interval: the
+    # WorklistSourceStale alert does not fire for it forever.
+    assert (p + "worklist_refresh_interval_seconds", (("source", "ris-gone"),)) not in m
+    assert m[p + "calling_ae_instances_last_24h", (("calling_ae", "CT_ROOM1"),)] == 7
+    assert m[p + "calling_ae_last_seen_timestamp_seconds", (("calling_ae", "CT_ROOM1"),)] == (
+        1767225600.0
+    )
+    assert m[p + "spool_filesystem_size_bytes", ()] == 10**11
+    # Nothing waiting: the timestamps say 0 (the alerts ignore 0).
+    quiet = _samples(sample_doc())
+    assert quiet[p + "mpps_outbox_oldest_pending_timestamp_seconds", ()] == 0
+    assert quiet[p + "health_state", (("state", "ok"),)] == 1
+    failing = sample_doc(disk__below_watermark=True)
+    failing = dataclasses.replace(failing, health=health(failing))
+    assert _samples(failing)[p + "health_state", (("state", "failing"),)] == 1

@@ -111,6 +111,16 @@ def test_metrics_after_an_upload(
     assert _value(m[p + "uploads_paused"]) == 0
     assert _value(m[p + "upload_limit_bytes_per_second"]) == 0  # no cap
     assert _value(m[p + "upload_window_open"]) == 1  # no windows: always open
+    assert _value(m[p + "instance_end_to_end_seconds"], "_count") == 1
+    assert 0 < _value(m[p + "instance_end_to_end_seconds"], "_sum") < 120
+    assert _value(m[p + "health_state"], state="ok") == 1
+    assert _value(m[p + "health_state"], state="failing") == 0
+    assert _value(m[p + "archive_state"], state="reachable") == 1
+    assert _value(m[p + "archive_state"], state="unreachable") == 0
+    assert _value(m[p + "calling_ae_instances_last_24h"], calling_ae="CT_ROOM1") == 1
+    assert now - 120 < _value(m[p + "calling_ae_last_seen_timestamp_seconds"]) <= now + 1
+    assert _value(m[p + "spool_filesystem_size_bytes"]) > _value(m[p + "spool_free_bytes"])
+    assert _value(m[p + "mpps_outbox_oldest_pending_timestamp_seconds"]) == 0
 
     status = web.status()
     assert status["queue"]["pending"] == 0 and status["queue"]["done_today"] == 1

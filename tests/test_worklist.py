@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -23,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from .conftest import GatewayFactory
 from .support.gateway_proc import GatewayProcess
 from .support.peers import free_port, tool, wait_for_port
+from .support.web_client import WebClient, web_port
 
 
 def _day(offset: int) -> str:
@@ -251,6 +253,15 @@ def test_cache_answers_with_the_ris_down_and_follows_it_back(
     assert during == before
     rows = gw.rows("SELECT * FROM worklist_sources")
     assert rows[0]["last_error"] and rows[0]["last_success_at"]
+    # What the WorklistSourceStale alert (monitoring/alerts.yml) compares.
+    metrics = {
+        (s.name, s.labels.get("source")): s.value
+        for family in text_string_to_metric_families(WebClient(web_port(gw)).get("/metrics").text)
+        for s in family.samples
+    }
+    assert metrics["dicom_gateway_worklist_refresh_interval_seconds", "upstream-mwl"] == 1
+    last = metrics["dicom_gateway_worklist_last_refresh_timestamp_seconds", "upstream-mwl"]
+    assert 0 < last < time.time()
 
     # The RIS comes back changed: one item gone, one new.
     (ris.files / "ACC003.wl").unlink()

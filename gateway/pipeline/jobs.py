@@ -145,6 +145,11 @@ def _fallback(claimed: Claimed, reason: str) -> TranscodeResult:
     )
 
 
+def _since(received_at: str) -> float:
+    """Seconds from *received_at* (ISO 8601) to now; 0 if the clock was set back."""
+    return max(0.0, (datetime.now(UTC) - datetime.fromisoformat(received_at)).total_seconds())
+
+
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
     """Exponential backoff with jitter: attempt n waits between half and all of
     ``min(maximum, initial * 2**(n-1))``, so boxes that lost the archive together do
@@ -579,6 +584,8 @@ class Pipeline:
                 m.uploaded_instances.labels(kind).inc()
                 if outcome.stored:
                     m.uploaded_bytes.inc(claimed.size)
+                    if claimed.received_at:  # every upload claim reads it
+                        m.end_to_end.observe(_since(claimed.received_at))
                     for warning in outcome.warnings:
                         m.stow_warnings.labels(warning_code(warning)).inc()
         for claimed, outcome in results:

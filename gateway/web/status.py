@@ -219,7 +219,10 @@ def read_queue(conn: sqlite3.Connection, now: datetime) -> QueueFacts:
     )  # fmt: skip
 
     day_ago = (now - timedelta(days=1)).isoformat(timespec="microseconds")
-    modalities = tuple(Modality(**m) for m in instances.calling_aes(conn, day_ago))
+    modalities = tuple(
+        Modality(**m, last_seen_ts=_ts(m["last_seen"]))
+        for m in instances.calling_aes(conn, day_ago)
+    )
     failed = tuple(FailedInstance(**r) for r in instances.failed(conn, FAILED_SHOWN))
     retrying = tuple(RetryingInstance(**r) for r in instances.retrying(conn))
     warned_count, warned_rows = instances.warned(conn, WARNED_SHOWN)
@@ -489,6 +492,7 @@ def _queue(facts: QueueFacts, now: float) -> QueueStatus:
 
 def _worklist_sources(worklist: Worklist) -> tuple[WorklistSource, ...]:
     """The worklist's freshness rows (blocking: in the snapshot's thread)."""
+    intervals = worklist.refresh_intervals()
     return tuple(
         WorklistSource(
             source=w["source"],
@@ -497,6 +501,7 @@ def _worklist_sources(worklist: Worklist) -> tuple[WorklistSource, ...]:
             last_error=w["last_error"],
             item_count=w["item_count"],
             last_success_ts=_ts(w["last_success_at"]),
+            refresh_interval_seconds=intervals.get(w["source"]),
         )
         for w in worklist.freshness()
     )

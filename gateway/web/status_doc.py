@@ -86,6 +86,7 @@ class Modality:
     calling_ae: str
     last_24h: int
     last_seen: str | None
+    last_seen_ts: float | None
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,9 @@ class WorklistSource:
     last_error: str | None
     item_count: int | None
     last_success_ts: float | None
+    #: How often the source is read (``worklist.refresh_seconds``, or
+    #: ``drop_scan_seconds`` for the drop folder); None: no longer configured.
+    refresh_interval_seconds: float | None
 
 
 @dataclass(frozen=True)

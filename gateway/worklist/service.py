@@ -181,14 +181,25 @@ class Worklist:
         self._answers: dict[str, tuple[list[tuple[str, str, str | None]], list[Dataset]]] = {}
 
     async def run(self) -> None:
-        w = self.config.worklist
         async with asyncio.TaskGroup() as tg:
-            if w.upstream_host:
-                tg.create_task(self._every(w.refresh_seconds, self.refresh_upstream))
-            if w.ups_url:
-                tg.create_task(self._every(w.refresh_seconds, self.refresh_ups))
-            if self._drop is not None:
-                tg.create_task(self._every(w.drop_scan_seconds, self.scan_drop_folder))
+            for seconds, refresh in self._sources().values():
+                tg.create_task(self._every(seconds, refresh))
+
+    def _sources(self) -> dict[str, tuple[float, Callable[[], Awaitable[None]]]]:
+        """Each source :meth:`run` reads: seconds between two reads, and the read."""
+        w = self.config.worklist
+        sources: dict[str, tuple[float, Callable[[], Awaitable[None]]]] = {}
+        if w.upstream_host:
+            sources[UPSTREAM_SOURCE] = (w.refresh_seconds, self.refresh_upstream)
+        if w.ups_url:
+            sources[UPS_SOURCE] = (w.refresh_seconds, self.refresh_ups)
+        if self._drop is not None:
+            sources[DROP_SOURCE] = (w.drop_scan_seconds, self.scan_drop_folder)
+        return sources
+
+    def refresh_intervals(self) -> dict[str, float]:
+        """Seconds between two reads of each configured source (the status shows them)."""
+        return {source: seconds for source, (seconds, _) in self._sources().items()}
 
     @staticmethod
     async def _every(seconds: float, refresh: Callable[[], Awaitable[None]]) -> None:
