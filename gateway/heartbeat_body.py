@@ -6,20 +6,24 @@ silently empty column on the fleet page.
 
 :func:`decode` is strict: the types, the enumerations and the bounds below are
 checked by msgspec (a well-kept validating decoder; the receiver hand-parses
-nothing).  Fields it does not know are ignored, so a newer box can add some.  Only
-facts about the box's queue and health travel: no patient data, no secrets.
+nothing).  Fields it does not know are ignored, so a newer box can add some; the
+``NotRequired`` ones came later (issue 16), so a box of an earlier release that
+lacks them is still heard.  Only facts about the box's queue and health travel: no
+patient data, no secrets.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal, TypedDict
+from typing import Annotated, Literal, NotRequired, TypedDict
 
 import msgspec
 
 #: At most so many health reasons, each cut to so many characters, travel.
 REASONS_MAX = 5
 REASON_CHARS = 300
+#: At most so many worklist sources travel (a box has three kinds).
+WORKLIST_SOURCES_MAX = 16
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 #: An ISO 8601 time with its UTC offset (``datetime.isoformat``).
@@ -40,6 +44,8 @@ class HeartbeatQueue(TypedDict):
     done: Count
     done_today: Count
     oldest_pending_at: Instant | None
+    #: Instances by queue state (gateway/instances.py's states), as ``/api/status``.
+    by_state: NotRequired[Annotated[dict[Short, Count], msgspec.Meta(max_length=32)]]
 
 
 class HeartbeatArchive(TypedDict):
@@ -51,6 +57,20 @@ class HeartbeatDisk(TypedDict):
     free_bytes: Count | None
     min_free_bytes: Count
     spool_bytes: Count
+
+
+class HeartbeatWorklistSource(TypedDict):
+    source: Short
+    last_success_at: Instant | None
+
+
+class HeartbeatMpps(TypedDict):
+    """The MPPS outbox: messages not yet delivered to the RIS."""
+
+    pending: Count
+    sending: Count
+    failed: Count
+    oldest_pending_at: Instant | None
 
 
 class Heartbeat(TypedDict):
@@ -73,6 +93,12 @@ class Heartbeat(TypedDict):
     uploads_paused: bool
     disk: HeartbeatDisk
     certificate_days_left: int | None
+    #: False while every upload window is closed (gateway/pipeline/bandwidth.py).
+    uploads_window_open: NotRequired[bool]
+    worklist: NotRequired[
+        Annotated[list[HeartbeatWorklistSource], msgspec.Meta(max_length=WORKLIST_SOURCES_MAX)]
+    ]
+    mpps: NotRequired[HeartbeatMpps]
 
 
 class BadHeartbeat(ValueError):
@@ -91,11 +117,15 @@ def decode(body: bytes) -> Heartbeat:
         raise BadHeartbeat(f"not a heartbeat: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadHeartbeat(f"not JSON: {exc}") from None
-    for key, text in (
+    times = [
         ("sent_at", beat["sent_at"]),
         ("queue.oldest_pending_at", beat["queue"]["oldest_pending_at"]),
         ("archive.last_success_at", beat["archive"]["last_success_at"]),
-    ):
+        *(("worklist[].last_success_at", w["last_success_at"]) for w in beat.get("worklist", [])),
+    ]
+    if "mpps" in beat:
+        times.append(("mpps.oldest_pending_at", beat["mpps"]["oldest_pending_at"]))
+    for key, text in times:
         if text is not None:
             timestamp(text, key)
     return beat

@@ -27,6 +27,7 @@ from gateway.heartbeat_body import BadHeartbeat, decode
 from .support.fleet import (
     FleetPki,
     FleetReceiverProcess,
+    earlier_release,
     encoded,
     heartbeat,
     post,
@@ -81,7 +82,8 @@ def test_a_box_is_its_certificate_not_what_its_body_says(
     pki: FleetPki, receiver: FleetReceiverProcess
 ) -> None:
     cert = pki.box("clinic-7-gw1")
-    beat = heartbeat(ae_title="CLAIMS-OTHER", queue={**heartbeat()["queue"], "failed": 2})
+    q = heartbeat()["queue"]
+    beat = heartbeat(ae_title="CLAIMS-OTHER", queue={**q, "by_state": {"compressed": 2}})
     reply = post(receiver, cert, encoded(beat))
     assert reply.status == 204, reply
     assert reply.headers["Server-Timing"].startswith("handle;dur=")
@@ -90,9 +92,9 @@ def test_a_box_is_its_certificate_not_what_its_body_says(
     assert not stale(stored)
     assert "CLAIMS-OTHER" not in receiver.boxes()  # never a box of its own
     metrics = receiver.metrics()
-    assert 'dicom_gateway_queue_instances{box="clinic-7-gw1",state="failed"} 2.0' in metrics
+    assert 'dicom_gateway_queue_instances{box="clinic-7-gw1",state="compressed"} 2.0' in metrics
     assert 'dicom_gateway_fleet_last_seen_timestamp_seconds{box="clinic-7-gw1"}' in metrics
-    assert 'dicom_gateway_archive_reachable{box="clinic-7-gw1"} 1.0' in metrics
+    assert 'dicom_gateway_archive_state{box="clinic-7-gw1",state="reachable"} 1.0' in metrics
     assert 'dicom_gateway_build_info{box="clinic-7-gw1",version="0.test"} 1.0' in metrics
     status, html = receiver.view("/")
     assert status == 200 and 'data-box="clinic-7-gw1"' in html and "CLAIMS-OTHER" in html
@@ -100,6 +102,86 @@ def test_a_box_is_its_certificate_not_what_its_body_says(
 
 def stale(entry: dict[str, object]) -> bool:
     return bool(entry["stale"])
+
+
+# monitoring/FLEET_METRICS.md (the mixin's contract): each name, with the box label.
+CONTRACT = (
+    "dicom_gateway_fleet_last_seen_timestamp_seconds", "dicom_gateway_fleet_box_stale",
+    "dicom_gateway_health_state", "dicom_gateway_archive_state",
+    "dicom_gateway_queue_instances", "dicom_gateway_queue_oldest_pending_enqueue_timestamp_seconds",
+    "dicom_gateway_spool_free_bytes", "dicom_gateway_spool_min_free_bytes",
+    "dicom_gateway_spool_bytes", "dicom_gateway_uploads_paused",
+    "dicom_gateway_client_certificate_expiry_timestamp_seconds", "dicom_gateway_build_info",
+    "dicom_gateway_uptime_seconds",
+    # the optional ones
+    "dicom_gateway_upload_window_open", "dicom_gateway_worklist_last_refresh_timestamp_seconds",
+    "dicom_gateway_mpps_outbox_messages",
+    "dicom_gateway_mpps_outbox_oldest_pending_timestamp_seconds",
+)  # fmt: skip
+
+
+def _samples(metrics: str, box: str) -> dict[str, list[str]]:
+    """The samples of *box* in a scrape, by metric name."""
+    found: dict[str, list[str]] = {}
+    for line in metrics.splitlines():
+        if f'box="{box}"' in line and not line.startswith("#"):
+            found.setdefault(line.split("{")[0], []).append(line)
+    return found
+
+
+def test_every_contract_metric_is_exported_per_box(
+    pki: FleetPki, receiver: FleetReceiverProcess
+) -> None:
+    cert = pki.box("box-contract")
+    mpps = {
+        "pending": 2,
+        "sending": 1,
+        "failed": 1,
+        "oldest_pending_at": "2026-01-01T00:00:00+00:00",
+    }
+    beat = heartbeat(health="degraded", archive={"state": "unreachable", "last_success_at": None},
+                     uploads_window_open=False, mpps=mpps)  # fmt: skip
+    assert post(receiver, cert, encoded(beat)).status == 204
+    samples = _samples(receiver.metrics(), "box-contract")
+    assert set(CONTRACT) <= set(samples), set(CONTRACT) - set(samples)
+    text = "\n".join(line for lines in samples.values() for line in lines)
+    for sample in (
+        'dicom_gateway_health_state{box="box-contract",state="degraded"} 1.0',
+        'dicom_gateway_health_state{box="box-contract",state="ok"} 0.0',
+        'dicom_gateway_archive_state{box="box-contract",state="unreachable"} 1.0',
+        'dicom_gateway_archive_state{box="box-contract",state="not configured"} 0.0',
+        'dicom_gateway_queue_instances{box="box-contract",state="received"} 1.0',
+        'dicom_gateway_upload_window_open{box="box-contract"} 0.0',
+        'dicom_gateway_mpps_outbox_messages{box="box-contract",state="failed"} 1.0',
+        'dicom_gateway_mpps_outbox_oldest_pending_timestamp_seconds{box="box-contract"}'
+        " 1.7672256e+09",
+        'dicom_gateway_worklist_last_refresh_timestamp_seconds{box="box-contract",source="upstream"}',
+        'dicom_gateway_fleet_box_stale{box="box-contract"} 0.0',
+    ):
+        assert sample in text, sample
+    expiry = samples["dicom_gateway_client_certificate_expiry_timestamp_seconds"][0]
+    not_after = pki.certificate_not_after(cert)
+    assert float(expiry.split()[-1]) == not_after  # from the certificate, not the body
+
+
+def test_a_box_of_an_earlier_release_is_heard(
+    pki: FleetPki, receiver: FleetReceiverProcess
+) -> None:
+    """Without the keys a heartbeat gained later: accepted, and its queue exported by
+    the states its summary says exactly."""
+    old = earlier_release(heartbeat(queue={**heartbeat()["queue"], "failed": 3}))
+    assert post(receiver, pki.box("box-older"), encoded(old)).status == 204
+    samples = _samples(receiver.metrics(), "box-older")
+    states = {
+        line.split('state="')[1].split('"')[0] for line in samples["dicom_gateway_queue_instances"]
+    }
+    assert states == {"uploading", "failed", "uploaded"}
+    assert (
+        'dicom_gateway_queue_instances{box="box-older",state="failed"} 3.0'
+        in samples["dicom_gateway_queue_instances"]
+    )
+    assert "dicom_gateway_mpps_outbox_messages" not in samples
+    assert receiver.boxes()["box-older"]["heartbeat"] == old
 
 
 def test_a_newer_heartbeat_replaces_the_last(pki: FleetPki, receiver: FleetReceiverProcess) -> None:

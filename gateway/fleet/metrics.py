@@ -2,31 +2,33 @@
 ``box``, read from the database at scrape time (in a worker thread).
 
 Where a heartbeat carries the same fact a box exports itself, the gauge has the box's
-own name (gateway/metrics.py), with ``box`` added: alert rules written for boxes that
-Prometheus scrapes directly then also fire for boxes behind NAT.  The receiver's own
-facts are prefixed ``dicom_gateway_fleet_``.  monitoring/FLEET_METRICS.md lists them.
+own name and meaning (gateway/metrics.py), with ``box`` added: alert rules written for
+boxes that Prometheus scrapes directly then also fire for boxes behind NAT.  The
+receiver's own facts are prefixed ``dicom_gateway_fleet_``.  monitoring/FLEET_METRICS.md
+is the list both sides keep to (tests/test_fleet.py checks it against a scrape).
 """
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..heartbeat_body import Heartbeat, timestamp
+from ..heartbeat_body import ArchiveState, HealthState, Heartbeat, timestamp
 from ..metrics import PREFIX
 from .boxes import Box
 from .intake import RESULTS
 
 FLEET = f"{PREFIX}_fleet"
 
-#: ``state`` of ``dicom_gateway_queue_instances`` from the heartbeat's queue counts:
-#: ``pending`` is received + compressing + compressed (a box exports the three
-#: itself), ``uploaded`` the heartbeat's ``done``.
-QUEUE_STATES = ("pending", "uploading", "failed", "uploaded")
-HEALTH_STATES = ("ok", "degraded", "failing")
+HEALTH_STATES: tuple[str, ...] = typing.get_args(HealthState)
+ARCHIVE_STATES: tuple[str, ...] = typing.get_args(ArchiveState)
+#: Without ``queue.by_state`` (a box of an earlier release): the queue states its
+#: summary counts say exactly.  Its ``pending`` is three states together; not exported.
+SUMMARY_STATES = (("uploading", "uploading"), ("failed", "failed"), ("uploaded", "done"))
 
 _DURATION_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 
@@ -74,7 +76,7 @@ class BoxCollector(Collector):
                 b.seen_at,
             )
             g.add(
-                f"{FLEET}_stale",
+                f"{FLEET}_box_stale",
                 "1 when the box's last heartbeat is older than boxes.stale_after_seconds",
                 b,
                 int(now - b.seen_at > stale_after),
@@ -93,21 +95,35 @@ class BoxCollector(Collector):
 
 def _from_heartbeat(g: _Gauges, b: Box, beat: Heartbeat) -> None:
     q, d = beat["queue"], beat["disk"]
-    counts = (q["pending"], q["uploading"], q["failed"], q["done"])
-    for state, count in zip(QUEUE_STATES, counts, strict=True):
+    for state in HEALTH_STATES:
         g.add(
-            f"{PREFIX}_queue_instances",
-            "instances in the box's queue by state",
+            f"{PREFIX}_health_state",
+            "1 for the box's health (ok, degraded, failing), 0 for the others",
             b,
-            count,
+            int(beat["health"] == state),
             state=state,
         )
-    oldest = q["oldest_pending_at"]
+    for state in ARCHIVE_STATES:
+        g.add(
+            f"{PREFIX}_archive_state",
+            "1 for the box's archive state as its uploads last found it, 0 for the others",
+            b,
+            int(beat["archive"]["state"] == state),
+            state=state,
+        )
+    queue_doc = "instances in the box's queue by state"
+    if "by_state" in q:
+        for state, count in q["by_state"].items():
+            g.add(f"{PREFIX}_queue_instances", queue_doc, b, count, state=state)
+    else:
+        summary = {"uploading": q["uploading"], "failed": q["failed"], "done": q["done"]}
+        for state, key in SUMMARY_STATES:
+            g.add(f"{PREFIX}_queue_instances", queue_doc, b, summary[key], state=state)
     g.add(
         f"{PREFIX}_queue_oldest_pending_enqueue_timestamp_seconds",
         "when the box's oldest instance not yet uploaded was received (0: none)",
         b,
-        _ts(oldest),
+        _ts(q["oldest_pending_at"]),
     )
     g.add(
         f"{PREFIX}_last_successful_upload_timestamp_seconds",
@@ -116,17 +132,19 @@ def _from_heartbeat(g: _Gauges, b: Box, beat: Heartbeat) -> None:
         _ts(beat["archive"]["last_success_at"]),
     )
     g.add(
-        f"{PREFIX}_archive_reachable",
-        "1 when the box reaches its archive",
-        b,
-        int(beat["archive"]["state"] == "reachable"),
-    )
-    g.add(
         f"{PREFIX}_uploads_paused",
         "1 when the box's uploads are paused",
         b,
         int(beat["uploads_paused"]),
     )
+    if "uploads_window_open" in beat:
+        g.add(
+            f"{PREFIX}_upload_window_open",
+            "1 when an upload window of the box is open (or"
+            " none is configured), 0 when its uploads wait",
+            b,
+            int(beat["uploads_window_open"]),
+        )
     g.add(
         f"{PREFIX}_spool_bytes", "bytes of instances held in the box's spool", b, d["spool_bytes"]
     )
@@ -143,6 +161,34 @@ def _from_heartbeat(g: _Gauges, b: Box, beat: Heartbeat) -> None:
         b,
         d["min_free_bytes"],
     )
+    for w in beat.get("worklist", []):
+        g.add(
+            f"{PREFIX}_worklist_last_refresh_timestamp_seconds",
+            "the box's last successful worklist refresh per source (0: never)",
+            b,
+            _ts(w["last_success_at"]),
+            source=w["source"],
+        )
+    if "mpps" in beat:
+        m = beat["mpps"]
+        for state, count in (
+            ("pending", m["pending"]),
+            ("sending", m["sending"]),
+            ("failed", m["failed"]),
+        ):
+            g.add(
+                f"{PREFIX}_mpps_outbox_messages",
+                "the box's MPPS messages not yet delivered to the RIS, by state",
+                b,
+                count,
+                state=state,
+            )
+        g.add(
+            f"{PREFIX}_mpps_outbox_oldest_pending_timestamp_seconds",
+            "when the box's oldest MPPS message still to be delivered came in (0: none)",
+            b,
+            _ts(m["oldest_pending_at"]),
+        )
     g.add(
         f"{PREFIX}_uptime_seconds",
         "seconds the box's gateway had been running",
@@ -150,14 +196,6 @@ def _from_heartbeat(g: _Gauges, b: Box, beat: Heartbeat) -> None:
         beat["uptime_seconds"],
     )
     g.add(f"{PREFIX}_build_info", "version of the box's gateway", b, 1, version=beat["version"])
-    for state in HEALTH_STATES:
-        g.add(
-            f"{FLEET}_health",
-            "1 for the box's health state (ok, degraded, failing)",
-            b,
-            int(beat["health"] == state),
-            state=state,
-        )
 
 
 def _ts(text: str | None) -> float:

@@ -22,7 +22,7 @@ import aiohttp
 from .. import auth as auth_module
 from ..auth import AuthError
 from ..config import Config
-from ..heartbeat_body import REASON_CHARS, REASONS_MAX, Heartbeat
+from ..heartbeat_body import REASON_CHARS, REASONS_MAX, WORKLIST_SOURCES_MAX, Heartbeat
 from ..pipeline.upload import http_hint, ssl_context
 from .status import StatusService
 from .status_doc import StatusDoc
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def compact(doc: StatusDoc, ae_title: str) -> Heartbeat:
-    q, a, d = doc.queue, doc.archive, doc.disk
+    q, a, d, m = doc.queue, doc.archive, doc.disk, doc.mpps
     return {
         "ae_title": ae_title,
         "version": doc.version,
@@ -48,6 +48,7 @@ def compact(doc: StatusDoc, ae_title: str) -> Heartbeat:
             "done": q.done,
             "done_today": q.done_today,
             "oldest_pending_at": q.oldest_pending_at,
+            "by_state": dict(q.by_state),
         },
         "archive": {"state": a.state, "last_success_at": a.last_success_at},
         "uploads_paused": doc.uploads.paused,
@@ -57,6 +58,17 @@ def compact(doc: StatusDoc, ae_title: str) -> Heartbeat:
             "spool_bytes": d.spool_bytes,
         },
         "certificate_days_left": doc.certificate.days_left,
+        "uploads_window_open": doc.uploads.window_open,
+        "worklist": [
+            {"source": w.source, "last_success_at": w.last_success_at}
+            for w in doc.worklist[:WORKLIST_SOURCES_MAX]
+        ],
+        "mpps": {
+            "pending": m.pending,
+            "sending": m.sending,
+            "failed": m.failed,
+            "oldest_pending_at": m.oldest_pending_at,
+        },
     }
 
 

@@ -62,6 +62,13 @@ class FleetPki:
         os.chmod(key, 0o600)
         return BoxCert(cert, key)
 
+    @staticmethod
+    def certificate_not_after(cert: BoxCert) -> float:
+        from cryptography import x509
+
+        parsed = x509.load_pem_x509_certificate(cert.cert.read_bytes())
+        return parsed.not_valid_after_utc.timestamp()
+
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch == "-" else "x" for ch in name)[:40] or "x"
@@ -201,7 +208,7 @@ def heartbeat(
     *, ae_title: str = "DICOMGW", sent_at: datetime | None = None, **changes: Any
 ) -> Heartbeat:
     """A healthy box's heartbeat, as gateway/web/heartbeat.py sends it; *changes* replace
-    top-level keys."""
+    top-level keys.  :data:`LATER_KEYS` are what a box of an earlier release lacks."""
     when = sent_at or datetime.now(UTC)
     beat: dict[str, Any] = {
         "ae_title": ae_title,
@@ -212,14 +219,30 @@ def heartbeat(
         "health": "ok",
         "reasons": [],
         "queue": {"pending": 3, "uploading": 1, "failed": 0, "done": 40, "done_today": 7,
-                  "oldest_pending_at": (when - timedelta(minutes=4)).isoformat()},
+                  "oldest_pending_at": (when - timedelta(minutes=4)).isoformat(),
+                  "by_state": {"received": 1, "compressing": 0, "compressed": 2,
+                               "uploading": 1, "uploaded": 40, "failed": 0}},
         "archive": {"state": "reachable", "last_success_at": when.isoformat()},
         "uploads_paused": False,
         "disk": {"free_bytes": 10**10, "min_free_bytes": 10**9, "spool_bytes": 5 * 10**6},
         "certificate_days_left": 200,
+        "uploads_window_open": True,
+        "worklist": [{"source": "upstream", "last_success_at": when.isoformat()}],
+        "mpps": {"pending": 0, "sending": 0, "failed": 0, "oldest_pending_at": None},
     }  # fmt: skip
     beat.update(changes)
     return beat  # type: ignore[return-value]
+
+
+#: Keys a heartbeat gained in issue 16: a box of an earlier release sends none of them.
+LATER_KEYS = ("uploads_window_open", "worklist", "mpps")
+
+
+def earlier_release(beat: Heartbeat) -> dict[str, Any]:
+    """*beat* as a box of an earlier release sends it."""
+    old = {k: v for k, v in beat.items() if k not in LATER_KEYS}
+    old["queue"] = {k: v for k, v in beat["queue"].items() if k != "by_state"}
+    return old
 
 
 def encoded(beat: Heartbeat | dict[str, Any]) -> bytes:
