@@ -247,3 +247,83 @@ def earlier_release(beat: Heartbeat) -> dict[str, Any]:
 
 def encoded(beat: Heartbeat | dict[str, Any]) -> bytes:
     return json.dumps(beat).encode()
+
+
+# -- Prometheus scraping the receiver ---------------------------------------------------
+
+PROMETHEUS = "/usr/bin/prometheus"
+
+#: The heartbeat-missing rule as monitoring/FLEET_METRICS.md and monitoring/alerts.yml
+#: state it; tests/test_fleet_e2e.py loads it with a shorter ``for``.
+HEARTBEAT_MISSING_EXPR = "dicom_gateway_fleet_box_stale == 1"
+
+
+class FleetPrometheus:
+    """A real Prometheus (Debian's ``prometheus``) scraping the receiver's /metrics every
+    second (job ``dicom-gateway-fleet``) and evaluating *rules* (a rule file's text)."""
+
+    def __init__(self, directory: Path, receiver: FleetReceiverProcess, rules: str) -> None:
+        if not Path(PROMETHEUS).exists():
+            raise RuntimeError(
+                f"{PROMETHEUS} missing: install Debian's prometheus (make test does)"
+            )
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        (directory / "rules.yml").write_text(rules)
+        config = {  # JSON is YAML
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s",
+                       "evaluation_interval": "1s"},
+            "rule_files": [str(directory / "rules.yml")],
+            "scrape_configs": [{"job_name": "dicom-gateway-fleet", "static_configs": [
+                {"targets": [f"127.0.0.1:{receiver.view_port}"]}]}],
+        }  # fmt: skip
+        self.config_path = directory / "prometheus.yml"
+        self.config_path.write_text(json.dumps(config))
+        self.log_path = directory / "prometheus.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> FleetPrometheus:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={self.config_path}",
+             f"--storage.tsdb.path={self.dir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"prometheus exited: {self.log_path.read_text()}")
+            try:
+                if self._get("/-/ready")[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"prometheus not ready after {timeout} s")
+
+    def _get(self, path: str) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            conn.request("GET", path)
+            reply = conn.getresponse()
+            return reply.status, reply.read().decode()
+        finally:
+            conn.close()
+
+    def alerts(self, name: str) -> list[dict[str, Any]]:
+        """Alerts named *name* now pending or firing (``/api/v1/alerts``)."""
+        status, text = self._get("/api/v1/alerts")
+        assert status == 200, text
+        return [a for a in json.loads(text)["data"]["alerts"] if a["labels"]["alertname"] == name]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
