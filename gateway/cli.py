@@ -265,6 +265,12 @@ def cmd_fleet_serve(args: argparse.Namespace) -> int:
         return EXIT_START_FAILED
 
 
+def cmd_fleet_check_config(args: argparse.Namespace) -> int:
+    config = _fleet_config_or_exit(args.file)
+    print(f"{config.source}: ok")
+    return 0
+
+
 def cmd_fleet_forget(args: argparse.Namespace) -> int:
     from .fleet import boxes
     from .fleet.database import FleetDatabase
@@ -365,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = fleet_sub.add_parser("serve", help="receive heartbeats; serve the page and /metrics")
     serve.add_argument("--config", metavar="FILE", required=True, help="fleet.toml")
     serve.set_defaults(func=cmd_fleet_serve)
+    fcheck = fleet_sub.add_parser("check-config", help="validate a fleet.toml and exit")
+    fcheck.add_argument("file", metavar="FILE")
+    fcheck.set_defaults(func=cmd_fleet_check_config)
     forget = fleet_sub.add_parser("forget", help="remove boxes taken out of service")
     forget.add_argument("--config", metavar="FILE", required=True, help="fleet.toml")
     forget.add_argument("boxes", nargs="+", metavar="BOX", help="certificate CN of the box")
