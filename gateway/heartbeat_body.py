@@ -62,6 +62,8 @@ class HeartbeatDisk(TypedDict):
 class HeartbeatWorklistSource(TypedDict):
     source: Short
     last_success_at: Instant | None
+    #: Seconds between two reads of the source, when the box's status knows it.
+    refresh_interval_seconds: NotRequired[Annotated[float, msgspec.Meta(gt=0)]]
 
 
 class HeartbeatMpps(TypedDict):

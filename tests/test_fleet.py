@@ -115,6 +115,7 @@ CONTRACT = (
     "dicom_gateway_uptime_seconds",
     # the optional ones
     "dicom_gateway_upload_window_open", "dicom_gateway_worklist_last_refresh_timestamp_seconds",
+    "dicom_gateway_worklist_refresh_interval_seconds",
     "dicom_gateway_mpps_outbox_messages",
     "dicom_gateway_mpps_outbox_oldest_pending_timestamp_seconds",
 )  # fmt: skip
@@ -156,6 +157,8 @@ def test_every_contract_metric_is_exported_per_box(
         'dicom_gateway_mpps_outbox_oldest_pending_timestamp_seconds{box="box-contract"}'
         " 1.7672256e+09",
         'dicom_gateway_worklist_last_refresh_timestamp_seconds{box="box-contract",source="upstream"}',
+        'dicom_gateway_worklist_refresh_interval_seconds{box="box-contract",source="upstream"}'
+        " 60.0",
         'dicom_gateway_fleet_box_stale{box="box-contract"} 0.0',
     ):
         assert sample in text, sample

@@ -169,6 +169,14 @@ def _from_heartbeat(g: _Gauges, b: Box, beat: Heartbeat) -> None:
             _ts(w["last_success_at"]),
             source=w["source"],
         )
+        if "refresh_interval_seconds" in w:
+            g.add(
+                f"{PREFIX}_worklist_refresh_interval_seconds",
+                "seconds between two reads of each worklist source of the box",
+                b,
+                w["refresh_interval_seconds"],
+                source=w["source"],
+            )
     if "mpps" in beat:
         m = beat["mpps"]
         for state, count in (

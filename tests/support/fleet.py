@@ -227,7 +227,8 @@ def heartbeat(
         "disk": {"free_bytes": 10**10, "min_free_bytes": 10**9, "spool_bytes": 5 * 10**6},
         "certificate_days_left": 200,
         "uploads_window_open": True,
-        "worklist": [{"source": "upstream", "last_success_at": when.isoformat()}],
+        "worklist": [{"source": "upstream", "last_success_at": when.isoformat(),
+                      "refresh_interval_seconds": 60.0}],
         "mpps": {"pending": 0, "sending": 0, "failed": 0, "oldest_pending_at": None},
     }  # fmt: skip
     beat.update(changes)
