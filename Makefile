@@ -12,7 +12,8 @@ comma := ,
 RUN_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev libopenjp2-7
 # The real peers the tests talk to: DCMTK and GDCM (gdcmscu, gdcmconv) as modalities
 # and decoders, Orthanc + DICOMweb behind nginx (mutual TLS) as the cloud archive; Chromium looks at the status page; systemd
-# for systemd-analyze (unit checks); Prometheus and promtool run the alerts of monitoring/.
+# for systemd-analyze (unit checks); Prometheus and promtool run the alerts of monitoring/
+# against gateways and the fleet receiver.
 TEST_PACKAGES := $(RUN_PACKAGES) dcmtk libgdcm-tools orthanc orthanc-dicomweb nginx-light chromium systemd prometheus
 # The end-to-end benchmark's Orthanc edge peer transcodes to JPEG 2000 with the GDCM plugin.
 BENCH_PACKAGES := orthanc-gdcm
@@ -48,6 +49,7 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/conformance.py
 	$(BIN)/python tests/bench/bandwidth.py --seconds 30
 	$(BIN)/python tests/bench/uplink.py
+	$(BIN)/python tests/bench/fleet.py --boxes 1000 --windows 3 --window-seconds 30
 	$(BIN)/python tests/bench/chaos.py --seconds 1800
 
 lint: $(VENV)/.test-installed $(ANSIBLE_VENV)/.installed

@@ -241,6 +241,54 @@ def cmd_conformance(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fleet_config_or_exit(path: str) -> Any:
+    from .fleet.config import load as load_fleet
+
+    try:
+        return load_fleet(path)
+    except ConfigError as exc:
+        print(f"dicom-gateway: config error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_fleet_serve(args: argparse.Namespace) -> int:
+    from .fleet.server import FleetServer
+    from .notify import setup_logging
+
+    config = _fleet_config_or_exit(args.config)
+    setup_logging(config.logging.level)
+    try:
+        return asyncio.run(FleetServer(config).run())
+    except (OSError, sqlite3.Error, RuntimeError) as exc:
+        # A port in use, an unreadable certificate or key, a database it cannot open.
+        logging.getLogger("gateway").critical("cannot start the fleet receiver: %s", exc)
+        return EXIT_START_FAILED
+
+
+def cmd_fleet_check_config(args: argparse.Namespace) -> int:
+    config = _fleet_config_or_exit(args.file)
+    print(f"{config.source}: ok")
+    return 0
+
+
+def cmd_fleet_forget(args: argparse.Namespace) -> int:
+    from .fleet import boxes
+    from .fleet.database import FleetDatabase
+
+    config = _fleet_config_or_exit(args.config)
+    db = FleetDatabase(config.database.path)
+    if not config.database.path.exists():
+        print(f"dicom-gateway: no fleet database at {config.database.path}", file=sys.stderr)
+        return 1
+    db.open()
+    try:
+        removed = db.submit(boxes.forget(args.boxes)).result()
+    finally:
+        db.close()
+    print(f"{removed} box(es) forgotten (a box that heartbeats again comes back)")
+    return 0 if removed == len(set(args.boxes)) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicom-gateway", description="DICOM edge gateway for imaging sites."
@@ -317,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--calling-ae", metavar="AE", default="DGW-SEND", help="our AE title")
     send.add_argument("files", nargs="+", metavar="FILE")
     send.set_defaults(func=cmd_send)
+
+    fleet = sub.add_parser("fleet", help="the fleet receiver: many boxes' heartbeats")
+    fleet_sub = fleet.add_subparsers(dest="fleet_command", required=True)
+    serve = fleet_sub.add_parser("serve", help="receive heartbeats; serve the page and /metrics")
+    serve.add_argument("--config", metavar="FILE", required=True, help="fleet.toml")
+    serve.set_defaults(func=cmd_fleet_serve)
+    fcheck = fleet_sub.add_parser("check-config", help="validate a fleet.toml and exit")
+    fcheck.add_argument("file", metavar="FILE")
+    fcheck.set_defaults(func=cmd_fleet_check_config)
+    forget = fleet_sub.add_parser("forget", help="remove boxes taken out of service")
+    forget.add_argument("--config", metavar="FILE", required=True, help="fleet.toml")
+    forget.add_argument("boxes", nargs="+", metavar="BOX", help="certificate CN of the box")
+    forget.set_defaults(func=cmd_fleet_forget)
     return parser
 
 

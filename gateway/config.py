@@ -203,6 +203,8 @@ class WebConfig:
 class HeartbeatConfig:
     url: str = ""
     interval_seconds: float = 60.0
+    #: The CA that signs the heartbeat endpoint's certificate; None: upload.ca_file.
+    ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -239,9 +241,10 @@ SECTIONS: dict[str, type] = {
 }
 
 
-def documented_keys() -> list[str]:
+def documented_keys(sections: dict[str, type] | None = None) -> list[str]:
     """Every ``section.key`` the file accepts (the README must document each one);
-    a sub-table such as ``[upload.auth]`` gives ``upload.auth.key``."""
+    a sub-table such as ``[upload.auth]`` gives ``upload.auth.key``.  *sections*:
+    another file's sections (the fleet receiver's), else the gateway's."""
 
     def keys(prefix: str, cls: type) -> list[str]:
         hints = typing.get_type_hints(cls)
@@ -253,24 +256,30 @@ def documented_keys() -> list[str]:
                 out.append(f"{prefix}.{f.name}")
         return out
 
-    return [key for name, cls in SECTIONS.items() for key in keys(name, cls)]
+    chosen = SECTIONS if sections is None else sections
+    return [key for name, cls in chosen.items() for key in keys(name, cls)]
 
 
 def load(path: str | Path | None) -> Config:
     """Read and validate *path*, or return the embedded defaults when it is None."""
     if path is None:
         return Config()
+    return from_dict(read_toml(path), str(path))
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The TOML file *path* as a dict; a missing, unreadable or invalid file is a
+    :class:`ConfigError` (also for the fleet receiver's file, gateway/fleet/config.py)."""
     source = str(path)
     try:
         with open(path, "rb") as f:
-            raw = tomllib.load(f)
+            return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(source, "-", "file not found") from None
     except OSError as exc:
         raise ConfigError(source, "-", f"cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(source, "-", f"not valid TOML: {exc}") from None
-    return from_dict(raw, source)
 
 
 def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
@@ -280,13 +289,15 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
             raise ConfigError(source, name, f"unknown section (known: {', '.join(SECTIONS)})")
         if not isinstance(value, dict):
             raise ConfigError(source, name, "must be a table, e.g. [" + name + "]")
-        sections[name] = _build_section(SECTIONS[name], name, value, source)
+        sections[name] = build_section(SECTIONS[name], name, value, source)
     config = Config(source=source, **sections)
     _check(config)
     return config
 
 
-def _build_section(cls: type, section: str, raw: dict[str, Any], source: str) -> Any:
+def build_section(cls: type, section: str, raw: dict[str, Any], source: str) -> Any:
+    """The frozen dataclass *cls* from the TOML table *raw* of *section*: unknown keys
+    and wrong types are refused (:class:`ConfigError`), missing keys keep defaults."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
@@ -307,7 +318,7 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ConfigError(source, key, f"must be a table, e.g. [{key}]")
-        return _build_section(hint, key, value, source)
+        return build_section(hint, key, value, source)
     if origin in (typing.Union, types.UnionType):
         # Only ``X | None`` is used: an empty string means "not set".
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -359,13 +370,13 @@ def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and _UID_RE.fullmatch(value) is not None
 
 
-def _check_port(source: str, key: str, port: int, allow_zero: bool = False) -> None:
+def check_port(source: str, key: str, port: int, allow_zero: bool = False) -> None:
     low = 0 if allow_zero else 1
     if not low <= port <= 65535:
         raise ConfigError(source, key, f"must be between {low} and 65535, got {port}")
 
 
-def _check_bind(source: str, key: str, bind: str) -> None:
+def check_bind(source: str, key: str, bind: str) -> None:
     if bind == "localhost":
         return
     try:
@@ -380,8 +391,8 @@ def is_loopback(bind: str) -> bool:
 
 def _check_web(c: Config) -> None:
     s, w = c.source, c.web
-    _check_bind(s, "web.bind", w.bind)
-    _check_port(s, "web.port", w.port, allow_zero=True)
+    check_bind(s, "web.bind", w.bind)
+    check_port(s, "web.port", w.port, allow_zero=True)
     if w.password_hash and not _valid_password_hash(w.password_hash):
         raise ConfigError(
             s, "web.password_hash", "not a hash from `dicom-gateway hash-password` (scrypt$...)"
@@ -477,9 +488,9 @@ def _check(c: Config) -> None:
     for aet in c.dimse.allowed_aets:
         if not _valid_ae_title(aet):
             raise ConfigError(s, "dimse.allowed_aets", f"not a valid AE title: {aet!r}")
-    _check_bind(s, "dimse.bind", c.dimse.bind)
+    check_bind(s, "dimse.bind", c.dimse.bind)
     # Port 0 lets the OS pick (tests); the chosen port is logged at start.
-    _check_port(s, "dimse.port", c.dimse.port, allow_zero=True)
+    check_port(s, "dimse.port", c.dimse.port, allow_zero=True)
     if c.dimse.max_associations < 1:
         raise ConfigError(s, "dimse.max_associations", "must be at least 1")
     if not 0 <= c.dimse.receiver_processes <= 64:
@@ -566,7 +577,7 @@ def _check(c: Config) -> None:
         if getattr(c.retention, key) < 0:
             raise ConfigError(s, f"retention.{key}", "must not be negative")
     if c.worklist.upstream_host:
-        _check_port(s, "worklist.upstream_port", c.worklist.upstream_port)
+        check_port(s, "worklist.upstream_port", c.worklist.upstream_port)
         if not _valid_ae_title(c.worklist.upstream_ae):
             raise ConfigError(
                 s, "worklist.upstream_ae", "required (a valid AE title) when upstream_host is set"
@@ -576,7 +587,7 @@ def _check(c: Config) -> None:
     if c.worklist.refresh_seconds < 1:
         raise ConfigError(s, "worklist.refresh_seconds", "must be at least 1")
     if c.mpps.upstream_host:
-        _check_port(s, "mpps.upstream_port", c.mpps.upstream_port)
+        check_port(s, "mpps.upstream_port", c.mpps.upstream_port)
         if not _valid_ae_title(c.mpps.upstream_ae):
             raise ConfigError(
                 s, "mpps.upstream_ae", "required (a valid AE title) when upstream_host is set"

@@ -35,13 +35,17 @@ ROLE = ROOT / "ansible" / "roles" / "dicom_gateway"
 
 
 def run_play(
-    tmp_path: Path, *extra: str, playbook: str = "site.yml", check: bool = True
+    tmp_path: Path,
+    *extra: str,
+    playbook: str = "site.yml",
+    check: bool = True,
+    group: str = "gateways",
 ) -> subprocess.CompletedProcess[str]:
     if not PLAYBOOK.exists():
         pytest.fail("no .venv-ansible: run `make .venv-ansible/.installed`")
     inventory = tmp_path / "hosts.yml"
     inventory.write_text(
-        "gateways:\n  hosts:\n    box:\n"
+        f"{group}:\n  hosts:\n    box:\n"
         "      ansible_connection: local\n"
         f"      ansible_python_interpreter: {PLAYBOOK.parent / 'python'}\n"
     )

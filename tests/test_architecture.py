@@ -5,7 +5,10 @@
 * Each table has one owning module, the only one whose string literals hold SQL
   against it (``FROM``, ``INTO``, ``UPDATE`` or ``JOIN`` followed by the table's name);
   every other module calls the owner's functions.  The schema itself (the migrations
-  in gateway/store.py) is DDL and is not what this checks.
+  in gateway/store.py) is DDL and is not what this checks.  The fleet receiver's
+  database (gateway/fleet/database.py) is a file of its own, checked the same way.
+* gateway/fleet/ (the fleet receiver, run on a monitoring host) uses only the top
+  level, and only the command line imports it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import gateway
+from gateway.fleet.database import FleetDatabase
 from gateway.store import Store
 
 PACKAGE = Path(gateway.__file__).parent
@@ -30,6 +34,7 @@ OWNERS: dict[str, str] = {
     "worklist_items": "gateway.worklist.cache",
     "worklist_sources": "gateway.worklist.cache",
     "worklist_mpps": "gateway.worklist.cache",
+    "boxes": "gateway.fleet.boxes",  # in the fleet receiver's own database
 }
 
 #: Modules allowed, for a time, to query tables they do not own (none now); an entry
@@ -146,6 +151,16 @@ def schema_tables(tmp_path: Path) -> set[str]:
         ).result(timeout=30)
     finally:
         store.close()
+    fleet = FleetDatabase(tmp_path / "fleet.sqlite3")
+    fleet.open()
+    try:
+        names += fleet.read(
+            lambda conn: [
+                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            ]
+        )
+    finally:
+        fleet.close()
     return {n for n in names if not n.startswith("sqlite_")}
 
 
@@ -157,6 +172,19 @@ def test_no_import_cycles() -> None:
     assert "gateway.store" in graph and "gateway.instances" in graph["gateway.store"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_fleet_receiver_uses_only_the_top_level() -> None:
+    graph = import_graph()
+    fleet = {m for m in graph if m == "gateway.fleet" or m.startswith("gateway.fleet.")}
+    assert "gateway.fleet.server" in fleet
+    top_level = {m for m in graph if m.count(".") == 1 and m not in fleet}
+    top_level.add("gateway")
+    for module in fleet:
+        outside = graph[module] - fleet
+        assert outside <= top_level - {"gateway.app", "gateway.cli"}, (module, outside)
+    importers = {m for m, deps in graph.items() if deps & fleet} - fleet
+    assert importers == {"gateway.cli"}, importers
 
 
 def test_every_table_has_an_owner(tmp_path: Path) -> None:

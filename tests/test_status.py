@@ -98,16 +98,18 @@ GOLDEN: dict[str, Any] = {
     "health": {"state": "str", "reasons": ["str"]},
 }  # fmt: skip
 
-# The heartbeat's body (gateway.web.heartbeat.compact), which a monitoring service parses.
+# The heartbeat's body (gateway.web.heartbeat.compact), which the fleet receiver parses
+# (gateway/heartbeat_body.py).
 HEARTBEAT_GOLDEN = {
     "ae_title": "str", "version": "str", "boot_id": "str", "sent_at": "str",
     "uptime_seconds": "float", "health": "str", "reasons": "list", "queue": {
         "pending": "int", "uploading": "int", "failed": "int", "done": "int",
-        "done_today": "int", "oldest_pending_at": "NoneType",
+        "done_today": "int", "oldest_pending_at": "NoneType", "by_state": {},
     },
     "archive": {"state": "str", "last_success_at": "NoneType"}, "uploads_paused": "bool",
     "disk": {"free_bytes": "int", "min_free_bytes": "int", "spool_bytes": "int"},
-    "certificate_days_left": "int",
+    "certificate_days_left": "int", "uploads_window_open": "bool", "worklist": "list",
+    "mpps": {"pending": "int", "sending": "int", "failed": "int", "oldest_pending_at": "NoneType"},
 }  # fmt: skip
 
 

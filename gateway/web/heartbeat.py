@@ -1,24 +1,28 @@
 """Optional heartbeat: POST a compact status to ``heartbeat.url`` every interval.
 
 For boxes behind NAT that a monitoring service cannot reach: the box calls out, over
-the same verified, mutual TLS as its uploads (``upload.ca_file``/``client_cert``) and
-with the same request credentials (``[upload.auth]``, gateway.auth), so the receiving
-end knows which box is speaking without any inbound connection.
+the same verified, mutual TLS as its uploads (``upload.client_cert``; the endpoint's
+certificate checked against ``heartbeat.ca_file``, else ``upload.ca_file``) and with
+the same request credentials (``[upload.auth]``, gateway.auth), so the receiving end
+knows which box is speaking without any inbound connection.  The body is
+gateway/heartbeat_body.py's :class:`Heartbeat`; `dicom-gateway fleet serve`
+(gateway/fleet/) is a receiver for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from datetime import UTC, datetime
-from typing import TypedDict
 
 import aiohttp
 
 from .. import auth as auth_module
 from ..auth import AuthError
 from ..config import Config
+from ..heartbeat_body import REASON_CHARS, REASONS_MAX, WORKLIST_SOURCES_MAX, Heartbeat
 from ..pipeline.upload import http_hint, ssl_context
 from .status import StatusService
 from .status_doc import StatusDoc
@@ -26,53 +30,17 @@ from .status_doc import StatusDoc
 log = logging.getLogger(__name__)
 
 
-class HeartbeatQueue(TypedDict):
-    pending: int
-    uploading: int
-    failed: int
-    done: int
-    done_today: int
-    oldest_pending_at: str | None
-
-
-class HeartbeatArchive(TypedDict):
-    state: str
-    last_success_at: str | None
-
-
-class HeartbeatDisk(TypedDict):
-    free_bytes: int | None
-    min_free_bytes: int
-    spool_bytes: int
-
-
-class Heartbeat(TypedDict):
-    """The body POSTed to ``heartbeat.url`` (JSON): a few facts, no patient data."""
-
-    ae_title: str
-    version: str
-    boot_id: str
-    sent_at: str
-    uptime_seconds: float
-    health: str
-    reasons: list[str]
-    queue: HeartbeatQueue
-    archive: HeartbeatArchive
-    uploads_paused: bool
-    disk: HeartbeatDisk
-    certificate_days_left: int | None
-
-
 def compact(doc: StatusDoc, ae_title: str) -> Heartbeat:
-    q, a, d = doc.queue, doc.archive, doc.disk
+    q, a, d, m = doc.queue, doc.archive, doc.disk, doc.mpps
     return {
         "ae_title": ae_title,
         "version": doc.version,
         "boot_id": doc.boot_id,
-        "sent_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        # Milliseconds: the receiver refuses a heartbeat not newer than the last one.
+        "sent_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "uptime_seconds": doc.uptime_seconds,
         "health": doc.health.state,
-        "reasons": list(doc.health.reasons[:5]),
+        "reasons": [r[:REASON_CHARS] for r in doc.health.reasons[:REASONS_MAX]],
         "queue": {
             "pending": q.pending,
             "uploading": q.uploading,
@@ -80,6 +48,7 @@ def compact(doc: StatusDoc, ae_title: str) -> Heartbeat:
             "done": q.done,
             "done_today": q.done_today,
             "oldest_pending_at": q.oldest_pending_at,
+            "by_state": dict(q.by_state),
         },
         "archive": {"state": a.state, "last_success_at": a.last_success_at},
         "uploads_paused": doc.uploads.paused,
@@ -89,6 +58,17 @@ def compact(doc: StatusDoc, ae_title: str) -> Heartbeat:
             "spool_bytes": d.spool_bytes,
         },
         "certificate_days_left": doc.certificate.days_left,
+        "uploads_window_open": doc.uploads.window_open,
+        "worklist": [
+            {"source": w.source, "last_success_at": w.last_success_at}
+            for w in doc.worklist[:WORKLIST_SOURCES_MAX]
+        ],
+        "mpps": {
+            "pending": m.pending,
+            "sending": m.sending,
+            "failed": m.failed,
+            "oldest_pending_at": m.oldest_pending_at,
+        },
     }
 
 
@@ -96,7 +76,10 @@ async def run_heartbeat(config: Config, status: StatusService) -> None:
     hb = config.heartbeat
     auth = auth_module.shared(config.upload)
     headers = {"Content-Type": "application/json"}
-    connector = aiohttp.TCPConnector(ssl=ssl_context(config.upload), limit=1)
+    tls = config.upload
+    if hb.ca_file is not None:  # the endpoint's CA, when it is not the archive's
+        tls = dataclasses.replace(tls, ca_file=hb.ca_file)
+    connector = aiohttp.TCPConnector(ssl=ssl_context(tls), limit=1)
     timeout = aiohttp.ClientTimeout(total=min(30.0, hb.interval_seconds))
     failing = False
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
