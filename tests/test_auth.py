@@ -29,9 +29,9 @@ from aiohttp import web
 from gateway import auth as auth_module
 from gateway import field
 from gateway.config import ConfigError, from_dict
+from gateway.https import http_hint, ssl_context
 from gateway.instances import QueueState
 from gateway.pipeline import archives
-from gateway.pipeline.upload import http_hint, ssl_context
 from gateway.web.status_doc import StatusDoc
 
 from .conftest import GatewayFactory

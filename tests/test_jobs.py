@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.config import ConfigError, UploadConfig, from_dict
+from gateway.https import ssl_context
 from gateway.instances import Claimed, QueueState, ReceivedInstance, prune, retry_failed
 from gateway.pipeline.jobs import (
     _ENCODER_NICENESS,
@@ -22,7 +23,7 @@ from gateway.pipeline.jobs import (
     _stop_pool,
     backoff_seconds,
 )
-from gateway.pipeline.upload import InstanceOutcome, Item, parse_response, ssl_context
+from gateway.pipeline.upload import InstanceOutcome, Item, parse_response
 from gateway.store import Store
 
 

@@ -19,7 +19,7 @@ import aiohttp
 from .. import auth as auth_module
 from ..auth import AuthError
 from ..config import Config
-from ..pipeline.upload import http_hint, ssl_context
+from ..https import http_hint, ssl_context
 from .status import StatusService
 from .status_doc import StatusDoc
 
