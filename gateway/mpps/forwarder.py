@@ -41,6 +41,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[
 from pynetdicom.status import code_to_category
 
 from ..aio import wait_event
+from ..backoff import backoff_seconds
 from ..clock import utc_in
 from ..config import Config
 from ..dicom import negotiation, patches
@@ -184,10 +185,6 @@ class Forwarder:
 
     def _backoff(self) -> float:
         m = self.config.mpps
-        # Imported here: the receiver processes import this module for the SCP, and
-        # gateway.pipeline.jobs brings the codecs and aiohttp (some 10 MiB each).
-        from ..pipeline.jobs import backoff_seconds
-
         return backoff_seconds(self._failures, m.backoff_initial_seconds, m.backoff_max_seconds)
 
     async def _send_round(self, batch: list[Message]) -> None:
