@@ -36,11 +36,12 @@ from gateway.web.status_doc import StatusDoc
 
 from .conftest import GatewayFactory
 from .support import corpus
-from .support.cloud_auth import EntraTenant, GoogleTokenEndpoint, SigV4Verifier, TlsSite
+from .support.cloud_auth import EntraTenant, GoogleTokenEndpoint, SigV4Verifier
 from .support.gateway_proc import write_config
 from .support.peers import free_port
 from .support.scripted_archive import ScriptedArchive, json_answer
 from .support.status_sample import sample_doc
+from .support.tls_site import TlsSite
 from .support.web_client import WebClient, web_port
 from .test_config import _cli
 from .test_isolation import Bench, _all
