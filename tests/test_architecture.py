@@ -11,6 +11,7 @@
   subpackage is on :data:`ACROSS_ROOMS`, with its reason.  A top-level module imports
   no subpackage, except the composition roots (:data:`COMPOSITION_ROOTS`), which wire
   the rooms together, and the edges on :data:`ACROSS_ROOMS`.
+* README.md's "Architecture" tree lists every module, and no module that is gone.
 """
 
 from __future__ import annotations
@@ -292,6 +293,36 @@ def test_the_temporary_exceptions_are_still_needed() -> None:
         assert tables <= sql_tables(found[name], set(OWNERS)), (
             f"{name} no longer needs NOT_YET_OWNER_CALLS entries {tables}: remove them"
         )
+
+
+def readme_tree() -> set[str]:
+    """The modules README.md's "Architecture" tree lists, as paths under gateway/."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("\n## Architecture\n", 1)[1]
+    tree = section.split("```\n", 2)[1]
+    listed: set[str] = set()
+    folder = ""
+    for line in tree.splitlines()[1:]:  # the first line is gateway/ itself
+        name = line.split()[0]
+        depth = (len(line) - len(line.lstrip())) // 2
+        if name.endswith("/"):
+            folder = name
+        elif name.endswith(".py"):
+            listed.add(name if depth == 1 else folder + name)
+    return listed
+
+
+def test_the_readme_lists_every_module() -> None:
+    files = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "__init__.py"
+    }
+    listed = readme_tree()
+    assert not files - listed, f"modules missing from README.md's Architecture: {files - listed}"
+    assert not listed - files, (
+        f"README.md's Architecture lists modules that are gone: {listed - files}"
+    )
 
 
 # -- the checks themselves catch what they should ----------------------------------------
