@@ -26,7 +26,7 @@ or a tenth of the lifetime of a short-lived token, before it ends), one refresh 
 time, in a thread: the libraries block.  An archive's HTTP 401 (and 403 for SigV4,
 AWS's answer to a bad or expired signature) makes :meth:`Authenticator.send` drop
 the credentials, sign again with fresh ones and send the request once more; a
-second refusal is the caller's to report (see ``upload.http_hint``).
+second refusal is the caller's to report (see ``gateway.https.http_hint``).
 
 Secrets: the files that hold them (service-account key, client secret, bearer token,
 AWS shared credentials) are refused when group- or world-writable or
@@ -257,7 +257,7 @@ def query_url(base: str, params: Mapping[str, str]) -> str:
 
 def system_ca_bundle() -> str | bool:
     """The system's CA bundle for ``requests`` (which would otherwise use certifi's),
-    so token endpoints are trusted like the archive is by ``ssl_context``."""
+    so token endpoints are trusted like the archive is by ``gateway.https.ssl_context``."""
     paths = ssl.get_default_verify_paths()
     for candidate in (paths.cafile, paths.openssl_cafile, paths.capath, paths.openssl_capath):
         if candidate and os.path.exists(candidate):

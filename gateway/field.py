@@ -252,7 +252,7 @@ def check_certificate(config: Config) -> Check:
 def check_archive(config: Config) -> Check:
     """A real HTTPS request with the client certificate: a TLS 1.3 server refuses a
     certificate only after the handshake, so the answer is what tells."""
-    from .pipeline.upload import ssl_context
+    from .https import ssl_context
 
     u = config.upload
     if not u.dicomweb_url:
@@ -353,7 +353,7 @@ def check_auth(config: Config) -> Check:
     import asyncio
 
     from .auth import SecretFileError, read_secret, secret_files
-    from .pipeline.upload import ssl_context
+    from .https import ssl_context
 
     u = config.upload
     if not u.dicomweb_url:
@@ -377,7 +377,7 @@ async def _probe_auth(config: Config, ctx: ssl.SSLContext) -> Check:
     import aiohttp
 
     from .auth import AuthError, authenticator, query_url
-    from .pipeline.upload import http_hint
+    from .https import http_hint
 
     u = config.upload
     method = u.auth.method

@@ -150,7 +150,7 @@ def _migration_3(db: sqlite_utils.Database) -> None:
 
 
 def _migration_4(db: sqlite_utils.Database) -> None:
-    # MPPS (gateway/mpps/forwarder.py).
+    # MPPS (gateway/mpps/).
     # mpps: each Performed Procedure Step as it stands now (the N-CREATE with every
     # accepted N-SET merged in), to validate the next N-SET against.
     db.execute(

@@ -7,8 +7,14 @@
   every other module calls the owner's functions.  The schema itself (the migrations
   in gateway/store.py) is DDL and is not what this checks.  The fleet receiver's
   database (gateway/fleet/database.py) is a file of its own, checked the same way.
+* Rooms: a module in a subpackage (gateway/dicom/, pipeline/, worklist/, mpps/, web/)
+  imports the top level and its own subpackage freely; an import of another
+  subpackage is on :data:`ACROSS_ROOMS`, with its reason.  A top-level module imports
+  no subpackage, except the composition roots (:data:`COMPOSITION_ROOTS`), which wire
+  the rooms together, and the edges on :data:`ACROSS_ROOMS`.
 * gateway/fleet/ (the fleet receiver, run on a monitoring host) uses only the top
   level, and only the command line imports it.
+* README.md's "Architecture" tree lists every module, and no module that is gone.
 """
 
 from __future__ import annotations
@@ -40,6 +46,58 @@ OWNERS: dict[str, str] = {
 #: Modules allowed, for a time, to query tables they do not own (none now); an entry
 #: that is no longer needed fails the test, to say so.
 NOT_YET_OWNER_CALLS: dict[str, set[str]] = {}
+
+#: Top-level modules that put the rooms together, and so import any of them.
+COMPOSITION_ROOTS: dict[str, str] = {
+    "gateway.app": "the Gateway starts and stops every room's components",
+    "gateway.cli": "its commands reach into the rooms: the MPPS outbox, the page's"
+    " passwords and tokens, the Conformance Statement",
+}
+
+#: Every import from one room into another (or from a top-level module into a room):
+#: (importer, imported) -> why.  An entry that is no longer needed fails the test.
+ACROSS_ROOMS: dict[tuple[str, str], str] = {
+    ("gateway.config", "gateway.pipeline.archives"):
+        "upload.archive is checked against the archive profiles' names at load",
+    ("gateway.config", "gateway.pipeline.bandwidth"):
+        "upload.windows are parsed at load, so a bad window is a one-line config error",
+    ("gateway.dicom.receive", "gateway.mpps.scp"):
+        "the receiver hands N-CREATE and N-SET to the MPPS SCP (a type only)",
+    ("gateway.dicom.receivers", "gateway.mpps.scp"):
+        "a receiver process serves the MPPS SCP",
+    ("gateway.dicom.receivers", "gateway.worklist.service"):
+        "a receiver process serves the worklist SCP",
+    ("gateway.mpps.scp", "gateway.dicom.dimse_status"):
+        "the statuses the MPPS SCP answers",
+    ("gateway.mpps.scp", "gateway.worklist.cache"):
+        "a step marks the worklist items it refers to, in the same transaction",
+    ("gateway.mpps.forwarder", "gateway.dicom.dimse_status"):
+        "the statuses the upstream answers",
+    ("gateway.mpps.forwarder", "gateway.dicom.negotiation"):
+        "the transfer syntaxes proposed to the upstream",
+    ("gateway.mpps.forwarder", "gateway.dicom.patches"):
+        "a stop ends an association attempt pynetdicom cannot cancel",
+    ("gateway.mpps.forwarder", "gateway.worklist.cache"):
+        "the worklist marks are pruned with the steps",
+    ("gateway.worklist.service", "gateway.dicom.dimse_status"):
+        "the C-FIND statuses it answers",
+    ("gateway.worklist.service", "gateway.dicom.find_encoding"):
+        "a remembered C-FIND answer encoded once",
+    ("gateway.worklist.service", "gateway.dicom.negotiation"):
+        "the transfer syntaxes proposed to the RIS",
+    ("gateway.web.gauges", "gateway.mpps.outbox"):
+        "the outbox states, as metric labels",
+    ("gateway.web.server", "gateway.pipeline.jobs"):
+        "pause, resume and a wake-up after a retry act on the running Pipeline (a type)",
+    ("gateway.web.status", "gateway.dicom.receivers"):
+        "reads the open associations (a type only)",
+    ("gateway.web.status", "gateway.mpps.outbox"):
+        "reads the outbox",
+    ("gateway.web.status", "gateway.pipeline.jobs"):
+        "reads the pipeline's state (a type only)",
+    ("gateway.web.status", "gateway.worklist.service"):
+        "reads the worklist sources' freshness (a type only)",
+}  # fmt: skip
 
 _SQL_TABLE = re.compile(r"\b(?:FROM|INTO|UPDATE|JOIN)\s+(?:temp\.|main\.)?([A-Za-z_]\w*)")
 
@@ -120,6 +178,28 @@ def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
     return None
 
 
+def room_of(module: str, found: Mapping[str, Path]) -> str | None:
+    """The subpackage *module* is in (``"gateway.mpps"``), or None at the top level."""
+    parts = module.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and found[module].name == "__init__.py"):
+        return ".".join(parts[:2])
+    return None
+
+
+def across_rooms(graph: Mapping[str, set[str]], found: Mapping[str, Path]) -> set[tuple[str, str]]:
+    """The imports that enter a subpackage from outside it, composition roots aside."""
+    edges = set()
+    for module, deps in graph.items():
+        if module in COMPOSITION_ROOTS:
+            continue
+        here = room_of(module, found)
+        for dep in deps:
+            there = room_of(dep, found)
+            if there is not None and there != here:
+                edges.add((module, dep))
+    return edges
+
+
 def tables_in(text: str, tables: set[str]) -> set[str]:
     """The tables *text* reads or writes, if it is SQL."""
     return {m.group(1) for m in _SQL_TABLE.finditer(text)} & tables
@@ -187,6 +267,30 @@ def test_the_fleet_receiver_uses_only_the_top_level() -> None:
     assert importers == {"gateway.cli"}, importers
 
 
+def test_each_module_keeps_to_its_room() -> None:
+    found = modules()
+    unlisted = sorted(across_rooms(import_graph(), found) - set(ACROSS_ROOMS))
+    assert not unlisted, (
+        "imports across rooms that tests/test_architecture.py does not allow:\n"
+        + "\n".join(f"  {a} -> {b}" for a, b in unlisted)
+        + "\nimport from the top level or your own subpackage, move the shared code to the"
+        " top level, or add the edge to ACROSS_ROOMS with its reason"
+    )
+
+
+def test_the_rooms_allow_list_is_still_needed() -> None:
+    found = modules()
+    graph = import_graph()
+    for root in COMPOSITION_ROOTS:
+        assert room_of(root, found) is None, f"{root} is not a top-level module"
+        assert any(room_of(dep, found) for dep in graph[root]), (
+            f"{root} imports no subpackage: remove it from COMPOSITION_ROOTS"
+        )
+    stale = sorted(set(ACROSS_ROOMS) - across_rooms(graph, found))
+    assert not stale, f"ACROSS_ROOMS entries no longer needed, remove them: {stale}"
+    assert all(reason.strip() for reason in ACROSS_ROOMS.values())
+
+
 def test_every_table_has_an_owner(tmp_path: Path) -> None:
     assert set(OWNERS) == schema_tables(tmp_path), "give each new table an owner in OWNERS"
     assert set(OWNERS.values()) <= set(modules())
@@ -217,6 +321,36 @@ def test_the_temporary_exceptions_are_still_needed() -> None:
         assert tables <= sql_tables(found[name], set(OWNERS)), (
             f"{name} no longer needs NOT_YET_OWNER_CALLS entries {tables}: remove them"
         )
+
+
+def readme_tree() -> set[str]:
+    """The modules README.md's "Architecture" tree lists, as paths under gateway/."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    section = readme.split("\n## Architecture\n", 1)[1]
+    tree = section.split("```\n", 2)[1]
+    listed: set[str] = set()
+    folder = ""
+    for line in tree.splitlines()[1:]:  # the first line is gateway/ itself
+        name = line.split()[0]
+        depth = (len(line) - len(line.lstrip())) // 2
+        if name.endswith("/"):
+            folder = name
+        elif name.endswith(".py"):
+            listed.add(name if depth == 1 else folder + name)
+    return listed
+
+
+def test_the_readme_lists_every_module() -> None:
+    files = {
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "__init__.py"
+    }
+    listed = readme_tree()
+    assert not files - listed, f"modules missing from README.md's Architecture: {files - listed}"
+    assert not listed - files, (
+        f"README.md's Architecture lists modules that are gone: {listed - files}"
+    )
 
 
 # -- the checks themselves catch what they should ----------------------------------------
@@ -251,6 +385,27 @@ def test_imports_are_read_from_every_place(tmp_path: Path) -> None:
     assert _imported("gateway.dicom.scp", tmp_path / "scp.py", known) == {
         "gateway.store", "gateway.dicom.rules",
     }  # fmt: skip
+
+
+def test_a_room_crossing_is_found() -> None:
+    pkg, mod = Path("__init__.py"), Path("m.py")
+    found = {"gateway": pkg, "gateway.store": mod, "gateway.metrics": mod,
+             "gateway.app": mod, "gateway.mpps": pkg, "gateway.mpps.scp": mod,
+             "gateway.mpps.outbox": mod, "gateway.web": pkg, "gateway.web.status": mod}  # fmt: skip
+    assert room_of("gateway.mpps.scp", found) == room_of("gateway.mpps", found) == "gateway.mpps"
+    assert room_of("gateway.store", found) is None
+    graph = {
+        "gateway.mpps.scp": {"gateway.store", "gateway.mpps.outbox", "gateway.mpps"},
+        "gateway.web.status": {"gateway.mpps.outbox", "gateway.store"},
+        "gateway.metrics": {"gateway.web.status", "gateway.web"},
+        "gateway.app": {"gateway.web.status", "gateway.mpps.scp"},
+        "gateway.store": set(),
+    }
+    assert across_rooms(graph, found) == {
+        ("gateway.web.status", "gateway.mpps.outbox"),
+        ("gateway.metrics", "gateway.web.status"),
+        ("gateway.metrics", "gateway.web"),
+    }
 
 
 def test_sql_is_recognised() -> None:

@@ -29,18 +29,19 @@ from aiohttp import web
 from gateway import auth as auth_module
 from gateway import field
 from gateway.config import ConfigError, from_dict
+from gateway.https import http_hint, ssl_context
 from gateway.instances import QueueState
 from gateway.pipeline import archives
-from gateway.pipeline.upload import http_hint, ssl_context
 from gateway.web.status_doc import StatusDoc
 
 from .conftest import GatewayFactory
 from .support import corpus
-from .support.cloud_auth import EntraTenant, GoogleTokenEndpoint, SigV4Verifier, TlsSite
+from .support.cloud_auth import EntraTenant, GoogleTokenEndpoint, SigV4Verifier
 from .support.gateway_proc import write_config
 from .support.peers import free_port
 from .support.scripted_archive import ScriptedArchive, json_answer
 from .support.status_sample import sample_doc
+from .support.tls_site import TlsSite
 from .support.web_client import WebClient, web_port
 from .test_config import _cli
 from .test_isolation import Bench, _all

@@ -24,6 +24,7 @@ import yaml
 from markdown_it import MarkdownIt
 
 from gateway.metrics import Metrics
+from gateway.web.gauges import SnapshotCollector
 from gateway.web.status_doc import Modality, WorklistSource
 
 from .conftest import GatewayFactory
@@ -153,7 +154,7 @@ def exported_metric_names() -> set[str]:
         modalities=(Modality("CT_ROOM1", 1, "2026-01-01T00:00:00+00:00", 1.7e9),),
     )
     m = Metrics()
-    m.add_gauges(lambda: doc)
+    m.registry.register(SnapshotCollector(lambda: doc))
     names: set[str] = set()
     for family in m.registry.collect():
         names.update(family.name + suffix for suffix in _SUFFIXES[family.type])

@@ -37,20 +37,19 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[
 from gateway import config as gw_config
 from gateway.config import ConfigError
 from gateway.dicom import patches
-from gateway.mpps import forwarder as mpps
-from gateway.mpps.forwarder import (
+from gateway.mpps import scp
+from gateway.mpps.forwarder import Outcome, classify
+from gateway.mpps.outbox import Message
+from gateway.mpps.scp import (
     COMPLETED,
     CREATE,
     DISCONTINUED,
     IN_PROGRESS,
     SET,
-    Outcome,
     Refused,
     check_create,
     check_set,
-    classify,
 )
-from gateway.mpps.outbox import Message
 from gateway.store import Store
 from gateway.worklist.cache import StepRef, refers_to
 
@@ -313,7 +312,7 @@ def test_create_and_sets_reach_the_upstream_intact_and_in_order(
     wait_for(lambda: all(r["state"] == "sent" for r in outbox(gw)), "outbox marked sent")
     (step,) = gw.rows("SELECT * FROM mpps")
     assert step["status"] == COMPLETED
-    merged = mpps.from_bytes(step["dataset"])
+    merged = scp.from_bytes(step["dataset"])
     assert len(merged.PerformedSeriesSequence) == 2  # the last N-SET replaced the sequence
     assert merged.PerformedProcedureStepEndTime == "084500"
     assert "delivered upstream" in gw.log
@@ -324,7 +323,7 @@ def test_create_without_an_instance_uid_gets_one(gateway_factory: GatewayFactory
     gw = _gateway(gateway_factory, None)
     assert send(gw.port, (CREATE, None, started())) == [0]
     (step,) = gw.rows("SELECT * FROM mpps")
-    assert mpps.is_valid_uid(step["sop_instance_uid"])
+    assert gw_config.is_valid_uid(step["sop_instance_uid"])
     assert gw.stop() == 0
 
 
@@ -697,7 +696,7 @@ def test_a_storage_failure_is_never_success(tmp_path: Path) -> None:
     store.close()  # takes no more writes
     req = N_CREATE()
     req.AffectedSOPInstanceUID = generate_uid()
-    status, reply = mpps.MppsScp(store).n_create(_event(req, started()))
+    status, reply = scp.MppsScp(store).n_create(_event(req, started()))
     assert isinstance(status, Dataset) and status.Status == 0x0213 and reply is None
 
 
@@ -710,14 +709,14 @@ def test_a_failing_commit_is_never_success(store: Store) -> None:
 
     req = N_CREATE()
     req.AffectedSOPInstanceUID = generate_uid()
-    status, _ = mpps.MppsScp(Broken(store.path)).n_create(_event(req, started()))
+    status, _ = scp.MppsScp(Broken(store.path)).n_create(_event(req, started()))
     assert isinstance(status, Dataset) and status.Status == 0x0213
     assert not store.rows("SELECT * FROM mpps")
 
 
 def test_duplicate_create_is_refused_inside_the_writer(store: Store) -> None:
     uid = generate_uid()
-    futures = [store.submit(mpps.record_create(uid, started(), "CT")) for _ in range(2)]
+    futures = [store.submit(scp.record_create(uid, started(), "CT")) for _ in range(2)]
     outcomes = []
     for fut in futures:
         try:
@@ -768,9 +767,9 @@ def test_any_request_sequence_follows_the_rules(
                 expected = 0
             try:
                 if kind == CREATE:
-                    store.submit(mpps.record_create(uid, ds, "CT")).result()
+                    store.submit(scp.record_create(uid, ds, "CT")).result()
                 else:
-                    store.submit(mpps.record_set(uid, ds)).result()
+                    store.submit(scp.record_set(uid, ds)).result()
                 code = 0
             except Refused as exc:
                 code = exc.status

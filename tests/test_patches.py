@@ -55,9 +55,9 @@ from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from gateway import config as gw_config
 from gateway.dicom import patches, wakeup
-from gateway.mpps import forwarder as mpps
-from gateway.mpps.forwarder import CREATE, SET, Outcome
+from gateway.mpps.forwarder import Forwarder, Outcome
 from gateway.mpps.outbox import Message
+from gateway.mpps.scp import COMPLETED, CREATE, SET, to_bytes
 from gateway.store import Store
 from gateway.worklist import service as worklist
 
@@ -450,11 +450,11 @@ def test_the_gateways_own_associations_are_not_held_to_the_receiving_limit(
             assert len(item.RequestedProcedureDescription) == 1000
             assert len(encode(item, False, True) or b"") > LARGE
 
-        forwarder = mpps.Forwarder(config, Store(tmp_path / "unused.sqlite3"))
+        forwarder = Forwarder(config, Store(tmp_path / "unused.sqlite3"))
         ae = forwarder._new_ae()
         assoc = forwarder._associate(ae)
         uid = generate_uid()
-        attributes = mpps.to_bytes(_big_create())
+        attributes = to_bytes(_big_create())
         assert len(attributes) > LARGE  # and so is the upstream's answer, which echoes it
         try:
             delivery = forwarder._send(assoc, Message(1, uid, CREATE, attributes, False, False))
@@ -487,7 +487,7 @@ def test_a_gateway_with_a_small_max_pdu_size_forwards_and_refreshes(
         assert all(len(a.RequestedProcedureDescription) == 1000 for a in answers)
 
         uid = generate_uid()
-        sent = [(CREATE, uid, _big_create()), (SET, uid, progress(mpps.COMPLETED, series=200))]
+        sent = [(CREATE, uid, _big_create()), (SET, uid, progress(COMPLETED, series=200))]
         assert send(gw.port, *sent) == [0, 0]
         wait_for(lambda: len(upstream.accepted()) == 2, "both messages upstream")
         assert upstream.accepted() == [(CREATE, uid), (SET, uid)]

@@ -20,6 +20,7 @@ from gateway import config
 from gateway.metrics import Metrics
 from gateway.web import auth as webauth
 from gateway.web import status
+from gateway.web.gauges import SnapshotCollector
 from gateway.web.heartbeat import compact
 from gateway.web.page import chart
 from gateway.web.status import config_summary, health
@@ -313,7 +314,7 @@ async def test_close_interrupts_a_snapshot_that_overruns(
 
 def _samples(doc: StatusDoc) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     m = Metrics()
-    m.add_gauges(lambda: doc)
+    m.registry.register(SnapshotCollector(lambda: doc))
     return {
         (s.name, tuple(sorted(s.labels.items()))): s.value
         for family in m.registry.collect()

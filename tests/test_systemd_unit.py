@@ -170,9 +170,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway import app, field, notify
 from gateway.pipeline import upload
 from gateway.config import UploadConfig
+from gateway.https import ssl_context
 from gateway.pipeline.transcode import transcode
 ec.generate_private_key(ec.SECP256R1())
-upload.ssl_context(UploadConfig())
+ssl_context(UploadConfig())
 result = transcode(Path(sys.argv[1]), Path(sys.argv[2]))
 print(result.outcome)
 """

@@ -23,7 +23,7 @@ from ..config import DimseConfig
 from . import dimse_status as ds
 from . import negotiation, receive
 
-#: MPPS SCP statuses (gateway.dicom.dimse_status), and when gateway.mpps.forwarder answers each.
+#: MPPS SCP statuses (gateway.dicom.dimse_status), and when gateway.mpps.scp answers each.
 _MPPS_STATUSES: tuple[tuple[int, str], ...] = (
     (ds.SUCCESS, "the step and its outbox message are durable"),
     (ds.DUPLICATE_INSTANCE, "N-CREATE of an instance that exists"),

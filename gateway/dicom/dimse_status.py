@@ -4,7 +4,7 @@ A code can mean different things to different services: 0xC001 is "Cannot unders
 to a C-STORE SCU and "Unable to process" to a C-FIND SCU, while PS3.7's "Processing
 failure" is 0x0110.  So the C-STORE codes start with ``STORE_``, the C-FIND codes with
 ``FIND_``, and the codes PS3.7 Annex C gives every DIMSE-N service (MPPS) have its names.
-gateway/dicom/receive.py, gateway/mpps/forwarder.py and gateway/worklist/service.py take them from
+gateway/dicom/receive.py, gateway/mpps/ and gateway/worklist/service.py take them from
 here; gateway/dicom/conformance.py lists them.
 """
 

@@ -63,7 +63,7 @@ from .dimse_status import (
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
-    from ..mpps.forwarder import MppsScp
+    from ..mpps.scp import MppsScp
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +533,7 @@ class Receiver:
         log.info("worklist query from %r: %d items", requestor.ae_title, found)
         yield SUCCESS, None
 
-    # -- MPPS (gateway/mpps/forwarder.py); counted in flight like C-STOREs, so a stop lets an
+    # -- MPPS (gateway/mpps/scp.py); counted in flight like C-STOREs, so a stop lets an
     # accepted N-CREATE/N-SET reach its answer.
     def _on_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
         if self.mpps_scp is None:

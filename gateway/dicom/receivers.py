@@ -531,7 +531,7 @@ def _worker_main(conn_fd: int, listen_fd: int) -> int:
 def _start_worker(setup: WorkerSetup, listen_fd: int, events: _Events) -> tuple[Any, Any, Any]:
     # Imported here: the gateway's own process imports this module for ReceiverPool
     # and needs none of them.
-    from ..mpps.forwarder import MppsScp
+    from ..mpps.scp import MppsScp
     from ..spool import Spool
     from ..store import Store
     from ..worklist.service import Worklist

@@ -1,6 +1,8 @@
-"""Modality Performed Procedure Step: the rules a modality's N-CREATE and N-SET are
-checked against, the steps and the outbox they are kept in, and the forwarder that
-sends them to the RIS in order.  Its modules use the top level (config, store, aio),
-gateway/dicom/'s negotiation tables and patches, and the pipeline's backoff.  The
-receiver processes serve its SCP; the pipeline does not import it.
+"""Modality Performed Procedure Step: the SCP's rules a modality's N-CREATE and N-SET
+are checked against (scp.py), the steps and the outbox they are kept in (outbox.py),
+and the forwarder that sends them to the RIS in order (forwarder.py).  Its modules use
+the top level (config, store, aio, backoff), gateway/dicom/'s status codes,
+negotiation tables and patches, and gateway/worklist/cache.py (a step marks the
+worklist items it refers to).  The receiver processes serve its SCP (scp.py, without
+the forwarder); the pipeline does not import it.
 """

@@ -4,8 +4,9 @@
 accepted N-SET merged in), to validate the next N-SET against.  ``mpps_outbox`` holds
 every accepted N-CREATE / N-SET, forwarded upstream in ``seq`` order.  Both are written
 in the same transaction when the SCP accepts a message, and pruned together, so one
-module owns both.  The SCP rules and the forwarder (gateway/mpps/forwarder.py), the CLI and the
-status call the functions here; nothing else writes SQL against these tables.
+module owns both.  The SCP (gateway/mpps/scp.py), the forwarder (gateway/mpps/forwarder.py),
+the CLI and the status call the functions here; nothing else writes SQL against these
+tables.
 """
 
 from __future__ import annotations

@@ -36,7 +36,6 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import random
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -51,6 +50,7 @@ from pydicom.errors import InvalidDicomError
 
 from .. import instances
 from ..aio import wait_event
+from ..backoff import backoff_seconds
 from ..clock import utcnow
 from ..config import Config
 from ..instances import Claimed, QueueState
@@ -123,11 +123,6 @@ def _new_pool(workers: int) -> ProcessPoolExecutor:
     return pool
 
 
-#: The exponent of the backoff stops growing here: 2**62 times any sane initial delay is
-#: far beyond any maximum, and a float power of it cannot overflow (2.0 ** 1024 does).
-_BACKOFF_MAX_EXPONENT = 62
-
-
 def _stop_pool(pool: ProcessPoolExecutor) -> None:
     # A J2K encode of a large instance can take many seconds; it is redone after
     # restart, so the workers are stopped rather than waited for (and a hung one is
@@ -148,15 +143,6 @@ def _fallback(claimed: Claimed, reason: str) -> TranscodeResult:
 def _since(received_at: str) -> float:
     """Seconds from *received_at* (ISO 8601) to now; 0 if the clock was set back."""
     return max(0.0, (datetime.now(UTC) - datetime.fromisoformat(received_at)).total_seconds())
-
-
-def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
-    """Exponential backoff with jitter: attempt n waits between half and all of
-    ``min(maximum, initial * 2**(n-1))``, so boxes that lost the archive together do
-    not all come back at the same second.  Any attempt count is fine (no overflow)."""
-    exponent = min(max(0, attempts - 1), _BACKOFF_MAX_EXPONENT)
-    ceiling = min(maximum, initial * 2.0**exponent)
-    return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
 @dataclass(frozen=True)

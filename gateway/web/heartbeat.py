@@ -23,7 +23,7 @@ from .. import auth as auth_module
 from ..auth import AuthError
 from ..config import Config
 from ..heartbeat_body import REASON_CHARS, REASONS_MAX, WORKLIST_SOURCES_MAX, Heartbeat
-from ..pipeline.upload import http_hint, ssl_context
+from ..https import http_hint, ssl_context
 from .status import StatusService
 from .status_doc import StatusDoc
 

@@ -41,6 +41,7 @@ from ..config import Config, is_loopback
 from ..instances import QueueState
 from ..store import Store
 from .auth import Session, Sessions, verify_password, verify_token
+from .gauges import SnapshotCollector
 from .page import render_login, render_page
 from .status_doc import status_json
 
@@ -96,7 +97,7 @@ class WebServer:
         self.tls = w.tls_cert is not None
         self._runner: web.AppRunner | None = None
         self.address: tuple[str, int] = ("", 0)
-        metrics.add_gauges(lambda: status.last)
+        metrics.registry.register(SnapshotCollector(lambda: status.last))
 
     # -- lifecycle --------------------------------------------------------------------
     def app(self) -> web.Application:

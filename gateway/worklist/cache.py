@@ -10,7 +10,7 @@
   items keeps it.
 
 The worklist (gateway/worklist/service.py) fills and reads the cache; the MPPS SCP
-(gateway/mpps/forwarder.py) marks the items a step refers to.  Both call the functions here;
+(gateway/mpps/scp.py) marks the items a step refers to.  Both call the functions here;
 nothing else writes SQL against these tables.
 """
 
@@ -186,7 +186,7 @@ def unexpired(
     """(item ID, DICOM JSON, MPPS status) of the items scheduled on or after
     *not_before* (or undated), narrowed for *query* when given.
 
-    With what MPPS told us (gateway/mpps/forwarder.py): a step the modality COMPLETED is left out
+    With what MPPS told us (gateway/mpps/scp.py): a step the modality COMPLETED is left out
     (it is done; offering it again invites a second exam under the same accession); one
     IN PROGRESS or DISCONTINUED stays, for the worklist to show as STARTED or
     DISCONTINUED, so it can be resumed or redone.

@@ -37,7 +37,7 @@ from pydicom.sequence import Sequence
 from .. import auth as auth_module
 from ..auth import AuthError
 from ..config import Config
-from ..pipeline.upload import http_hint, ssl_context
+from ..https import http_hint, ssl_context
 
 T = TypeVar("T")
 

@@ -5,7 +5,8 @@ These are hand-written doubles, not the real services: no real cloud is reachabl
 from this machine.  They exist so that the gateway's authentication (gateway.auth)
 runs each vendor library's real token flow -- google-auth's service-account
 JWT-bearer grant, azure-identity/MSAL's client-credentials grant -- against a local
-endpoint, over TLS with a trustme CA (never an unverified connection), and so that
+endpoint, over TLS with a trustme CA (never an unverified connection; the site is
+tests/support/tls_site.py's), and so that
 SigV4 signatures are checked by botocore's own canonical-request and signature code.
 Each double checks what the vendor documents and answers the way the vendor
 documents, errors included:
@@ -35,90 +36,26 @@ documents, errors included:
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import os
 import secrets
-import ssl
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
 
-import trustme
 from aiohttp import web
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from .tls_site import TlsSite
+
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-
-
-class TlsSite:
-    """An aiohttp application over TLS (a trustme CA of its own, no client
-    certificate asked), on its own event loop in a thread."""
-
-    def __init__(self, work: Path, name: str) -> None:
-        self.work = work
-        work.mkdir(parents=True, exist_ok=True)
-        self.ca = trustme.CA()
-        self.ca_file = work / f"{name}-ca.pem"
-        self.ca.cert_pem.write_to_path(str(self.ca_file))
-        self._ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.ca.issue_cert("localhost", "127.0.0.1").configure_cert(self._ctx)
-        self.app = web.Application()
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def base_url(self) -> str:
-        return f"https://localhost:{self.port}"
-
-    def start(self) -> TlsSite:
-        started: Future[None] = Future()
-
-        def serve() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            try:
-                loop.run_until_complete(self._start(started))
-                loop.run_forever()
-            except BaseException as exc:
-                if not started.done():
-                    started.set_exception(exc)
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=serve, name=type(self).__name__, daemon=True)
-        self._thread.start()
-        started.result(timeout=10)
-        return self
-
-    async def _start(self, started: Future[None]) -> None:
-        self._runner = web.AppRunner(self.app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ctx)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        started.set_result(None)
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        self._loop = self._thread = None
 
 
 class _IssuedTokens:

@@ -35,9 +35,10 @@ the gateway), and "a conflicting duplicate" is one held under the same UIDs with
 content (:meth:`ScriptedArchive.hold` with changed attributes).
 
 The server speaks TLS 1.2+ and requires a client certificate signed by its trustme CA
-(as nginx's ``ssl_verify_client on`` does in the real lab).  It runs its own event loop
-in a thread, so both a gateway child process and a pipeline running in the test's own
-loop can use it.  By default every request is answered correctly (every instance
+(as nginx's ``ssl_verify_client on`` does in the real lab).  It is a
+:class:`~tests.support.tls_site.TlsSite`: it runs its own event loop in a thread, so
+both a gateway child process and a pipeline running in the test's own loop can use
+it.  By default every request is answered correctly (every instance
 stored, status 200); :meth:`ScriptedArchive.script` queues other answers, one per
 request, in order.  The multipart body is read with aiohttp's reader, each instance
 with pydicom.
@@ -60,10 +61,8 @@ import asyncio
 import io
 import json
 import ssl
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,9 +70,10 @@ from typing import Any
 import aiohttp
 import pydicom
 import pytest
-import trustme
 from aiohttp import web
 from pydicom.dataset import Dataset
+
+from .tls_site import TlsSite
 
 #: One scripted answer: given the exchange, the HTTP response (or an exception that
 #: aborts the connection).
@@ -532,26 +532,26 @@ def bearer_refusal(description: str = "The access token is invalid or has expire
 AuthCheck = Callable[[web.Request, bytes], bool]
 
 
-class ScriptedArchive:
+class ScriptedArchive(TlsSite):
     def __init__(self, workdir: Path, client_cert_required: bool = True) -> None:
-        self.work = workdir
-        workdir.mkdir(parents=True, exist_ok=True)
-        ca = trustme.CA()
-        self.ca_file = workdir / "ca.pem"
-        ca.cert_pem.write_to_path(str(self.ca_file))
-        client = ca.issue_cert("gateway-box")
+        super().__init__(workdir, "archive", client_max_size=1024**3, handler_cancellation=True)
+        client = self.ca.issue_cert("gateway-box")
         self.client_cert = workdir / "client.pem"
         self.client_key = workdir / "client.key"
         client.cert_chain_pems[0].write_to_path(str(self.client_cert))
         client.private_key_pem.write_to_path(str(self.client_key))
-        self._server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._server_ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._server_ctx.verify_mode = ssl.CERT_REQUIRED if client_cert_required else ssl.CERT_NONE
-        ca.configure_trust(self._server_ctx)
+        ctx = self.server_context
+        ctx.verify_mode = ssl.CERT_REQUIRED if client_cert_required else ssl.CERT_NONE
+        self.ca.configure_trust(ctx)
         self.client_cert_required = client_cert_required
-        ca.issue_cert("localhost").configure_cert(self._server_ctx)
+        self.app.router.add_post("/dicom-web/studies", self._handle)
+        self.app.router.add_get(
+            "/dicom-web/studies/{study}/series/{series}/instances/{sop}/metadata", self._metadata
+        )
+        self.app.router.add_get("/dicom-web/studies", self._other)
+        self.app.router.add_get("/ups/workitems", self._other)
+        self.app.router.add_post("/heartbeat", self._other)
         self._script: list[Answer] = []
-        self._lock = threading.Lock()
         self.default: Answer = store_all()
         #: Every request's SOP Instance UIDs, in arrival order (read requests only).
         self.requests: list[list[str]] = []
@@ -585,14 +585,10 @@ class ScriptedArchive:
         #: (method, path with query) of the GET/heartbeat requests, and heartbeat bodies.
         self.other_requests: list[tuple[str, str]] = []
         self.heartbeats: list[bytes] = []
-        self.port = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
 
     @property
     def dicomweb_url(self) -> str:
-        return f"https://localhost:{self.port}/dicom-web"
+        return f"{self.base_url}/dicom-web"
 
     def upload_config(self, **overrides: Any) -> dict[str, Any]:
         """``[upload]`` keys that point a gateway at this archive (with the client
@@ -697,52 +693,6 @@ class ScriptedArchive:
         if request.path == "/heartbeat":
             return web.Response(status=204)
         return dicom_json(200, [])
-
-    # -- lifecycle -------------------------------------------------------------------
-    def start(self) -> ScriptedArchive:
-        started: Future[None] = Future()
-
-        def serve() -> None:
-            loop = self._loop = asyncio.new_event_loop()
-            try:
-                loop.run_until_complete(self._start(started))
-                loop.run_forever()
-            except BaseException as exc:  # reported to start()
-                if not started.done():
-                    started.set_exception(exc)
-            finally:
-                loop.close()
-
-        self._thread = threading.Thread(target=serve, name="scripted-archive", daemon=True)
-        self._thread.start()
-        started.result(timeout=10)
-        return self
-
-    async def _start(self, started: Future[None]) -> None:
-        app = web.Application(client_max_size=1024**3)
-        app.router.add_post("/dicom-web/studies", self._handle)
-        app.router.add_get(
-            "/dicom-web/studies/{study}/series/{series}/instances/{sop}/metadata", self._metadata
-        )
-        app.router.add_get("/dicom-web/studies", self._other)
-        app.router.add_get("/ups/workitems", self._other)
-        app.router.add_post("/heartbeat", self._other)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._server_ctx)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        started.set_result(None)
-
-    def stop(self) -> None:
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        self._loop = self._thread = None
 
 
 @pytest.fixture
