@@ -40,7 +40,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from ..aio import wait_event
+from ..aio import set_from_thread, wait_event
 from ..backoff import backoff_seconds
 from ..clock import utc_in
 from ..config import Config
@@ -137,10 +137,7 @@ class Forwarder:
 
     def wake(self) -> None:
         """Thread-safe: a message was accepted."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # loop closing: the next start sees it
-                loop.call_soon_threadsafe(self._wake.set)
+        set_from_thread(self._loop, self._wake)
 
     async def _db(self, fn: WriteFn[T], durable: bool = False) -> T:
         # Outbox transitions are safe to lose: a lost "sent" means one re-send, which

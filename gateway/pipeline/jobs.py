@@ -49,7 +49,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from .. import instances
-from ..aio import wait_event
+from ..aio import set_from_thread, wait_event
 from ..backoff import backoff_seconds
 from ..clock import utcnow
 from ..config import Config
@@ -231,10 +231,7 @@ class Pipeline:
     # -- wiring -------------------------------------------------------------------------
     def wake(self) -> None:
         """Thread-safe: new work arrived (called from the receiver's threads)."""
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # loop closing: the next start sees it
-                loop.call_soon_threadsafe(self._compress_wake.set)
+        set_from_thread(self._loop, self._compress_wake)
 
     def pause(self) -> None:
         """Operator action: send nothing new (requests in flight finish)."""

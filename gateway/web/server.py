@@ -27,7 +27,6 @@ import hashlib
 import hmac
 import json
 import logging
-import shutil
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -412,7 +411,7 @@ class WebServer:
         except OSError as exc:
             problems.append(f"spool not writable: {exc.strerror or exc}")
         try:
-            free = shutil.disk_usage(self.spool.root).free
+            free = self.spool.free_bytes()
             if free < self.spool.min_free_bytes:
                 problems.append(
                     f"spool free space {free} bytes is below min_free_bytes"
