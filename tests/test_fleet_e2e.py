@@ -4,68 +4,61 @@ one is stopped and is marked stale, and the heartbeat-missing alert fires in a r
 Prometheus scraping the receiver; a fourth gateway, whose certificate comes from
 another CA, is refused by the TLS handshake and appears nowhere.
 
-The rule is the one monitoring/alerts.yml ships (``HeartbeatMissing``), loaded with
-``for: 2s`` instead of minutes; the receiver calls a box stale after 3 s without a
-heartbeat (boxes send one every 0.5 s).
+The rules are the ones monitoring/ ships (rules.yml, and alerts.yml with its
+``HeartbeatMissing``), loaded through tests/support/prometheus.py's
+``rules_for_tests`` with every ``for:`` cut to 2 s instead of minutes; the receiver
+calls a box stale after 3 s without a heartbeat (boxes send one every 0.5 s).
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from playwright.sync_api import Browser, expect
 
-from .support.fleet import (
-    HEARTBEAT_MISSING_EXPR,
-    FleetPki,
-    FleetPrometheus,
-    FleetReceiverProcess,
-)
+from .support.fleet import FleetPki, FleetReceiverProcess
 from .support.gateway_proc import GatewayProcess
+from .support.prometheus import MONITORING, PrometheusProcess, rules_for_tests
 from .test_upload import wait_until
 from .test_web_browser import _screenshot, browser
 
 __all__ = ["browser"]
 
-REPO = Path(__file__).resolve().parent.parent
 WAIT_MS = 30_000
 BOXES = ("box-a", "box-b", "box-c")
 STRANGER = "stranger-box"
-
-RULES = json.dumps(  # JSON is YAML
-    {
-        "groups": [
-            {
-                "name": "fleet-test",
-                "rules": [
-                    {
-                        "alert": "HeartbeatMissing",
-                        "expr": HEARTBEAT_MISSING_EXPR,
-                        "for": "2s",  # minutes in monitoring/alerts.yml
-                        "labels": {"severity": "critical"},
-                        "annotations": {"summary": "Box {{ $labels.box }} sends no heartbeat."},
-                    }
-                ],
-            }
-        ]
-    }
-)
+#: The ``for:`` of every alert in the test copy of monitoring/alerts.yml.
+FOR_SECONDS = 2
 
 
-def test_the_rule_is_the_shipped_one() -> None:
-    """The test copy above says what monitoring/alerts.yml says (once both branches
-    are in; until then FLEET_METRICS.md's expression is the contract)."""
-    alerts = REPO / "monitoring" / "alerts.yml"
-    if not alerts.exists():
-        pytest.skip("monitoring/alerts.yml not merged yet")
-    text = alerts.read_text()
-    rule = text[text.index("alert: HeartbeatMissing") :].split("- alert:")[0]
-    assert f"expr: {HEARTBEAT_MISSING_EXPR}" in rule
+def _alert_rules(directory: Path) -> list[Path]:
+    """The shipped rule files as the test's Prometheus loads them."""
+    directory.mkdir(parents=True, exist_ok=True)
+    alerts = rules_for_tests(MONITORING / "alerts.yml", directory / "alerts.yml", FOR_SECONDS)
+    return [MONITORING / "rules.yml", alerts]
+
+
+def _heartbeat_missing(rule_file: Path) -> dict[str, object]:
+    doc = yaml.safe_load(rule_file.read_text())
+    (rule,) = [r for g in doc["groups"] for r in g["rules"] if r.get("alert") == "HeartbeatMissing"]
+    return dict(rule)
+
+
+def test_the_rule_is_the_shipped_one(tmp_path: Path) -> None:
+    """The HeartbeatMissing the test below evaluates is monitoring/alerts.yml's, only
+    its ``for`` shortened; and it watches the receiver's stale mark
+    (monitoring/FLEET_METRICS.md)."""
+    shipped = _heartbeat_missing(MONITORING / "alerts.yml")
+    (_, test_copy) = _alert_rules(tmp_path)
+    assert shipped["for"] != f"{FOR_SECONDS}s"
+    assert _heartbeat_missing(test_copy) == {**shipped, "for": f"{FOR_SECONDS}s"}
+    assert shipped["expr"] == "dicom_gateway_fleet_box_stale == 1"
+    assert "`dicom_gateway_fleet_box_stale`" in (MONITORING / "FLEET_METRICS.md").read_text()
 
 
 def _gateway(root: Path, pki: FleetPki, receiver: FleetReceiverProcess, name: str,
@@ -116,7 +109,11 @@ def test_three_boxes_on_the_page_one_goes_stale_and_the_alert_fires(
     pki, receiver = fleet
     gateways = [_gateway(tmp_path, pki, receiver, name) for name in BOXES]
     stranger = _gateway(tmp_path, pki, receiver, STRANGER, stranger=True)
-    prometheus = FleetPrometheus(tmp_path / "prometheus", receiver, RULES)
+    prometheus = PrometheusProcess(
+        tmp_path / "prometheus",
+        _alert_rules(tmp_path / "rules"),
+        {"dicom-gateway-fleet": [f"127.0.0.1:{receiver.view_port}"]},
+    )
     try:
         _start_all([*gateways, stranger])
         prometheus.start()
@@ -151,8 +148,12 @@ def test_three_boxes_on_the_page_one_goes_stale_and_the_alert_fires(
                         for a in prometheus.alerts("HeartbeatMissing")),
             timeout=45,
         )  # fmt: skip
-        others = {a["labels"].get("box") for a in prometheus.alerts("HeartbeatMissing")}
-        assert others == {"box-b"}, others
+        (alert,) = prometheus.alerts("HeartbeatMissing")  # no other box's
+        assert alert["labels"]["box"] == "box-b"
+        assert alert["labels"]["job"] == "dicom-gateway-fleet"
+        assert alert["labels"]["severity"] == "critical"
+        assert alert["annotations"]["runbook_url"] == "README.md#alert-heartbeatmissing"
+        assert "box-b" in alert["annotations"]["summary"]
 
         # The fourth box appears nowhere, and got no further than the handshake.
         html = page.content()
