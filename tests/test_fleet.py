@@ -463,3 +463,28 @@ def test_the_senders_body_is_what_the_receiver_accepts() -> None:
     decode(json.dumps(long).encode())
     with pytest.raises(BadHeartbeat):
         decode(json.dumps({**body, "queue": None}).encode())
+
+
+def test_the_sender_names_each_worklist_sources_interval() -> None:
+    """The interval travels (the receiver's gauge for WorklistSourceStale), as a float;
+    a source with none known (no longer configured) travels without it."""
+    from gateway.web.heartbeat import compact
+    from gateway.web.status_doc import WorklistSource
+
+    from .support.status_sample import sample_doc
+
+    def source(name: str, interval: float | None) -> WorklistSource:
+        return WorklistSource(
+            source=name, last_attempt_at=None, last_success_at="2026-01-01T00:00:00+00:00",
+            last_error=None, item_count=3, last_success_ts=1767225600.0,
+            refresh_interval_seconds=interval,
+        )  # fmt: skip
+
+    doc = sample_doc(worklist=(source("upstream-mwl", 300), source("gone", None)))
+    body = compact(doc, "DICOMGW")
+    assert body["worklist"] == [
+        {"source": "upstream-mwl", "last_success_at": "2026-01-01T00:00:00+00:00",
+         "refresh_interval_seconds": 300.0},
+        {"source": "gone", "last_success_at": "2026-01-01T00:00:00+00:00"},
+    ]  # fmt: skip
+    assert decode(json.dumps(body).encode()) == body

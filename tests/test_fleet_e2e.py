@@ -8,6 +8,9 @@ The rules are the ones monitoring/ ships (rules.yml, and alerts.yml with its
 ``HeartbeatMissing``), loaded through tests/support/prometheus.py's
 ``rules_for_tests`` with every ``for:`` cut to 2 s instead of minutes; the receiver
 calls a box stale after 3 s without a heartbeat (boxes send one every 0.5 s).
+
+A box's worklist sources travel the same way: their intervals reach the receiver's
+/metrics and WorklistSourceStale fires for a NATed box.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -23,6 +27,7 @@ from playwright.sync_api import Browser, expect
 
 from .support.fleet import FleetPki, FleetReceiverProcess
 from .support.gateway_proc import GatewayProcess
+from .support.peers import free_port
 from .support.prometheus import MONITORING, PrometheusProcess, rules_for_tests
 from .test_upload import wait_until
 from .test_web_browser import _screenshot, browser
@@ -62,7 +67,7 @@ def test_the_rule_is_the_shipped_one(tmp_path: Path) -> None:
 
 
 def _gateway(root: Path, pki: FleetPki, receiver: FleetReceiverProcess, name: str,
-             stranger: bool = False) -> GatewayProcess:  # fmt: skip
+             stranger: bool = False, **sections: dict[str, Any]) -> GatewayProcess:  # fmt: skip
     cert = pki.box(name, stranger=stranger)
     return GatewayProcess(
         root / name,
@@ -70,6 +75,7 @@ def _gateway(root: Path, pki: FleetPki, receiver: FleetReceiverProcess, name: st
         upload={"client_cert": str(cert.cert), "client_key": str(cert.key),
                 "compress_workers": 1},
         heartbeat={"url": receiver.url, "interval_seconds": 0.5, "ca_file": str(pki.ca_file)},
+        **sections,
     )  # fmt: skip
 
 
@@ -171,3 +177,51 @@ def test_three_boxes_on_the_page_one_goes_stale_and_the_alert_fires(
         for gw in [*gateways, stranger]:
             if gw.proc is not None and gw.proc.poll() is None:
                 gw.kill()
+
+
+def test_a_natted_boxs_worklist_source_goes_stale_in_prometheus(
+    fleet: tuple[FleetPki, FleetReceiverProcess], tmp_path: Path
+) -> None:
+    """A box reads two worklist sources: a drop folder (every 5 s, fine) and an
+    upstream MWL where nothing listens (never read).  Its heartbeat carries each
+    source's interval, the receiver exports it per box and source, and the shipped
+    WorklistSourceStale fires in Prometheus for the upstream source alone."""
+    pki, receiver = fleet
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    gw = _gateway(tmp_path, pki, receiver, "box-wl", worklist={
+        "drop_folder": str(drop), "drop_scan_seconds": 5, "upstream_host": "127.0.0.1",
+        "upstream_port": free_port(), "upstream_ae": "RIS", "refresh_seconds": 60,
+    })  # fmt: skip
+    prometheus = PrometheusProcess(
+        tmp_path / "prometheus",
+        _alert_rules(tmp_path / "rules"),
+        {"dicom-gateway-fleet": [f"127.0.0.1:{receiver.view_port}"]},
+    )
+    intervals = (
+        'dicom_gateway_worklist_refresh_interval_seconds{box="box-wl",source="drop-folder"} 5.0',
+        'dicom_gateway_worklist_refresh_interval_seconds{box="box-wl",source="upstream-mwl"} 60.0',
+    )
+    try:
+        gw.start()
+        wait_until(
+            "both intervals on the receiver's /metrics",
+            lambda: all(line in receiver.metrics() for line in intervals),
+        )
+        prometheus.start()
+
+        def firing() -> list[dict[str, Any]]:
+            return [a for a in prometheus.alerts("WorklistSourceStale") if a["state"] == "firing"]
+
+        wait_until("WorklistSourceStale firing", lambda: bool(firing()), timeout=45)
+        (alert,) = firing()
+        assert alert["labels"]["box"] == "box-wl"
+        assert alert["labels"]["source"] == "upstream-mwl"
+        assert alert["annotations"]["runbook_url"] == "README.md#alert-worklistsourcestale"
+        assert [a["labels"]["source"] for a in prometheus.alerts("WorklistSourceStale")] == [
+            "upstream-mwl"
+        ]  # the drop folder, read every 5 s, is not even pending
+    finally:
+        prometheus.stop()
+        if gw.proc is not None and gw.proc.poll() is None:
+            gw.kill()

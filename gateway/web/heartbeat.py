@@ -22,10 +22,16 @@ import aiohttp
 from .. import auth as auth_module
 from ..auth import AuthError
 from ..config import Config
-from ..heartbeat_body import REASON_CHARS, REASONS_MAX, WORKLIST_SOURCES_MAX, Heartbeat
+from ..heartbeat_body import (
+    REASON_CHARS,
+    REASONS_MAX,
+    WORKLIST_SOURCES_MAX,
+    Heartbeat,
+    HeartbeatWorklistSource,
+)
 from ..https import http_hint, ssl_context
 from .status import StatusService
-from .status_doc import StatusDoc
+from .status_doc import StatusDoc, WorklistSource
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +65,7 @@ def compact(doc: StatusDoc, ae_title: str) -> Heartbeat:
         },
         "certificate_days_left": doc.certificate.days_left,
         "uploads_window_open": doc.uploads.window_open,
-        "worklist": [
-            {"source": w.source, "last_success_at": w.last_success_at}
-            for w in doc.worklist[:WORKLIST_SOURCES_MAX]
-        ],
+        "worklist": [_worklist_source(w) for w in doc.worklist[:WORKLIST_SOURCES_MAX]],
         "mpps": {
             "pending": m.pending,
             "sending": m.sending,
@@ -70,6 +73,15 @@ def compact(doc: StatusDoc, ae_title: str) -> Heartbeat:
             "oldest_pending_at": m.oldest_pending_at,
         },
     }
+
+
+def _worklist_source(w: WorklistSource) -> HeartbeatWorklistSource:
+    out: HeartbeatWorklistSource = {"source": w.source, "last_success_at": w.last_success_at}
+    # The interval lets the receiver export the gauge WorklistSourceStale compares
+    # with; a source no longer configured has none.
+    if w.refresh_interval_seconds is not None and w.refresh_interval_seconds > 0:
+        out["refresh_interval_seconds"] = float(w.refresh_interval_seconds)
+    return out
 
 
 async def run_heartbeat(config: Config, status: StatusService) -> None:
