@@ -3,7 +3,9 @@
 ``[upload.auth]`` picks one method; the upload (STOW-RS), the UPS-RS worklist, the
 heartbeat and ``doctor`` all sign their requests through the same
 :class:`Authenticator` (one per configuration in a process: :func:`shared`), on top of
-the TLS client certificate of ``upload.client_cert`` when that is set:
+the TLS client certificate of ``upload.client_cert`` when that is set.  The
+heartbeat only while it goes to the archive's own origin (:func:`for_origin`): to any
+other it carries the client certificate alone.  The methods:
 
 * ``mtls``: the client certificate alone (no header);
 * ``google``: an OAuth 2.0 access token from the ``google-auth`` library, for a
@@ -813,6 +815,33 @@ def shared(upload: UploadConfig) -> Authenticator:
         if auth is None:
             auth = _shared[upload.auth] = authenticator(upload.auth)
         return auth
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """*url*'s origin (RFC 6454): scheme, host and port (the scheme's default when
+    not written), lower-cased, the host as sent (IDNA-encoded)."""
+    u = yarl.URL(url)
+    return (u.scheme.lower(), (u.raw_host or "").lower(), u.port)
+
+
+def same_origin(url: str, other: str) -> bool:
+    """*url* and *other* have one origin (and a host: an empty URL is no origin)."""
+    try:
+        mine, theirs = origin(url), origin(other)
+    except ValueError:  # not a URL: no origin to share
+        return False
+    return bool(mine[1]) and mine == theirs
+
+
+def for_origin(upload: UploadConfig, url: str) -> Authenticator:
+    """The authenticator for requests to *url* that is not necessarily the archive
+    (the heartbeat): ``upload.auth``'s (:func:`shared`) when *url* has the archive's
+    origin (``upload.dicomweb_url``), else the TLS client certificate alone.  An
+    endpoint run by someone else (a fleet receiver) must never receive the archive's
+    token or a SigV4 signature made with its keys."""
+    if same_origin(url, upload.dicomweb_url):
+        return shared(upload)
+    return Authenticator(AuthConfig())
 
 
 # -- what a refusal says ----------------------------------------------------------------------

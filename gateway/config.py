@@ -86,8 +86,9 @@ AUTH_METHODS = ("mtls", "google", "azure", "aws-sigv4", "bearer")
 
 @dataclass(frozen=True)
 class AuthConfig:
-    """``[upload.auth]``: how requests to the archive (and the UPS-RS worklist and the
-    heartbeat) are authenticated, on top of ``upload.client_cert`` when that is set.
+    """``[upload.auth]``: how requests to the archive (and the UPS-RS worklist, and the
+    heartbeat when it goes to the archive's origin) are authenticated, on top of
+    ``upload.client_cert`` when that is set.
     Only paths to secrets live here, never a secret itself (gateway.auth)."""
 
     method: str = "mtls"

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from gateway import auth as auth_module
 from gateway import field
-from gateway.config import ConfigError, from_dict
+from gateway.config import AuthConfig, ConfigError, UploadConfig, from_dict
 from gateway.https import http_hint, ssl_context
 from gateway.instances import QueueState
 from gateway.pipeline import archives
@@ -564,18 +564,9 @@ async def test_ups_rs_search_is_signed_with_its_query(
     assert clouds.aws.checked == 1
 
 
-@pytest.mark.asyncio
-async def test_the_heartbeat_carries_the_credentials(
-    clouds: Clouds, archive: ScriptedArchive, tmp_path: Path
-) -> None:
+async def _first_heartbeat(config: Any, site: ScriptedArchive) -> None:
+    """Run the heartbeat of *config* until *site* has received one."""
     from gateway.web.heartbeat import run_heartbeat
-
-    clouds.accept("azure", archive)
-    config = from_dict({
-        "upload": {"ca_file": str(archive.ca_file), "auth": clouds.auth("azure")},
-        "heartbeat": {"url": f"https://localhost:{archive.port}/heartbeat",
-                      "interval_seconds": 60},
-    })  # fmt: skip
 
     class Status:
         async def status(self, fresh: bool = False) -> StatusDoc:
@@ -584,7 +575,7 @@ async def test_the_heartbeat_carries_the_credentials(
     task = asyncio.create_task(run_heartbeat(config, Status()))  # type: ignore[arg-type]
     try:
         deadline = time.monotonic() + 30
-        while not archive.heartbeats:
+        while not site.heartbeats:
             assert not task.done(), task
             assert time.monotonic() < deadline, "no heartbeat arrived"
             await asyncio.sleep(0.05)
@@ -592,8 +583,94 @@ async def test_the_heartbeat_carries_the_credentials(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+@pytest.mark.asyncio
+async def test_the_heartbeat_carries_the_credentials(
+    clouds: Clouds, archive: ScriptedArchive, tmp_path: Path
+) -> None:
+    """To the archive's own origin (``upload.dicomweb_url``'s scheme, host and port;
+    the path differs) the heartbeat is signed like an upload."""
+    clouds.accept("azure", archive)
+    config = from_dict({
+        "upload": {"dicomweb_url": archive.dicomweb_url, "ca_file": str(archive.ca_file),
+                   "auth": clouds.auth("azure")},
+        "heartbeat": {"url": f"https://localhost:{archive.port}/heartbeat",
+                      "interval_seconds": 60},
+    })  # fmt: skip
+    await _first_heartbeat(config, archive)
     assert archive.refused == 0 and json.loads(archive.heartbeats[0])["ae_title"] == "DICOMGW"
     assert archive.authorizations[-1].startswith("Bearer tok-")
+
+
+@pytest.fixture
+def stranger(tmp_path: Path) -> Iterator[ScriptedArchive]:
+    """Another operator's heartbeat endpoint (a fleet receiver): another origin, its
+    own CA, and it requires the box's client certificate."""
+    s = ScriptedArchive(tmp_path / "stranger", client_cert_required=True).start()
+    yield s
+    s.stop()
+
+
+def _credential_headers(headers: dict[str, str]) -> list[str]:
+    return [h for h in headers if h.lower() == "authorization" or h.lower().startswith("x-amz-")]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("method", METHODS)
+async def test_a_heartbeat_to_another_origin_carries_the_certificate_alone(
+    method: str, clouds: Clouds, archive: ScriptedArchive, stranger: ScriptedArchive
+) -> None:
+    """A box signing its uploads with *method* heartbeats to an endpoint of another
+    origin: the TLS client certificate is all it gets (no Authorization, no SigV4
+    headers, no secret anywhere in the request); the same box's heartbeat to the
+    archive's origin is signed and accepted."""
+    clouds.accept(method, archive)
+    upload = {
+        "dicomweb_url": archive.dicomweb_url, "ca_file": str(archive.ca_file),
+        "client_cert": str(stranger.client_cert), "client_key": str(stranger.client_key),
+        "auth": clouds.auth(method),
+    }  # fmt: skip
+    away = from_dict({
+        "upload": upload,
+        "heartbeat": {"url": f"https://localhost:{stranger.port}/heartbeat",
+                      "interval_seconds": 60, "ca_file": str(stranger.ca_file)},
+    })  # fmt: skip
+    await _first_heartbeat(away, stranger)
+    (headers,) = stranger.heartbeat_headers
+    assert _credential_headers(headers) == [], headers
+    assert stranger.authorizations == [""]
+    sent = json.dumps(headers) + stranger.heartbeats[0].decode()
+    assert_no_secret(clouds.secrets(), heartbeat=sent)
+
+    home = from_dict({
+        "upload": upload,
+        "heartbeat": {"url": f"https://localhost:{archive.port}/heartbeat",
+                      "interval_seconds": 60},
+    })  # fmt: skip
+    await _first_heartbeat(home, archive)
+    (headers,) = archive.heartbeat_headers
+    assert "Authorization" in _credential_headers(headers)
+    assert archive.refused == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "archive_url", "same"),
+    [
+        ("https://archive.example/heartbeat", "https://archive.example/dicom-web", True),
+        ("https://ARCHIVE.example:443/hb", "https://archive.example/dicom-web", True),
+        ("https://archive.example:8443/hb", "https://archive.example/dicom-web", False),
+        ("https://fleet.example/hb", "https://archive.example/dicom-web", False),
+        ("https://archive.example.fleet.example/hb", "https://archive.example/", False),
+        ("https://archive.example/hb", "http://archive.example/", False),
+        ("https://archive.example/hb", "", False),
+    ],
+)
+def test_same_origin(url: str, archive_url: str, same: bool) -> None:
+    assert auth_module.same_origin(url, archive_url) is same
+    bearer = AuthConfig(method="bearer", token_file=Path("/nonexistent/token"))
+    chosen = auth_module.for_origin(UploadConfig(dicomweb_url=archive_url, auth=bearer), url)
+    assert chosen.method == ("bearer" if same else "mtls")
 
 
 def _status_doc() -> StatusDoc:

@@ -2,9 +2,12 @@
 
 For boxes behind NAT that a monitoring service cannot reach: the box calls out, over
 the same verified, mutual TLS as its uploads (``upload.client_cert``; the endpoint's
-certificate checked against ``heartbeat.ca_file``, else ``upload.ca_file``) and with
-the same request credentials (``[upload.auth]``, gateway.auth), so the receiving end
-knows which box is speaking without any inbound connection.  The body is
+certificate checked against ``heartbeat.ca_file``, else ``upload.ca_file``), so the
+receiving end knows which box is speaking without any inbound connection.  The
+request credentials of ``[upload.auth]`` (gateway.auth) go along only when
+``heartbeat.url`` has the archive's origin (scheme, host and port of
+``upload.dicomweb_url``): a fleet receiver run by someone else gets the client
+certificate alone, never the archive's token or signature.  The body is
 gateway/heartbeat_body.py's :class:`Heartbeat`; `dicom-gateway fleet serve`
 (gateway/fleet/) is a receiver for it.
 """
@@ -86,7 +89,7 @@ def _worklist_source(w: WorklistSource) -> HeartbeatWorklistSource:
 
 async def run_heartbeat(config: Config, status: StatusService) -> None:
     hb = config.heartbeat
-    auth = auth_module.shared(config.upload)
+    auth = auth_module.for_origin(config.upload, hb.url)
     headers = {"Content-Type": "application/json"}
     tls = config.upload
     if hb.ca_file is not None:  # the endpoint's CA, when it is not the archive's

@@ -585,6 +585,8 @@ class ScriptedArchive(TlsSite):
         #: (method, path with query) of the GET/heartbeat requests, and heartbeat bodies.
         self.other_requests: list[tuple[str, str]] = []
         self.heartbeats: list[bytes] = []
+        #: The headers of each heartbeat, as received.
+        self.heartbeat_headers: list[dict[str, str]] = []
 
     @property
     def dicomweb_url(self) -> str:
@@ -690,6 +692,7 @@ class ScriptedArchive(TlsSite):
             self.other_requests.append((request.method, request.raw_path))
             if request.path == "/heartbeat":
                 self.heartbeats.append(body)
+                self.heartbeat_headers.append(dict(request.headers))
         if request.path == "/heartbeat":
             return web.Response(status=204)
         return dicom_json(200, [])
