@@ -29,6 +29,7 @@ from gateway.web.status_doc import (
     Modality,
     StatusDoc,
     WorklistSource,
+    status_body,
     status_json,
 )
 
@@ -269,6 +270,10 @@ async def test_a_real_snapshot_round_trips_through_its_json(tmp_path: Path) -> N
             assert part, "the sample leaves a list of the document empty"
         text = json.dumps(status_json(doc))
         assert from_json(StatusDoc, json.loads(text)) == doc
+        # /api/status's body (msgspec) is the same JSON, key order included.
+        body = json.loads(status_body(doc))
+        assert body == json.loads(text)
+        assert json.dumps(body) == text
         assert doc.health.state == "degraded" and doc.warnings.recent[0].warnings == (
             "coerced <PatientName>",
         )

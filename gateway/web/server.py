@@ -42,7 +42,7 @@ from ..store import Store
 from .auth import Session, Sessions, verify_password, verify_token
 from .gauges import SnapshotCollector
 from .page import render_login, render_page
-from .status_doc import status_json
+from .status_doc import status_body
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -315,7 +315,7 @@ class WebServer:
 
     async def api_status(self, request: web.Request) -> web.StreamResponse:
         doc = await self.status.status(fresh=request.query.get("fresh") == "1")
-        return _json(status_json(doc))
+        return web.Response(body=status_body(doc), content_type="application/json")
 
     async def api_session(self, request: web.Request) -> web.StreamResponse:
         response = _json({})
