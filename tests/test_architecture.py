@@ -30,6 +30,8 @@ OWNERS: dict[str, str] = {
     "worklist_items": "gateway.worklist.cache",
     "worklist_sources": "gateway.worklist.cache",
     "worklist_mpps": "gateway.worklist.cache",
+    "commitment_requests": "gateway.commitment.requests",
+    "commitment_items": "gateway.commitment.requests",
 }
 
 #: Modules allowed, for a time, to query tables they do not own (none now); an entry
