@@ -208,6 +208,8 @@ def record_received(inst: ReceivedInstance, now: str) -> Callable[[sqlite3.Conne
                 transcode_reason = NULL,
                 uploaded_at = NULL,
                 warnings = NULL,
+                compressed_at = NULL,
+                confirmed_at = NULL,
                 updated_at = excluded.updated_at
             """,
             (
@@ -234,6 +236,18 @@ def record_received(inst: ReceivedInstance, now: str) -> Callable[[sqlite3.Conne
         return replaced
 
     return write
+
+
+def backfill_stage_times(conn: sqlite3.Connection) -> None:
+    """Migration 11: rows from before ``compressed_at`` and ``confirmed_at`` existed get
+    their best estimate (an uploaded row was confirmed when it was uploaded)."""
+    s = QueueState
+    conn.execute(
+        "UPDATE instances SET compressed_at = coalesce(uploaded_at, updated_at)"
+        " WHERE state IN (?, ?, ?)",
+        (s.COMPRESSED, s.UPLOADING, s.UPLOADED),
+    )
+    conn.execute("UPDATE instances SET confirmed_at = uploaded_at WHERE state = ?", (s.UPLOADED,))
 
 
 # -- leases -------------------------------------------------------------------------------
@@ -279,7 +293,8 @@ def repair_missing_files(
         for relpath in missing_copies:
             # After the transient states went back: UPLOADING is COMPRESSED by now.
             recompress += conn.execute(
-                "UPDATE instances SET state = ?, updated_at = ? WHERE upload_path = ?"
+                "UPDATE instances SET state = ?, compressed_at = NULL, updated_at = ?"
+                " WHERE upload_path = ?"
                 " AND state IN (?, ?)",
                 (QueueState.RECEIVED, now, relpath, QueueState.COMPRESSED, QueueState.UPLOADING),
             ).rowcount
@@ -329,12 +344,12 @@ def mark_compressed(
             """
             UPDATE instances SET state = ?, upload_path = ?, upload_size = ?,
                 upload_transfer_syntax = ?, transcode_outcome = ?, transcode_reason = ?,
-                next_attempt_at = ?, updated_at = ?
+                next_attempt_at = ?, compressed_at = ?, updated_at = ?
             WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?
             """,
             (
                 QueueState.COMPRESSED, upload_path, upload_size, result.transfer_syntax,
-                result.outcome, result.reason or None, now, now,
+                result.outcome, result.reason or None, now, now, now,
                 claimed.sop_instance_uid, claimed.sha256, QueueState.COMPRESSING,
             ),
         )  # fmt: skip
@@ -463,10 +478,13 @@ def finish_uploads(
     results: Sequence[tuple[Claimed, Uploaded]],
     backoff: Callable[[int], float],
     give_up: GiveUpRule,
+    confirm: bool = True,
 ) -> Callable[[sqlite3.Connection], dict[str, str]]:
     """Record each outcome: stored, retried after ``backoff(attempts)`` seconds, or
     failed.  A retryable failure that *give_up* ends is recorded as failed: the result
-    gives, for each of those, the reason recorded (the archive's and *give_up*'s)."""
+    gives, for each of those, the reason recorded (the archive's and *give_up*'s).
+    With *confirm*, a stored instance is also confirmed (``commitment.verify = "stow"``;
+    with "qido", :func:`mark_confirmed` does it once a search finds it)."""
 
     def write(conn: sqlite3.Connection) -> dict[str, str]:
         now = utcnow()
@@ -477,9 +495,9 @@ def finish_uploads(
                 warnings = json.dumps(list(outcome.warnings)) if outcome.warnings else None
                 conn.execute(
                     "UPDATE instances SET state = ?, uploaded_at = ?, attempts = attempts + 1,"
-                    " last_error = NULL, failing_since = NULL, warnings = ?, updated_at = ?"
-                    " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-                    (QueueState.UPLOADED, now, warnings, now, *guard),
+                    " last_error = NULL, failing_since = NULL, warnings = ?, confirmed_at = ?,"
+                    " updated_at = ? WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
+                    (QueueState.UPLOADED, now, warnings, now if confirm else None, now, *guard),
                 )
                 continue
             attempts = claimed.attempts + 1
@@ -513,6 +531,91 @@ def finish_uploads(
         return gave_up
 
     return write
+
+
+# -- the archive's confirmation (commitment.verify = "qido"; Storage Commitment) --------
+
+
+@dataclass(frozen=True)
+class Unconfirmed:
+    """An uploaded instance the archive has yet to be found holding (QIDO-RS)."""
+
+    sop_instance_uid: str
+    sha256: str
+    uploaded_at: str
+
+
+def awaiting_confirmation(
+    conn: sqlite3.Connection, studies: int, skip: Sequence[str] = ()
+) -> dict[str, list[Unconfirmed]]:
+    """Uploaded, unconfirmed instances of at most *studies* studies (not in *skip*),
+    by study."""
+    found: dict[str, list[Unconfirmed]] = {}
+    exclude = f" AND study_instance_uid NOT IN ({','.join('?' * len(skip))})" if skip else ""
+    for (study,) in conn.execute(
+        "SELECT DISTINCT study_instance_uid FROM instances INDEXED BY idx_instances_unconfirmed"
+        f" WHERE state = '{QueueState.UPLOADED}' AND confirmed_at IS NULL{exclude} LIMIT ?",
+        (*skip, studies),
+    ).fetchall():
+        found[study] = [
+            Unconfirmed(r["sop_instance_uid"], r["sha256"], r["uploaded_at"])
+            for r in conn.execute(
+                "SELECT sop_instance_uid, sha256, uploaded_at FROM instances"
+                " INDEXED BY idx_instances_unconfirmed WHERE study_instance_uid = ?"
+                f" AND state = '{QueueState.UPLOADED}' AND confirmed_at IS NULL",
+                (study,),
+            )
+        ]
+    return found
+
+
+def mark_confirmed(items: Sequence[Unconfirmed]) -> Callable[[sqlite3.Connection], int]:
+    """The archive was found holding these (the copies uploaded then): confirmed."""
+
+    def write(conn: sqlite3.Connection) -> int:
+        now = utcnow()
+        return sum(
+            conn.execute(
+                "UPDATE instances SET confirmed_at = ?, updated_at = ? WHERE sop_instance_uid = ?"
+                " AND sha256 = ? AND uploaded_at = ? AND state = ? AND confirmed_at IS NULL",
+                (now, now, i.sop_instance_uid, i.sha256, i.uploaded_at, QueueState.UPLOADED),
+            ).rowcount
+            for i in items
+        )
+
+    return write
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """What the queue knows of an instance a Storage Commitment request names."""
+
+    sop_class_uid: str
+    study_instance_uid: str
+    state: QueueState
+    #: The archive confirmed the copy held now (cleared when received again).
+    confirmed: bool
+    last_error: str | None
+
+
+def confirmations(conn: sqlite3.Connection, uids: Sequence[str]) -> dict[str, Confirmation]:
+    """The rows of *uids* that exist (one lookup each: the primary key)."""
+    found = {}
+    for uid in dict.fromkeys(uids):
+        r = conn.execute(
+            "SELECT sop_class_uid, study_instance_uid, state, confirmed_at, last_error"
+            " FROM instances WHERE sop_instance_uid = ?",
+            (uid,),
+        ).fetchone()
+        if r is not None:
+            found[uid] = Confirmation(
+                r["sop_class_uid"],
+                r["study_instance_uid"],
+                QueueState(r["state"]),
+                r["confirmed_at"] is not None and r["state"] == QueueState.UPLOADED,
+                r["last_error"],
+            )
+    return found
 
 
 # -- retention ----------------------------------------------------------------------------
@@ -569,6 +672,7 @@ def retry_failed(conn: sqlite3.Connection, sop_instance_uids: list[str] | None) 
     now = utcnow()
     sql = (
         "UPDATE instances SET state = CASE WHEN upload_path IS NULL THEN ? ELSE ? END,"
+        " compressed_at = CASE WHEN upload_path IS NULL THEN NULL ELSE compressed_at END,"
         " attempts = 0, last_error = NULL, failing_since = NULL, next_attempt_at = ?,"
         " updated_at = ?"
         " WHERE state = ?"

@@ -275,6 +275,24 @@ def _migration_10(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_11(db: sqlite_utils.Database) -> None:
+    # The stages of an instance, for the per-study proof of delivery and for Storage
+    # Commitment (issue 17).  compressed_at: when the compress stage finished with the
+    # copy held now; confirmed_at: when the archive confirmed that copy (its STOW-RS
+    # success, or with commitment.verify = "qido" a QIDO-RS search after it).  Both
+    # are cleared when the instance is received again.  Rows from before: an uploaded
+    # row counts as confirmed when it was uploaded.
+    table = db["instances"]
+    table.add_column("compressed_at", str)  # type: ignore[union-attr]
+    table.add_column("confirmed_at", str)  # type: ignore[union-attr]
+    instances.backfill_stage_times(db.conn)
+    # What a QIDO-RS confirmation still has to look for, by study.
+    db.execute(
+        "CREATE INDEX idx_instances_unconfirmed ON instances (study_instance_uid)"
+        " WHERE state = 'uploaded' AND confirmed_at IS NULL"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -286,6 +304,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_8,
     _migration_9,
     _migration_10,
+    _migration_11,
 ]
 
 

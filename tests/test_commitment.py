@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,13 +21,27 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
+from gateway import instances
+from gateway.commitment import decide as decide_module
 from gateway.commitment import requests
-from gateway.commitment.requests import ItemOutcome, Recorded, RequestedItem, RequestState
+from gateway.commitment.decide import decide
+from gateway.commitment.requests import (
+    ItemOutcome,
+    Recorded,
+    RequestedItem,
+    RequestState,
+    Undecided,
+)
 from gateway.commitment.scp import Refused, parse_request
+from gateway.config import from_dict
 from gateway.dicom import negotiation
+from gateway.instances import Confirmation, QueueState, ReceivedInstance
+from gateway.pipeline.upload import InstanceOutcome, Item, RequestFailed, StowClient
 from gateway.store import Store
 
 from .conftest import GatewayFactory
+from .support import corpus
+from .support.archive import ArchiveLab
 from .support.gateway_proc import GatewayProcess
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -212,3 +227,139 @@ def test_recording_is_idempotent_and_a_fully_decided_request_is_due_at_once(
         assert store.read(requests.held_instances) == {"1.2.3"}
     finally:
         store.close()
+
+
+# -- deciding ---------------------------------------------------------------------------
+
+NOW = "2030-01-01T12:00:00.000000+00:00"
+BEFORE = "2030-01-01T11:00:00.000000+00:00"
+AFTER = "2030-01-01T13:00:00.000000+00:00"
+
+
+def _row(state: QueueState, confirmed: bool = False, sop_class: str = CT) -> Confirmation:
+    return Confirmation(
+        sop_class, "1.9", state, confirmed, "archive said no" if state == "failed" else None
+    )
+
+
+@pytest.mark.parametrize(
+    ("row", "deadline", "outcome", "reason"),
+    [
+        (None, AFTER, None, None),  # not received yet: wait
+        (None, BEFORE, ItemOutcome.FAILED, 0x0112),  # never received by the deadline
+        (_row(QueueState.RECEIVED), AFTER, None, None),
+        (_row(QueueState.UPLOADING), AFTER, None, None),
+        (_row(QueueState.UPLOADED), AFTER, None, None),  # stored, not confirmed (qido)
+        (_row(QueueState.UPLOADED, True), AFTER, ItemOutcome.COMMITTED, None),
+        (_row(QueueState.UPLOADED, True), BEFORE, ItemOutcome.COMMITTED, None),
+        (_row(QueueState.FAILED), AFTER, ItemOutcome.FAILED, 0x0110),
+        (_row(QueueState.COMPRESSED), BEFORE, ItemOutcome.FAILED, 0x0110),  # too late
+        (_row(QueueState.UPLOADED, True, MR), AFTER, ItemOutcome.FAILED, 0x0119),
+    ],
+)
+def test_decision_rules(
+    row: Confirmation | None, deadline: str, outcome: ItemOutcome | None, reason: int | None
+) -> None:
+    item = Undecided("1.5", 0, CT, "1.5.1", deadline)
+    decision = decide(item, row, NOW)
+    if outcome is None:
+        assert decision is None
+        return
+    assert decision is not None
+    assert (decision.outcome, decision.failure_reason) == (outcome, reason)
+    assert (decision.transaction_uid, decision.position) == ("1.5", 0)
+    if row is not None:
+        assert decision.study_instance_uid == "1.9"
+
+
+def _receive(store: Store, uid: str, sha: str = "a" * 64) -> None:
+    store.record_instance(
+        ReceivedInstance(uid, CT, "1.9", "1.9.1", "CT_ROOM1", "127.0.0.1:1",
+                         "1.2.840.10008.1.2.1", 10, sha, f"objects/{sha[:2]}/{sha}.dcm")
+    ).result()  # fmt: skip
+
+
+def _upload(store: Store, stored: bool, confirm: bool = True) -> None:
+    """Through the real queue transitions: compress, claim for upload, the outcome."""
+    (claimed,) = store.submit(instances.claim_for_compression(10)).result()
+    result = SimpleNamespace(
+        outcome="passthrough", reason="", transfer_syntax=claimed.transfer_syntax
+    )
+    assert store.submit(instances.mark_compressed(claimed, claimed.path, 10, result)).result()
+    batch, _ = store.submit(instances.claim_upload_batch(10, 10**9)).result()
+    outcome = InstanceOutcome(stored=stored, reason="" if stored else "refused")
+    store.submit(
+        instances.finish_uploads([(batch[0], outcome)], lambda _: 1.0, lambda *_: None, confirm)
+    ).result()
+
+
+def _round(store: Store) -> list[str]:
+    return store.submit(decide_module.record(store.read(decide_module.evaluate))).result()
+
+
+def test_only_the_confirmed_copy_held_now_is_committed(store: Store) -> None:
+    future = "2999-01-01T00:00:00+00:00"
+    items = [RequestedItem(CT, "1.5.1"), RequestedItem(CT, "1.5.2")]
+    store.submit(requests.record_request("1.5", "CT_ROOM1", "p", items, NOW, future)).result()
+    _receive(store, "1.5.1")
+    _upload(store, stored=True, confirm=False)  # stored; a search has yet to find it
+    assert _round(store) == []
+    store.submit(
+        instances.mark_confirmed(
+            [instances.Unconfirmed(r["sop_instance_uid"], r["sha256"], r["uploaded_at"])
+             for r in store.rows("SELECT * FROM instances")]
+        )
+    ).result()  # fmt: skip
+    # Received again before the round: the confirmation was of the older copy.
+    _receive(store, "1.5.1", "b" * 64)
+    assert store.rows("SELECT confirmed_at FROM instances")[0]["confirmed_at"] is None
+    assert _round(store) == []
+    _upload(store, stored=True)
+    _receive(store, "1.5.2", "c" * 64)
+    _upload(store, stored=False)  # the archive refuses it for good
+    assert _round(store) == ["1.5"]
+    (report,) = store.read(requests.due_reports(future, 10))
+    assert report.event_type == requests.EVENT_SOME_FAILED
+    assert [(i.sop_instance_uid, i.failure_reason) for i in report.items] == [
+        ("1.5.1", None), ("1.5.2", 0x0110),
+    ]  # fmt: skip
+    rows = store.rows("SELECT * FROM commitment_items ORDER BY position")
+    assert [r["study_instance_uid"] for r in rows] == ["1.9", "1.9"]
+    assert "refused" in rows[1]["detail"]
+
+
+def test_the_deadline_fails_what_never_came(store: Store) -> None:
+    items = [RequestedItem(CT, "1.6.1")]
+    past = "2001-01-01T00:00:00.000000+00:00"
+    store.submit(requests.record_request("1.6", "CT_ROOM1", "p", items, past, past)).result()
+    assert _round(store) == ["1.6"]
+    (report,) = store.read(requests.due_reports(AFTER, 10))
+    assert [(i.sop_instance_uid, i.failure_reason) for i in report.items] == [("1.6.1", 0x0112)]
+
+
+@pytest.mark.asyncio
+async def test_a_qido_search_finds_what_the_archive_stored(
+    archive_lab: ArchiveLab, tmp_path: Path
+) -> None:
+    """``commitment.verify = "qido"``: the search the confirmation relies on, against
+    the real archive (Orthanc + DICOMweb behind nginx, mutual TLS), paged."""
+    config = from_dict(
+        {"upload": {"dicomweb_url": archive_lab.dicomweb_url, "ca_file": str(archive_lab.ca_file),
+                    "client_cert": str(archive_lab.client_cert),
+                    "client_key": str(archive_lab.client_key)}}
+    )  # fmt: skip
+    study = generate_uid()
+    items = []
+    for n in range(3):
+        path = tmp_path / f"{n}.dcm"
+        ds = corpus.with_new_uids(corpus.testdata("CT_small.dcm"), path, study=study)
+        items.append(Item(str(ds.SOPInstanceUID), path))
+    async with StowClient(config.upload) as client:
+        assert await client.study_instances(study) == set()  # nothing yet
+        outcomes = await client.store(items)
+        assert all(o.stored for o in outcomes.values())
+        assert await client.study_instances(study, page=2) == {i.sop_instance_uid for i in items}
+        assert await client.study_instances(generate_uid()) == set()
+        archive_lab.stop_nginx()
+        with pytest.raises(RequestFailed, match="QIDO-RS"):
+            await client.study_instances(study)

@@ -192,17 +192,17 @@ def _settle(conn: sqlite3.Connection, transaction_uids: Collection[str], now: st
     return due
 
 
-# -- deciding (gateway/commitment/decide.py, in the writer thread) -----------------------
+# -- deciding (gateway/commitment/decide.py) ---------------------------------------------
 
 
-def undecided(conn: sqlite3.Connection, limit: int) -> list[Undecided]:
-    """Items of waiting requests still to decide, oldest requests first."""
+def undecided(conn: sqlite3.Connection) -> list[Undecided]:
+    """Every item of the waiting requests still to decide."""
     rows = conn.execute(
         "SELECT i.transaction_uid, i.position, i.sop_class_uid, i.sop_instance_uid,"
         " r.deadline_at FROM commitment_items i INDEXED BY commitment_items_undecided"
         " JOIN commitment_requests r ON r.transaction_uid = i.transaction_uid"
-        " WHERE i.outcome IS NULL AND r.state = ? ORDER BY r.received_at, i.position LIMIT ?",
-        (RequestState.WAITING, limit),
+        " WHERE i.outcome IS NULL AND r.state = ?",
+        (RequestState.WAITING,),
     ).fetchall()
     return [Undecided(**dict(r)) for r in rows]
 
