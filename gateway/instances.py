@@ -626,12 +626,18 @@ PRUNE_MAX_ROWS = 500
 
 
 def prune(
-    keep_bytes: int, keep_hours: float, max_rows: int = PRUNE_MAX_ROWS
+    keep_bytes: int,
+    keep_hours: float,
+    max_rows: int = PRUNE_MAX_ROWS,
+    held: Callable[[sqlite3.Connection], set[str]] | None = None,
 ) -> Callable[[sqlite3.Connection], list[str]]:
     """Uploaded instances beyond the local cache (newest kept first) lose their files,
-    at most *max_rows* per call: the writer unlinks them, and C-STOREs wait for it."""
+    at most *max_rows* per call: the writer unlinks them, and C-STOREs wait for it.
+    *held* gives SOP Instance UIDs whose files stay whatever the cache says (those of
+    a Storage Commitment not yet reported: gateway.commitment.requests.held_instances)."""
 
     def write(conn: sqlite3.Connection) -> list[str]:
+        keep = held(conn) if held is not None else set()
         rows = conn.execute(
             "SELECT sop_instance_uid, path, upload_path, size, upload_size, uploaded_at"
             " FROM instances WHERE state = ? AND (path IS NOT NULL OR upload_path IS NOT NULL)"
@@ -647,6 +653,8 @@ def prune(
                 r["upload_size"] or 0 if r["upload_path"] not in (None, r["path"]) else 0
             )
             if total <= keep_bytes and r["uploaded_at"] >= oldest_kept:
+                continue
+            if r["sop_instance_uid"] in keep:
                 continue
             doomed.append(r["sop_instance_uid"])
             files += [p for p in {r["path"], r["upload_path"]} if p]

@@ -106,12 +106,22 @@ class Metrics:
         )
         self.component_restarts = Counter(
             f"{PREFIX}_component_restarts",
-            "crashed components restarted in-process (pipeline, worklist, mpps, heartbeat)",
+            "crashed components restarted in-process (pipeline, worklist, mpps, commitment,"
+            " heartbeat)",
             ["component"],
             registry=r,
         )
-        for component in ("pipeline", "worklist", "mpps", "heartbeat"):
+        for component in ("pipeline", "worklist", "mpps", "commitment", "heartbeat"):
             self.component_restarts.labels(component)
+        self.commitment_reports = Counter(
+            f"{PREFIX}_commitment_reports",
+            "Storage Commitment N-EVENT-REPORTs sent, by outcome (all_committed,"
+            " some_failed: the modality acknowledged it; retry: not delivered, tried again)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("all_committed", "some_failed", "retry"):
+            self.commitment_reports.labels(outcome)
         for result in STORE_RESULTS.values():
             self.instances_received.labels(result)
         for outcome in ("stored", "retry", "failed"):

@@ -52,6 +52,7 @@ from pydicom.errors import InvalidDicomError
 from .. import instances
 from ..aio import wait_event
 from ..clock import utcnow
+from ..commitment import requests as commitment_requests
 from ..config import Config
 from ..instances import Claimed, QueueState
 from ..spool import Spool
@@ -249,6 +250,10 @@ class Pipeline:
     def _confirmed(self) -> None:
         if self.on_confirmed is not None:
             self.on_confirmed()
+
+    def wake_retention(self) -> None:
+        """On the loop: files may go now (a Storage Commitment report was delivered)."""
+        self._prune_wake.set()
 
     def wake(self) -> None:
         """Thread-safe: new work arrived (called from the receiver's threads)."""
@@ -797,12 +802,17 @@ class Pipeline:
 
     # -- retention ----------------------------------------------------------------------
     async def _retention_loop(self) -> None:
+        """Files of archived instances beyond the local cache go; never those of a
+        Storage Commitment request not yet reported to its modality."""
         r = self.config.retention
         while True:
             try:
                 # Durable before any file goes: a row must never point at a deleted file.
                 # The writer itself removes the files (see gateway.store.discard_files).
-                files = await self._db(instances.prune(r.keep_bytes, r.keep_hours), durable=True)
+                prune = instances.prune(
+                    r.keep_bytes, r.keep_hours, held=commitment_requests.held_instances
+                )
+                files = await self._db(prune, durable=True)
                 if len(files) >= instances.PRUNE_MAX_ROWS:
                     continue  # more are due: go on at once
             except Exception:
