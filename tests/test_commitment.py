@@ -25,9 +25,12 @@ from gateway import instances
 from gateway.commitment import decide as decide_module
 from gateway.commitment import requests
 from gateway.commitment.decide import decide
+from gateway.commitment.reporter import classify, event_information
 from gateway.commitment.requests import (
     ItemOutcome,
     Recorded,
+    Report,
+    ReportItem,
     RequestedItem,
     RequestState,
     Undecided,
@@ -363,3 +366,45 @@ async def test_a_qido_search_finds_what_the_archive_stored(
         archive_lab.stop_nginx()
         with pytest.raises(RequestFailed, match="QIDO-RS"):
             await client.study_instances(study)
+
+
+# -- the report -------------------------------------------------------------------------
+
+
+def test_the_event_information_follows_ps3_4_j_3_3() -> None:
+    all_ok = Report("1.7", "CT_ROOM1", 1, 0, False, (ReportItem(CT, "1.7.1", None),))
+    ds = event_information(all_ok)
+    assert ds.TransactionUID == "1.7"
+    assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID)
+            for i in ds.ReferencedSOPSequence] == [(CT, "1.7.1")]  # fmt: skip
+    assert "FailedSOPSequence" not in ds
+    some = Report("1.8", "CT_ROOM1", 2, 0, False,
+                  (ReportItem(CT, "1.8.1", None), ReportItem(MR, "1.8.2", 0x0112)))  # fmt: skip
+    ds = event_information(some)
+    assert [i.ReferencedSOPInstanceUID for i in ds.ReferencedSOPSequence] == ["1.8.1"]
+    (failed,) = ds.FailedSOPSequence
+    assert failed.ReferencedSOPClassUID == MR and failed.ReferencedSOPInstanceUID == "1.8.2"
+    assert failed.FailureReason == 0x0112
+    only_failed = Report("1.9", "CT_ROOM1", 2, 0, False, (ReportItem(CT, "1.9.1", 0x0110),))
+    assert "ReferencedSOPSequence" not in event_information(only_failed)
+
+
+def _status(code: int | None) -> Dataset:
+    ds = Dataset()
+    if code is not None:
+        ds.Status = code
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("code", "delivered", "maybe"),
+    [(0x0000, True, False), (0x0001, True, False), (0xB000, True, False),
+     (0x0110, False, False), (0x0213, False, False), (None, False, True)],
+)  # fmt: skip
+def test_only_a_success_or_warning_answer_counts_as_delivered(
+    code: int | None, delivered: bool, maybe: bool
+) -> None:
+    result = classify(_status(code))
+    assert (result.delivered, result.maybe) == (delivered, maybe)
+    if code not in (0x0000, None):
+        assert f"0x{code:04X}" in result.reason

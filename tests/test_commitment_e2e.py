@@ -136,10 +136,11 @@ def failures(report: dict[str, Any]) -> dict[str, int]:
 # -- Done when, line 1 ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("verify", ["stow", "qido"])
 def test_success_is_reported_only_once_every_instance_is_in_the_archive(
-    gateway_factory: GatewayFactory, archive_lab: ArchiveLab, tmp_path: Path
+    gateway_factory: GatewayFactory, archive_lab: ArchiveLab, tmp_path: Path, verify: str
 ) -> None:
-    s = site(gateway_factory, archive_lab, tmp_path)
+    s = site(gateway_factory, archive_lab, tmp_path, commitment={"verify": verify})
     paths = study(tmp_path, 5)
     tx = send_and_request(s, paths)
     wait_until("the report", lambda: s.report_status(tx) not in (None, "Pending"))
@@ -156,6 +157,13 @@ def test_success_is_reported_only_once_every_instance_is_in_the_archive(
     assert (row["state"], row["event_type"]) == ("reported", 1)
     assert s.modality.reports_received(tx) == 1
     assert f"report of transaction {tx} delivered to MODALITY: event type 1" in s.gw.log
+    if verify == "qido":
+        # Confirmed by a search after the upload, not by the STOW-RS answer.
+        assert "the archive's search found" in s.gw.log
+        assert all(
+            r["confirmed_at"] > r["uploaded_at"] for r in s.gw.rows("SELECT * FROM instances")
+        )
+        assert "GET /dicom-web/studies/" in archive_lab.nginx_access_log()
     assert s.gw.stop() == 0
 
 
