@@ -50,6 +50,7 @@ from .pipeline.jobs import Pipeline
 from .pipeline.reconcile import reconcile
 from .spool import Spool
 from .store import CLOSE_TIMEOUT_S, Store
+from .studies import StudyTracker
 from .upgrade import adopt_legacy_database
 from .web.heartbeat import run_heartbeat
 from .web.server import WEB_STOP_S, WebServer
@@ -129,6 +130,7 @@ class Gateway:
         self.commitment_reporter = Reporter(config, self.store, self.metrics)
         self.pipeline.on_confirmed = self.commitment_reporter.wake
         self.commitment_reporter.on_reported = self.pipeline.wake_retention
+        self.study_tracker = StudyTracker(self.store, config.study.quiet_seconds, self.metrics)
         # C-STORE, MWL and MPPS are answered in processes of their own.
         self.receiver = ReceiverPool(
             config,
@@ -241,6 +243,7 @@ class Gateway:
                 tg.create_task(self._supervise("worklist", self.worklist.run)),
                 tg.create_task(self._supervise("mpps", self.mpps_forwarder.run)),
                 tg.create_task(self._supervise("commitment", self.commitment_reporter.run)),
+                tg.create_task(self._supervise("studies", self.study_tracker.run)),
             ]
             if self.config.heartbeat.url:
                 beat = functools.partial(run_heartbeat, self.config, self.status)

@@ -844,6 +844,72 @@ def warned(conn: sqlite3.Connection, limit: int) -> tuple[int, list[dict[str, An
     return int(count[0]), recent
 
 
+# -- the per-study view (gateway/studies.py, reads) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyRows:
+    """A study's instances, counted by how far each went, with the first and last time
+    of each stage (gateway/studies.py builds the proof of delivery from it)."""
+
+    instances: int
+    received_first: str
+    received_last: str
+    compressed: int
+    compressed_first: str | None
+    compressed_last: str | None
+    uploaded: int
+    uploaded_first: str | None
+    uploaded_last: str | None
+    confirmed: int
+    confirmed_first: str | None
+    confirmed_last: str | None
+    failed: int
+    calling_aes: tuple[str, ...]
+
+
+def recent_studies(conn: sqlite3.Connection, limit: int) -> list[str]:
+    """The Study Instance UIDs of the *limit* studies received most recently, newest
+    first (walking the received_at index backwards until that many are found)."""
+    found: dict[str, None] = {}
+    cursor = conn.execute(
+        "SELECT study_instance_uid FROM instances INDEXED BY idx_instances_received_size"
+        " ORDER BY received_at DESC"
+    )
+    for (study,) in cursor:
+        found.setdefault(study, None)
+        if len(found) >= limit:
+            break
+    cursor.close()
+    return list(found)
+
+
+def study_rows(conn: sqlite3.Connection, study_instance_uid: str) -> StudyRows | None:
+    """The stages of one study's instances (None: no instance of it is known)."""
+    s = QueueState
+    row = conn.execute(
+        "SELECT count(*) AS n, min(received_at) AS r1, max(received_at) AS r2,"
+        " sum(compressed_at IS NOT NULL) AS c, min(compressed_at) AS c1, max(compressed_at) AS c2,"
+        " sum(state = :up) AS u, min(CASE WHEN state = :up THEN uploaded_at END) AS u1,"
+        " max(CASE WHEN state = :up THEN uploaded_at END) AS u2,"
+        " sum(state = :up AND confirmed_at IS NOT NULL) AS k, min(confirmed_at) AS k1,"
+        " max(confirmed_at) AS k2, sum(state = :failed) AS f,"
+        " group_concat(DISTINCT calling_ae) AS aes"
+        " FROM instances WHERE study_instance_uid = :study",
+        {"up": s.UPLOADED, "failed": s.FAILED, "study": study_instance_uid},
+    ).fetchone()
+    if not row["n"]:
+        return None
+    return StudyRows(
+        instances=row["n"], received_first=row["r1"], received_last=row["r2"],
+        compressed=row["c"], compressed_first=row["c1"], compressed_last=row["c2"],
+        uploaded=row["u"], uploaded_first=row["u1"], uploaded_last=row["u2"],
+        confirmed=row["k"], confirmed_first=row["k1"], confirmed_last=row["k2"],
+        failed=row["f"],
+        calling_aes=tuple(sorted(a for a in (row["aes"] or "").split(",") if a)),
+    )  # fmt: skip
+
+
 def bytes_on_disk(conn: sqlite3.Connection) -> int:
     """Bytes of the spool files rows refer to (a J2K copy counted besides its original)."""
     row = conn.execute(

@@ -41,6 +41,9 @@ STORE_RESULTS = {
 # batch over a thin uplink minutes.
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _RATIO_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
+# Seconds from a study's first receipt to the archive's confirmation of its last
+# instance: a few seconds on a LAN, hours through a WAN outage.
+_STUDY_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 
 class Metrics:
@@ -107,11 +110,11 @@ class Metrics:
         self.component_restarts = Counter(
             f"{PREFIX}_component_restarts",
             "crashed components restarted in-process (pipeline, worklist, mpps, commitment,"
-            " heartbeat)",
+            " studies, heartbeat)",
             ["component"],
             registry=r,
         )
-        for component in ("pipeline", "worklist", "mpps", "commitment", "heartbeat"):
+        for component in ("pipeline", "worklist", "mpps", "commitment", "studies", "heartbeat"):
             self.component_restarts.labels(component)
         self.commitment_reports = Counter(
             f"{PREFIX}_commitment_reports",
@@ -122,6 +125,13 @@ class Metrics:
         )
         for outcome in ("all_committed", "some_failed", "retry"):
             self.commitment_reports.labels(outcome)
+        self.study_confirmation = Histogram(
+            f"{PREFIX}_study_confirmation_seconds",
+            "per complete study: from its first receipt to the archive's confirmation of"
+            " its last instance",
+            buckets=_STUDY_BUCKETS,
+            registry=r,
+        )
         for result in STORE_RESULTS.values():
             self.instances_received.labels(result)
         for outcome in ("stored", "retry", "failed"):

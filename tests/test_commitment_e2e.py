@@ -10,6 +10,9 @@ The gateway runs as the real process (``python -m gateway run``).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from .support import corpus
 from .support.archive import ArchiveLab
 from .support.gateway_proc import GatewayProcess, write_config
 from .support.modality import OrthancModality, pairs_of
+from .support.web_client import WebClient, web_port
 
 #: PS3.4 J.3 Failure Reasons, as Orthanc lists them.
 PROCESSING_FAILURE = 0x0110
@@ -206,6 +210,12 @@ def test_an_instance_the_archive_refuses_is_the_one_failure(
     assert successes(report) == uids(good)
     assert s.request_row(tx)["event_type"] == 2
     assert refused_uid not in archive_lab.sop_instance_uids()
+    listing = subprocess.run(
+        [sys.executable, "-m", "gateway", "commitment", "ls", "--config", str(s.gw.config_path)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    assert "reported  MODALITY" in listing and tx in listing
+    assert f"failed {refused_uid} 0x0110 the archive did not take it" in listing
     assert s.gw.stop() == 0
 
 
@@ -305,4 +315,67 @@ def test_retention_keeps_the_files_of_an_unreported_commitment(
     s.modality.start()
     wait_until("the report", lambda: s.report_status(tx) == "Success")
     wait_until("the files pruned once reported", lambda: s.gw.spool_files() == [])
+    assert s.gw.stop() == 0
+
+
+# -- Done when, line 4 ------------------------------------------------------------------
+
+
+def _cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "study", *args, "--config", str(gw.config_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_a_study_sent_during_an_outage_shows_its_stages_before_and_after(
+    gateway_factory: GatewayFactory, archive_lab: ArchiveLab, tmp_path: Path
+) -> None:
+    archive_lab.stop_nginx()
+    s = site(gateway_factory, archive_lab, tmp_path, study={"quiet_seconds": 1})
+    paths = study(tmp_path, 3)
+    study_uid = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    tx = send_and_request(s, paths)
+    api = WebClient(web_port(s.gw))
+
+    def stage() -> str:
+        reply = api.get(f"/api/studies/{study_uid}")
+        assert reply.status == 200, reply
+        return str(reply.json()["stage"])
+
+    # During the outage: received and compressed (kept as received), not uploaded.
+    wait_until("compressed, complete", lambda: stage() == "compressed")
+    one = api.get(f"/api/studies/{study_uid}").json()
+    assert (one["instances"], one["received"]["count"], one["compressed"]["count"]) == (3, 3, 3)
+    assert (one["uploaded"]["count"], one["confirmed"]["count"], one["committed"]["count"]) == (
+        0, 0, 0,
+    )  # fmt: skip
+    assert one["calling_aes"] == ["MODALITY"] and one["seconds_to_confirmed"] is None
+    listed = api.get("/api/studies?limit=5").json()["studies"]
+    assert [p["study_instance_uid"] for p in listed] == [study_uid]
+    ls = _cli(s.gw, "ls")
+    assert ls.returncode == 0, ls.stderr
+    (line,) = [x for x in ls.stdout.splitlines() if study_uid in x]
+    assert line.split()[1:7] == ["compressed", "3", "3", "0", "0", "0"]
+    wait_until("the page's stage", lambda: ">compressed</td>" in api.get("/").text)
+    assert f'<tr data-study="{study_uid}">' in api.get("/").text
+    assert api.get("/api/studies/1.2.3.999").status == 404
+    assert api.get("/api/studies/not-a-uid").status == 400
+
+    # The archive back: confirmed, then committed once the modality has the report.
+    archive_lab.start_nginx()
+    wait_until("the report", lambda: s.report_status(tx) == "Success")
+    wait_until("committed", lambda: stage() == "committed")
+    one = api.get(f"/api/studies/{study_uid}").json()
+    assert all(one[k]["count"] == 3 for k in ("uploaded", "confirmed", "committed"))
+    assert one["seconds_to_confirmed"] > 0
+    show = _cli(s.gw, "show", study_uid)
+    assert show.returncode == 0, show.stderr
+    assert "stage      committed  (complete)" in show.stdout
+    assert "confirmed      3/3" in show.stdout and "committed      3/3" in show.stdout
+    assert json.loads(_cli(s.gw, "show", study_uid, "--json").stdout)["stage"] == "committed"
+    wait_until("the page's stage", lambda: ">committed</td>" in api.get("/").text)
+    # Observed by the tracker (every 10 s) in the histogram of /metrics.
+    metric = "dicom_gateway_study_confirmation_seconds_count 1.0"
+    wait_until("the histogram", lambda: metric in api.get("/metrics").text, timeout=30)
     assert s.gw.stop() == 0

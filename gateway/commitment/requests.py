@@ -372,20 +372,22 @@ def held_instances(conn: sqlite3.Connection) -> set[str]:
 
 def committed_by_study(
     conn: sqlite3.Connection, study_uids: Sequence[str]
-) -> dict[str, tuple[int, str | None]]:
+) -> dict[str, tuple[int, str | None, str | None]]:
     """For each study of *study_uids* with any: how many of its instances a report the
-    modality acknowledged said committed, and when the last such report went."""
+    modality acknowledged said committed, and when the first and the last such report
+    went."""
     if not study_uids:
         return {}
     rows = conn.execute(
         "SELECT i.study_instance_uid AS study, count(DISTINCT i.sop_instance_uid) AS n,"
-        " max(r.reported_at) AS at FROM commitment_items i"
+        " min(r.reported_at) AS first, max(r.reported_at) AS last FROM commitment_items i"
+        " INDEXED BY commitment_items_study"
         " JOIN commitment_requests r ON r.transaction_uid = i.transaction_uid"
         f" WHERE i.study_instance_uid IN ({','.join('?' * len(study_uids))})"
         " AND i.outcome = ? AND r.state = ? GROUP BY i.study_instance_uid",
         (*study_uids, ItemOutcome.COMMITTED, RequestState.REPORTED),
     ).fetchall()
-    return {r["study"]: (int(r["n"]), r["at"]) for r in rows}
+    return {r["study"]: (int(r["n"]), r["first"], r["last"]) for r in rows}
 
 
 def count_by_state(conn: sqlite3.Connection) -> dict[RequestState, int]:

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from ..studies import StudyProgress
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -264,6 +266,8 @@ class StatusDoc:
     certificate: CertificateStatus
     worklist: tuple[WorklistSource, ...]
     mpps: MppsStatus
+    #: The studies received most recently, newest first, with their proof of delivery.
+    studies: tuple[StudyProgress, ...]
     config: ConfigSummary
     snapshot_error: str | None
     #: Components restarted lately, by name.
