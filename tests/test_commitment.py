@@ -10,6 +10,7 @@ tests/test_commitment_e2e.py.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -19,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE
+from pynetdicom.dimse_primitives import N_ACTION
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from gateway import instances
@@ -35,7 +37,7 @@ from gateway.commitment.requests import (
     RequestState,
     Undecided,
 )
-from gateway.commitment.scp import Refused, parse_request
+from gateway.commitment.scp import CommitmentScp, Refused, parse_request
 from gateway.config import from_dict
 from gateway.dicom import negotiation
 from gateway.instances import Confirmation, QueueState, ReceivedInstance
@@ -186,6 +188,48 @@ def test_a_class_the_gateway_does_not_store_fails_at_once(
 
 
 # -- the rules and the table ------------------------------------------------------------
+
+
+def _event(request: N_ACTION, info: Callable[[], Dataset]) -> Any:
+    """What the handler reads of pynetdicom's event (a stand-in: pydicom decodes too
+    leniently to make a real peer's bytes fail, and a closed store is no peer)."""
+
+    class Event(SimpleNamespace):
+        @property
+        def action_information(self) -> Dataset:
+            return info()
+
+    requestor = SimpleNamespace(ae_title="CT_ROOM1", address="127.0.0.1", port=104)
+    return Event(request=request, assoc=SimpleNamespace(requestor=requestor))
+
+
+def _n_action_request() -> N_ACTION:
+    req = N_ACTION()
+    req.RequestedSOPClassUID = StorageCommitmentPushModel
+    req.RequestedSOPInstanceUID = INSTANCE
+    req.ActionTypeID = 1
+    return req
+
+
+def test_undecodable_information_or_a_store_that_cannot_commit_is_never_success(
+    tmp_path: Path,
+) -> None:
+    config = from_dict({"dimse": {"remote": [{"ae_title": "CT_ROOM1", "host": "h"}]}})
+    store = Store(tmp_path / "q.sqlite3")
+    store.open()
+    try:
+
+        def broken() -> Dataset:
+            raise ValueError("truncated sequence item")
+
+        status, _ = CommitmentScp(config, store).n_action(_event(_n_action_request(), broken))
+        assert isinstance(status, Dataset) and status.Status == 0x0110
+        assert "cannot be decoded" in str(status.ErrorComment)
+    finally:
+        store.close()  # takes no more writes
+    good = action_info(generate_uid(), [(CT, generate_uid())])
+    status, _ = CommitmentScp(config, store).n_action(_event(_n_action_request(), lambda: good))
+    assert isinstance(status, Dataset) and status.Status == 0x0213
 
 
 def test_parse_request_rules() -> None:

@@ -134,16 +134,6 @@ def parse_request(
     return CommitmentRequest(transaction_uid, tuple(items))
 
 
-def _parse_fully(ds: Dataset) -> None:
-    """pydicom parses lazily: touch every value now, so bad data is refused here."""
-    for elem in ds:
-        if elem.VR == "SQ":
-            for item in elem.value:
-                _parse_fully(item)
-        else:
-            _ = elem.value
-
-
 # -- the SCP handler (called from the receiver's association threads) -------------------
 
 
@@ -168,12 +158,7 @@ class CommitmentScp:
                 raise Refused(
                     NOT_AUTHORIZED, f"calling AE {requestor.ae_title.strip()} not in dimse.remote"
                 )
-            request = parse_request(
-                str(req.RequestedSOPInstanceUID or ""),
-                req.ActionTypeID,
-                self._decoded(event),
-                self.config.dimse.storage_sop_classes,
-            )
+            request = self._parsed(event, req)
             recorded = self._commit(
                 request, requestor.ae_title, f"{requestor.address}:{requestor.port}"
             )
@@ -194,16 +179,20 @@ class CommitmentScp:
             self.on_accepted()
         return SUCCESS, None
 
-    @staticmethod
-    def _decoded(event: evt.Event) -> Dataset:
+    def _parsed(self, event: evt.Event, req: N_ACTION) -> CommitmentRequest:
         try:
-            ds = event.action_information
-            _parse_fully(ds)
+            return parse_request(
+                str(req.RequestedSOPInstanceUID or ""),
+                req.ActionTypeID,
+                event.action_information,
+                self.config.dimse.storage_sop_classes,
+            )
+        except Refused:
+            raise
         except Exception as exc:  # pydicom raises a wide range on malformed input
             raise Refused(
                 PROCESSING_FAILURE, f"Action Information cannot be decoded: {exc!r}"
             ) from exc
-        return ds
 
     def _commit(self, request: CommitmentRequest, ae_title: str, peer: str) -> Recorded:
         deadline = utc_in(self.config.commitment.timeout_hours * 3600)
