@@ -130,7 +130,9 @@ class Gateway:
         self.commitment_reporter = Reporter(config, self.store, self.metrics)
         self.pipeline.on_confirmed = self.commitment_reporter.wake
         self.commitment_reporter.on_reported = self.pipeline.wake_retention
-        self.study_tracker = StudyTracker(self.store, config.study.quiet_seconds, self.metrics)
+        self.study_tracker = StudyTracker(
+            self.store, config.study.quiet_seconds, self.metrics.study_confirmation.observe
+        )
         # C-STORE, MWL and MPPS are answered in processes of their own.
         self.receiver = ReceiverPool(
             config,

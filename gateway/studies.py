@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal
@@ -36,7 +37,6 @@ from . import instances
 from .commitment import requests as commitment_requests
 
 if TYPE_CHECKING:
-    from .metrics import Metrics
     from .store import Store
 
 log = logging.getLogger(__name__)
@@ -163,14 +163,17 @@ def one(
 
 
 class StudyTracker:
-    """Observes ``dicom_gateway_study_confirmation_seconds`` once per study that became
-    complete and fully confirmed while the gateway ran (a study that gets more
-    instances later and is confirmed again is observed again)."""
+    """Observes ``dicom_gateway_study_confirmation_seconds`` (through *observe*, the
+    histogram's) once per study that became complete and fully confirmed while the
+    gateway ran (a study that gets more instances later and is confirmed again is
+    observed again)."""
 
-    def __init__(self, store: Store, quiet_seconds: float, metrics: Metrics | None) -> None:
+    def __init__(
+        self, store: Store, quiet_seconds: float, observe: Callable[[float], None] | None
+    ) -> None:
         self.store = store
         self.quiet_seconds = quiet_seconds
-        self.metrics = metrics
+        self._observe = observe
         #: Study -> the last receipt it was observed with.
         self._seen: dict[str, str] = {}
         self._primed = False
@@ -186,8 +189,8 @@ class StudyTracker:
             if self._seen.get(p.study_instance_uid) == last:
                 continue
             self._seen[p.study_instance_uid] = last
-            if self._primed and self.metrics is not None:
-                self.metrics.study_confirmation.observe(p.seconds_to_confirmed)
+            if self._primed and self._observe is not None:
+                self._observe(p.seconds_to_confirmed)
                 observed += 1
         self._primed = True
         if len(self._seen) > 4 * _TRACKED:  # only the recent ones can come back

@@ -115,7 +115,7 @@ def test_the_histogram_observes_each_study_once_and_not_what_was_done_before(
     store: Store,
 ) -> None:
     metrics = Metrics()
-    tracker = studies.StudyTracker(store, 0.001, metrics)
+    tracker = studies.StudyTracker(store, 0.001, metrics.study_confirmation.observe)
     done = studies.progress_of("1.5", _rows(), None, 60, LATER)
     later_one = studies.progress_of("1.6", _rows(), None, 60, LATER)
     receiving = studies.progress_of("1.7", _rows(), None, 60, datetime(2030, 1, 1, 10, tzinfo=UTC))
