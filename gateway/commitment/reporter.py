@@ -9,7 +9,7 @@ saying so).  Each round:
 
 1. decides what can be decided (gateway/commitment/decide.py), on a reader
    connection, and records it: a request whose every instance is decided is ``due``;
-2. sends the due reports, one association per requesting AE, to its
+2. sends the due reports, one association per requesting AE (concurrently), to its
    ``[[dimse.remote]]`` entry (host and port; the gateway's own ``dimse.ae_title``
    calls it).  The association proposes the Storage Commitment Push Model SOP Class
    with SCP/SCU Role Selection, the gateway as SCP (PS3.4 J.3.3: the N-EVENT-REPORT
@@ -160,8 +160,11 @@ class Reporter:
             by_ae: defaultdict[str, list[Report]] = defaultdict(list)
             for report in reports:
                 by_ae[report.requesting_ae].append(report)
-            for ae_title, theirs in by_ae.items():
-                await self._report_to(ae_title, theirs)
+            # One association per AE, all at once: a modality that does not answer
+            # holds up its own reports only.
+            async with asyncio.TaskGroup() as tg:
+                for ae_title, theirs in by_ae.items():
+                    tg.create_task(self._report_to(ae_title, theirs))
             if len(reports) >= _BATCH:
                 continue
             await wait_event(self._wake, await self._idle_time(waiting))
