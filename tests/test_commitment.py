@@ -9,6 +9,7 @@ tests/test_commitment_e2e.py.
 
 from __future__ import annotations
 
+import socket
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -452,3 +453,29 @@ def test_only_a_success_or_warning_answer_counts_as_delivered(
     assert (result.delivered, result.maybe) == (delivered, maybe)
     if code not in (0x0000, None):
         assert f"0x{code:04X}" in result.reason
+
+
+def test_stop_is_prompt_while_the_modality_is_silent(gateway_factory: GatewayFactory) -> None:
+    """A stop does not wait out the report's timeouts (60 s here) on a modality that
+    accepts the connection and never answers; the report is still due afterwards."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))  # accepts TCP, never answers
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        remote = {"ae_title": "CT_ROOM1", "host": "127.0.0.1", "port": port}
+        gw = gateway_factory(
+            dimse={"remote": [remote]},
+            commitment={"report_timeout_seconds": 60, "timeout_hours": 0.0003},
+        )
+        tx = generate_uid()
+        # Never received: failed at the deadline (about a second), then the report.
+        assert n_action(gw.port, action_info(tx, [(CT, generate_uid())])).Status == 0x0000
+        listener.settimeout(30)
+        connection, _ = listener.accept()  # the reporter waits for an answer
+        try:
+            assert gw.stop(timeout=20) == 0
+        finally:
+            connection.close()
+    assert "stopped cleanly" in gw.log
+    (row,) = request_rows(gw)
+    assert row["state"] in ("due", "reporting") and row["event_type"] == 2

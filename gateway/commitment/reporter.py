@@ -55,7 +55,7 @@ from pynetdicom.status import code_to_category
 from ..aio import in_daemon_thread, wait_event
 from ..clock import utc_in, utcnow
 from ..config import Config, RemoteAE
-from ..dicom import negotiation
+from ..dicom import negotiation, patches
 from ..store import Store
 from . import decide, requests
 from .requests import Report
@@ -217,6 +217,11 @@ class Reporter:
         ae = self._new_ae()
         try:
             assoc = await in_daemon_thread("commitment-report", self._associate, ae, remote)
+        except asyncio.CancelledError:
+            # Stopping: pynetdicom's DUL thread is no daemon, and a silent modality
+            # would hold up the exit for the ACSE timeout.
+            patches.stop_association_attempts(ae)
+            raise
         except _NoAssociation as exc:
             for report in reports:
                 delay = await self._later(report, str(exc))
