@@ -2,12 +2,13 @@
 
 Start:  spool directories -> queue database -> reconcile -> DIMSE listener and its
 receiver processes (gateway/dicom/receivers.py) -> status page, then the compress/upload
-pipeline, the worklist refresh, the MPPS forwarder (and the heartbeat, when configured);
+pipeline, the worklist refresh, the MPPS forwarder, the Storage Commitment reporter
+(and the heartbeat, when configured);
 systemd hears READY=1 once the listener and the page are up, WATCHDOG=1 from the loop
 itself (gateway.notify), and STOPPING=1 when the stop begins.
 What stops the gateway (and what does not): the receiver must keep answering, so a
 component that crashes -- the pipeline, the worklist refresh, the MPPS forwarder, the
-heartbeat -- is logged with its traceback, counted in
+Storage Commitment reporter, the heartbeat -- is logged with its traceback, counted in
 ``dicom_gateway_component_restarts_total{component}``, shown as a degraded health
 state, and restarted in-process with backoff (:data:`_RESTART_INITIAL_S` doubling to
 :data:`_RESTART_MAX_S`).  The process exits (status 70, systemd restarts it) only for
@@ -38,6 +39,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from . import __version__
+from .commitment.reporter import Reporter
 from .config import Config
 from .dicom.receive import COMMIT_TIMEOUT_S
 from .dicom.receivers import RECEIVER_EXIT_S, ReceiverPool
@@ -48,6 +50,7 @@ from .pipeline.jobs import Pipeline
 from .pipeline.reconcile import reconcile
 from .spool import Spool
 from .store import CLOSE_TIMEOUT_S, Store
+from .studies import StudyTracker
 from .upgrade import adopt_legacy_database
 from .web.heartbeat import run_heartbeat
 from .web.server import WEB_STOP_S, WebServer
@@ -124,6 +127,12 @@ class Gateway:
         self.pipeline = Pipeline(config, self.spool, self.store, self.metrics)
         self.worklist = Worklist(config, self.store)
         self.mpps_forwarder = Forwarder(config, self.store)
+        self.commitment_reporter = Reporter(config, self.store, self.metrics)
+        self.pipeline.on_confirmed = self.commitment_reporter.wake
+        self.commitment_reporter.on_reported = self.pipeline.wake_retention
+        self.study_tracker = StudyTracker(
+            self.store, config.study.quiet_seconds, self.metrics.study_confirmation.observe
+        )
         # C-STORE, MWL and MPPS are answered in processes of their own.
         self.receiver = ReceiverPool(
             config,
@@ -134,6 +143,7 @@ class Gateway:
             metrics=self.metrics,
             on_log_record=lambda record: self.status.errors.handle(record),
             instance_lock=lambda: self._instance_lock,
+            on_commitment=self.commitment_reporter.wake,
         )
         self._instance_lock = -1
         self.notifier = Notifier()
@@ -234,6 +244,8 @@ class Gateway:
                 tg.create_task(self._supervise("pipeline", self.pipeline.run)),
                 tg.create_task(self._supervise("worklist", self.worklist.run)),
                 tg.create_task(self._supervise("mpps", self.mpps_forwarder.run)),
+                tg.create_task(self._supervise("commitment", self.commitment_reporter.run)),
+                tg.create_task(self._supervise("studies", self.study_tracker.run)),
             ]
             if self.config.heartbeat.url:
                 beat = functools.partial(run_heartbeat, self.config, self.status)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, instances
+from .commitment.requests import RequestState
 from .config import EXIT_CONFIG, Config, ConfigError, load
 from .instances import QueueState
 from .mpps import outbox as mpps_outbox
@@ -161,6 +163,94 @@ def cmd_mpps_ls(args: argparse.Namespace) -> int:
 
 def cmd_mpps_retry(args: argparse.Namespace) -> int:
     return _retry(args, mpps_outbox.retry_failed, "MPPS message", "MPPS SOP Instance UIDs")
+
+
+def _study_store(args: argparse.Namespace) -> tuple[Store, Config] | None:
+    config = _load_or_exit(args.config)
+    db_path = _database(config)
+    return None if db_path is None else (Store(db_path), config)
+
+
+def _stage_cell(stage: Any) -> str:
+    return f"{stage['count']:>5}"
+
+
+def cmd_study_ls(args: argparse.Namespace) -> int:
+    from . import studies
+
+    opened = _study_store(args)
+    if opened is None:
+        return 1
+    store, config = opened
+    found = store.read(lambda conn: studies.recent(conn, args.limit, config.study.quiet_seconds))
+    store.close()
+    rows = [dataclasses.asdict(p) for p in found]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'last received':<19}  {'stage':<10} {'recv':>5} {'compr':>5} {'upld':>5}"
+          f" {'conf':>5} {'comm':>5} {'fail':>4}  study")  # fmt: skip
+    for r in rows:
+        print(
+            f"{(r['received']['last_at'] or '')[:19]:<19}  {r['stage']:<10}"
+            + "".join(f" {_stage_cell(r[s])}" for s in studies.STAGES)
+            + f" {r['failed']:>4}  {r['study_instance_uid']}"
+        )
+    return 0
+
+
+def cmd_study_show(args: argparse.Namespace) -> int:
+    from . import studies
+    from .config import is_valid_uid
+
+    if not is_valid_uid(args.study_instance_uid):
+        print(f"dicom-gateway: not a valid Study Instance UID: {args.study_instance_uid!r}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    opened = _study_store(args)
+    if opened is None:
+        return 1
+    store, config = opened
+    quiet = config.study.quiet_seconds
+    found = store.read(lambda conn: studies.one(conn, args.study_instance_uid, quiet))
+    store.close()
+    if found is None:
+        print(f"dicom-gateway: no instance of study {args.study_instance_uid} is known",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    r = dataclasses.asdict(found)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"study      {r['study_instance_uid']}")
+    print(f"from       {', '.join(r['calling_aes'])}")
+    print(f"instances  {r['instances']}")
+    when = "complete" if r["complete"] else f"complete at {r['complete_at'][:19]} if quiet"
+    print(f"stage      {r['stage']}  ({when})")
+    for s in studies.STAGES:
+        stage = r[s]
+        when = f"  first {stage['first_at'] or '-'}  last {stage['last_at'] or '-'}"
+        print(f"{s:<10} {stage['count']:>5}/{r['instances']}{when if stage['count'] else ''}")
+    print(f"failed     {r['failed']:>5}")
+    if r["seconds_to_confirmed"] is not None:
+        print(f"first receipt to archive confirmation: {r['seconds_to_confirmed']:.1f} s")
+    return 0
+
+
+def cmd_commitment_ls(args: argparse.Namespace) -> int:
+    from .commitment import requests as commitment_requests
+
+    def line(r: dict[str, Any]) -> str:
+        failed = "".join(
+            f"\n    failed {f['sop_instance_uid']} 0x{f['failure_reason']:04X} {f['detail'] or ''}"
+            for f in r["failures"]
+        )
+        return (
+            f"{r['received_at']}  {r['state']:<9} {r['requesting_ae']:<16} {r['item_count']:>5}"
+            f"  {r['transaction_uid']}{_error(r)}{failed}"
+        )
+
+    return _list(args, commitment_requests.listing, line)
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -331,6 +421,28 @@ def build_parser() -> argparse.ArgumentParser:
     mretry.add_argument("--all", action="store_true", help="every failed message")
     mretry.add_argument("sop_instance_uids", nargs="*", metavar="MPPS_SOP_INSTANCE_UID")
     mretry.set_defaults(func=cmd_mpps_retry)
+
+    commitment = sub.add_parser("commitment", help="inspect Storage Commitment requests")
+    commitment_sub = commitment.add_subparsers(dest="commitment_command", required=True)
+    cls = commitment_sub.add_parser("ls", help="list Storage Commitment requests, newest first")
+    cls.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
+    cls.add_argument("--state", choices=[s.value for s in RequestState])
+    cls.add_argument("--limit", type=int, default=100)
+    cls.add_argument("--json", action="store_true", help="print JSON")
+    cls.set_defaults(func=cmd_commitment_ls)
+
+    study = sub.add_parser("study", help="per-study proof of delivery")
+    study_sub = study.add_subparsers(dest="study_command", required=True)
+    sls = study_sub.add_parser("ls", help="the studies received most recently, and their stage")
+    sls.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
+    sls.add_argument("--limit", type=int, default=20)
+    sls.add_argument("--json", action="store_true", help="print JSON")
+    sls.set_defaults(func=cmd_study_ls)
+    sshow = study_sub.add_parser("show", help="one study's stages, counts and times")
+    sshow.add_argument("--config", metavar="FILE", help="TOML config (default: embedded)")
+    sshow.add_argument("--json", action="store_true", help="print JSON")
+    sshow.add_argument("study_instance_uid", metavar="STUDY_INSTANCE_UID")
+    sshow.set_defaults(func=cmd_study_show)
 
     hash_pw = sub.add_parser(
         "hash-password",

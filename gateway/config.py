@@ -47,6 +47,16 @@ _COMPRESS_WHEN = ("always", "if-faster")
 
 
 @dataclass(frozen=True)
+class RemoteAE:
+    """``[[dimse.remote]]``: a DICOM application entity the gateway knows by AE title and
+    associates with itself (Storage Commitment reports go to the requester's entry)."""
+
+    ae_title: str = ""
+    host: str = ""
+    port: int = 104
+
+
+@dataclass(frozen=True)
 class DimseConfig:
     ae_title: str = "DICOMGW"
     bind: str = "0.0.0.0"
@@ -61,6 +71,13 @@ class DimseConfig:
     storage_sop_classes: tuple[str, ...] = ()
     # 0: one receiver process per usable core (gateway/dicom/receivers.py).
     receiver_processes: int = 0
+    #: The remote AEs the gateway knows (``[[dimse.remote]]``), by AE title.
+    remote: tuple[RemoteAE, ...] = ()
+
+    def remote_ae(self, ae_title: str) -> RemoteAE | None:
+        """The ``[[dimse.remote]]`` entry of *ae_title* (trailing spaces do not count)."""
+        wanted = ae_title.strip()
+        return next((r for r in self.remote if r.ae_title.strip() == wanted), None)
 
 
 @dataclass(frozen=True)
@@ -188,6 +205,33 @@ class MppsConfig:
     backoff_max_seconds: float = 300.0
 
 
+#: commitment.verify values: what counts as the archive's confirmation of an instance.
+COMMITMENT_VERIFY = ("stow", "qido")
+
+
+@dataclass(frozen=True)
+class CommitmentConfig:
+    """``[commitment]``: the Storage Commitment SCP (gateway/commitment/)."""
+
+    #: "stow": the archive's STOW-RS success confirms an instance; "qido": a QIDO-RS
+    #: lookup after it must also find it (archives that acknowledge before they index).
+    verify: str = "stow"
+    #: An instance not confirmed this long after the N-ACTION is reported failed.
+    timeout_hours: float = 24.0
+    #: Association, DIMSE and network timeout of the N-EVENT-REPORT to the modality.
+    report_timeout_seconds: float = 30.0
+    report_backoff_initial_seconds: float = 5.0
+    report_backoff_max_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """``[study]``: per-study proof of delivery (gateway/studies.py)."""
+
+    #: A study is complete once no new instance arrived for this long.
+    quiet_seconds: float = 300.0
+
+
 @dataclass(frozen=True)
 class WebConfig:
     bind: str = "127.0.0.1"
@@ -223,6 +267,8 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     worklist: WorklistConfig = field(default_factory=WorklistConfig)
     mpps: MppsConfig = field(default_factory=MppsConfig)
+    commitment: CommitmentConfig = field(default_factory=CommitmentConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     web: WebConfig = field(default_factory=WebConfig)
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -251,14 +297,26 @@ def documented_keys(sections: dict[str, type] | None = None) -> list[str]:
         hints = typing.get_type_hints(cls)
         out = []
         for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                out += keys(f"{prefix}.{f.name}", hints[f.name])
+            table = _table_of(hints[f.name])
+            if table is not None:
+                out += keys(f"{prefix}.{f.name}", table)
             else:
                 out.append(f"{prefix}.{f.name}")
         return out
 
     chosen = SECTIONS if sections is None else sections
     return [key for name, cls in chosen.items() for key in keys(name, cls)]
+
+
+def _table_of(hint: Any) -> type | None:
+    """The dataclass of a sub-table (``[upload.auth]``) or of an array of tables
+    (``[[dimse.remote]]``, a ``tuple[RemoteAE, ...]``); None for a plain value."""
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return hint
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and args and dataclasses.is_dataclass(args[0]):
+        return typing.cast(type, args[0])
+    return None
 
 
 def load(path: str | Path | None) -> Config:
@@ -346,6 +404,12 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
         if not isinstance(value, str) or not value:
             raise wrong("a path string")
         return Path(value)
+    table = _table_of(hint) if origin is tuple else None
+    if table is not None:
+        # An array of tables: [[dimse.remote]], each entry named by its index.
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise ConfigError(source, key, f"must be an array of tables, e.g. [[{key}]]")
+        return tuple(build_section(table, f"{key}[{i}]", v, source) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise wrong("a list of strings")
@@ -472,6 +536,54 @@ def _check_auth(s: str, a: AuthConfig) -> None:
         raise ConfigError(s, "upload.auth.token_file", "required with method 'bearer'")
 
 
+_HOSTNAME_RE = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def _check_remote(s: str, remotes: tuple[RemoteAE, ...]) -> None:
+    seen: set[str] = set()
+    for i, r in enumerate(remotes):
+        key = f"dimse.remote[{i}]"
+        if not _valid_ae_title(r.ae_title):
+            raise ConfigError(s, f"{key}.ae_title", f"required, a valid AE title: {r.ae_title!r}")
+        if r.ae_title.strip() in seen:
+            raise ConfigError(
+                s, f"{key}.ae_title", f"{r.ae_title.strip()!r} is listed twice in [[dimse.remote]]"
+            )
+        seen.add(r.ae_title.strip())
+        try:
+            ipaddress.ip_address(r.host)
+        except ValueError:
+            if len(r.host) > 253 or not _HOSTNAME_RE.fullmatch(r.host):
+                raise ConfigError(
+                    s, f"{key}.host", f"required, an IP address or host name: {r.host!r}"
+                ) from None
+        check_port(s, f"{key}.port", r.port)
+
+
+def _check_commitment(s: str, c: CommitmentConfig) -> None:
+    if c.verify not in COMMITMENT_VERIFY:
+        raise ConfigError(
+            s, "commitment.verify",
+            f"must be one of {', '.join(map(repr, COMMITMENT_VERIFY))}, got {c.verify!r}",
+        )  # fmt: skip
+    for key in (
+        "timeout_hours",
+        "report_timeout_seconds",
+        "report_backoff_initial_seconds",
+        "report_backoff_max_seconds",
+    ):
+        if getattr(c, key) <= 0:
+            raise ConfigError(s, f"commitment.{key}", "must be a positive number")
+    if c.report_backoff_max_seconds < c.report_backoff_initial_seconds:
+        raise ConfigError(
+            s,
+            "commitment.report_backoff_max_seconds",
+            "must not be less than report_backoff_initial_seconds",
+        )
+
+
 def _valid_password_hash(value: str) -> bool:
     parts = value.split("$")
     return (
@@ -508,6 +620,7 @@ def _check(c: Config) -> None:
     for key in ("acse_timeout", "dimse_timeout", "network_timeout", "drain_seconds"):
         if getattr(c.dimse, key) <= 0:
             raise ConfigError(s, f"dimse.{key}", "must be a positive number of seconds")
+    _check_remote(s, c.dimse.remote)
     if c.spool.min_free_bytes < 0:
         raise ConfigError(s, "spool.min_free_bytes", "must not be negative")
     db = Path(os.path.abspath(c.database_path))
@@ -600,6 +713,9 @@ def _check(c: Config) -> None:
         raise ConfigError(
             s, "mpps.backoff_max_seconds", "must not be less than backoff_initial_seconds"
         )
+    _check_commitment(s, c.commitment)
+    if c.study.quiet_seconds <= 0:
+        raise ConfigError(s, "study.quiet_seconds", "must be a positive number of seconds")
     _check_auth(s, c.upload.auth)
     _check_web(c)
     if c.heartbeat.url and not c.heartbeat.url.startswith("https://"):

@@ -210,6 +210,8 @@ def record_received(inst: ReceivedInstance, now: str) -> Callable[[sqlite3.Conne
                 transcode_reason = NULL,
                 uploaded_at = NULL,
                 warnings = NULL,
+                compressed_at = NULL,
+                confirmed_at = NULL,
                 updated_at = excluded.updated_at
             """,
             (
@@ -236,6 +238,18 @@ def record_received(inst: ReceivedInstance, now: str) -> Callable[[sqlite3.Conne
         return replaced
 
     return write
+
+
+def backfill_stage_times(conn: sqlite3.Connection) -> None:
+    """Migration 11: rows from before ``compressed_at`` and ``confirmed_at`` existed get
+    their best estimate (an uploaded row was confirmed when it was uploaded)."""
+    s = QueueState
+    conn.execute(
+        "UPDATE instances SET compressed_at = coalesce(uploaded_at, updated_at)"
+        " WHERE state IN (?, ?, ?)",
+        (s.COMPRESSED, s.UPLOADING, s.UPLOADED),
+    )
+    conn.execute("UPDATE instances SET confirmed_at = uploaded_at WHERE state = ?", (s.UPLOADED,))
 
 
 # -- leases -------------------------------------------------------------------------------
@@ -281,7 +295,8 @@ def repair_missing_files(
         for relpath in missing_copies:
             # After the transient states went back: UPLOADING is COMPRESSED by now.
             recompress += conn.execute(
-                "UPDATE instances SET state = ?, updated_at = ? WHERE upload_path = ?"
+                "UPDATE instances SET state = ?, compressed_at = NULL, updated_at = ?"
+                " WHERE upload_path = ?"
                 " AND state IN (?, ?)",
                 (QueueState.RECEIVED, now, relpath, QueueState.COMPRESSED, QueueState.UPLOADING),
             ).rowcount
@@ -331,12 +346,12 @@ def mark_compressed(
             """
             UPDATE instances SET state = ?, upload_path = ?, upload_size = ?,
                 upload_transfer_syntax = ?, transcode_outcome = ?, transcode_reason = ?,
-                next_attempt_at = ?, updated_at = ?
+                next_attempt_at = ?, compressed_at = ?, updated_at = ?
             WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?
             """,
             (
                 QueueState.COMPRESSED, upload_path, upload_size, result.transfer_syntax,
-                result.outcome, result.reason or None, now, now,
+                result.outcome, result.reason or None, now, now, now,
                 claimed.sop_instance_uid, claimed.sha256, QueueState.COMPRESSING,
             ),
         )  # fmt: skip
@@ -466,10 +481,13 @@ def finish_uploads(
     results: Sequence[tuple[Claimed, Uploaded]],
     backoff: Callable[[int], float],
     give_up: GiveUpRule,
+    confirm: bool = True,
 ) -> Callable[[sqlite3.Connection], dict[str, str]]:
     """Record each outcome: stored, retried after ``backoff(attempts)`` seconds, or
     failed.  A retryable failure that *give_up* ends is recorded as failed: the result
-    gives, for each of those, the reason recorded (the archive's and *give_up*'s)."""
+    gives, for each of those, the reason recorded (the archive's and *give_up*'s).
+    With *confirm*, a stored instance is also confirmed (``commitment.verify = "stow"``;
+    with "qido", :func:`mark_confirmed` does it once a search finds it)."""
 
     def write(conn: sqlite3.Connection) -> dict[str, str]:
         now = utcnow()
@@ -480,9 +498,9 @@ def finish_uploads(
                 warnings = json.dumps(list(outcome.warnings)) if outcome.warnings else None
                 conn.execute(
                     "UPDATE instances SET state = ?, uploaded_at = ?, attempts = attempts + 1,"
-                    " last_error = NULL, failing_since = NULL, warnings = ?, updated_at = ?"
-                    " WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
-                    (QueueState.UPLOADED, now, warnings, now, *guard),
+                    " last_error = NULL, failing_since = NULL, warnings = ?, confirmed_at = ?,"
+                    " updated_at = ? WHERE sop_instance_uid = ? AND sha256 = ? AND state = ?",
+                    (QueueState.UPLOADED, now, warnings, now if confirm else None, now, *guard),
                 )
                 continue
             attempts = claimed.attempts + 1
@@ -518,6 +536,91 @@ def finish_uploads(
     return write
 
 
+# -- the archive's confirmation (commitment.verify = "qido"; Storage Commitment) --------
+
+
+@dataclass(frozen=True)
+class Unconfirmed:
+    """An uploaded instance the archive has yet to be found holding (QIDO-RS)."""
+
+    sop_instance_uid: str
+    sha256: str
+    uploaded_at: str
+
+
+def awaiting_confirmation(
+    conn: sqlite3.Connection, studies: int, skip: Sequence[str] = ()
+) -> dict[str, list[Unconfirmed]]:
+    """Uploaded, unconfirmed instances of at most *studies* studies (not in *skip*),
+    by study."""
+    found: dict[str, list[Unconfirmed]] = {}
+    exclude = f" AND study_instance_uid NOT IN ({','.join('?' * len(skip))})" if skip else ""
+    for (study,) in conn.execute(
+        "SELECT DISTINCT study_instance_uid FROM instances INDEXED BY idx_instances_unconfirmed"
+        f" WHERE state = '{QueueState.UPLOADED}' AND confirmed_at IS NULL{exclude} LIMIT ?",
+        (*skip, studies),
+    ).fetchall():
+        found[study] = [
+            Unconfirmed(r["sop_instance_uid"], r["sha256"], r["uploaded_at"])
+            for r in conn.execute(
+                "SELECT sop_instance_uid, sha256, uploaded_at FROM instances"
+                " INDEXED BY idx_instances_unconfirmed WHERE study_instance_uid = ?"
+                f" AND state = '{QueueState.UPLOADED}' AND confirmed_at IS NULL",
+                (study,),
+            )
+        ]
+    return found
+
+
+def mark_confirmed(items: Sequence[Unconfirmed]) -> Callable[[sqlite3.Connection], int]:
+    """The archive was found holding these (the copies uploaded then): confirmed."""
+
+    def write(conn: sqlite3.Connection) -> int:
+        now = utcnow()
+        return sum(
+            conn.execute(
+                "UPDATE instances SET confirmed_at = ?, updated_at = ? WHERE sop_instance_uid = ?"
+                " AND sha256 = ? AND uploaded_at = ? AND state = ? AND confirmed_at IS NULL",
+                (now, now, i.sop_instance_uid, i.sha256, i.uploaded_at, QueueState.UPLOADED),
+            ).rowcount
+            for i in items
+        )
+
+    return write
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """What the queue knows of an instance a Storage Commitment request names."""
+
+    sop_class_uid: str
+    study_instance_uid: str
+    state: QueueState
+    #: The archive confirmed the copy held now (cleared when received again).
+    confirmed: bool
+    last_error: str | None
+
+
+def confirmations(conn: sqlite3.Connection, uids: Sequence[str]) -> dict[str, Confirmation]:
+    """The rows of *uids* that exist (one lookup each: the primary key)."""
+    found = {}
+    for uid in dict.fromkeys(uids):
+        r = conn.execute(
+            "SELECT sop_class_uid, study_instance_uid, state, confirmed_at, last_error"
+            " FROM instances WHERE sop_instance_uid = ?",
+            (uid,),
+        ).fetchone()
+        if r is not None:
+            found[uid] = Confirmation(
+                r["sop_class_uid"],
+                r["study_instance_uid"],
+                QueueState(r["state"]),
+                r["confirmed_at"] is not None and r["state"] == QueueState.UPLOADED,
+                r["last_error"],
+            )
+    return found
+
+
 # -- retention ----------------------------------------------------------------------------
 
 
@@ -526,12 +629,18 @@ PRUNE_MAX_ROWS = 500
 
 
 def prune(
-    keep_bytes: int, keep_hours: float, max_rows: int = PRUNE_MAX_ROWS
+    keep_bytes: int,
+    keep_hours: float,
+    max_rows: int = PRUNE_MAX_ROWS,
+    held: Callable[[sqlite3.Connection], set[str]] | None = None,
 ) -> Callable[[sqlite3.Connection], list[str]]:
     """Uploaded instances beyond the local cache (newest kept first) lose their files,
-    at most *max_rows* per call: the writer unlinks them, and C-STOREs wait for it."""
+    at most *max_rows* per call: the writer unlinks them, and C-STOREs wait for it.
+    *held* gives SOP Instance UIDs whose files stay whatever the cache says (those of
+    a Storage Commitment not yet reported: gateway.commitment.requests.held_instances)."""
 
     def write(conn: sqlite3.Connection) -> list[str]:
+        keep = held(conn) if held is not None else set()
         rows = conn.execute(
             "SELECT sop_instance_uid, path, upload_path, size, upload_size, uploaded_at"
             " FROM instances WHERE state = ? AND (path IS NOT NULL OR upload_path IS NOT NULL)"
@@ -547,6 +656,8 @@ def prune(
                 r["upload_size"] or 0 if r["upload_path"] not in (None, r["path"]) else 0
             )
             if total <= keep_bytes and r["uploaded_at"] >= oldest_kept:
+                continue
+            if r["sop_instance_uid"] in keep:
                 continue
             doomed.append(r["sop_instance_uid"])
             files += [p for p in {r["path"], r["upload_path"]} if p]
@@ -572,6 +683,7 @@ def retry_failed(conn: sqlite3.Connection, sop_instance_uids: list[str] | None) 
     now = utcnow()
     sql = (
         "UPDATE instances SET state = CASE WHEN upload_path IS NULL THEN ? ELSE ? END,"
+        " compressed_at = CASE WHEN upload_path IS NULL THEN NULL ELSE compressed_at END,"
         " attempts = 0, last_error = NULL, failing_since = NULL, next_attempt_at = ?,"
         " updated_at = ?"
         " WHERE state = ?"
@@ -733,6 +845,72 @@ def warned(conn: sqlite3.Connection, limit: int) -> tuple[int, list[dict[str, An
         )
     ]
     return int(count[0]), recent
+
+
+# -- the per-study view (gateway/studies.py, reads) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class StudyRows:
+    """A study's instances, counted by how far each went, with the first and last time
+    of each stage (gateway/studies.py builds the proof of delivery from it)."""
+
+    instances: int
+    received_first: str
+    received_last: str
+    compressed: int
+    compressed_first: str | None
+    compressed_last: str | None
+    uploaded: int
+    uploaded_first: str | None
+    uploaded_last: str | None
+    confirmed: int
+    confirmed_first: str | None
+    confirmed_last: str | None
+    failed: int
+    calling_aes: tuple[str, ...]
+
+
+def recent_studies(conn: sqlite3.Connection, limit: int) -> list[str]:
+    """The Study Instance UIDs of the *limit* studies received most recently, newest
+    first (walking the received_at index backwards until that many are found)."""
+    found: dict[str, None] = {}
+    cursor = conn.execute(
+        "SELECT study_instance_uid FROM instances INDEXED BY idx_instances_received_size"
+        " ORDER BY received_at DESC"
+    )
+    for (study,) in cursor:
+        found.setdefault(study, None)
+        if len(found) >= limit:
+            break
+    cursor.close()
+    return list(found)
+
+
+def study_rows(conn: sqlite3.Connection, study_instance_uid: str) -> StudyRows | None:
+    """The stages of one study's instances (None: no instance of it is known)."""
+    s = QueueState
+    row = conn.execute(
+        "SELECT count(*) AS n, min(received_at) AS r1, max(received_at) AS r2,"
+        " sum(compressed_at IS NOT NULL) AS c, min(compressed_at) AS c1, max(compressed_at) AS c2,"
+        " sum(state = :up) AS u, min(CASE WHEN state = :up THEN uploaded_at END) AS u1,"
+        " max(CASE WHEN state = :up THEN uploaded_at END) AS u2,"
+        " sum(state = :up AND confirmed_at IS NOT NULL) AS k, min(confirmed_at) AS k1,"
+        " max(confirmed_at) AS k2, sum(state = :failed) AS f,"
+        " group_concat(DISTINCT calling_ae) AS aes"
+        " FROM instances WHERE study_instance_uid = :study",
+        {"up": s.UPLOADED, "failed": s.FAILED, "study": study_instance_uid},
+    ).fetchone()
+    if not row["n"]:
+        return None
+    return StudyRows(
+        instances=row["n"], received_first=row["r1"], received_last=row["r2"],
+        compressed=row["c"], compressed_first=row["c1"], compressed_last=row["c2"],
+        uploaded=row["u"], uploaded_first=row["u1"], uploaded_last=row["u2"],
+        confirmed=row["k"], confirmed_first=row["k1"], confirmed_last=row["k2"],
+        failed=row["f"],
+        calling_aes=tuple(sorted(a for a in (row["aes"] or "").split(",") if a)),
+    )  # fmt: skip
 
 
 def bytes_on_disk(conn: sqlite3.Connection) -> int:

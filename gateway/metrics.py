@@ -35,6 +35,9 @@ _RATIO_BUCKETS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 10.0)
 # Seconds from C-STORE to the archive's confirmation: seconds on a quiet LAN box, hours
 # behind a closed upload window or an outage.
 _END_TO_END_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
+# Seconds from a study's first receipt to the archive's confirmation of its last
+# instance: a few seconds on a LAN, hours through a WAN outage.
+_STUDY_BUCKETS = (5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 
 class Metrics:
@@ -106,12 +109,29 @@ class Metrics:
         )
         self.component_restarts = Counter(
             f"{PREFIX}_component_restarts",
-            "crashed components restarted in-process (pipeline, worklist, mpps, heartbeat)",
+            "crashed components restarted in-process (pipeline, worklist, mpps, commitment,"
+            " studies, heartbeat)",
             ["component"],
             registry=r,
         )
-        for component in ("pipeline", "worklist", "mpps", "heartbeat"):
+        for component in ("pipeline", "worklist", "mpps", "commitment", "studies", "heartbeat"):
             self.component_restarts.labels(component)
+        self.commitment_reports = Counter(
+            f"{PREFIX}_commitment_reports",
+            "Storage Commitment N-EVENT-REPORTs sent, by outcome (all_committed,"
+            " some_failed: the modality acknowledged it; retry: not delivered, tried again)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("all_committed", "some_failed", "retry"):
+            self.commitment_reports.labels(outcome)
+        self.study_confirmation = Histogram(
+            f"{PREFIX}_study_confirmation_seconds",
+            "per complete study: from its first receipt to the archive's confirmation of"
+            " its last instance",
+            buckets=_STUDY_BUCKETS,
+            registry=r,
+        )
         for result in STORE_RESULTS.values():
             self.instances_received.labels(result)
         for outcome in ("stored", "retry", "failed"):

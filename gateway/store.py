@@ -12,7 +12,8 @@ call its functions, which the writer (or a reader) runs:
 
 * ``instances`` (the upload queue): gateway/instances.py;
 * ``mpps``, ``mpps_outbox``: gateway/mpps/outbox.py;
-* ``worklist_items``, ``worklist_sources``, ``worklist_mpps``: gateway/worklist/cache.py.
+* ``worklist_items``, ``worklist_sources``, ``worklist_mpps``: gateway/worklist/cache.py;
+* ``commitment_requests``, ``commitment_items``: gateway/commitment/requests.py.
 
 This module holds the schema (the migrations) and runs the statements, but writes none.
 
@@ -240,6 +241,58 @@ def _migration_9(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migration_10(db: sqlite_utils.Database) -> None:
+    # Storage Commitment (issue 17, gateway/commitment/).  commitment_requests: one row
+    # per N-ACTION (its Transaction UID), from the SCP's durable write to the report the
+    # modality acknowledged.  commitment_items: the SOP instances it names, in order,
+    # each with its decision once made (outcome NULL: not yet).
+    db.execute(
+        "CREATE TABLE commitment_requests (transaction_uid TEXT PRIMARY KEY,"
+        " requesting_ae TEXT NOT NULL, peer_address TEXT NOT NULL, received_at TEXT NOT NULL,"
+        " deadline_at TEXT NOT NULL, state TEXT NOT NULL, item_count INTEGER NOT NULL,"
+        " event_type INTEGER, decided_at TEXT, attempts INTEGER NOT NULL DEFAULT 0,"
+        " next_attempt_at TEXT, last_error TEXT, maybe_reported INTEGER NOT NULL DEFAULT 0,"
+        " reported_at TEXT, updated_at TEXT NOT NULL)"
+    )
+    db.execute(
+        "CREATE INDEX commitment_requests_state ON commitment_requests (state, next_attempt_at)"
+    )
+    db.execute(
+        "CREATE TABLE commitment_items (transaction_uid TEXT NOT NULL"
+        " REFERENCES commitment_requests (transaction_uid) ON DELETE CASCADE,"
+        " position INTEGER NOT NULL, sop_class_uid TEXT NOT NULL, sop_instance_uid TEXT NOT NULL,"
+        " outcome TEXT, failure_reason INTEGER, detail TEXT, study_instance_uid TEXT,"
+        " decided_at TEXT, PRIMARY KEY (transaction_uid, position))"
+    )
+    db.execute("CREATE INDEX commitment_items_instance ON commitment_items (sop_instance_uid)")
+    db.execute(
+        "CREATE INDEX commitment_items_study ON commitment_items (study_instance_uid)"
+        " WHERE study_instance_uid IS NOT NULL"
+    )
+    db.execute(
+        "CREATE INDEX commitment_items_undecided ON commitment_items (transaction_uid)"
+        " WHERE outcome IS NULL"
+    )
+
+
+def _migration_11(db: sqlite_utils.Database) -> None:
+    # The stages of an instance, for the per-study proof of delivery and for Storage
+    # Commitment (issue 17).  compressed_at: when the compress stage finished with the
+    # copy held now; confirmed_at: when the archive confirmed that copy (its STOW-RS
+    # success, or with commitment.verify = "qido" a QIDO-RS search after it).  Both
+    # are cleared when the instance is received again.  Rows from before: an uploaded
+    # row counts as confirmed when it was uploaded.
+    table = db["instances"]
+    table.add_column("compressed_at", str)  # type: ignore[union-attr]
+    table.add_column("confirmed_at", str)  # type: ignore[union-attr]
+    instances.backfill_stage_times(db.conn)
+    # What a QIDO-RS confirmation still has to look for, by study.
+    db.execute(
+        "CREATE INDEX idx_instances_unconfirmed ON instances (study_instance_uid)"
+        " WHERE state = 'uploaded' AND confirmed_at IS NULL"
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -250,6 +303,8 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_7,
     _migration_8,
     _migration_9,
+    _migration_10,
+    _migration_11,
 ]
 
 

@@ -41,6 +41,8 @@ OWNERS: dict[str, str] = {
     "worklist_sources": "gateway.worklist.cache",
     "worklist_mpps": "gateway.worklist.cache",
     "boxes": "gateway.fleet.boxes",  # in the fleet receiver's own database
+    "commitment_requests": "gateway.commitment.requests",
+    "commitment_items": "gateway.commitment.requests",
 }
 
 #: Modules allowed, for a time, to query tables they do not own (none now); an entry
@@ -57,6 +59,30 @@ COMPOSITION_ROOTS: dict[str, str] = {
 #: Every import from one room into another (or from a top-level module into a room):
 #: (importer, imported) -> why.  An entry that is no longer needed fails the test.
 ACROSS_ROOMS: dict[tuple[str, str], str] = {
+    ("gateway.commitment.decide", "gateway.dicom.dimse_status"):
+        "the Failure Reasons of a report borrow the DIMSE status numbers (PS3.4 J.3.3.1.1)",
+    ("gateway.commitment.reporter", "gateway.dicom.negotiation"):
+        "the transfer syntaxes proposed to the modality for the report",
+    ("gateway.commitment.reporter", "gateway.dicom.patches"):
+        "a stop ends an association attempt pynetdicom cannot cancel",
+    ("gateway.commitment.reporter", "gateway.dicom.tcp"):
+        "TCP_NODELAY on the report's association",
+    ("gateway.mpps.forwarder", "gateway.dicom.tcp"):
+        "TCP_NODELAY on the association to the upstream",
+    ("gateway.commitment.scp", "gateway.dicom.dimse_status"):
+        "the statuses the Storage Commitment SCP answers",
+    ("gateway.commitment.scp", "gateway.dicom.negotiation"):
+        "the SOP Class and transfer syntaxes of the N-ACTION it checks",
+    ("gateway.dicom.conformance", "gateway.commitment.scp"):
+        "the Conformance Statement lists the Storage Commitment SCP's statuses",
+    ("gateway.dicom.receive", "gateway.commitment.scp"):
+        "the receiver hands N-ACTION to the Storage Commitment SCP (a type only)",
+    ("gateway.dicom.receivers", "gateway.commitment.scp"):
+        "a receiver process serves the Storage Commitment SCP",
+    ("gateway.pipeline.jobs", "gateway.commitment.requests"):
+        "retention keeps the files of an unreported commitment",
+    ("gateway.studies", "gateway.commitment.requests"):
+        "a study's 'committed' stage is read from the commitment requests",
     ("gateway.config", "gateway.pipeline.archives"):
         "upload.archive is checked against the archive profiles' names at load",
     ("gateway.config", "gateway.pipeline.bandwidth"):

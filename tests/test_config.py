@@ -179,6 +179,39 @@ interval_seconds = 30
         ("[web]\ntls_cert = '/c.pem'\n", "web.tls_key", "go together"),
         ("[heartbeat]\nurl = 'http://x'\n", "heartbeat.url", "https://"),
         ("[heartbeat]\ninterval_seconds = 0\n", "heartbeat.interval_seconds", "positive"),
+        ("[dimse]\nremote = 'CT1'\n", "dimse.remote", "array of tables"),
+        ("[[dimse.remote]]\nhost = 'ct1'\n", "dimse.remote[0].ae_title", "required"),
+        (
+            "[[dimse.remote]]\nae_title = 'CT1'\nhost = 'ct1'\n[[dimse.remote]]\n"
+            "ae_title = 'CT2'\nhost = 'ct 2'\n",
+            "dimse.remote[1].host",
+            "IP address or host name",
+        ),
+        ("[[dimse.remote]]\nae_title = 'CT1'\n", "dimse.remote[0].host", "required"),
+        (
+            "[[dimse.remote]]\nae_title = 'CT1'\nhost = 'ct1'\nport = 0\n",
+            "dimse.remote[0].port",
+            "between 1 and 65535",
+        ),
+        (
+            "[[dimse.remote]]\nae_title = 'CT1'\nhost = 'ct1'\ntls = true\n",
+            "dimse.remote[0].tls",
+            "unknown key",
+        ),
+        (
+            "[[dimse.remote]]\nae_title = 'CT1'\nhost = 'a'\n"
+            "[[dimse.remote]]\nae_title = 'CT1 '\nhost = 'b'\n",
+            "dimse.remote[1].ae_title",
+            "listed twice",
+        ),
+        ("[commitment]\nverify = 'wado'\n", "commitment.verify", "'qido'"),
+        ("[commitment]\ntimeout_hours = 0\n", "commitment.timeout_hours", "positive"),
+        (
+            "[commitment]\nreport_backoff_max_seconds = 1\n",
+            "commitment.report_backoff_max_seconds",
+            "not be less than",
+        ),
+        ("[study]\nquiet_seconds = -5\n", "study.quiet_seconds", "positive"),
         ("[dimse\nport = 1\n", "-", "not valid TOML"),
         ("[upload]\nauth = 'google'\n", "upload.auth", "must be a table"),
         ("[upload.auth]\nmethod = 'oauth'\n", "upload.auth.method", "'aws-sigv4'"),
@@ -247,6 +280,30 @@ def test_upload_auth_is_a_sub_table(tmp_path: Path) -> None:
     assert config.load(None).upload.auth.method == "mtls"
     assert "upload.auth.method" in config.documented_keys()
     assert "upload.auth" not in config.documented_keys()
+
+
+def test_remote_aes_are_an_array_of_tables(tmp_path: Path) -> None:
+    path = tmp_path / "g.toml"
+    path.write_text(
+        "[[dimse.remote]]\nae_title = 'CT_ROOM1'\nhost = 'ct1.clinic.local'\nport = 104\n"
+        "[[dimse.remote]]\nae_title = 'US2'\nhost = '10.1.2.3'\nport = 11112\n"
+        "[commitment]\nverify = 'qido'\ntimeout_hours = 2\n[study]\nquiet_seconds = 60\n"
+    )
+    c = config.load(path)
+    assert c.dimse.remote == (
+        config.RemoteAE("CT_ROOM1", "ct1.clinic.local", 104),
+        config.RemoteAE("US2", "10.1.2.3", 11112),
+    )
+    # Trailing spaces of an AE title are not significant (PS3.5 6.2).
+    assert c.dimse.remote_ae("US2  ") == config.RemoteAE("US2", "10.1.2.3", 11112)
+    assert c.dimse.remote_ae("MR1") is None
+    assert c.commitment.verify == "qido" and c.commitment.timeout_hours == 2.0
+    assert c.study.quiet_seconds == 60.0
+    defaults = config.load(None)
+    assert defaults.dimse.remote == () and defaults.commitment.verify == "stow"
+    keys = config.documented_keys()
+    assert {"dimse.remote.ae_title", "dimse.remote.host", "dimse.remote.port"} <= set(keys)
+    assert "dimse.remote" not in keys
 
 
 def test_check_config_cli(tmp_path: Path) -> None:

@@ -55,7 +55,9 @@ def test_statement_lists_the_preference_order_and_classes() -> None:
     doc = DOC.read_text()
     storage = _section(doc, "Storage SOP classes, in order of preference", "Verification, Modal")
     assert _uids(storage) == list(negotiation.STORAGE_TRANSFER_SYNTAXES)
-    services = _section(doc, "Verification, Modality Worklist and MPPS (no", "As SCU the")
+    services = _section(
+        doc, "Verification, Modality Worklist, MPPS and Storage Commitment (no", "As SCU the"
+    )
     assert _uids(services) == list(negotiation.SERVICE_TRANSFER_SYNTAXES)
     for uid in negotiation.STANDARD_STORAGE_CLASSES + negotiation.RETIRED_STORAGE_CLASSES:
         assert f"| `{uid}` |" in doc, uid
@@ -103,7 +105,11 @@ def test_the_running_gateway_negotiates_what_the_statement_says(gateway: Gateway
     gateway must pick rank k.  So the order on the wire is the order in the document."""
     doc = DOC.read_text()
     storage = _uids(_section(doc, "Storage SOP classes, in order of preference", "Verification"))
-    services = _uids(_section(doc, "Verification, Modality Worklist and MPPS (no", "As SCU the"))
+    services = _uids(
+        _section(
+            doc, "Verification, Modality Worklist, MPPS and Storage Commitment (no", "As SCU the"
+        )
+    )
     cases = [(str(CTImageStorage), storage), ("1.2.840.10008.5.1.4.1.1.6", storage)]
     cases += [("1.3.12.2.1107.5.9.1", storage)]
     cases += [(str(uid), services) for uid in (Verification, ModalityWorklistInformationFind)]

@@ -56,6 +56,18 @@ def test_prune_without_cache_deletes_every_confirmed_file(store: Store) -> None:
     assert _paths(store) == {"1.1": None, "1.2": "objects/00/1.2.dcm", "1.3": "objects/00/1.3.dcm"}
 
 
+def test_prune_never_takes_the_files_a_commitment_holds(store: Store) -> None:
+    _add(store, "1.1", 1000, QueueState.UPLOADED)
+    _add(store, "1.2", 1000, QueueState.UPLOADED)
+    files = store.submit(prune(0, 0, held=lambda conn: {"1.2"})).result()
+    assert sorted(files) == ["objects/00/1.1.dcm", "objects/01/1.1.j2k"]
+    assert _paths(store) == {"1.1": None, "1.2": "objects/00/1.2.dcm"}
+    # Released (the report was delivered): it goes with the next round.
+    assert sorted(store.submit(prune(0, 0, held=lambda conn: set())).result()) == [
+        "objects/00/1.2.dcm", "objects/01/1.2.j2k",
+    ]  # fmt: skip
+
+
 def test_prune_keeps_the_newest_within_the_cache_size(store: Store) -> None:
     for i, age in enumerate([5, 4, 3, 2, 1]):  # 1.0 oldest ... 1.4 newest
         _add(store, f"1.{i}", 1000, QueueState.UPLOADED, hours_ago=age)

@@ -37,6 +37,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[
 from gateway import config as gw_config
 from gateway.config import ConfigError
 from gateway.dicom import patches
+from gateway.dicom.tcp import NO_DELAY_HANDLERS
 from gateway.mpps import scp
 from gateway.mpps.forwarder import Outcome, classify
 from gateway.mpps.outbox import Message
@@ -165,7 +166,7 @@ class Modality:
         ae = AE(ae_title="CT_ROOM1")
         ae.add_requested_context(ModalityPerformedProcedureStep, syntaxes)
         self.assoc: Association = ae.associate(
-            "127.0.0.1", port, ae_title="DICOMGW", evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)]
+            "127.0.0.1", port, ae_title="DICOMGW", evt_handlers=NO_DELAY_HANDLERS
         )
         assert self.assoc.is_established
 
@@ -179,11 +180,6 @@ class Modality:
 
     def close(self) -> None:
         self.assoc.release()
-
-
-def _no_delay(event: evt.Event) -> None:
-    # As a modality's stack would: without it, Nagle adds ~40 ms to each request.
-    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def send(

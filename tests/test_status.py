@@ -87,6 +87,13 @@ GOLDEN: dict[str, Any] = {
                              "received_at": "str", "last_error": "str|null"}],
         "forwarding_to": "str|null", "oldest_pending_ts": "number|null",
     },
+    "studies": [{
+        "study_instance_uid": "str", "calling_aes": ["str"], "instances": "int",
+        "stage": "str", "complete": "bool", "complete_at": "str",
+        **{stage: {"count": "int", "first_at": "str|null", "last_at": "str|null"}
+           for stage in ("received", "compressed", "uploaded", "confirmed", "committed")},
+        "failed": "int", "seconds_to_confirmed": "number|null",
+    }],
     "config": {
         "source": "str", "ae_title": "str", "dimse": "str", "allowed_aets": ["str"],
         "spool_dir": "str", "min_free_bytes": "int", "database": "str", "dicomweb_url": "str",
@@ -266,7 +273,7 @@ async def test_a_real_snapshot_round_trips_through_its_json(tmp_path: Path) -> N
         doc = await gw.status.status(fresh=True)
         for part in (doc.throughput, doc.modalities, doc.failed, doc.retrying,
                      doc.warnings.recent, doc.recent_errors, doc.worklist,
-                     doc.mpps.failed_messages, doc.components):  # fmt: skip
+                     doc.mpps.failed_messages, doc.components, doc.studies):  # fmt: skip
             assert part, "the sample leaves a list of the document empty"
         text = json.dumps(status_json(doc))
         assert from_json(StatusDoc, json.loads(text)) == doc

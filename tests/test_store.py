@@ -127,6 +127,41 @@ def test_reopen_keeps_rows_and_does_not_migrate_again(tmp_path: Path) -> None:
     s2.close()
 
 
+def test_a_queue_from_before_the_stage_times_counts_uploads_as_confirmed(tmp_path: Path) -> None:
+    """Migration 11 on a queue of schema 10: an uploaded row was confirmed when it was
+    uploaded, so Storage Commitment can commit it; the others are not."""
+    import sqlite_utils
+
+    path = tmp_path / "q.sqlite3"
+    conn = sqlite3.connect(path, isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    for migrate in MIGRATIONS[:10]:
+        migrate(db)
+    conn.execute("PRAGMA user_version = 10")
+    for uid, state, uploaded in (
+        ("1.1", "uploaded", "2024-01-01T00:00:00"),
+        ("1.2", "compressed", None),
+        ("1.3", "received", None),
+    ):
+        conn.execute(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid,"
+            " series_instance_uid, size, sha256, received_at, state, attempts, updated_at,"
+            " uploaded_at) VALUES (?, '1.2', '1.3', '1.4', 1, 'x', 't', ?, 0, 'u', ?)",
+            (uid, state, uploaded),
+        )  # fmt: skip
+    conn.close()
+    s = Store(path)
+    s.open()
+    try:
+        rows = {r["sop_instance_uid"]: r for r in s.rows("SELECT * FROM instances")}
+        assert rows["1.1"]["confirmed_at"] == "2024-01-01T00:00:00"
+        assert rows["1.1"]["compressed_at"] == "2024-01-01T00:00:00"
+        assert rows["1.2"]["confirmed_at"] is None and rows["1.2"]["compressed_at"] == "u"
+        assert rows["1.3"]["confirmed_at"] is None and rows["1.3"]["compressed_at"] is None
+    finally:
+        s.close()
+
+
 def test_reconcile(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool", 0)
     spool.prepare()

@@ -268,7 +268,8 @@ def test_beyond_localhost_everything_needs_auth(gateway_factory: GatewayFactory)
         }
     )
     anon = _client(gw)
-    for path in ("/api/status", "/api/queue", "/metrics", "/api/session"):
+    for path in ("/api/status", "/api/queue", "/metrics", "/api/session", "/api/studies",
+                 "/api/studies/1.2.3"):  # fmt: skip
         assert anon.get(path).status == 401, path
     assert anon.get("/", headers={"Accept": "text/html"}).status == 303  # to /login
     for path in ("/api/uploads/pause", "/api/uploads/resume", "/api/queue/retry"):

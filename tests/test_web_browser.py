@@ -74,7 +74,9 @@ def test_page_follows_an_outage_and_its_recovery(
     gateway_factory: GatewayFactory, archive_lab: ArchiveLab, browser: Browser, tmp_path: Path
 ) -> None:
     archive_lab.stop_nginx()
-    gw = gateway_factory(upload=_upload_config(archive_lab), web={"refresh_seconds": 1})
+    gw = gateway_factory(
+        upload=_upload_config(archive_lab), web={"refresh_seconds": 1}, study={"quiet_seconds": 2}
+    )
     api = WebClient(web_port(gw))
     page = browser.new_page(viewport={"width": 412, "height": 915})  # a phone
     page.goto(f"http://127.0.0.1:{api.port}/")
@@ -108,6 +110,9 @@ def test_page_follows_an_outage_and_its_recovery(
     expect(page.locator("#q-pending")).to_have_text("0", timeout=WAIT_MS * 2)
     expect(page.locator("#archive-state")).to_have_text("reachable", timeout=WAIT_MS)
     expect(page.locator("#q-done-today")).to_have_text("5")
+    # The study sent during the outage: every instance confirmed by the archive.
+    stage = page.locator(f'#studies tr[data-study="{study}"] .stage')
+    expect(stage).to_have_text("confirmed", timeout=WAIT_MS)
     expect(page.locator("#health")).to_contain_text("OK", timeout=WAIT_MS)
     assert archive_lab.instance_count() == 5
     _screenshot(page, tmp_path, "status-drained.png")

@@ -19,7 +19,8 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom._globals import APPLICATION_CONTEXT_NAME
 
 from .. import __version__
-from ..config import DimseConfig
+from ..commitment.scp import N_ACTION_STATUSES
+from ..config import CommitmentConfig, DimseConfig
 from . import dimse_status as ds
 from . import negotiation, receive
 
@@ -45,6 +46,29 @@ _MPPS_STATUSES: tuple[tuple[int, str], ...] = (
 )
 
 
+#: Storage Commitment Failure Reasons (0008,1197) the report gives, and when.
+_COMMITMENT_FAILURES: tuple[tuple[int, str], ...] = (
+    (
+        ds.FAILURE_PROCESSING,
+        "Processing failure: the archive refused the instance for good, or it was received"
+        " but not confirmed by the archive within `commitment.timeout_hours`",
+    ),
+    (
+        ds.FAILURE_NO_SUCH_OBJECT_INSTANCE,
+        "No such object instance: never received within `commitment.timeout_hours`",
+    ),
+    (
+        ds.FAILURE_CLASS_INSTANCE_CONFLICT,
+        "Class / Instance conflict: received under another SOP class",
+    ),
+    (
+        ds.FAILURE_SOP_CLASS_NOT_SUPPORTED,
+        "Referenced SOP Class not supported: not a class the gateway stores"
+        " (`dimse.storage_sop_classes`)",
+    ),
+)
+
+
 def _name(uid: str) -> str:
     entry = UID_dictionary.get(uid)
     if entry is None:
@@ -67,6 +91,7 @@ def _uid_rows(uids: Iterable[UID]) -> list[tuple[str, str]]:
 def render() -> str:
     """The Conformance Statement as Markdown, with the embedded config defaults."""
     defaults = DimseConfig()
+    commitment = CommitmentConfig()
     out: list[str] = []
     add = out.append
     add("# DICOM Conformance Statement: dicom-gateway")
@@ -82,8 +107,10 @@ def render() -> str:
     add("")
     add(
         "dicom-gateway is an edge gateway for an imaging site. Modalities send it images"
-        " (Storage), query it for their worklist (Modality Worklist) and report performed"
-        " steps (MPPS). It keeps every acknowledged instance durably on its own disk and"
+        " (Storage), query it for their worklist (Modality Worklist), report performed"
+        " steps (MPPS) and ask it to take responsibility for their images (Storage"
+        " Commitment, committed only once the cloud archive confirmed them). It keeps every"
+        " acknowledged instance durably on its own disk and"
         " forwards it to an archive over DICOMweb STOW-RS (HTTPS with mutual TLS); MPPS"
         " messages are forwarded to the RIS, and the worklist is a local cache filled from"
         " the RIS, a UPS-RS worklist and a drop folder."
@@ -101,6 +128,7 @@ def render() -> str:
             ),
             ("Workflow", _name(negotiation.MODALITY_WORKLIST_FIND), "Yes (upstream RIS)", "Yes"),
             ("Workflow", _name(negotiation.MPPS), "Yes (forwarding to the RIS)", "Yes"),
+            ("Storage Commitment", _name(negotiation.STORAGE_COMMITMENT), "No", "Yes"),
         ],
     )
     add("Media interchange: none. The gateway reads and writes no DICOM media.")
@@ -134,13 +162,20 @@ def render() -> str:
         "- A modality reports a procedure step by N-CREATE / N-SET; the gateway answers once"
         " the message is durable, then forwards it in order to the RIS's MPPS SCP as an SCU."
     )
+    add(
+        "- A modality requests Storage Commitment by N-ACTION; the gateway answers once the"
+        " request is durable, decides each instance against the cloud archive's"
+        " confirmation, and sends the N-EVENT-REPORT on an association it initiates to the"
+        " requester's `[[dimse.remote]]` address."
+    )
     add("")
     add("#### 2.1.2 Functional definition of the AE")
     add("")
     add(
         "The AE waits for associations; each runs in its own thread. It never initiates an"
-        " association in response to one it accepted. The SCU roles (worklist refresh, MPPS"
-        " forwarding) run from their own schedules and queues."
+        " association in response to one it accepted, except later, from its own queue, to"
+        " send a Storage Commitment report. The SCU roles (worklist refresh, MPPS"
+        " forwarding) and the reports run from their own schedules and queues."
     )
     add("")
     add("#### 2.1.3 Sequencing of real-world activities")
@@ -148,6 +183,9 @@ def render() -> str:
     add(
         "None required. An MPPS N-SET is forwarded upstream only after its N-CREATE was"
         " accepted there; a worklist item reported COMPLETED by MPPS is no longer offered."
+        " A Storage Commitment request may come before, during or after the C-STOREs of"
+        " its instances: an instance counts once it arrives and the archive confirms it,"
+        " within `commitment.timeout_hours`."
     )
     add("")
 
@@ -167,6 +205,11 @@ def render() -> str:
                 "SCP",
             ),
             (_name(negotiation.MPPS), f"`{negotiation.MPPS}`", "SCP"),
+            (
+                _name(negotiation.STORAGE_COMMITMENT),
+                f"`{negotiation.STORAGE_COMMITMENT}`",
+                "SCP",
+            ),
             ("Every storage SOP class (tables below)", "", "SCP"),
         ],
     )
@@ -210,6 +253,13 @@ def render() -> str:
                 f"`{negotiation.MPPS}`",
                 "SCU",
                 "forwarding each N-CREATE / N-SET, to `mpps.upstream_ae` (if set)",
+            ),
+            (
+                _name(negotiation.STORAGE_COMMITMENT),
+                f"`{negotiation.STORAGE_COMMITMENT}`",
+                "SCP (Role Selection)",
+                "each Storage Commitment report (N-EVENT-REPORT), to the requester's"
+                " `[[dimse.remote]]` entry",
             ),
             (
                 _name(negotiation.VERIFICATION),
@@ -287,7 +337,10 @@ def render() -> str:
             rank += 1
             rows.append((rank, _name(uid), f"`{uid}`", group.title))
     out += _table(["Rank", "Transfer syntax", "UID", "Group"], rows)
-    add("Verification, Modality Worklist and MPPS (no pixel data), in order of preference:")
+    add(
+        "Verification, Modality Worklist, MPPS and Storage Commitment (no pixel data), in"
+        " order of preference:"
+    )
     add("")
     out += _table(
         ["Rank", "Transfer syntax", "UID"],
@@ -303,12 +356,14 @@ def render() -> str:
     add("#### 2.2.4 Extended negotiation")
     add("")
     add(
-        "None is supported. SCP/SCU Role Selection items are not answered, so the default"
-        " roles apply (the association requestor is the SCU). SOP Class Extended and SOP"
-        " Class Common Extended Negotiation items are ignored (no reply item); in"
-        " particular the MWL SCP offers no relational or combined date-time matching."
-        " User Identity Negotiation items are not checked and not answered. The gateway"
-        " proposes no extended negotiation as an SCU."
+        "As acceptor, none is supported. SCP/SCU Role Selection items are not answered, so"
+        " the default roles apply (the association requestor is the SCU). SOP Class"
+        " Extended and SOP Class Common Extended Negotiation items are ignored (no reply"
+        " item); in particular the MWL SCP offers no relational or combined date-time"
+        " matching. User Identity Negotiation items are not checked and not answered. As"
+        " requestor, the gateway proposes SCP/SCU Role Selection only on the association"
+        " of a Storage Commitment report (SCU role 0, SCP role 1: the gateway is the SCP;"
+        " PS3.4 J.3.3), and sends the report whether or not the modality answers it."
     )
     add("")
 
@@ -363,19 +418,62 @@ def render() -> str:
     add("")
     out += _table(["Status", "When"], [(f"0x{code:04X}", when) for code, when in _MPPS_STATUSES])
 
+    add("#### 2.2.8 Storage Commitment SCP conformance")
+    add("")
+    add(
+        "Push Model only. The N-ACTION (Action Type ID 1 on the well-known SOP Instance"
+        f" `{negotiation.STORAGE_COMMITMENT_INSTANCE}`) is recorded, its Transaction UID and"
+        " every Referenced SOP Class/Instance pair, and answered Success only once that is"
+        " durable; the same request again (same Transaction UID, AE and instances) is"
+        " answered Success and recorded once. Only requesters listed in `[[dimse.remote]]`"
+        " are served: the report goes to that entry's host and port. An instance is"
+        " committed only when the cloud archive confirmed the copy the gateway holds: a"
+        " STOW-RS success for that SOP Instance UID after its last receipt, and with"
+        ' `commitment.verify = "qido"` also a QIDO-RS search after it that finds it'
+        f" (default `{commitment.verify}`). Storage media (Storage Media File-Set ID/UID)"
+        " and a Retrieve AE Title are never given: the instances are retrievable from the"
+        " archive, not from the gateway."
+    )
+    add("")
+    out += _table(["Status", "When"], [(f"0x{code:04X}", when) for code, when in N_ACTION_STATUSES])
+    add(
+        "Once every instance of a request is decided, the N-EVENT-REPORT goes on a new"
+        " association the gateway initiates (never on the requester's own): Event Type ID 1"
+        " when all are committed (Referenced SOP Sequence), 2 when some failed (Failed SOP"
+        " Sequence with a Failure Reason each, and the committed ones in Referenced SOP"
+        " Sequence). Until the modality answers it with Success (or a warning), it is sent"
+        " again after"
+        f" {commitment.report_backoff_initial_seconds:g} s doubling to"
+        f" {commitment.report_backoff_max_seconds:g} s"
+        " (`commitment.report_backoff_initial_seconds`, `report_backoff_max_seconds`), across"
+        " restarts; a report cut off by a crash mid-send may arrive twice. Timeouts:"
+        f" {commitment.report_timeout_seconds:g} s (`commitment.report_timeout_seconds`);"
+        f" an instance not confirmed {commitment.timeout_hours:g} h after the N-ACTION"
+        " (`commitment.timeout_hours`) fails."
+    )
+    add("")
+    add("Failure Reasons (0008,1197) in the report:")
+    add("")
+    out += _table(
+        ["Failure Reason", "When"], [(f"0x{code:04X}", w) for code, w in _COMMITMENT_FAILURES]
+    )
+
     add("### 2.3 Network interfaces")
     add("")
     add(
         f"TCP/IP, listening on `dimse.bind` (`{defaults.bind}`) port"
         f" {defaults.port}. TCP_NODELAY is set on every connection. Outgoing associations"
-        " use `worklist.upstream_host/port` and `mpps.upstream_host/port`."
+        " use `worklist.upstream_host/port`, `mpps.upstream_host/port` and, for Storage"
+        " Commitment reports, the requester's `[[dimse.remote]]` host and port."
     )
     add("")
     add("### 2.4 Configuration")
     add("")
     add(
         "AE title, port, calling AE allow-list, association limits and timeouts, storage"
-        " SOP class restriction and the upstream AEs are set in the TOML configuration file"
+        " SOP class restriction, the remote AEs (`[[dimse.remote]]`: AE title, host, port),"
+        " Storage Commitment (`[commitment]`) and the upstream AEs are set in the TOML"
+        " configuration file"
         " (see the README's configuration reference). The values above are the defaults."
     )
     add("")

@@ -61,6 +61,7 @@ from pynetdicom.presentation import (
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
+    StorageCommitmentPushModel,
     Verification,
 )
 
@@ -204,6 +205,9 @@ SCU_TRANSFER_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLitt
 VERIFICATION = UID(Verification)
 MODALITY_WORKLIST_FIND = UID(ModalityWorklistInformationFind)
 MPPS = UID(ModalityPerformedProcedureStep)
+STORAGE_COMMITMENT = UID(StorageCommitmentPushModel)
+#: Its well-known SOP Instance (PS3.4 J.3.2), the one instance every N-ACTION names.
+STORAGE_COMMITMENT_INSTANCE = UID("1.2.840.10008.1.20.1.1")
 
 #: Registered SOP classes whose name says "Storage" but that are not stored by C-STORE.
 _NOT_STORAGE_CLASSES = frozenset(

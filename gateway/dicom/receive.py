@@ -60,8 +60,10 @@ from .dimse_status import (
     STORE_UNDECODABLE,
     SUCCESS,
 )
+from .tcp import no_delay
 
 if TYPE_CHECKING:
+    from ..commitment.scp import CommitmentScp
     from ..metrics import Metrics
     from ..mpps.scp import MppsScp
 
@@ -140,8 +142,7 @@ _REJECT_REASONS = {
 
 
 class _NoDelayServer(ThreadedAssociationServer):
-    """Sets TCP_NODELAY on every accepted socket: DIMSE is request/response, and
-    Nagle plus delayed ACK otherwise adds ~40 ms to each small PDU.
+    """Sets TCP_NODELAY on every accepted socket (gateway/dicom/tcp.py).
 
     With *listen_socket* it serves a socket the gateway bound and listens on, which
     the other receiver processes accept from too (gateway/dicom/receivers.py): it is not
@@ -180,7 +181,7 @@ class _NoDelayServer(ThreadedAssociationServer):
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         sock, address = super().get_request()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(sock)
         # accept() returns a socket without the listener's timeout: without this, a
         # peer that sends half a PDU holds the connection's thread in recv() forever.
         sock.settimeout(self.ae.network_timeout)
@@ -344,6 +345,7 @@ class Receiver:
         mpps_scp: MppsScp | None = None,
         metrics: Metrics | None = None,
         listen_socket: socket.socket | None = None,
+        commitment_scp: CommitmentScp | None = None,
     ) -> None:
         """*listen_socket*: serve this listening socket (bound by the gateway, shared
         with the other receiver processes) instead of binding ``dimse.bind:port``."""
@@ -356,6 +358,7 @@ class Receiver:
         self.on_stored = on_stored
         self.worklist = worklist
         self.mpps_scp = mpps_scp
+        self.commitment_scp = commitment_scp
         self._server: _NoDelayServer | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -384,6 +387,10 @@ class Receiver:
             ae.add_supported_context(negotiation.MODALITY_WORKLIST_FIND, services)
         if self.mpps_scp is not None:
             ae.add_supported_context(negotiation.MPPS, services)
+        if self.commitment_scp is not None:
+            # Default roles (no SCP/SCU Role Selection answered): the modality is the
+            # SCU here; the report goes on an association of our own (reporter.py).
+            ae.add_supported_context(negotiation.STORAGE_COMMITMENT, services)
         handlers: list[Any] = [
             (evt.EVT_ACSE_RECV, self._on_acse_recv),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -391,6 +398,7 @@ class Receiver:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_N_CREATE, self._on_n_create),
             (evt.EVT_N_SET, self._on_n_set),
+            (evt.EVT_N_ACTION, self._on_n_action),
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_CONN_CLOSE, self._on_conn_close),
@@ -533,23 +541,31 @@ class Receiver:
         log.info("worklist query from %r: %d items", requestor.ae_title, found)
         yield SUCCESS, None
 
-    # -- MPPS (gateway/mpps/scp.py); counted in flight like C-STOREs, so a stop lets an
-    # accepted N-CREATE/N-SET reach its answer.
+    # -- MPPS (gateway/mpps/scp.py) and Storage Commitment (gateway/commitment/scp.py);
+    # counted in flight like C-STOREs, so a stop lets an accepted request reach its answer.
     def _on_n_create(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
         if self.mpps_scp is None:
             return PROCESSING_FAILURE, None  # pragma: no cover - no MPPS context is offered
-        return self._mpps_call(event, self.mpps_scp.n_create)
+        return self._n_call(event, self.mpps_scp.n_create, "MPPS")
 
     def _on_n_set(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
         if self.mpps_scp is None:
             return PROCESSING_FAILURE, None  # pragma: no cover - no MPPS context is offered
-        return self._mpps_call(event, self.mpps_scp.n_set)
+        return self._n_call(event, self.mpps_scp.n_set, "MPPS")
 
-    def _mpps_call(
-        self, event: evt.Event, handler: Callable[[evt.Event], tuple[int | Dataset, Dataset | None]]
+    def _on_n_action(self, event: evt.Event) -> tuple[int | Dataset, Dataset | None]:
+        if self.commitment_scp is None:
+            return PROCESSING_FAILURE, None  # pragma: no cover - no such context is offered
+        return self._n_call(event, self.commitment_scp.n_action, "Storage Commitment")
+
+    def _n_call(
+        self,
+        event: evt.Event,
+        handler: Callable[[evt.Event], tuple[int | Dataset, Dataset | None]],
+        what: str,
     ) -> tuple[int | Dataset, Dataset | None]:
         if self._stopping.is_set():
-            log.warning("MPPS request refused: shutting down")
+            log.warning("%s request refused: shutting down", what)
             return RESOURCE_LIMITATION, None  # the modality sends it again
         with self._inflight_cond:
             self._inflight += 1

@@ -8,19 +8,20 @@ processes (``python -m gateway.dicom.receivers``) that all accept from that one 
 socket: whichever worker is free takes the next association (the kernel wakes them
 all; the others find nothing and go back to waiting).
 
-Each worker has what a C-STORE, C-FIND or MPPS request needs and nothing else: the
-spool (attached to the directories the gateway prepared, with the same identity
-check), its own queue writer (SQLite in WAL mode is safe across processes; each
-writer's ``BEGIN IMMEDIATE`` waits its turn), the worklist cache reader and the MPPS
-SCP.  Spool pins work across processes (gateway/spool.py), so a file a worker has
-renamed but not yet recorded is safe from the main process's writer, and the other
-way round.
+Each worker has what a C-STORE, C-FIND, MPPS or Storage Commitment request needs and
+nothing else: the spool (attached to the directories the gateway prepared, with the
+same identity check), its own queue writer (SQLite in WAL mode is safe across
+processes; each writer's ``BEGIN IMMEDIATE`` waits its turn), the worklist cache
+reader, the MPPS SCP and the Storage Commitment SCP.  Spool pins work across processes
+(gateway/spool.py), so a file a worker has renamed but not yet recorded is safe from
+the main process's writer, and the other way round.
 
 The worker talks to the gateway over a socket pair (:class:`multiprocessing.connection.Connection`):
 
 * gateway -> worker: its setup first (:class:`WorkerSetup`), then ``("stop",)``;
-* worker -> gateway: ``("ready",)``, ``("stored",)`` and ``("mpps",)`` (wake the
-  pipeline or the MPPS forwarder), ``("metric", ...)`` (counted in the gateway's
+* worker -> gateway: ``("ready",)``, ``("stored",)``, ``("mpps",)`` and
+  ``("commitment",)`` (wake the pipeline, the MPPS forwarder or the Storage Commitment
+  reporter), ``("metric", ...)`` (counted in the gateway's
   ``/metrics``), ``("active", n)`` (its open associations), ``("log", record)`` (its
   warnings and errors, for the status page's recent errors: the worker writes its
   log itself, to the same journal stream or stderr, before it answers the request
@@ -127,6 +128,7 @@ class ReceiverPool:
         metrics: Any = None,
         on_log_record: Callable[[logging.LogRecord], object] | None = None,
         instance_lock: Callable[[], int] | None = None,
+        on_commitment: Callable[[], None] | None = None,
     ) -> None:
         """*instance_lock* gives the descriptor of the spool's instance lock, which
         each receiver process inherits (gateway.spool.Spool.take_instance_lock)."""
@@ -135,6 +137,7 @@ class ReceiverPool:
         self._database = database
         self._on_stored = on_stored
         self._on_mpps = on_mpps
+        self._on_commitment = on_commitment
         self.metrics = metrics
         self._on_log_record = on_log_record
         self._instance_lock = instance_lock
@@ -325,6 +328,9 @@ class ReceiverPool:
             w.active = int(message[1])
         elif kind == "mpps":
             self._on_mpps()
+        elif kind == "commitment":
+            if self._on_commitment is not None:
+                self._on_commitment()
         elif kind == "ready":
             w.ready.set()
         elif kind == "failed":
@@ -531,6 +537,7 @@ def _worker_main(conn_fd: int, listen_fd: int) -> int:
 def _start_worker(setup: WorkerSetup, listen_fd: int, events: _Events) -> tuple[Any, Any, Any]:
     # Imported here: the gateway's own process imports this module for ReceiverPool
     # and needs none of them.
+    from ..commitment.scp import CommitmentScp
     from ..mpps.scp import MppsScp
     from ..spool import Spool
     from ..store import Store
@@ -555,6 +562,7 @@ def _start_worker(setup: WorkerSetup, listen_fd: int, events: _Events) -> tuple[
         mpps_scp=MppsScp(store, on_accepted=lambda: events.send("mpps")),
         metrics=_MetricsProxy(events),  # type: ignore[arg-type]
         listen_socket=socket.socket(fileno=listen_fd),
+        commitment_scp=CommitmentScp(config, store, on_accepted=lambda: events.send("commitment")),
     )
     receiver.start()
     return receiver, store, spool

@@ -23,24 +23,20 @@ received, one association per round:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
-from ..aio import set_from_thread, wait_event
+from ..aio import in_daemon_thread, set_from_thread, wait_event
 from ..backoff import backoff_seconds
 from ..clock import utc_in
 from ..config import Config
@@ -52,6 +48,7 @@ from ..dicom.dimse_status import (
     RESOURCE_LIMITATION,
     SUCCESS,
 )
+from ..dicom.tcp import NO_DELAY_HANDLERS
 from ..store import Store, WriteFn
 from ..worklist import cache as worklist_cache
 from . import outbox as mpps_outbox
@@ -187,7 +184,7 @@ class Forwarder:
     async def _send_round(self, batch: list[Message]) -> None:
         ae = self._new_ae()
         try:
-            assoc = await _in_daemon_thread(self._associate, ae)
+            assoc = await in_daemon_thread("mpps-upstream", self._associate, ae)
         except _NoAssociation as exc:
             raise UpstreamUnavailable(str(exc), batch[0]) from None
         except asyncio.CancelledError:
@@ -200,7 +197,7 @@ class Forwarder:
                 if message.sop_instance_uid in held:
                     continue
                 await self._db(mpps_outbox.mark_sending(message.seq))
-                delivery = await _in_daemon_thread(self._send, assoc, message)
+                delivery = await in_daemon_thread("mpps-upstream", self._send, assoc, message)
                 if delivery.outcome is Outcome.RETRY:
                     raise UpstreamUnavailable(delivery.reason, message, delivery.maybe_delivered)
                 await self._db(
@@ -211,7 +208,7 @@ class Forwarder:
                 self._log(message, delivery)
                 if delivery.outcome is Outcome.REFUSED:
                     held.add(message.sop_instance_uid)
-            await _in_daemon_thread(assoc.release)
+            await in_daemon_thread("mpps-upstream", assoc.release)
             released = True
         finally:
             if not released and assoc.is_established:
@@ -246,7 +243,7 @@ class Forwarder:
         try:
             assoc = ae.associate(
                 m.upstream_host, m.upstream_port, ae_title=m.upstream_ae,
-                evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)],
+                evt_handlers=NO_DELAY_HANDLERS,
             )  # fmt: skip
         except (OSError, RuntimeError) as exc:
             raise _NoAssociation(f"cannot connect: {exc}") from exc
@@ -268,43 +265,3 @@ class Forwarder:
         except (OSError, RuntimeError, ValueError) as exc:
             return Delivery(Outcome.RETRY, f"sending failed: {exc!r}", True)
         return classify(message, status)
-
-
-def _no_delay(event: evt.Event) -> None:
-    """DIMSE is request/response: without TCP_NODELAY, Nagle and the peer's delayed
-    ACK add ~40 ms to every message (tests/bench/mpps.py: 19 messages/s without it,
-    ~107 with it)."""
-    sock = getattr(event.assoc.dul.socket, "socket", None)
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def _in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
-    """Run blocking upstream I/O in a daemon thread.  Not asyncio.to_thread: at exit,
-    asyncio.run waits for the default executor, so an association waiting out its
-    ACSE timeout on a silent upstream would hold up the stop for that long."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def work() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:  # handed to the awaiting task
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                loop.call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, future, result, None)
-
-    threading.Thread(target=work, name="mpps-upstream", daemon=True).start()
-    return await future
-
-
-def _settle(future: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
-    if future.done():  # the awaiting task was cancelled
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]

@@ -52,6 +52,7 @@ from .. import instances
 from ..aio import set_from_thread, wait_event
 from ..backoff import backoff_seconds
 from ..clock import utcnow
+from ..commitment import requests as commitment_requests
 from ..config import Config
 from ..instances import Claimed, QueueState
 from ..spool import Spool
@@ -64,6 +65,7 @@ from .archives import (
     identity_of_json,
 )
 from .bandwidth import Bandwidth
+from .confirm import Confirmer
 from .iffaster import Decision, IfFaster
 from .transcode import (
     ENCODER_NICENESS,
@@ -176,11 +178,12 @@ def _finish_uploads(
     results: list[tuple[Claimed, InstanceOutcome]],
     backoff: Callable[[int], float],
     give_up: GiveUp,
+    confirm: bool = True,
 ) -> Callable[[sqlite3.Connection], list[tuple[Claimed, InstanceOutcome]]]:
     """Record each outcome (:func:`gateway.instances.finish_uploads`); returns them as
     recorded (a retryable failure past *give_up*'s limits is recorded, and returned, as
-    a permanent one)."""
-    record = instances.finish_uploads(results, backoff, give_up.reason)
+    a permanent one).  With *confirm* a stored instance is confirmed as well."""
+    record = instances.finish_uploads(results, backoff, give_up.reason, confirm)
 
     def write(conn: sqlite3.Connection) -> list[tuple[Claimed, InstanceOutcome]]:
         gave_up = record(conn)
@@ -227,8 +230,22 @@ class Pipeline:
         self.if_faster = (
             IfFaster(u.max_bytes_per_second) if u.compress_when == "if-faster" else None
         )
+        #: Called on the loop when instances were confirmed by the archive (Storage
+        #: Commitment's reporter decides then); set by the gateway.
+        self.on_confirmed: Callable[[], None] | None = None
+        #: A STOW-RS success confirms an instance, unless a search must find it too.
+        self.confirm_on_store = config.commitment.verify == "stow"
+        self.confirmer = Confirmer(config, store, self._confirmed)
 
     # -- wiring -------------------------------------------------------------------------
+    def _confirmed(self) -> None:
+        if self.on_confirmed is not None:
+            self.on_confirmed()
+
+    def wake_retention(self) -> None:
+        """On the loop: files may go now (a Storage Commitment report was delivered)."""
+        self._prune_wake.set()
+
     def wake(self) -> None:
         """Thread-safe: new work arrived (called from the receiver's threads)."""
         set_from_thread(self._loop, self._compress_wake)
@@ -271,6 +288,8 @@ class Pipeline:
                 tg.create_task(self._retention_loop(), name="retention")
                 if c.dicomweb_url:
                     tg.create_task(self._upload_loop(), name="upload")
+                    if not self.confirm_on_store:
+                        tg.create_task(self._confirm_loop(), name="confirm")
                 else:
                     log.warning("upload.dicomweb_url is not set: instances stay in the spool")
         finally:
@@ -546,9 +565,10 @@ class Pipeline:
             c = self.config.upload
             results = await self._db(
                 _finish_uploads(
-                    results, self._backoff, GiveUp(c.max_attempts, c.give_up_after_hours)
+                    results, self._backoff, GiveUp(c.max_attempts, c.give_up_after_hours),
+                    self.confirm_on_store,
                 )
-            )
+            )  # fmt: skip
         except Exception:
             # Not even the outcome could be recorded (a database error): the rows stay
             # `uploading` until the pipeline restarts and hands them back.
@@ -581,6 +601,17 @@ class Pipeline:
                      batch[0].study_instance_uid)  # fmt: skip
             self._upload_wake.set()
             self._prune_wake.set()
+            if not self.confirm_on_store:
+                self.confirmer.wake()
+        if (stored and self.confirm_on_store) or any(
+            not o.stored and not o.retryable for _, o in results
+        ):
+            self._confirmed()  # confirmed, or failed for good: a commitment may be decided
+
+    async def _confirm_loop(self) -> None:
+        """commitment.verify = "qido": search the archive for what it stored."""
+        async with StowClient(self.config.upload, self.metrics) as client:
+            await self.confirmer.run(client)
 
     async def _send_checked(
         self, client: StowClient, batch: list[Claimed], priority: bool = False
@@ -761,12 +792,17 @@ class Pipeline:
 
     # -- retention ----------------------------------------------------------------------
     async def _retention_loop(self) -> None:
+        """Files of archived instances beyond the local cache go; never those of a
+        Storage Commitment request not yet reported to its modality."""
         r = self.config.retention
         while True:
             try:
                 # Durable before any file goes: a row must never point at a deleted file.
                 # The writer itself removes the files (see gateway.store.discard_files).
-                files = await self._db(instances.prune(r.keep_bytes, r.keep_hours), durable=True)
+                prune = instances.prune(
+                    r.keep_bytes, r.keep_hours, held=commitment_requests.held_instances
+                )
+                files = await self._db(prune, durable=True)
                 if len(files) >= instances.PRUNE_MAX_ROWS:
                     continue  # more are due: go on at once
             except Exception:

@@ -513,6 +513,49 @@ class StowClient:
             raise RequestFailed("verification: instance metadata is not one DICOM JSON object")
         return value
 
+    async def study_instances(self, study: str, page: int = 1000) -> set[str]:
+        """QIDO-RS ``GET {dicomweb_url}/studies/{study}/instances`` (PS3.18 10.6): the
+        SOP Instance UIDs the archive finds in *study* (paged with ``limit``/``offset``;
+        an empty answer or HTTP 204 is none).  Raises :class:`RequestFailed` when the
+        search cannot be made or its answer read."""
+        assert self._session is not None, "use StowClient as an async context manager"
+        url = f"{self.url}/{quote(study, safe='')}/instances"
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_seconds)
+        headers = {"Accept": "application/dicom+json"}
+        found: set[str] = set()
+        offset = 0
+        while True:
+            query = f"?includefield=00080018&limit={page}&offset={offset}"
+            try:
+                reply = await self.auth.send(
+                    self._session, "GET", url + query, headers=headers, timeout=timeout
+                )
+            except AuthError as exc:
+                raise RequestFailed(f"QIDO-RS: {exc} (fix: {exc.fix})") from exc
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise RequestFailed(f"QIDO-RS request failed: {exc!r}") from exc
+            if reply.status == 204 or (reply.status == 404 and not offset):
+                return found
+            if reply.status != 200:
+                raise RequestFailed(
+                    "QIDO-RS: "
+                    + http_hint("archive", reply.status, reply.body, self.auth,
+                                reply.headers.get("WWW-Authenticate", ""), reply.reason)
+                )  # fmt: skip
+            try:
+                matches: Any = json.loads(reply.body) if reply.body.strip() else []
+            except ValueError as exc:
+                raise RequestFailed(f"QIDO-RS: unparsable answer: {exc}") from exc
+            if not isinstance(matches, list):
+                raise RequestFailed("QIDO-RS: the answer is not a JSON array")
+            for match in matches:
+                value = match.get("00080018", {}).get("Value") if isinstance(match, dict) else None
+                if isinstance(value, list) and value and isinstance(value[0], str):
+                    found.add(value[0])
+            if len(matches) < page:
+                return found
+            offset += len(matches)
+
 
 class _Sha256Sink:
     """A stand-in for aiohttp's stream writer that hashes what a payload writes."""

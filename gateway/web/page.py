@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from html import escape
 
+from ..studies import StudyProgress
 from .status_doc import (
     ArchiveStatus,
     CertificateStatus,
@@ -138,6 +139,7 @@ def render_page(
             _archive(doc.archive, doc.uploads, csrf),
             _throughput(doc.throughput),
             _modalities(doc.modalities),
+            _studies(doc.studies),
             _failed(doc.queue.failed, doc.failed, csrf),
             _warnings(doc.warnings),
             _errors(doc.retrying, doc.recent_errors),
@@ -253,6 +255,31 @@ def _modalities(modalities: Sequence[Modality]) -> str:
         out.append(
             f"<tr><td>{_e(m.calling_ae)}</td><td>{_e(m.last_24h)}</td>"
             f"<td>{_ago(m.last_seen)}</td></tr>"
+        )
+    out.append("</table></div>")
+    return "".join(out)
+
+
+def _studies(studies: Sequence[StudyProgress]) -> str:
+    """The last studies and how far each got: received, compressed, uploaded,
+    confirmed (and committed) instances, and the study's stage."""
+    out = ["<h2>Recent studies</h2><div class=wrap><table id=studies>"]
+    out.append(
+        "<tr><th>Study Instance UID</th><th>calling AE</th><th>stage</th><th>received</th>"
+        "<th>compressed</th><th>uploaded</th><th>confirmed</th><th>committed</th>"
+        "<th>last received</th></tr>"
+    )
+    for p in studies:
+        cls = {"failed": "bad", "receiving": "warn"}.get(p.stage, "good")
+        if p.stage in ("received", "compressed", "uploaded"):
+            cls = "warn"
+        out.append(
+            f'<tr data-study="{_e(p.study_instance_uid)}"><td><code>{_e(p.study_instance_uid)}'
+            f"</code></td><td>{_e(', '.join(p.calling_aes))}</td>"
+            f'<td class="{cls} stage">{_e(p.stage)}</td>'
+            f"<td>{p.received.count}</td><td>{p.compressed.count}</td>"
+            f"<td>{p.uploaded.count}</td><td>{p.confirmed.count}</td>"
+            f"<td>{p.committed.count}</td><td>{_ago(p.received.last_at)}</td></tr>"
         )
     out.append("</table></div>")
     return "".join(out)

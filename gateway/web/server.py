@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -35,8 +36,8 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .. import instances
-from ..config import Config, is_loopback
+from .. import instances, studies
+from ..config import Config, is_loopback, is_valid_uid
 from ..instances import QueueState
 from ..store import Store
 from .auth import Session, Sessions, verify_password, verify_token
@@ -108,6 +109,8 @@ class WebServer:
         app.router.add_get("/api/status", self.api_status)
         app.router.add_get("/api/session", self.api_session)
         app.router.add_get("/api/queue", self.api_queue)
+        app.router.add_get("/api/studies", self.api_studies)
+        app.router.add_get("/api/studies/{uid}", self.api_study)
         app.router.add_post("/api/queue/retry", self.api_retry)
         app.router.add_post("/api/uploads/pause", self.api_pause)
         app.router.add_post("/api/uploads/resume", self.api_resume)
@@ -339,6 +342,30 @@ class WebServer:
             self.store.read, lambda conn: instances.listing(conn, state, limit)
         )
         return _json({"state": state, "limit": limit, "items": items})
+
+    async def api_studies(self, request: web.Request) -> web.StreamResponse:
+        """The studies received most recently, newest first, with their stages."""
+        try:
+            limit = int(request.query.get("limit", "50"))
+        except ValueError:
+            return _json({"error": "limit must be an integer"}, 400)
+        if not 1 <= limit <= QUEUE_LIMIT_MAX:
+            return _json({"error": f"limit must be between 1 and {QUEUE_LIMIT_MAX}"}, 400)
+        quiet = self.config.study.quiet_seconds
+        found = await asyncio.to_thread(
+            self.store.read, lambda conn: studies.recent(conn, limit, quiet)
+        )
+        return _json({"limit": limit, "studies": [dataclasses.asdict(p) for p in found]})
+
+    async def api_study(self, request: web.Request) -> web.StreamResponse:
+        uid = request.match_info["uid"]
+        if not is_valid_uid(uid):
+            return _json({"error": "not a valid Study Instance UID"}, 400)
+        quiet = self.config.study.quiet_seconds
+        found = await asyncio.to_thread(self.store.read, lambda conn: studies.one(conn, uid, quiet))
+        if found is None:
+            return _json({"error": f"no instance of study {uid} is known"}, 404)
+        return _json(dataclasses.asdict(found))
 
     async def _action_done(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         await self.status.refresh(wait=True)

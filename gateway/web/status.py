@@ -26,12 +26,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import __version__, instances
+from .. import __version__, instances, studies
 from ..config import Config
 from ..instances import QueueState
 from ..mpps import outbox as mpps_outbox
 from ..mpps.outbox import OutboxState
 from ..store import Store
+from ..studies import StudyProgress
 from .status_doc import (
     ArchiveState,
     ArchiveStatus,
@@ -80,6 +81,8 @@ FAILED_SHOWN = 50
 #: Instances stored with warnings shown on the page and in /api/status, newest first.
 WARNED_SHOWN = 20
 RECENT_ERRORS = 20
+#: Studies shown on the page and in /api/status (``/api/studies`` gives more).
+STUDIES_SHOWN = 10
 #: A component restarted after a crash shows as "degraded" for this long.
 RESTART_SHOWN_S = 600.0
 PENDING_STATES = (QueueState.RECEIVED, QueueState.COMPRESSING, QueueState.COMPRESSED)
@@ -195,6 +198,7 @@ class Snapshot:
     queue: QueueFacts = QueueFacts()
     outbox: OutboxFacts = OutboxFacts()
     worklist: tuple[WorklistSource, ...] = ()
+    studies: tuple[StudyProgress, ...] = ()
 
 
 def read_queue(conn: sqlite3.Connection, now: datetime) -> QueueFacts:
@@ -325,6 +329,8 @@ class StatusService:
             self._reading = conn
             try:
                 db = query_database(conn, datetime.now(UTC))
+                recent = studies.recent(conn, STUDIES_SHOWN, self.config.study.quiet_seconds)
+                db = dataclasses.replace(db, studies=tuple(recent))
                 if self.worklist is not None:  # its reads use this thread's connection
                     db = dataclasses.replace(db, worklist=_worklist_sources(self.worklist))
             finally:
@@ -402,6 +408,7 @@ class StatusService:
             certificate=self._cert,
             worklist=db.worklist,
             mpps=self._mpps(db.outbox),
+            studies=db.studies,
             # The file really open (an upgraded box may use one at the old default).
             config=dataclasses.replace(config_summary(self.config), database=str(self.store.path)),
             snapshot_error=self.snapshot_error,

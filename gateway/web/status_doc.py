@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
+from ..studies import StudyProgress
+
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
@@ -271,6 +273,8 @@ class StatusDoc:
     certificate: CertificateStatus
     worklist: tuple[WorklistSource, ...]
     mpps: MppsStatus
+    #: The studies received most recently, newest first, with their proof of delivery.
+    studies: tuple[StudyProgress, ...]
     config: ConfigSummary
     snapshot_error: str | None
     #: Components restarted lately, by name.

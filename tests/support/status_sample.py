@@ -69,6 +69,7 @@ def sample_doc(**changes: Any) -> StatusDoc:
             pending=0, sending=0, failed=0, oldest_pending_at=None, failed_messages=(),
             forwarding_to=None, oldest_pending_ts=None,
         ),
+        studies=(),
         config=ConfigSummary(
             source="<test>", ae_title="DICOMGW", dimse="0.0.0.0:11112", allowed_aets=(),
             spool_dir="/spool", min_free_bytes=10**9, database="/spool/q.sqlite3",
