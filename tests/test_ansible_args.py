@@ -1,6 +1,7 @@
-"""The role's meta/argument_specs.yml refuses bad settings before any task runs, and
-its [upload.auth] part (tasks/auth.yml and the gateway.toml template) writes what the
-gateway accepts for each cloud.
+"""The role's meta/argument_specs.yml refuses bad settings before any task runs, its
+[upload.auth] part (tasks/auth.yml and the gateway.toml template) writes what the
+gateway accepts for each cloud, and its [[dimse.remote]], [commitment] and [study]
+variables reach gateway.toml (none of the three at the defaults).
 
 Runs ansible-playbook from .venv-ansible (made by `make lint`/`make test`) against
 localhost without gathering facts: in check mode for the refusals (validation is the
@@ -26,7 +27,15 @@ from typing import Any
 import pytest
 
 from gateway.auth import check_secret_files, read_secret
-from gateway.config import AUTH_METHODS, AuthConfig, load
+from gateway.config import (
+    AUTH_METHODS,
+    COMMITMENT_VERIFY,
+    AuthConfig,
+    CommitmentConfig,
+    RemoteAE,
+    StudyConfig,
+    load,
+)
 from gateway.pipeline.archives import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,6 +79,10 @@ def run_play(
 WHEEL = {"dicom_gateway_wheel": "/nonexistent/dicom_gateway-0-py3-none-any.whl"}
 
 
+def _remote(**entry: Any) -> dict[str, Any]:
+    return {**WHEEL, "dicom_gateway_remote_aes": [entry]}
+
+
 @pytest.mark.parametrize(
     ("settings", "complaint"),
     [
@@ -100,13 +113,64 @@ WHEEL = {"dicom_gateway_wheel": "/nonexistent/dicom_gateway-0-py3-none-any.whl"}
             {**WHEEL, "dicom_gateway_auth_method": "aws-sigv4"},
             "aws-sigv4 needs dicom_gateway_auth_region",
         ),
+        # [[dimse.remote]], [commitment], [study]: the argument spec's types ...
+        (
+            _remote(ae_title="CT_ROOM1", port=104),
+            "missing required arguments: host found in dicom_gateway_remote_aes",
+        ),
+        (
+            _remote(ae_title="CT", host="ct", port="dicom"),
+            "argument 'port' is of type str found in 'dicom_gateway_remote_aes'",
+        ),
+        (
+            {**WHEEL, "dicom_gateway_remote_aes": "CT_ROOM1@10.20.0.11:104"},
+            "dicom_gateway_remote_aes",
+        ),
+        (
+            {**WHEEL, "dicom_gateway_commitment_verify": "md5"},
+            "dicom_gateway_commitment_verify must be one of: stow, qido",
+        ),
+        (
+            {**WHEEL, "dicom_gateway_commitment_timeout_hours": "a day"},
+            "argument 'dicom_gateway_commitment_timeout_hours' is of type str",
+        ),
+        (
+            {**WHEEL, "dicom_gateway_study_quiet_seconds": "soon"},
+            "argument 'dicom_gateway_study_quiet_seconds' is of type str",
+        ),
+        # ... and the role's own checks of what a type cannot say.
+        (
+            _remote(ae_title="CT_ROOM1_EAST_WING", host="ct"),
+            "reject('in', range(1, 17))",
+        ),
+        (
+            {
+                **WHEEL,
+                "dicom_gateway_remote_aes": [
+                    {"ae_title": "CT_ROOM1", "host": "ct1"},
+                    {"ae_title": "CT_ROOM1 ", "host": "ct2"},
+                ],
+            },
+            "unique",
+        ),
+        (
+            _remote(ae_title="CT", host="ct", port=70000),
+            "reject('in', range(1, 65536))",
+        ),
+        (
+            {**WHEEL, "dicom_gateway_commitment_timeout_hours": 0},
+            "dicom_gateway_commitment_timeout_hours | float > 0",
+        ),
+        (
+            {**WHEEL, "dicom_gateway_study_quiet_seconds": -5},
+            "dicom_gateway_study_quiet_seconds | float > 0",
+        ),
     ],
 )
 def test_bad_settings_are_refused_before_any_task(
-    tmp_path: Path, settings: dict[str, str], complaint: str
+    tmp_path: Path, settings: dict[str, Any], complaint: str
 ) -> None:
-    args = [arg for key, value in settings.items() for arg in ("-e", f"{key}={value}")]
-    proc = run_play(tmp_path, *args)
+    proc = run_play(tmp_path, "-e", json.dumps(settings))  # JSON keeps lists and numbers
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "Validating arguments against arg spec" in output, output[-3000:]
@@ -364,3 +428,129 @@ def test_role_variables_cover_every_upload_auth_key_with_the_gateways_defaults()
     ):
         assert options[f"dicom_gateway_auth_{var}"]["no_log"] is True
         assert defaults[f"dicom_gateway_auth_{var}"] == ""
+
+
+# -- [[dimse.remote]], [commitment], [study] ----------------------------------------------
+
+
+def render_gateway_toml(tmp_path: Path, sites: dict[str, dict[str, Any]]) -> dict[str, Path]:
+    """The role's gateway.toml template, once per site, with the role's defaults and
+    vars under each site's settings (as the role would have them)."""
+    plays = [
+        {
+            "name": f"Site {name}",
+            "hosts": "gateways",
+            "gather_facts": False,
+            "vars_files": [str(ROLE / "defaults" / "main.yml"), str(ROLE / "vars" / "main.yml")],
+            "tasks": [
+                {
+                    "name": "The role's gateway.toml",
+                    "vars": settings,  # above the role's files
+                    "ansible.builtin.template": {
+                        "src": str(ROLE / "templates" / "gateway.toml.j2"),
+                        "dest": str(tmp_path / f"{name}.toml"),
+                        "mode": "0640",
+                    },
+                }
+            ],
+        }
+        for name, settings in sites.items()
+    ]
+    playbook = tmp_path / "render.yml"
+    playbook.write_text(json.dumps(plays, indent=1))  # JSON is YAML
+    proc = run_play(tmp_path, playbook=str(playbook), check=False)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return {name: tmp_path / f"{name}.toml" for name in sites}
+
+
+def check_config(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_remote_aes_commitment_and_study_settings_reach_gateway_toml(tmp_path: Path) -> None:
+    """Set, the role's variables become [[dimse.remote]], [commitment] and [study] as
+    `dicom-gateway check-config` and the gateway's loader read them; at the gateway's
+    defaults (left out, or given explicitly) gateway.toml gets none of the three."""
+    sites: dict[str, dict[str, Any]] = {
+        "default": {},
+        "explicit": {
+            "dicom_gateway_remote_aes": [],
+            "dicom_gateway_commitment_verify": "stow",
+            "dicom_gateway_commitment_timeout_hours": 24,
+            "dicom_gateway_study_quiet_seconds": 300,
+        },
+        "clinic": {
+            "dicom_gateway_allowed_aets": ["CT_ROOM1", "US_ROOM2"],
+            "dicom_gateway_remote_aes": [
+                {"ae_title": "CT_ROOM1", "host": "10.20.0.11"},  # port: 104
+                {"ae_title": "US_ROOM2", "host": "us2.clinic.local", "port": 11112},
+            ],
+            "dicom_gateway_commitment_verify": "qido",
+            "dicom_gateway_commitment_timeout_hours": 2.5,
+            "dicom_gateway_study_quiet_seconds": 90,
+        },
+        # Only one of the settings away from its default: its table alone.
+        "slow-modality": {"dicom_gateway_commitment_timeout_hours": 48},
+        # A value the role's checks let through and the gateway refuses (a host name
+        # with a space): check-config, the template task's validate on a box, names
+        # the key.
+        "typo": {"dicom_gateway_remote_aes": [{"ae_title": "MR1", "host": "mr 1.clinic"}]},
+    }
+    paths = render_gateway_toml(tmp_path, sites)
+    for name, path in paths.items():
+        check = check_config(path)
+        if name == "typo":
+            assert check.returncode == 78, check.stdout + check.stderr
+            assert "dimse.remote[0].host" in check.stderr, check.stderr
+            continue
+        assert check.returncode == 0, (name, check.stdout + check.stderr, path.read_text())
+
+    for name in ("default", "explicit"):
+        text = paths[name].read_text()
+        for table in ("[[dimse.remote]]", "[commitment]", "[study]"):
+            assert table not in text, (name, text)
+    # The rest of the file is what the role wrote before these variables existed.
+    assert paths["explicit"].read_text() == paths["default"].read_text()
+    assert DEFAULT_UPLOAD in paths["default"].read_text()
+
+    clinic = load(paths["clinic"])
+    assert clinic.dimse.remote == (
+        RemoteAE(ae_title="CT_ROOM1", host="10.20.0.11", port=104),
+        RemoteAE(ae_title="US_ROOM2", host="us2.clinic.local", port=11112),
+    )
+    assert clinic.dimse.allowed_aets == ("CT_ROOM1", "US_ROOM2")  # [dimse] still one table
+    assert clinic.commitment == CommitmentConfig(verify="qido", timeout_hours=2.5)
+    assert clinic.study == StudyConfig(quiet_seconds=90.0)
+
+    slow = paths["slow-modality"].read_text()
+    assert "[study]" not in slow and "[[dimse.remote]]" not in slow
+    assert tomllib.loads(slow)["commitment"] == {"verify": "stow", "timeout_hours": 48.0}
+
+
+def test_role_commitment_defaults_are_the_gateways() -> None:
+    if not PLAYBOOK.exists():
+        pytest.fail("no .venv-ansible: run `make .venv-ansible/.installed`")
+    options = _yaml(ROLE / "meta" / "argument_specs.yml")["argument_specs"]["main"]["options"]
+    defaults = _yaml(ROLE / "defaults" / "main.yml")
+    commitment, study, remote = CommitmentConfig(), StudyConfig(), RemoteAE()
+    pairs = {
+        "dicom_gateway_remote_aes": [],
+        "dicom_gateway_commitment_verify": commitment.verify,
+        "dicom_gateway_commitment_timeout_hours": commitment.timeout_hours,
+        "dicom_gateway_study_quiet_seconds": study.quiet_seconds,
+    }
+    for var, value in pairs.items():
+        assert defaults[var] == value, var
+        assert options[var]["default"] == value, var
+        assert options[var]["description"], var
+    assert options["dicom_gateway_commitment_verify"]["choices"] == list(COMMITMENT_VERIFY)
+    entry = options["dicom_gateway_remote_aes"]["options"]
+    assert list(entry) == [f.name for f in dataclasses.fields(RemoteAE)]
+    assert entry["port"]["default"] == remote.port
+    assert entry["ae_title"]["required"] and entry["host"]["required"]
