@@ -246,7 +246,10 @@ def dashboard() -> Dashboard:
             description="requests per second by HTTP status (error: no answer), and the"
             " 95th percentile of their duration",
         ),
-        RowPanel(title="Disk, modalities, worklist, MPPS", gridPos=GridPos(h=1, w=24, x=0, y=32)),
+        RowPanel(
+            title="Disk, modalities, worklist, MPPS, Storage Commitment",
+            gridPos=GridPos(h=1, w=24, x=0, y=32),
+        ),
         timeseries(
             "Spool disk",
             [
@@ -324,14 +327,39 @@ def dashboard() -> Dashboard:
             description="MPPS messages not yet delivered to the RIS (failed: refused by it)",
             stacked=True,
         ),
-        RowPanel(title="Fleet (recording rules)", gridPos=GridPos(h=1, w=24, x=0, y=49)),
+        timeseries(
+            "Storage Commitment requests",
+            [
+                target(
+                    f"sum by (state) (dicom_gateway_commitment_requests{{{BOXES}}})",
+                    "{{state}}",
+                )
+            ],
+            (0, 49, 12, 8),
+            description="Storage Commitment requests by state: waiting for the archive, report"
+            " due, being sent, reported (kept 30 days)",
+        ),
+        timeseries(
+            "Storage Commitment report waiting",
+            [
+                target(
+                    f"time() - dicom_gateway_commitment_report_due_timestamp_seconds{{{BOXES}}}",
+                    f"{{{{requesting_ae}}}} {WHO}",
+                )
+            ],
+            (12, 49, 12, 8),
+            unit="s",
+            description="per requesting AE, how long its oldest undelivered report has been"
+            " due; CommitmentReportsStuck fires past an hour",
+        ),
+        RowPanel(title="Fleet (recording rules)", gridPos=GridPos(h=1, w=24, x=0, y=57)),
         timeseries(
             "Fleet throughput",
             [
                 target("job:dicom_gateway_instances_received:rate5m", "received {{job}}", "A"),
                 target("job:dicom_gateway_instances_uploaded:rate5m", "uploaded {{job}}", "B"),
             ],
-            (0, 50, 8, 8),
+            (0, 58, 8, 8),
             unit="ops",
         ),
         timeseries(
@@ -340,7 +368,7 @@ def dashboard() -> Dashboard:
                 target("job:dicom_gateway_queue_waiting_instances:sum", "waiting {{job}}", "A"),
                 target("job:dicom_gateway_queue_failed_instances:sum", "failed {{job}}", "B"),
             ],
-            (8, 50, 8, 8),
+            (8, 58, 8, 8),
         ),
         timeseries(
             "Fleet upload health",
@@ -351,7 +379,7 @@ def dashboard() -> Dashboard:
                     "A",
                 ),
             ],
-            (16, 50, 8, 8),
+            (16, 58, 8, 8),
             unit="percentunit",
         ),
     ]

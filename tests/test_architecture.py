@@ -113,12 +113,16 @@ ACROSS_ROOMS: dict[tuple[str, str], str] = {
         "the transfer syntaxes proposed to the RIS",
     ("gateway.web.gauges", "gateway.mpps.outbox"):
         "the outbox states, as metric labels",
+    ("gateway.web.gauges", "gateway.commitment.requests"):
+        "the Storage Commitment request states, as metric labels",
     ("gateway.web.server", "gateway.pipeline.jobs"):
         "pause, resume and a wake-up after a retry act on the running Pipeline (a type)",
     ("gateway.web.status", "gateway.dicom.receivers"):
         "reads the open associations (a type only)",
     ("gateway.web.status", "gateway.mpps.outbox"):
         "reads the outbox",
+    ("gateway.web.status", "gateway.commitment.requests"):
+        "reads the Storage Commitment requests' counts and undelivered reports",
     ("gateway.web.status", "gateway.pipeline.jobs"):
         "reads the pipeline's state (a type only)",
     ("gateway.web.status", "gateway.worklist.service"):

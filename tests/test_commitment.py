@@ -10,6 +10,7 @@ tests/test_commitment_e2e.py.
 from __future__ import annotations
 
 import socket
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
@@ -30,6 +32,7 @@ from gateway.commitment import requests
 from gateway.commitment.decide import decide
 from gateway.commitment.reporter import classify, event_information
 from gateway.commitment.requests import (
+    Decision,
     ItemOutcome,
     Recorded,
     Report,
@@ -37,6 +40,7 @@ from gateway.commitment.requests import (
     RequestedItem,
     RequestState,
     Undecided,
+    Undelivered,
 )
 from gateway.commitment.scp import CommitmentScp, Refused, parse_request
 from gateway.config import from_dict
@@ -49,6 +53,9 @@ from .conftest import GatewayFactory
 from .support import corpus
 from .support.archive import ArchiveLab
 from .support.gateway_proc import GatewayProcess
+from .support.peers import free_port
+from .support.web_client import WebClient, web_port
+from .test_upload import wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -479,3 +486,120 @@ def test_stop_is_prompt_while_the_modality_is_silent(gateway_factory: GatewayFac
     assert "stopped cleanly" in gw.log
     (row,) = request_rows(gw)
     assert row["state"] in ("due", "reporting") and row["event_type"] == 2
+
+
+# -- what the status shows ------------------------------------------------------------------
+
+
+def test_the_status_summary_counts_requests_and_lists_undelivered_reports(store: Store) -> None:
+    """requests.summary(), as the status snapshot reads it: counts by state, those with
+    failures, the oldest unreported, and per AE with reports due the oldest due, the
+    tries and the newest error (a report being sent has no next try)."""
+    far = "2999-01-01T00:00:00.000000+00:00"
+
+    def record(tx: str, ae: str, at: str, failed: bool = False) -> None:
+        item = (
+            RequestedItem(MR, f"{tx}.1", 0x0122, "not stored")
+            if failed
+            else RequestedItem(CT, f"{tx}.1")
+        )
+        store.submit(requests.record_request(tx, ae, "p", [item], at, far)).result()
+
+    def run(write: Any) -> None:
+        store.submit(write).result()
+
+    record("3.1", "CT_ROOM1", "2030-01-01T08:00:00.000000+00:00")  # waits for the archive
+    record("3.2", "CT_ROOM1", "2030-01-01T09:00:00.000000+00:00", failed=True)  # due at once
+    record("3.3", "CT_ROOM1", "2030-01-01T10:00:00.000000+00:00", failed=True)
+    run(requests.retry_report("3.2", "cannot connect: refused", "2030-01-01T10:05:00+00:00", False))
+    record("3.4", "US_ROOM2", "2030-01-01T07:00:00.000000+00:00")
+    run(lambda conn: requests.record_decisions(
+        conn, [Decision("3.4", 0, ItemOutcome.COMMITTED)], "2030-01-01T07:30:00.000000+00:00"
+    ))  # fmt: skip
+    run(requests.mark_reporting("3.4"))
+    run(requests.mark_reported("3.4"))
+    record("3.5", "MR_ROOM3", "2030-01-01T11:00:00.000000+00:00", failed=True)
+    run(requests.mark_reporting("3.5"))
+
+    s = store.read(lambda conn: requests.summary(conn, 10))
+    assert s.by_state == {RequestState.WAITING: 1, RequestState.DUE: 2,
+                          RequestState.REPORTING: 1, RequestState.REPORTED: 1}  # fmt: skip
+    assert s.some_failed == 3  # 3.2, 3.3 and 3.5; 3.4 all committed, 3.1 undecided
+    assert s.oldest_unreported_at == "2030-01-01T08:00:00.000000+00:00"
+    ct, mr = s.undelivered
+    assert ct == Undelivered(
+        requesting_ae="CT_ROOM1", reports=2, due_since="2030-01-01T09:00:00.000000+00:00",
+        attempts=1, last_error="cannot connect: refused", last_error_at=ct.last_error_at,
+        next_attempt_at="2030-01-01T10:00:00.000000+00:00",  # 3.3's first try
+    )  # fmt: skip
+    assert ct.last_error_at is not None
+    assert (mr.requesting_ae, mr.reports, mr.attempts, mr.last_error, mr.next_attempt_at) == (
+        "MR_ROOM3", 1, 0, None, None,
+    )  # fmt: skip
+    # At most so many AEs, the one waiting longest first.
+    assert [u.requesting_ae for u in store.read(lambda c: requests.summary(c, 1)).undelivered] == [
+        "CT_ROOM1"
+    ]
+
+
+def test_an_undeliverable_report_shows_on_the_page_the_api_and_the_metrics(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The modality's port refuses connections: the report stays due, and the status
+    says to whom, why and when the next try is; health is judged only after an hour
+    (tests/test_status.py)."""
+    closed = free_port()  # nothing listens there
+    gw = gateway_factory(
+        dimse={"remote": [{"ae_title": "CT_ROOM1", "host": "127.0.0.1", "port": closed}]},
+        commitment={"timeout_hours": 0.0003, "report_backoff_initial_seconds": 60,
+                    "report_backoff_max_seconds": 120},
+    )  # fmt: skip
+    client = WebClient(web_port(gw))
+    quiet = client.status()["commitment"]
+    assert (quiet["waiting"], quiet["due"], quiet["undelivered"]) == (0, 0, [])
+    page = client.get("/").text
+    # Shown as soon as [[dimse.remote]] is configured, before any request.
+    assert "<h2>Storage Commitment</h2>" in page and "commitment-undelivered" not in page
+    assert f"CT_ROOM1@127.0.0.1:{closed}" in page
+
+    # Never received: failed at the deadline (about a second), then the report is due.
+    assert n_action(gw.port, action_info(generate_uid(), [(CT, generate_uid())])).Status == 0
+    wait_until(
+        "the first try of the report failed",
+        lambda: any(u["last_error"] for u in client.status()["commitment"]["undelivered"]),
+        timeout=30,
+    )
+    doc = client.status()
+    c = doc["commitment"]
+    assert (c["waiting"], c["due"], c["reported"], c["some_failed"]) == (0, 1, 0, 1)
+    (u,) = c["undelivered"]
+    assert (u["requesting_ae"], u["address"], u["reports_due"]) == (
+        "CT_ROOM1", f"127.0.0.1:{closed}", 1,
+    )  # fmt: skip
+    assert u["attempts"] >= 1 and u["next_attempt_ts"] > time.time()
+    # What the reporter found (pynetdicom says only that no association came about).
+    assert u["last_error"] in ("association refused, aborted or not answered",) or (
+        u["last_error"].startswith("cannot connect:")
+    ), u["last_error"]
+    assert not any("Storage Commitment" in r for r in doc["health"]["reasons"])
+
+    page = client.get("/").text
+    row = page.split('<tr data-ae="CT_ROOM1">', 1)[1].split("</tr>", 1)[0]
+    assert f"127.0.0.1:{closed}" in row and u["last_error"] in row
+    assert ", next try in " in row
+    assert '<b id="c-due">1</b>' in page
+
+    metrics = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(client.get("/metrics").text)
+        for s in f.samples
+    }
+    p = "dicom_gateway_commitment_"
+    assert metrics[p + "requests", (("state", "due"),)] == 1
+    assert metrics[p + "requests", (("state", "waiting"),)] == 0
+    assert metrics[p + "report_due_timestamp_seconds", (("requesting_ae", "CT_ROOM1"),)] == (
+        pytest.approx(u["due_since_ts"])
+    )
+    assert metrics[p + "oldest_unreported_timestamp_seconds", ()] == pytest.approx(
+        c["oldest_unreported_ts"]
+    )

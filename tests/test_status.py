@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import re
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
@@ -17,14 +18,18 @@ import pytest
 
 from gateway import app as app_module
 from gateway import config
+from gateway.commitment import requests as commitment_requests
+from gateway.commitment.requests import RequestedItem
 from gateway.metrics import Metrics
 from gateway.web import auth as webauth
 from gateway.web import status
 from gateway.web.gauges import SnapshotCollector
 from gateway.web.heartbeat import compact
-from gateway.web.page import chart
+from gateway.web.page import chart, render_page
 from gateway.web.status import config_summary, health
 from gateway.web.status_doc import (
+    CommitmentRequester,
+    CommitmentStatus,
     ComponentRestart,
     Modality,
     StatusDoc,
@@ -87,6 +92,15 @@ GOLDEN: dict[str, Any] = {
                              "received_at": "str", "last_error": "str|null"}],
         "forwarding_to": "str|null", "oldest_pending_ts": "number|null",
     },
+    "commitment": {
+        "waiting": "int", "due": "int", "reporting": "int", "reported": "int",
+        "some_failed": "int", "oldest_unreported_at": "str|null",
+        "oldest_unreported_ts": "number|null", "oldest_unreported_age_seconds": "number|null",
+        "undelivered": [{"requesting_ae": "str", "address": "str|null", "reports_due": "int",
+                         "due_since_at": "str", "due_since_ts": "number", "attempts": "int",
+                         "last_error": "str|null", "last_error_at": "str|null",
+                         "next_attempt_at": "str|null", "next_attempt_ts": "number|null"}],
+    },
     "studies": [{
         "study_instance_uid": "str", "calling_aes": ["str"], "instances": "int",
         "stage": "str", "complete": "bool", "complete_at": "str",
@@ -96,8 +110,9 @@ GOLDEN: dict[str, Any] = {
     }],
     "config": {
         "source": "str", "ae_title": "str", "dimse": "str", "allowed_aets": ["str"],
-        "spool_dir": "str", "min_free_bytes": "int", "database": "str", "dicomweb_url": "str",
-        "client_cert": "str", "client_key": "str", "upload_auth": "str", "compression": "str",
+        "remote_aes": ["str"], "spool_dir": "str", "min_free_bytes": "int", "database": "str",
+        "dicomweb_url": "str", "client_cert": "str", "client_key": "str", "upload_auth": "str",
+        "compression": "str",
         "concurrent_requests": "int", "retention_keep_bytes": "int",
         "worklist_upstream": "str", "web": "str", "web_auth": ["str"], "heartbeat_url": "str",
     },
@@ -139,6 +154,24 @@ def test_the_heartbeat_keeps_its_golden_key_tree() -> None:
     assert json.loads(json.dumps(body)) == body  # plain JSON, nothing converted
 
 
+def _undelivered(due_since_ts: float, **changes: Any) -> CommitmentStatus:
+    """Two reports due to CT_ROOM1 since *due_since_ts*, tried and failed."""
+    due_since = datetime.fromtimestamp(due_since_ts, UTC).isoformat()
+    requester = CommitmentRequester(
+        requesting_ae="CT_ROOM1", address="10.20.0.11:104", reports_due=2,
+        due_since_at=due_since, due_since_ts=due_since_ts, attempts=4,
+        last_error="association refused, aborted or not answered", last_error_at=due_since,
+        next_attempt_at=datetime.fromtimestamp(time.time() + 40, UTC).isoformat(),
+        next_attempt_ts=time.time() + 40,
+    )  # fmt: skip
+    return dataclasses.replace(
+        sample_doc().commitment, waiting=1, due=2, reported=5, some_failed=1,
+        oldest_unreported_at=due_since, oldest_unreported_ts=due_since_ts,
+        oldest_unreported_age_seconds=time.time() - due_since_ts,
+        undelivered=(dataclasses.replace(requester, **changes),),
+    )  # fmt: skip
+
+
 def test_health_ok_degraded_failing() -> None:
     def judge(**changes: Any) -> tuple[str, tuple[str, ...]]:
         verdict = health(sample_doc(**changes))
@@ -165,6 +198,13 @@ def test_health_ok_degraded_failing() -> None:
     state, reasons = judge(mpps__oldest_pending_ts=time.time() - 7200)
     assert state == "degraded" and "MPPS" in reasons[0]
     assert judge(mpps__oldest_pending_ts=time.time() - 5)[0] == "ok"
+    # A Storage Commitment report undeliverable for over an hour, and only then.
+    state, reasons = judge(commitment=_undelivered(time.time() - 7200))
+    assert state == "degraded" and reasons == (
+        "Storage Commitment reports to CT_ROOM1 undelivered for 120 min:"
+        " association refused, aborted or not answered",
+    )
+    assert judge(commitment=_undelivered(time.time() - 600))[0] == "ok"
     crash = ComponentRestart("RuntimeError('x')", "2026-01-01T00:00:00+00:00", 0.0, 2, 1.0)
     state, reasons = judge(components={"pipeline": crash})
     assert state == "degraded" and reasons[0].startswith("pipeline restarting after error")
@@ -194,6 +234,54 @@ def test_config_summary_has_no_secrets() -> None:
     assert "/etc/gw/box.key" in text  # the path, never the contents
     assert summary.web_auth == ("password", "token")
     assert summary.upload_auth == "mtls"
+
+
+def _page(doc: StatusDoc) -> str:
+    return render_page(doc, csrf=None, user="u", refresh_seconds=5, can_logout=False)
+
+
+def _section(page: str, heading: str) -> str:
+    return page.split(f"<h2>{heading}</h2>", 1)[1].split("<h2>", 1)[0]
+
+
+def test_the_page_shows_storage_commitment_only_where_it_is_used() -> None:
+    assert "Storage Commitment" not in _page(sample_doc())
+    configured = _section(
+        _page(sample_doc(config__remote_aes=("CT_ROOM1@10.20.0.11:104",))), "Storage Commitment"
+    )
+    assert '<b id="c-waiting">0</b>' in configured and '<b id="c-due">0</b>' in configured
+    assert "Reports go to: CT_ROOM1@10.20.0.11:104" in configured
+    assert "commitment-undelivered" not in configured and "with failures" not in configured
+
+    # Requests without [[dimse.remote]] (taken out of the config since): shown, with
+    # the requester's values escaped.
+    stuck = _undelivered(time.time() - 7200, requesting_ae="CT<1>", last_error="refused <b>now</b>")
+    page = _page(sample_doc(commitment=stuck))
+    section = _section(page, "Storage Commitment")
+    for ident, value in (("c-waiting", 1), ("c-due", 2), ("c-reported", 5)):
+        assert f'<b id="{ident}">{value}</b>' in section
+    assert "1 with failures" in section and '<span id="c-oldest">2.0 h</span>' in section
+    assert "Reports go to" not in section
+    row = section.split('<tr data-ae="CT&lt;1&gt;">', 1)[1].split("</tr>", 1)[0]
+    assert "<td>CT&lt;1&gt; (10.20.0.11:104)</td><td>2</td>" in row
+    assert "(2.0 h ago)</td><td>4</td>" in row
+    assert re.search(
+        r"<span class=bad>refused &lt;b&gt;now&lt;/b&gt;</span>, next try in \d+ s</td>", row
+    ), row
+    assert "<b>now</b>" not in page
+
+    sending = _section(
+        _page(sample_doc(commitment=_undelivered(time.time(), last_error=None,
+                                                 next_attempt_at=None, next_attempt_ts=None))),
+        "Storage Commitment",
+    )  # fmt: skip
+    assert "<td>sending</td>" in sending
+    first = _section(
+        _page(sample_doc(commitment=_undelivered(time.time(), last_error=None,
+                                                 next_attempt_ts=time.time() - 1))),
+        "Storage Commitment",
+    )  # fmt: skip
+    assert "<td>first try now</td>" in first
 
 
 def test_chart_scales_to_the_busiest_minute() -> None:
@@ -261,9 +349,25 @@ def _fill(path: Path) -> None:
 async def test_a_real_snapshot_round_trips_through_its_json(tmp_path: Path) -> None:
     """What the builder really produces has exactly the document's keys and types
     (so the golden tree above is the API's), and the JSON keeps every value."""
-    gw = _gateway(tmp_path, mpps={"upstream_host": "ris.example", "upstream_ae": "RIS"})
+    remote = {"ae_title": "CT_ROOM1", "host": "10.20.0.11", "port": 104}
+    gw = _gateway(
+        tmp_path,
+        mpps={"upstream_host": "ris.example", "upstream_ae": "RIS"},
+        dimse={"port": 0, "remote": [remote]},
+    )
     try:
         _fill(gw.store.path)
+        # A Storage Commitment request decided two hours ago (an instance of a class
+        # the gateway does not store), its report refused since.
+        two_hours_ago = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+        item = RequestedItem("1.2.840.10008.5.1.4.1.1.4", "7.1", 0x0122, "not stored")
+        gw.store.submit(commitment_requests.record_request(
+            "7", "CT_ROOM1", "10.20.0.11:5000", [item], two_hours_ago, two_hours_ago
+        )).result()  # fmt: skip
+        gw.store.submit(commitment_requests.retry_report(
+            "7", "association refused, aborted or not answered",
+            (datetime.now(UTC) + timedelta(minutes=5)).isoformat(), False,
+        )).result()  # fmt: skip
         gw.status.component_crashed("worklist", "OSError('x')", 2.0)
         gw.status.errors.handle(
             logging.LogRecord(
@@ -273,7 +377,8 @@ async def test_a_real_snapshot_round_trips_through_its_json(tmp_path: Path) -> N
         doc = await gw.status.status(fresh=True)
         for part in (doc.throughput, doc.modalities, doc.failed, doc.retrying,
                      doc.warnings.recent, doc.recent_errors, doc.worklist,
-                     doc.mpps.failed_messages, doc.components, doc.studies):  # fmt: skip
+                     doc.mpps.failed_messages, doc.components, doc.studies,
+                     doc.commitment.undelivered):  # fmt: skip
             assert part, "the sample leaves a list of the document empty"
         text = json.dumps(status_json(doc))
         assert from_json(StatusDoc, json.loads(text)) == doc
@@ -284,6 +389,18 @@ async def test_a_real_snapshot_round_trips_through_its_json(tmp_path: Path) -> N
         assert doc.health.state == "degraded" and doc.warnings.recent[0].warnings == (
             "coerced <PatientName>",
         )
+        c = doc.commitment
+        assert (c.due, c.some_failed, c.oldest_unreported_at) == (1, 1, two_hours_ago)
+        (ae,) = c.undelivered
+        assert (ae.address, ae.attempts, ae.due_since_at) == ("10.20.0.11:104", 1, two_hours_ago)
+        assert doc.config.remote_aes == ("CT_ROOM1@10.20.0.11:104",)
+        assert any(
+            r.startswith(
+                "Storage Commitment reports to CT_ROOM1 undelivered for 120 min:"
+                " association refused"
+            )
+            for r in doc.health.reasons
+        ), doc.health.reasons
     finally:
         await gw.status.close()
         gw.store.close()
@@ -373,6 +490,19 @@ def test_metrics_gauges_follow_the_status_document() -> None:
     quiet = _samples(sample_doc())
     assert quiet[p + "mpps_outbox_oldest_pending_timestamp_seconds", ()] == 0
     assert quiet[p + "health_state", (("state", "ok"),)] == 1
+    assert not any(name.startswith(p + "commitment_report_due") for name, _ in quiet)
+    assert quiet[p + "commitment_oldest_unreported_timestamp_seconds", ()] == 0
     failing = sample_doc(disk__below_watermark=True)
     failing = dataclasses.replace(failing, health=health(failing))
     assert _samples(failing)[p + "health_state", (("state", "failing"),)] == 1
+
+
+def test_commitment_gauges_follow_the_status_document() -> None:
+    p = "dicom_gateway_commitment_"
+    m = _samples(sample_doc(commitment=_undelivered(1.7e9)))
+    assert {labels: v for (name, labels), v in m.items() if name == p + "requests"} == {
+        (("state", "waiting"),): 1, (("state", "due"),): 2, (("state", "reporting"),): 0,
+        (("state", "reported"),): 5,
+    }  # fmt: skip
+    assert m[p + "oldest_unreported_timestamp_seconds", ()] == 1.7e9
+    assert m[p + "report_due_timestamp_seconds", (("requesting_ae", "CT_ROOM1"),)] == 1.7e9

@@ -397,6 +397,85 @@ def count_by_state(conn: sqlite3.Connection) -> dict[RequestState, int]:
     return counts
 
 
+@dataclass(frozen=True)
+class Undelivered:
+    """A requesting AE's reports that are due and not yet acknowledged by it."""
+
+    requesting_ae: str
+    reports: int
+    #: When the oldest of them became due (every instance decided).
+    due_since: str
+    #: The most tries any of them had.
+    attempts: int
+    #: Why the latest try failed (None: not tried yet), and when.
+    last_error: str | None
+    last_error_at: str | None
+    #: When the next try is (None: one is being sent now).
+    next_attempt_at: str | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What the status shows of Storage Commitment (gateway/web/status.py)."""
+
+    by_state: dict[RequestState, int]
+    #: Requests, reported or not, whose report says some instance failed (refused by
+    #: the archive, never received, not confirmed in time), of those kept.
+    some_failed: int
+    oldest_unreported_at: str | None
+    #: Per requesting AE with reports due, the AE waiting longest first.
+    undelivered: tuple[Undelivered, ...]
+
+
+def summary(conn: sqlite3.Connection, max_aes: int) -> Summary:
+    """Counts by state, the oldest unreported request, and the reports due per
+    requesting AE (at most *max_aes* AEs): a scan of the requests, which are kept
+    30 days once reported."""
+    counts = dict.fromkeys(RequestState, 0)
+    some_failed = 0
+    for row in conn.execute(
+        "SELECT state, count(*) AS n, total(event_type = ?) AS failed"
+        " FROM commitment_requests GROUP BY state",
+        (EVENT_SOME_FAILED,),
+    ):
+        counts[RequestState(row["state"])] = int(row["n"])
+        some_failed += int(row["failed"])
+    unsent = (RequestState.DUE, RequestState.REPORTING)
+    rows = conn.execute(
+        "SELECT requesting_ae, count(*) AS reports, min(decided_at) AS due_since,"
+        " max(attempts) AS attempts,"
+        " min(CASE WHEN state = ? THEN next_attempt_at END) AS next_attempt_at"
+        " FROM commitment_requests WHERE state IN (?, ?)"
+        " GROUP BY requesting_ae ORDER BY due_since, requesting_ae LIMIT ?",
+        (RequestState.DUE, *unsent, max_aes),
+    ).fetchall()
+    undelivered = []
+    for r in rows:
+        error = conn.execute(
+            "SELECT last_error, updated_at FROM commitment_requests"
+            " WHERE requesting_ae = ? AND state IN (?, ?) AND last_error IS NOT NULL"
+            " ORDER BY updated_at DESC LIMIT 1",
+            (r["requesting_ae"], *unsent),
+        ).fetchone()
+        undelivered.append(
+            Undelivered(
+                requesting_ae=r["requesting_ae"],
+                reports=int(r["reports"]),
+                due_since=r["due_since"],
+                attempts=int(r["attempts"]),
+                last_error=error["last_error"] if error else None,
+                last_error_at=error["updated_at"] if error else None,
+                next_attempt_at=r["next_attempt_at"],
+            )
+        )
+    return Summary(
+        by_state=counts,
+        some_failed=some_failed,
+        oldest_unreported_at=oldest_unreported_at(conn),
+        undelivered=tuple(undelivered),
+    )
+
+
 def oldest_unreported_at(conn: sqlite3.Connection) -> str | None:
     value = conn.execute(
         "SELECT min(received_at) FROM commitment_requests"

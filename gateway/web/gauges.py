@@ -1,7 +1,7 @@
 """The gauges read from the status document at scrape time, in the gateway's registry
 (gateway/metrics.py): health and archive state, queue depth by state, uploads, spool
-space, worklist refreshes, the MPPS outbox, calling AEs, the client certificate,
-uptime.
+space, worklist refreshes, the MPPS outbox, Storage Commitment, calling AEs, the
+client certificate, uptime.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..commitment.requests import RequestState
 from ..metrics import PREFIX
 from ..mpps.outbox import OutboxState
 from .status_doc import ArchiveState, HealthState, StatusDoc
@@ -116,6 +117,7 @@ class SnapshotCollector(Collector):
             "when the oldest MPPS message still to be delivered came in (0: none)",
             s.mpps.oldest_pending_ts or 0,
         )
+        yield from _commitment(s)
         # Bounded: the status document lists at most 200 calling AEs (gateway.instances).
         received = GaugeMetricFamily(
             f"{PREFIX}_calling_ae_instances_last_24h",
@@ -141,6 +143,36 @@ class SnapshotCollector(Collector):
                 cert.not_after_ts,
             )
         yield _gauge("uptime_seconds", "seconds since the gateway started", s.uptime_seconds)
+
+
+def _commitment(s: StatusDoc) -> Iterator[Metric]:
+    c = s.commitment
+    requests = GaugeMetricFamily(
+        f"{PREFIX}_commitment_requests",
+        "Storage Commitment requests by state: waiting (for the archive), due (the report),"
+        " reporting (being sent), reported (kept 30 days)",
+        labels=["state"],
+    )
+    r = RequestState
+    for state, n in ((r.WAITING, c.waiting), (r.DUE, c.due), (r.REPORTING, c.reporting),
+                     (r.REPORTED, c.reported)):  # fmt: skip
+        requests.add_metric([state.value], n)
+    yield requests
+    yield _gauge(
+        "commitment_oldest_unreported_timestamp_seconds",
+        "when the oldest Storage Commitment request not yet reported came in (0: none)",
+        c.oldest_unreported_ts or 0,
+    )
+    # Bounded by [[dimse.remote]]: only a listed AE's request is accepted.
+    due = GaugeMetricFamily(
+        f"{PREFIX}_commitment_report_due_timestamp_seconds",
+        "when the oldest Storage Commitment report not yet delivered to this requesting AE"
+        " became due (no series: none waits)",
+        labels=["requesting_ae"],
+    )
+    for u in c.undelivered:
+        due.add_metric([u.requesting_ae], u.due_since_ts)
+    yield due
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -15,6 +15,7 @@ from ..studies import StudyProgress
 from .status_doc import (
     ArchiveStatus,
     CertificateStatus,
+    CommitmentStatus,
     DiskStatus,
     FailedInstance,
     Modality,
@@ -71,6 +72,14 @@ def _age(seconds: float | None) -> str:
     if seconds < 172800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86400:.1f} days"
+
+
+def _in(ts: float | None) -> str:
+    """A time to come, from now: "in 40 s" ("now" when it has passed)."""
+    if ts is None:
+        return "now"
+    seconds = ts - datetime.now(UTC).timestamp()
+    return f"in {_age(seconds)}" if seconds >= 1 else "now"
 
 
 def _ago(iso: str | None) -> str:
@@ -147,6 +156,7 @@ def render_page(
             _certificate(doc.certificate),
             _worklist(doc.worklist),
             _mpps(doc.mpps),
+            _commitment(doc.commitment, doc.config.remote_aes),
             _gateway(doc, csrf, user, refresh_seconds, can_logout),
         ]
     )
@@ -408,6 +418,46 @@ def _mpps(m: MppsStatus) -> str:
             "<p><small>Once the RIS is fixed, <code>dicom-gateway mpps retry --all</code>"
             " sends them again in order.</small></p>"
         )
+    return "".join(out)
+
+
+def _commitment(c: CommitmentStatus, remote_aes: Sequence[str]) -> str:
+    """Storage Commitment: requests by state, the oldest unreported, and each modality
+    whose reports wait, with why.  Only on a box that uses it."""
+    if not (remote_aes or c.waiting or c.due or c.reporting or c.reported):
+        return ""
+    failed = f" (<span class=warn>{c.some_failed} with failures</span>)" if c.some_failed else ""
+    out = [
+        "<h2>Storage Commitment</h2><p id=commitment>",
+        f'waiting for the archive <b id="c-waiting">{c.waiting}</b>;'
+        f' report due <b id="c-due">{c.due + c.reporting}</b>;'
+        f' reported <b id="c-reported">{c.reported}</b>{failed}',
+        f'; oldest unreported: <span id="c-oldest">{_age(c.oldest_unreported_age_seconds)}</span>',
+    ]
+    if remote_aes:
+        out.append(f"<br>Reports go to: {_e(', '.join(remote_aes))}")
+    out.append("</p>")
+    if c.undelivered:
+        out.append("<div class=wrap><table id=commitment-undelivered><tr><th>requesting AE</th>")
+        out.append("<th>reports due</th><th>due since</th><th>tries</th><th>last error</th></tr>")
+        for r in c.undelivered:
+            where = f" ({_e(r.address)})" if r.address else " (no [[dimse.remote]] entry)"
+            if r.last_error:
+                why = (
+                    f"<span class=bad>{_e(r.last_error)}</span>, next try {_in(r.next_attempt_ts)}"
+                )
+            else:
+                why = (
+                    "sending"
+                    if r.next_attempt_at is None
+                    else f"first try {_in(r.next_attempt_ts)}"
+                )
+            out.append(
+                f'<tr data-ae="{_e(r.requesting_ae)}"><td>{_e(r.requesting_ae)}{where}</td>'
+                f"<td>{r.reports_due}</td><td>{_ago(r.due_since_at)}</td><td>{r.attempts}</td>"
+                f"<td>{why}</td></tr>"
+            )
+        out.append("</table></div>")
     return "".join(out)
 
 

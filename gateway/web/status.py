@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import __version__, instances, studies
+from ..commitment import requests as commitment_requests
+from ..commitment.requests import RequestState
 from ..config import Config
 from ..instances import QueueState
 from ..mpps import outbox as mpps_outbox
@@ -37,6 +39,8 @@ from .status_doc import (
     ArchiveState,
     ArchiveStatus,
     CertificateStatus,
+    CommitmentRequester,
+    CommitmentStatus,
     ComponentRestart,
     ConfigSummary,
     DiskStatus,
@@ -85,6 +89,10 @@ RECENT_ERRORS = 20
 STUDIES_SHOWN = 10
 #: A component restarted after a crash shows as "degraded" for this long.
 RESTART_SHOWN_S = 600.0
+#: A Storage Commitment report due and not delivered this long makes it "degraded".
+REPORT_STUCK_S = 3600.0
+#: Requesting AEs with undelivered reports listed (the [[dimse.remote]] table's size).
+COMMITMENT_AES_SHOWN = 50
 PENDING_STATES = (QueueState.RECEIVED, QueueState.COMPRESSING, QueueState.COMPRESSED)
 
 
@@ -158,7 +166,8 @@ def certificate_expiry(path: Path | None, cache: _CertCache) -> CertificateStatu
 # shaped for the indexes of migrations 5 and 9 (bench: tests/bench/status.py), which is
 # why they live here rather than with the owners of the tables they read: ``instances``
 # (the queue) and ``mpps_outbox`` (the MPPS forwarder).  Worklist sources are the
-# worklist's business: only its freshness() is read.
+# worklist's business: only its freshness() is read.  The Storage Commitment requests
+# are few (kept 30 days once reported): their owner's summary() scans them.
 
 
 _NO_WARNINGS = WarningsStatus(count=0, recent=())
@@ -191,12 +200,19 @@ class OutboxFacts:
     failed_messages: tuple[MppsFailedMessage, ...] = ()
 
 
+_NO_COMMITMENTS = commitment_requests.Summary(
+    by_state=dict.fromkeys(RequestState, 0), some_failed=0, oldest_unreported_at=None,
+    undelivered=(),
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Every database fact the status shows (empty: no snapshot yet)."""
 
     queue: QueueFacts = QueueFacts()
     outbox: OutboxFacts = OutboxFacts()
+    commitment: commitment_requests.Summary = _NO_COMMITMENTS
     worklist: tuple[WorklistSource, ...] = ()
     studies: tuple[StudyProgress, ...] = ()
 
@@ -262,7 +278,11 @@ def read_mpps_outbox(conn: sqlite3.Connection) -> OutboxFacts:
 
 def query_database(conn: sqlite3.Connection, now: datetime) -> Snapshot:
     """The snapshot's database part; each query uses an index (see module doc)."""
-    return Snapshot(queue=read_queue(conn, now), outbox=read_mpps_outbox(conn))
+    return Snapshot(
+        queue=read_queue(conn, now),
+        outbox=read_mpps_outbox(conn),
+        commitment=commitment_requests.summary(conn, COMMITMENT_AES_SHOWN),
+    )
 
 
 # -- the service ----------------------------------------------------------------------------
@@ -408,6 +428,7 @@ class StatusService:
             certificate=self._cert,
             worklist=db.worklist,
             mpps=self._mpps(db.outbox),
+            commitment=self._commitment(db.commitment, now),
             studies=db.studies,
             # The file really open (an upgraded box may use one at the old default).
             config=dataclasses.replace(config_summary(self.config), database=str(self.store.path)),
@@ -475,6 +496,38 @@ class StatusService:
                 f"{c.upstream_ae}@{c.upstream_host}:{c.upstream_port}" if c.upstream_host else None
             ),
             oldest_pending_ts=_ts(outbox.oldest_pending_at),
+        )
+
+    def _commitment(self, facts: commitment_requests.Summary, now: float) -> CommitmentStatus:
+        by_state = facts.by_state
+        oldest_ts = _ts(facts.oldest_unreported_at)
+        undelivered = []
+        for u in facts.undelivered:
+            remote = self.config.dimse.remote_ae(u.requesting_ae)
+            undelivered.append(
+                CommitmentRequester(
+                    requesting_ae=u.requesting_ae,
+                    address=f"{remote.host}:{remote.port}" if remote else None,
+                    reports_due=u.reports,
+                    due_since_at=u.due_since,
+                    due_since_ts=datetime.fromisoformat(u.due_since).timestamp(),
+                    attempts=u.attempts,
+                    last_error=u.last_error,
+                    last_error_at=u.last_error_at,
+                    next_attempt_at=u.next_attempt_at,
+                    next_attempt_ts=_ts(u.next_attempt_at),
+                )
+            )
+        return CommitmentStatus(
+            waiting=by_state[RequestState.WAITING],
+            due=by_state[RequestState.DUE],
+            reporting=by_state[RequestState.REPORTING],
+            reported=by_state[RequestState.REPORTED],
+            some_failed=facts.some_failed,
+            oldest_unreported_at=facts.oldest_unreported_at,
+            oldest_unreported_ts=oldest_ts,
+            oldest_unreported_age_seconds=max(0.0, now - oldest_ts) if oldest_ts else None,
+            undelivered=tuple(undelivered),
         )
 
 
@@ -561,6 +614,13 @@ def health(doc: StatusDoc) -> Health:
         degraded.append(
             f"oldest MPPS message waits for {(time.time() - waiting) / 60:.0f} min to reach the RIS"
         )
+    for ae in doc.commitment.undelivered:
+        waited = time.time() - ae.due_since_ts
+        if waited > REPORT_STUCK_S:
+            degraded.append(
+                f"Storage Commitment reports to {ae.requesting_ae} undelivered for"
+                f" {waited / 60:.0f} min: {ae.last_error or 'not tried yet'}"
+            )
     for name, r in doc.components.items():
         degraded.append(
             f"{name} restarting after error {r.error} ({r.count} restart(s), last at {r.at})"
@@ -582,6 +642,7 @@ def config_summary(c: Config) -> ConfigSummary:
         ae_title=c.dimse.ae_title,
         dimse=f"{c.dimse.bind}:{c.dimse.port}",
         allowed_aets=tuple(c.dimse.allowed_aets),
+        remote_aes=tuple(f"{r.ae_title}@{r.host}:{r.port}" for r in c.dimse.remote),
         spool_dir=str(c.spool.dir),
         min_free_bytes=c.spool.min_free_bytes,
         database=str(c.database_path),

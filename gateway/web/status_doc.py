@@ -207,6 +207,45 @@ class MppsStatus:
 
 
 @dataclass(frozen=True)
+class CommitmentRequester:
+    """A requesting AE with Storage Commitment reports due but not yet delivered."""
+
+    requesting_ae: str
+    #: Its ``[[dimse.remote]]`` host:port (None: no entry, the reports wait for one).
+    address: str | None
+    reports_due: int
+    #: When the oldest of its reports became due.
+    due_since_at: str
+    due_since_ts: float
+    attempts: int
+    #: Why the latest try failed (None: not tried yet).
+    last_error: str | None
+    last_error_at: str | None
+    #: None: a report is being sent now.
+    next_attempt_at: str | None
+    next_attempt_ts: float | None
+
+
+@dataclass(frozen=True)
+class CommitmentStatus:
+    """Storage Commitment requests by state (gateway.commitment.requests): waiting for
+    the archive, report due, being sent, reported (kept 30 days)."""
+
+    waiting: int
+    due: int
+    reporting: int
+    reported: int
+    #: Requests whose report says some instance failed (refused by the archive,
+    #: never received, not confirmed within commitment.timeout_hours).
+    some_failed: int
+    oldest_unreported_at: str | None
+    oldest_unreported_ts: float | None
+    oldest_unreported_age_seconds: float | None
+    #: The AEs whose reports wait, the one waiting longest first.
+    undelivered: tuple[CommitmentRequester, ...]
+
+
+@dataclass(frozen=True)
 class ConfigSummary:
     """What the page may show of the config: no password hashes, tokens or key
     contents (paths and method names only)."""
@@ -215,6 +254,8 @@ class ConfigSummary:
     ae_title: str
     dimse: str
     allowed_aets: tuple[str, ...]
+    #: ``[[dimse.remote]]`` as AE@host:port.
+    remote_aes: tuple[str, ...]
     spool_dir: str
     min_free_bytes: int
     database: str
@@ -273,6 +314,7 @@ class StatusDoc:
     certificate: CertificateStatus
     worklist: tuple[WorklistSource, ...]
     mpps: MppsStatus
+    commitment: CommitmentStatus
     #: The studies received most recently, newest first, with their proof of delivery.
     studies: tuple[StudyProgress, ...]
     config: ConfigSummary

@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 from gateway.web.status_doc import (
     ArchiveStatus,
     CertificateStatus,
+    CommitmentStatus,
     ConfigSummary,
     DiskStatus,
     Health,
@@ -69,9 +70,14 @@ def sample_doc(**changes: Any) -> StatusDoc:
             pending=0, sending=0, failed=0, oldest_pending_at=None, failed_messages=(),
             forwarding_to=None, oldest_pending_ts=None,
         ),
+        commitment=CommitmentStatus(
+            waiting=0, due=0, reporting=0, reported=0, some_failed=0, oldest_unreported_at=None,
+            oldest_unreported_ts=None, oldest_unreported_age_seconds=None, undelivered=(),
+        ),
         studies=(),
         config=ConfigSummary(
             source="<test>", ae_title="DICOMGW", dimse="0.0.0.0:11112", allowed_aets=(),
+            remote_aes=(),
             spool_dir="/spool", min_free_bytes=10**9, database="/spool/q.sqlite3",
             dicomweb_url="https://archive.example", client_cert="", client_key="",
             upload_auth="mtls", compression="j2k-lossless", concurrent_requests=2,
