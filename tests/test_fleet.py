@@ -7,22 +7,30 @@ certificate).  What it accepts is stored and shown; every kind of bad input gets
 
 from __future__ import annotations
 
+import asyncio
 import json
+import math
 import sqlite3
 import ssl
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import ConfigError, documented_keys
 from gateway.fleet import boxes, page
 from gateway.fleet import config as fleet_config
 from gateway.fleet.boxes import Box
-from gateway.heartbeat_body import BadHeartbeat, decode
+from gateway.fleet.metrics import BoxGauges
+from gateway.fleet.views import Built, CachedView
+from gateway.heartbeat_body import BadHeartbeat, Heartbeat, decode
 
 from .support.fleet import (
     FleetPki,
@@ -63,10 +71,12 @@ def _rows(receiver: FleetReceiverProcess) -> dict[str, tuple[float, str]]:
 
 
 def _nowhere(receiver: FleetReceiverProcess, text: str) -> None:
-    """*text* is in no stored row, nor on the page, nor in /metrics."""
+    """*text* is in no stored row, nor on the page, nor in /metrics (built after it
+    was refused)."""
     assert not any(text in name or text in body for name, (_, body) in _rows(receiver).items())
-    assert text not in receiver.view("/")[1]
-    assert text not in receiver.metrics()
+    metrics, html = receiver.settled()
+    assert text not in html
+    assert text not in metrics
 
 
 def _refused_count(receiver: FleetReceiverProcess, result: str) -> float:
@@ -91,13 +101,12 @@ def test_a_box_is_its_certificate_not_what_its_body_says(
     assert stored["heartbeat"] == beat  # every field as sent, nothing added
     assert not stale(stored)
     assert "CLAIMS-OTHER" not in receiver.boxes()  # never a box of its own
-    metrics = receiver.metrics()
+    metrics, html = receiver.settled()
     assert 'dicom_gateway_queue_instances{box="clinic-7-gw1",state="compressed"} 2.0' in metrics
     assert 'dicom_gateway_fleet_last_seen_timestamp_seconds{box="clinic-7-gw1"}' in metrics
     assert 'dicom_gateway_archive_state{box="clinic-7-gw1",state="reachable"} 1.0' in metrics
     assert 'dicom_gateway_build_info{box="clinic-7-gw1",version="0.test"} 1.0' in metrics
-    status, html = receiver.view("/")
-    assert status == 200 and 'data-box="clinic-7-gw1"' in html and "CLAIMS-OTHER" in html
+    assert 'data-box="clinic-7-gw1"' in html and "CLAIMS-OTHER" in html
 
 
 def stale(entry: dict[str, object]) -> bool:
@@ -143,7 +152,7 @@ def test_every_contract_metric_is_exported_per_box(
     beat = heartbeat(health="degraded", archive={"state": "unreachable", "last_success_at": None},
                      uploads_window_open=False, mpps=mpps)  # fmt: skip
     assert post(receiver, cert, encoded(beat)).status == 204
-    samples = _samples(receiver.metrics(), "box-contract")
+    samples = _samples(receiver.settled()[0], "box-contract")
     assert set(CONTRACT) <= set(samples), set(CONTRACT) - set(samples)
     text = "\n".join(line for lines in samples.values() for line in lines)
     for sample in (
@@ -174,7 +183,7 @@ def test_a_box_of_an_earlier_release_is_heard(
     the states its summary says exactly."""
     old = earlier_release(heartbeat(queue={**heartbeat()["queue"], "failed": 3}))
     assert post(receiver, pki.box("box-older"), encoded(old)).status == 204
-    samples = _samples(receiver.metrics(), "box-older")
+    samples = _samples(receiver.settled()[0], "box-older")
     states = {
         line.split('state="')[1].split('"')[0] for line in samples["dicom_gateway_queue_instances"]
     }
@@ -298,7 +307,7 @@ def test_what_a_box_says_is_escaped_on_the_page(
     cn = '<img src=x onerror="alert(1)">'
     beat = heartbeat(ae_title="<b>AE</b>", version="<script>", reasons=["<i>why</i>"])
     assert post(receiver, pki.box("evil", common_name=cn), encoded(beat)).status == 204
-    html = receiver.view("/")[1]
+    html = receiver.settled()[1]
     for raw in (cn, "<b>AE</b>", "<script>", "<i>why</i>"):
         assert raw not in html
     assert "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
@@ -365,6 +374,34 @@ def test_the_replay_check_is_made_in_the_write(tmp_path: Path) -> None:
         sqlite3.connect(tmp_path / "fleet.sqlite3").execute("PRAGMA journal_mode").fetchone()[0]
         == "wal"
     )
+
+
+def test_a_listing_decodes_only_the_rows_that_changed(tmp_path: Path) -> None:
+    from gateway.fleet.database import FleetDatabase
+
+    db = FleetDatabase(tmp_path / "fleet.sqlite3")
+    db.open()
+    try:
+
+        def store(box: str, sent_at: float, seen_at: float, **changes: object) -> None:
+            beat = heartbeat(**changes)  # type: ignore[arg-type]
+            assert db.submit(boxes.record(boxes.Arrival(box, "f", None, "p", sent_at, seen_at,
+                                                        beat))).result() is None  # fmt: skip
+
+        store("a", 100.0, 100.5)
+        store("b", 100.0, 100.5)
+        first = {b.box: b for b in db.read(boxes.listing)}
+        store("b", 101.0, 101.5, health="failing")
+        a, b = db.read(lambda conn: boxes.listing(conn, first))
+        assert a is first["a"]  # as it was: not decoded again
+        assert b is not first["b"] and b.heartbeat is not None
+        assert b.heartbeat["health"] == "failing" and b.heartbeats == 2
+        assert db.submit(boxes.forget(["b"])).result() == 1
+        store("b", 100.0, 102.5)  # forgotten and back, with the sent_at of before
+        (_, again) = db.read(lambda conn: boxes.listing(conn, first))
+        assert again is not first["b"] and again.heartbeats == 1
+    finally:
+        db.close()
 
 
 def test_fleet_forget_removes_a_box(pki: FleetPki, tmp_path: Path) -> None:
@@ -488,3 +525,217 @@ def test_the_sender_names_each_worklist_sources_interval() -> None:
         {"source": "gone", "last_success_at": "2026-01-01T00:00:00+00:00"},
     ]  # fmt: skip
     assert decode(json.dumps(body).encode()) == body
+
+
+# -- the views: built once per change, served from the loop ----------------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Source:
+    """A view's build: counts its calls, its body says which build it was."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.builds = 0
+        self.valid_until = math.inf
+        self.fail = False
+
+    def build(self) -> Built:
+        if self.fail:
+            raise RuntimeError("the listing failed")
+        self.builds += 1
+        return Built(f"build {self.builds}".encode(), self.valid_until)
+
+
+def _view(source: _Source, clock: _Clock, min_interval: float = 2.0) -> CachedView:
+    return CachedView("test", source.build, lambda: source.generation,
+                      min_interval=min_interval, max_age=60.0, clock=clock)  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_a_view_is_built_once_per_change_at_most_every_min_interval() -> None:
+    source, clock = _Source(), _Clock()
+    view = _view(source, clock)
+    assert await view.get() == b"build 1"
+    assert await view.get() == b"build 1"  # back to back
+    clock.now += 30
+    assert await view.get() == b"build 1"  # older, but nothing changed
+    source.generation += 1  # a heartbeat accepted
+    assert await view.get() == b"build 2"
+    source.generation += 1
+    clock.now += 1
+    assert await view.get() == b"build 2"  # changed, but built 1 s ago: as it is
+    clock.now += 1
+    assert await view.get() == b"build 3"
+    assert await view.get() == b"build 3"
+    clock.now += 60  # max_age: what the generation does not see (fleet forget)
+    assert await view.get() == b"build 4"
+    clock.now -= 3600  # the wall clock went back: its age means nothing
+    assert await view.get() == b"build 5"
+    assert source.builds == view.builds == 5
+
+
+@pytest.mark.asyncio
+async def test_a_view_is_rebuilt_when_a_box_turns_stale() -> None:
+    source, clock = _Source(), _Clock()
+    view = _view(source, clock)
+    source.valid_until = clock.now + 10  # the build's next stale crossing
+    assert await view.get() == b"build 1"
+    clock.now += 9
+    assert await view.get() == b"build 1"
+    clock.now += 1
+    assert await view.get() == b"build 2"  # no heartbeat, yet a box went stale
+
+
+@pytest.mark.asyncio
+async def test_requests_during_a_build_share_it() -> None:
+    started, release = threading.Event(), threading.Event()
+    builds = 0
+
+    def slow() -> Built:
+        nonlocal builds
+        builds += 1
+        started.set()
+        release.wait(30)
+        return Built(b"shared")
+
+    view = CachedView("test", slow, lambda: 0, min_interval=1.0, max_age=1.0)
+    waiting = [asyncio.create_task(view.get()) for _ in range(20)]
+    assert await asyncio.to_thread(started.wait, 30)
+    await asyncio.sleep(0)  # every request is waiting now
+    waiting[0].cancel()  # one goes away: the build goes on for the others
+    release.set()
+    results = await asyncio.gather(*waiting[1:])
+    assert results == [b"shared"] * 19 and builds == 1 and view.builds == 1
+    assert waiting[0].cancelled()
+
+
+@pytest.mark.asyncio
+async def test_a_failed_build_fails_its_requests_and_the_next_one_builds_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    source, clock = _Source(), _Clock()
+    view = _view(source, clock)
+    source.fail = True
+    with pytest.raises(RuntimeError, match="listing failed"):
+        await view.get()
+    assert "building the fleet test failed" in caplog.text
+    source.fail = False
+    assert await view.get() == b"build 1"
+
+
+def _parsed(text: str) -> dict[str, dict[str, list[tuple[dict[str, str], float]]]]:
+    """{family: {box: [(labels without box, value)]}} read back by prometheus_client."""
+    out: dict[str, dict[str, list[tuple[dict[str, str], float]]]] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.type == "gauge", family
+        for sample in family.samples:
+            labels = dict(sample.labels)
+            box = labels.pop("box", "")
+            out.setdefault(family.name, {}).setdefault(box, []).append((labels, sample.value))
+    return out
+
+
+def test_the_boxes_metrics_read_back_as_prometheus_text() -> None:
+    now = 1_800_000_000.0
+    odd = 'clinic "7"\\gw\nnew line'  # a CN is a peer's value: escaped, not trusted
+    old = cast(Heartbeat, earlier_release(heartbeat(sent_at=datetime.fromtimestamp(now, UTC))))
+    rows = [
+        _box(odd, now - 10),
+        _box("b-stale", now - 600, mpps={"pending": 4, "sending": 0, "failed": 1,
+                                         "oldest_pending_at": None}),
+        Box("c-older", "cd" * 32, 2e9, "10.0.0.3", now - 5, now - 5, now - 50, 3, old),
+    ]  # fmt: skip
+    gauges = BoxGauges()
+    text = gauges.exposition(now, 180, rows).decode()
+    parsed = _parsed(text)
+    assert parsed["dicom_gateway_fleet_boxes"] == {"": [({}, 3.0)]}
+    assert set(CONTRACT) <= set(parsed), set(CONTRACT) - set(parsed)
+    for name in CONTRACT:
+        if name != "dicom_gateway_client_certificate_expiry_timestamp_seconds":
+            assert odd in parsed[name] and "b-stale" in parsed[name], name
+    stale = parsed["dicom_gateway_fleet_box_stale"]
+    assert stale == {odd: [({}, 0.0)], "b-stale": [({}, 1.0)], "c-older": [({}, 0.0)]}
+    assert parsed["dicom_gateway_client_certificate_expiry_timestamp_seconds"] == {
+        "c-older": [({}, 2e9)]
+    }
+    health = {
+        labels["state"]: value for labels, value in parsed["dicom_gateway_health_state"]["b-stale"]
+    }
+    assert health == {"ok": 1.0, "degraded": 0.0, "failing": 0.0}
+    assert ({"state": "failed"}, 1.0) in parsed["dicom_gateway_mpps_outbox_messages"]["b-stale"]
+    queue = parsed["dicom_gateway_queue_instances"]["c-older"]
+    assert {labels["state"] for labels, _ in queue} == {"uploading", "failed", "uploaded"}
+    assert "c-older" not in parsed["dicom_gateway_mpps_outbox_messages"]
+    assert parsed["dicom_gateway_build_info"]["c-older"] == [({"version": "0.test"}, 1.0)]
+
+    # Built again: a box whose row changed anew, the others copied; the stale gauge
+    # follows the time alone.  The same text as a build from nothing.
+    newer = _box("b-stale", now + 100, health="failing")
+    rows[1] = newer
+    later = now + 200
+    again = gauges.exposition(later, 180, rows)
+    assert again == BoxGauges().exposition(later, 180, rows)
+    parsed = _parsed(again.decode())
+    assert parsed["dicom_gateway_fleet_box_stale"][odd] == [({}, 1.0)]
+    assert parsed["dicom_gateway_fleet_box_stale"]["b-stale"] == [({}, 0.0)]
+    assert ({"state": "failing"}, 1.0) in parsed["dicom_gateway_health_state"]["b-stale"]
+    # A box forgotten is gone from the next build.
+    assert (
+        "c-older"
+        not in _parsed(gauges.exposition(later, 180, rows[:2]).decode())[
+            "dicom_gateway_fleet_last_seen_timestamp_seconds"
+        ]
+    )
+
+
+def _builds(metrics: str) -> float:
+    line = 'dicom_gateway_fleet_view_builds_total{view="metrics"} '
+    (value,) = [ln[len(line) :] for ln in metrics.splitlines() if ln.startswith(line)]
+    return float(value)
+
+
+def _boxes_part(metrics: str) -> str:
+    return metrics[metrics.index("# HELP dicom_gateway_fleet_boxes ") :]
+
+
+def _wait_for(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.1)
+
+
+def test_the_views_follow_heartbeats_and_are_not_rebuilt_per_request(
+    pki: FleetPki, tmp_path: Path
+) -> None:
+    r = FleetReceiverProcess(tmp_path / "fleet", pki, boxes={"stale_after_seconds": 2.0}).start()
+    try:
+        assert post(r, pki.box("views-one"), encoded(heartbeat())).status == 204
+        one = 'dicom_gateway_fleet_box_stale{box="views-one"}'
+        _wait_for("views-one in /metrics", lambda: f"{one} 0.0" in r.metrics())
+        # No heartbeat since: its turning stale alone rebuilds the page and /metrics.
+        _wait_for("views-one stale in /metrics", lambda: f"{one} 1.0" in r.metrics())
+        stale_row = '<tr class="box stale" data-box="views-one">'
+        _wait_for("views-one stale on the page", lambda: stale_row in r.view("/")[1])
+        # Nothing changes now: back-to-back requests get the one build.
+        first, second = r.metrics(), r.metrics()
+        assert _builds(second) == _builds(first)
+        assert _boxes_part(second) == _boxes_part(first)
+
+        assert post(r, pki.box("views-two"), encoded(heartbeat())).status == 204
+        two = 'dicom_gateway_fleet_last_seen_timestamp_seconds{box="views-two"}'
+        _wait_for("views-two in /metrics", lambda: two in r.metrics())
+        _wait_for("views-two on the page", lambda: 'data-box="views-two"' in r.view("/")[1])
+        assert _builds(r.metrics()) > _builds(second)
+        assert 'data-box="views-one"' in r.view("/")[1]
+    finally:
+        assert r.stop() == 0, r.log

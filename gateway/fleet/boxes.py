@@ -10,8 +10,9 @@ the same box cannot both win, and a replayed heartbeat never replaces a newer on
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,18 @@ class Box:
     heartbeat: Heartbeat | None
 
 
+def is_stale(box: Box, now: float, stale_after: float) -> bool:
+    """No heartbeat for more than *stale_after* seconds: the page's mark and the
+    ``box_stale`` gauge, one judgement."""
+    return now - box.seen_at > stale_after
+
+
+def next_stale_change(rows: Iterable[Box], now: float, stale_after: float) -> float:
+    """When the next of *rows* not stale at *now* turns stale (``math.inf``: none)."""
+    return min((b.seen_at + stale_after for b in rows if not is_stale(b, now, stale_after)),
+               default=math.inf)  # fmt: skip
+
+
 def record(arrival: Arrival) -> Callable[[sqlite3.Connection], float | None]:
     """A write that stores *arrival* unless the row holds a ``sent_at`` as new or
     newer: it returns None when stored, else that ``sent_at`` (a replay)."""
@@ -105,14 +118,30 @@ def record(arrival: Arrival) -> Callable[[sqlite3.Connection], float | None]:
     return write
 
 
-def listing(conn: sqlite3.Connection) -> list[Box]:
-    """Every box, by name."""
+def listing(conn: sqlite3.Connection, known: Mapping[str, Box] | None = None) -> list[Box]:
+    """Every box, by name.  A row that is as it was in *known* (an earlier listing) is
+    taken from there rather than decoded again: each heartbeat has a newer
+    ``sent_at``, a box forgotten and back a new ``first_seen_at``."""
     rows = conn.execute(
         "SELECT box, fingerprint, cert_not_after, peer, sent_at, seen_at, first_seen_at,"
         " heartbeats, heartbeat FROM boxes ORDER BY box"
     ).fetchall()
+    known = known or {}
     out = []
     for box, fingerprint, not_after, peer, sent_at, seen_at, first, count, body in rows:
+        same = known.get(box)
+        if (
+            same is not None
+            and same.sent_at == sent_at
+            and same.first_seen_at == first
+            and same.heartbeats == count
+            and same.seen_at == seen_at
+            and same.fingerprint == fingerprint
+            and same.cert_not_after == not_after
+            and same.peer == peer
+        ):
+            out.append(same)
+            continue
         try:
             beat: Heartbeat | None = decode(body.encode())
         except BadHeartbeat as exc:

@@ -14,7 +14,7 @@ from html import escape
 
 from .. import __version__
 from ..heartbeat_body import timestamp
-from .boxes import Box
+from .boxes import Box, is_stale
 
 _CSS = """
 body{font:15px/1.4 system-ui,sans-serif;margin:0;padding:0 12px 24px;color:#222;background:#f6f7f9}
@@ -47,10 +47,6 @@ def _age(seconds: float) -> str:
 
 def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def is_stale(box: Box, now: float, stale_after: float) -> bool:
-    return now - box.seen_at > stale_after
 
 
 def _row(b: Box, now: float, stale: bool) -> str:

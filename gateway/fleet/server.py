@@ -10,8 +10,13 @@
   loopback by default, client certificates (``view.client_ca_file``) beyond it.
 
 Database reads and page rendering run in worker threads, writes in the database's
-writer thread: the event loop only moves bytes.  SIGTERM or SIGINT stops it: the
-listeners close (requests in flight get 5 s), then the database finishes its writes.
+writer thread: the event loop only moves bytes.  The page and the boxes' metrics are
+built at most once per change (each accepted heartbeat bumps :attr:`generation`), at
+most every :data:`PAGE_EVERY_S` / :data:`METRICS_EVERY_S`, and served from the loop
+(gateway/fleet/views.py): however many people and Prometheus servers look, the
+thread building them holds the GIL a few percent of the time, not most of it.
+SIGTERM or SIGINT stops it: the listeners close (requests in flight get 5 s), then
+the database finishes its writes.
 """
 
 from __future__ import annotations
@@ -34,12 +39,21 @@ from .boxes import Box
 from .config import FleetConfig
 from .database import DatabaseClosed, FleetDatabase
 from .intake import Identity, Refused, check, identify
-from .metrics import FleetMetrics
+from .metrics import BoxGauges, FleetMetrics
+from .views import Built, CachedView
 
 log = logging.getLogger(__name__)
 
 #: Requests in flight get this long once a stop begins.
 STOP_S = 5.0
+#: The page: its "... ago" texts and stale marks are at most this old.
+PAGE_EVERY_S = 1.0
+#: The boxes' metrics: rebuilt at most this often (Prometheus scrapes every 15-30 s,
+#: boxes heartbeat every 30 s), and on a box turning stale.
+METRICS_EVERY_S = 2.0
+#: ... and at least this often: what the generation does not see (``fleet forget``
+#: run by another process while the receiver runs).
+METRICS_MAX_AGE_S = 60.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -71,7 +85,18 @@ class FleetServer:
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
         self.db = FleetDatabase(config.database.path)
-        self.metrics = FleetMetrics(self._boxes_now)
+        self.metrics = FleetMetrics()
+        self._gauges = BoxGauges()
+        #: The last listing, by box: rows unchanged since are not decoded again.
+        self._known: dict[str, Box] = {}
+        #: Bumped by each accepted heartbeat: the views built before it are out of date.
+        self.generation = 0
+        self.page_view = CachedView("page", self._page, lambda: self.generation,
+                                    min_interval=PAGE_EVERY_S, max_age=PAGE_EVERY_S)  # fmt: skip
+        self.metrics_view = CachedView(
+            "metrics", self._metrics, lambda: self.generation,
+            min_interval=METRICS_EVERY_S, max_age=METRICS_MAX_AGE_S,
+        )  # fmt: skip
         self._stop = asyncio.Event()
         self._runners: list[web.AppRunner] = []
         #: (box or peer, result) of the last refusal logged: one line per change.
@@ -80,13 +105,23 @@ class FleetServer:
 
     # -- reads (worker threads) -----------------------------------------------------------
     def _boxes_now(self) -> tuple[float, float, list[Box]]:
-        rows = self.db.read(boxes.listing)
+        known = self._known
+        rows = self.db.read(lambda conn: boxes.listing(conn, known))
+        # Replaced whole, never changed in place: the threads reading it need no lock.
+        self._known = {b.box: b for b in rows}
         return time.time(), self.config.boxes.stale_after_seconds, rows
 
-    def _page(self) -> bytes:
+    def _page(self) -> Built:
+        self.metrics.view_builds.labels("page").inc()
         now, stale_after, rows = self._boxes_now()
         html = page.render(rows, now, stale_after, self.config.view.refresh_seconds)
-        return html.encode()
+        return Built(html.encode(), boxes.next_stale_change(rows, now, stale_after))
+
+    def _metrics(self) -> Built:
+        self.metrics.view_builds.labels("metrics").inc()
+        now, stale_after, rows = self._boxes_now()
+        text = self._gauges.exposition(now, stale_after, rows)
+        return Built(text, boxes.next_stale_change(rows, now, stale_after))
 
     def _api(self) -> bytes:
         now, stale_after, rows = self._boxes_now()
@@ -100,7 +135,7 @@ class FleetServer:
                     "sent_at": b.sent_at,
                     "first_seen_at": b.first_seen_at,
                     "heartbeats": b.heartbeats,
-                    "stale": page.is_stale(b, now, stale_after),
+                    "stale": boxes.is_stale(b, now, stale_after),
                     "certificate_not_after": b.cert_not_after,
                     "heartbeat": b.heartbeat,
                 }
@@ -160,6 +195,7 @@ class FleetServer:
         except Refused as refusal:
             self._refused(who, request.remote or "?", refusal)
             return web.json_response({"error": str(refusal)}, status=refusal.status)
+        self.generation += 1
         self.metrics.heartbeats.labels("accepted").inc()
         if self._complaints.pop(who.box, None) is not None:
             log.info("box %s: heartbeat accepted again", who.box)
@@ -183,7 +219,7 @@ class FleetServer:
         return app
 
     async def page(self, request: web.Request) -> web.StreamResponse:
-        body = await asyncio.to_thread(self._page)
+        body = await self.page_view.get()
         return web.Response(body=body, content_type="text/html", charset="utf-8",
                             headers=_NO_STORE)  # fmt: skip
 
@@ -192,8 +228,9 @@ class FleetServer:
         return web.Response(body=body, content_type="application/json", headers=_NO_STORE)
 
     async def metrics_endpoint(self, request: web.Request) -> web.StreamResponse:
-        body = await asyncio.to_thread(generate_latest, self.metrics.registry)
-        response = web.Response(body=body)
+        boxes_text = await self.metrics_view.get()
+        # The receiver's own counters: a few dozen samples, read as they are now.
+        response = web.Response(body=generate_latest(self.metrics.registry) + boxes_text)
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
@@ -239,6 +276,8 @@ class FleetServer:
                 loop.remove_signal_handler(sig)
             for runner in reversed(self._runners):
                 await runner.cleanup()
+            for view in (self.page_view, self.metrics_view):
+                await view.close()
             await asyncio.to_thread(self.db.close)
         log.info("fleet receiver stopped")
         return 0

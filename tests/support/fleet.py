@@ -74,6 +74,10 @@ def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch == "-" else "x" for ch in name)[:40] or "x"
 
 
+#: The box :meth:`FleetReceiverProcess.settled` heartbeats as.
+MARKER = "zz-settled-marker"
+
+
 class FleetReceiverProcess:
     """`python -m gateway fleet serve --config <dir>/fleet.toml`."""
 
@@ -106,6 +110,9 @@ class FleetReceiverProcess:
         self.db_path = directory / "fleet.sqlite3"
         self.log_path = directory / "fleet.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._marker: BoxCert | None = None
+        self._markers_sent = 0
+        self._marker_sent_at = datetime.fromtimestamp(0, UTC)
 
     @property
     def url(self) -> str:
@@ -165,6 +172,33 @@ class FleetReceiverProcess:
         status, text = self.view("/metrics")
         assert status == 200, text
         return text
+
+    def settled(self, timeout: float = 15.0) -> tuple[str, str]:
+        """(/metrics, the page) built after every heartbeat answered so far.
+
+        The receiver rebuilds them at most every few seconds (gateway/fleet/views.py),
+        so what a test reads right after a heartbeat may be older.  This sends one more
+        heartbeat, from the box :data:`MARKER`, with values no earlier one had, and
+        waits until both show them."""
+        if self._marker is None:
+            self._marker = self.pki.box(MARKER)
+        self._markers_sent += 1
+        n = self._markers_sent
+        sent_at = max(datetime.now(UTC), self._marker_sent_at + timedelta(milliseconds=1))
+        self._marker_sent_at = sent_at
+        beat = heartbeat(ae_title=f"SETTLED{n}", uptime_seconds=n + 0.25, sent_at=sent_at)
+        reply = post(self, self._marker, encoded(beat))
+        assert reply.status == 204, reply
+        uptime = f'dicom_gateway_uptime_seconds{{box="{MARKER}"}} {n + 0.25}\n'
+        ae = f'<td class="ae">SETTLED{n}</td>'
+        deadline = time.monotonic() + timeout
+        while True:
+            metrics, (status, html) = self.metrics(), self.view("/")
+            if uptime in metrics and status == 200 and ae in html:
+                return metrics, html
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the receiver's views did not show heartbeat {n} of {MARKER}")
+            time.sleep(0.1)
 
 
 def box_tls(pki: FleetPki, cert: BoxCert | None) -> ssl.SSLContext:
