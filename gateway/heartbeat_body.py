@@ -7,9 +7,9 @@ silently empty column on the fleet page.
 :func:`decode` is strict: the types, the enumerations and the bounds below are
 checked by msgspec (a well-kept validating decoder; the receiver hand-parses
 nothing).  Fields it does not know are ignored, so a newer box can add some; the
-``NotRequired`` ones came later (issue 16), so a box of an earlier release that
-lacks them is still heard.  Only facts about the box's queue and health travel: no
-patient data, no secrets.
+``NotRequired`` ones came later (issue 16; ``commitment`` after issue 17), so a box
+of an earlier release that lacks them is still heard.  Only facts about the box's
+queue and health travel: no patient data, no secrets.
 """
 
 from __future__ import annotations
@@ -24,12 +24,17 @@ REASONS_MAX = 5
 REASON_CHARS = 300
 #: At most so many worklist sources travel (a box has three kinds).
 WORKLIST_SOURCES_MAX = 16
+#: At most so many requesting AEs with Storage Commitment reports due travel: as many
+#: as the status document lists (gateway/web/status.py ``COMMITMENT_AES_SHOWN``).
+COMMITMENT_AES_MAX = 50
 
 Count = Annotated[int, msgspec.Meta(ge=0)]
 #: An ISO 8601 time with its UTC offset (``datetime.isoformat``).
 Instant = Annotated[str, msgspec.Meta(min_length=10, max_length=40)]
 Short = Annotated[str, msgspec.Meta(max_length=64)]
 Reason = Annotated[str, msgspec.Meta(max_length=REASON_CHARS)]
+#: A DICOM AE title (at most 16 characters).
+AeTitle = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
 
 #: The box's view of its archive (gateway/web/status_doc.py ``ArchiveState``).
 ArchiveState = Literal["not configured", "unreachable", "reachable", "unknown"]
@@ -75,6 +80,30 @@ class HeartbeatMpps(TypedDict):
     oldest_pending_at: Instant | None
 
 
+class HeartbeatCommitmentRequester(TypedDict):
+    """A requesting AE whose Storage Commitment reports are due, not yet delivered."""
+
+    requesting_ae: AeTitle
+    reports_due: Count
+    #: When the oldest of its reports became due.
+    due_since_at: Instant
+
+
+class HeartbeatCommitment(TypedDict):
+    """Storage Commitment requests by state (the keys are gateway/commitment/requests.py's
+    ``RequestState`` values), the oldest not yet reported, and the requesting AEs
+    waiting for reports, the longest waiting first."""
+
+    waiting: Count
+    due: Count
+    reporting: Count
+    reported: Count
+    oldest_unreported_at: Instant | None
+    undelivered: Annotated[
+        list[HeartbeatCommitmentRequester], msgspec.Meta(max_length=COMMITMENT_AES_MAX)
+    ]
+
+
 class Heartbeat(TypedDict):
     """The body POSTed to ``heartbeat.url`` (JSON): a few facts, no patient data.
 
@@ -83,7 +112,7 @@ class Heartbeat(TypedDict):
     one heartbeat to the next: the receiver refuses one not newer than the last it
     accepted from that box (a replay)."""
 
-    ae_title: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    ae_title: AeTitle
     version: Short
     boot_id: Short
     sent_at: Instant
@@ -101,6 +130,7 @@ class Heartbeat(TypedDict):
         Annotated[list[HeartbeatWorklistSource], msgspec.Meta(max_length=WORKLIST_SOURCES_MAX)]
     ]
     mpps: NotRequired[HeartbeatMpps]
+    commitment: NotRequired[HeartbeatCommitment]
 
 
 class BadHeartbeat(ValueError):
@@ -127,6 +157,12 @@ def decode(body: bytes) -> Heartbeat:
     ]
     if "mpps" in beat:
         times.append(("mpps.oldest_pending_at", beat["mpps"]["oldest_pending_at"]))
+    if "commitment" in beat:
+        c = beat["commitment"]
+        times.append(("commitment.oldest_unreported_at", c["oldest_unreported_at"]))
+        times += [
+            ("commitment.undelivered[].due_since_at", u["due_since_at"]) for u in c["undelivered"]
+        ]
     for key, text in times:
         if text is not None:
             timestamp(text, key)

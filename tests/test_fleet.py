@@ -24,13 +24,14 @@ from typing import cast
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.commitment.requests import RequestState
 from gateway.config import ConfigError, documented_keys
 from gateway.fleet import boxes, page
 from gateway.fleet import config as fleet_config
 from gateway.fleet.boxes import Box
 from gateway.fleet.metrics import BoxGauges
 from gateway.fleet.views import Built, CachedView
-from gateway.heartbeat_body import BadHeartbeat, Heartbeat, decode
+from gateway.heartbeat_body import COMMITMENT_AES_MAX, BadHeartbeat, Heartbeat, decode
 
 from .support.fleet import (
     FleetPki,
@@ -127,6 +128,9 @@ CONTRACT = (
     "dicom_gateway_worklist_refresh_interval_seconds",
     "dicom_gateway_mpps_outbox_messages",
     "dicom_gateway_mpps_outbox_oldest_pending_timestamp_seconds",
+    "dicom_gateway_commitment_requests",
+    "dicom_gateway_commitment_oldest_unreported_timestamp_seconds",
+    "dicom_gateway_commitment_report_due_timestamp_seconds",
 )  # fmt: skip
 
 
@@ -193,7 +197,40 @@ def test_a_box_of_an_earlier_release_is_heard(
         in samples["dicom_gateway_queue_instances"]
     )
     assert "dicom_gateway_mpps_outbox_messages" not in samples
+    assert not any(name.startswith("dicom_gateway_commitment_") for name in samples)
     assert receiver.boxes()["box-older"]["heartbeat"] == old
+
+
+def test_storage_commitment_travels_to_the_boxs_gauges(
+    pki: FleetPki, receiver: FleetReceiverProcess
+) -> None:
+    """What CommitmentReportsStuck asks, for a box behind NAT: the gateway's three
+    names and labels (gateway/web/gauges.py), with ``box`` added."""
+    commitment = {
+        "waiting": 4, "due": 3, "reporting": 1, "reported": 12,
+        "oldest_unreported_at": "2026-01-01T00:00:00+00:00",
+        "undelivered": [
+            {"requesting_ae": "CT_ROOM1", "reports_due": 2,
+             "due_since_at": "2026-01-01T01:00:00.250000+00:00"},
+            {"requesting_ae": "US ROOM 2", "reports_due": 1,
+             "due_since_at": "2026-01-01T02:00:00+01:00"},
+        ],
+    }  # fmt: skip
+    beat = heartbeat(commitment=commitment)
+    assert post(receiver, pki.box("box-commit"), encoded(beat)).status == 204
+    assert receiver.boxes()["box-commit"]["heartbeat"]["commitment"] == commitment
+    parsed = _parsed(_boxes_part(receiver.settled()[0]))
+    requests = parsed["dicom_gateway_commitment_requests"]["box-commit"]
+    assert {labels["state"]: value for labels, value in requests} == {
+        "waiting": 4.0, "due": 3.0, "reporting": 1.0, "reported": 12.0
+    }  # fmt: skip
+    assert parsed["dicom_gateway_commitment_oldest_unreported_timestamp_seconds"]["box-commit"] == [
+        ({}, 1767225600.0)
+    ]
+    due = parsed["dicom_gateway_commitment_report_due_timestamp_seconds"]["box-commit"]
+    assert sorted((labels["requesting_ae"], value) for labels, value in due) == [
+        ("CT_ROOM1", 1767229200.25), ("US ROOM 2", 1767229200.0)
+    ]  # fmt: skip
 
 
 def test_a_newer_heartbeat_replaces_the_last(pki: FleetPki, receiver: FleetReceiverProcess) -> None:
@@ -247,6 +284,16 @@ def test_an_oversized_body_is_refused(pki: FleetPki, receiver: FleetReceiverProc
     _nowhere(receiver, "box-large")
 
 
+def _due(ae: str, since: str = "2026-01-01T00:00:00+00:00") -> dict[str, object]:
+    return {"requesting_ae": ae, "reports_due": 1, "due_since_at": since}
+
+
+def _commitment(**changes: object) -> bytes:
+    """A heartbeat whose commitment section has *changes*."""
+    beat = heartbeat()
+    return encoded({**beat, "commitment": {**beat["commitment"], **changes}})
+
+
 @pytest.mark.parametrize(
     ("body", "words"),
     [
@@ -260,6 +307,12 @@ def test_an_oversized_body_is_refused(pki: FleetPki, receiver: FleetReceiverProc
         (encoded({**heartbeat(), "uploads_paused": "no"}), "$.uploads_paused"),
         (encoded({**heartbeat(), "reasons": ["r"] * 6}), "$.reasons"),
         (encoded({**heartbeat(), "ae_title": "A" * 17}), "$.ae_title"),
+        # Storage Commitment: an AE title too long, too many AEs, a negative count, a
+        # time without offset.
+        (_commitment(undelivered=[_due("A" * 17)]), "$.commitment.undelivered[0].requesting_ae"),
+        (_commitment(undelivered=[_due(f"AE{i}") for i in range(51)]), "$.commitment.undelivered"),
+        (_commitment(due=-1), "$.commitment.due"),
+        (_commitment(undelivered=[_due("CT", "2026-01-01T00:00:00")]), "UTC offset"),
     ],
 )
 def test_a_body_that_is_not_a_heartbeat_is_refused(
@@ -525,6 +578,78 @@ def test_the_sender_names_each_worklist_sources_interval() -> None:
         {"source": "gone", "last_success_at": "2026-01-01T00:00:00+00:00"},
     ]  # fmt: skip
     assert decode(json.dumps(body).encode()) == body
+
+
+def test_the_sender_carries_storage_commitment() -> None:
+    """Counts by state, the oldest unreported, and the AEs waiting longest first, cut
+    to what the receiver takes; an AE title it would refuse stays home."""
+    from gateway.web.heartbeat import compact
+    from gateway.web.status_doc import CommitmentRequester
+
+    from .support.status_sample import sample_doc
+
+    def due(ae: str, minute: int) -> CommitmentRequester:
+        at = datetime(2026, 1, 1, 0, minute, tzinfo=UTC)
+        return CommitmentRequester(
+            requesting_ae=ae, address=None, reports_due=minute + 1, due_since_at=at.isoformat(),
+            due_since_ts=at.timestamp(), attempts=3, last_error="cannot connect",
+            last_error_at=None, next_attempt_at=None, next_attempt_ts=None,
+        )  # fmt: skip
+
+    waiting = (due("X" * 17, 0), *(due(f"AE{i}", i) for i in range(COMMITMENT_AES_MAX + 2)))
+    doc = sample_doc(
+        commitment__waiting=5, commitment__due=60, commitment__reporting=1,
+        commitment__reported=9, commitment__oldest_unreported_at="2026-01-01T00:00:00+00:00",
+        commitment__undelivered=waiting,
+    )  # fmt: skip
+    body = compact(doc, "DICOMGW")
+    c = body["commitment"]
+    assert (c["waiting"], c["due"], c["reporting"], c["reported"]) == (5, 60, 1, 9)
+    assert c["oldest_unreported_at"] == "2026-01-01T00:00:00+00:00"
+    assert len(c["undelivered"]) == COMMITMENT_AES_MAX
+    assert c["undelivered"][:2] == [
+        {"requesting_ae": "AE0", "reports_due": 1, "due_since_at": "2026-01-01T00:00:00+00:00"},
+        {"requesting_ae": "AE1", "reports_due": 2, "due_since_at": "2026-01-01T00:01:00+00:00"},
+    ]
+    assert c["undelivered"][-1]["requesting_ae"] == f"AE{COMMITMENT_AES_MAX - 1}"
+    assert decode(json.dumps(body).encode()) == body
+
+
+def test_the_receiver_exports_commitment_as_the_gateway_does() -> None:
+    """The same status document, as the gateway's own gauges and as the receiver's
+    from its heartbeat: the same names, labels (but ``box``) and values."""
+    from gateway.web.gauges import SnapshotCollector
+    from gateway.web.heartbeat import compact
+    from gateway.web.status_doc import CommitmentRequester
+
+    from .support.status_sample import sample_doc
+
+    at = datetime(2026, 1, 1, 3, 0, 0, 500000, tzinfo=UTC)
+    doc = sample_doc(
+        commitment__waiting=2, commitment__due=1, commitment__reporting=1,
+        commitment__reported=7, commitment__oldest_unreported_at="2026-01-01T02:00:00+00:00",
+        commitment__oldest_unreported_ts=1767232800.0,
+        commitment__undelivered=(CommitmentRequester(
+            requesting_ae="MR_3", address="10.0.0.9:104", reports_due=2,
+            due_since_at=at.isoformat(), due_since_ts=at.timestamp(), attempts=1,
+            last_error=None, last_error_at=None, next_attempt_at=None, next_attempt_ts=None,
+        ),),
+    )  # fmt: skip
+    gateway = {
+        f.name: sorted((sorted(s.labels.items()), s.value) for s in f.samples)
+        for f in SnapshotCollector(lambda: doc).collect()
+        if f.name.startswith("dicom_gateway_commitment_")
+    }
+    beat = compact(doc, "DICOMGW")
+    row = Box("box-same", "ab" * 32, None, "127.0.0.1", 1.0, 1.0, 1.0, 1, beat)
+    fleet = {
+        name: sorted((sorted(labels.items()), value) for labels, value in boxes["box-same"])
+        for name, boxes in _parsed(BoxGauges().exposition(2.0, 180, [row]).decode()).items()
+        if name.startswith("dicom_gateway_commitment_")
+    }
+    assert len(gateway) == 3 and fleet == gateway
+    states = {dict(labels)["state"] for labels, _ in fleet["dicom_gateway_commitment_requests"]}
+    assert states == {s.value for s in RequestState}
 
 
 # -- the views: built once per change, served from the loop ----------------------------------

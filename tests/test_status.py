@@ -134,6 +134,8 @@ HEARTBEAT_GOLDEN = {
     "disk": {"free_bytes": "int", "min_free_bytes": "int", "spool_bytes": "int"},
     "certificate_days_left": "int", "uploads_window_open": "bool", "worklist": "list",
     "mpps": {"pending": "int", "sending": "int", "failed": "int", "oldest_pending_at": "NoneType"},
+    "commitment": {"waiting": "int", "due": "int", "reporting": "int", "reported": "int",
+                   "oldest_unreported_at": "NoneType", "undelivered": "list"},
 }  # fmt: skip
 
 

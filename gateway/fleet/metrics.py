@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.utils import floatToGoString
 
-from ..heartbeat_body import ArchiveState, HealthState, Heartbeat, timestamp
+from ..heartbeat_body import ArchiveState, HealthState, Heartbeat, HeartbeatCommitment, timestamp
 from ..metrics import PREFIX
 from .boxes import Box, is_stale
 from .intake import RESULTS
@@ -239,6 +239,8 @@ def _from_heartbeat(g: _Gauges, b: str, beat: Heartbeat) -> None:
             b,
             _ts(m["oldest_pending_at"]),
         )
+    if "commitment" in beat:
+        _commitment(g, b, beat["commitment"])
     g.add(
         f"{PREFIX}_uptime_seconds",
         "seconds the box's gateway had been running",
@@ -246,6 +248,39 @@ def _from_heartbeat(g: _Gauges, b: str, beat: Heartbeat) -> None:
         beat["uptime_seconds"],
     )
     g.add(f"{PREFIX}_build_info", "version of the box's gateway", b, 1, version=beat["version"])
+
+
+def _commitment(g: _Gauges, b: str, c: HeartbeatCommitment) -> None:
+    # The state labels are the gateway's (gateway/commitment/requests.py RequestState).
+    for state, count in (
+        ("waiting", c["waiting"]),
+        ("due", c["due"]),
+        ("reporting", c["reporting"]),
+        ("reported", c["reported"]),
+    ):
+        g.add(
+            f"{PREFIX}_commitment_requests",
+            "the box's Storage Commitment requests by state: waiting (for the archive),"
+            " due (the report), reporting (being sent), reported (kept 30 days)",
+            b,
+            count,
+            state=state,
+        )
+    g.add(
+        f"{PREFIX}_commitment_oldest_unreported_timestamp_seconds",
+        "when the box's oldest Storage Commitment request not yet reported came in (0: none)",
+        b,
+        _ts(c["oldest_unreported_at"]),
+    )
+    for u in c["undelivered"]:
+        g.add(
+            f"{PREFIX}_commitment_report_due_timestamp_seconds",
+            "when the box's oldest Storage Commitment report not yet delivered to this"
+            " requesting AE became due (no series: none waits)",
+            b,
+            _ts(u["due_since_at"]),
+            requesting_ae=u["requesting_ae"],
+        )
 
 
 def _ts(text: str | None) -> float:

@@ -26,15 +26,18 @@ from .. import auth as auth_module
 from ..auth import AuthError
 from ..config import Config
 from ..heartbeat_body import (
+    COMMITMENT_AES_MAX,
     REASON_CHARS,
     REASONS_MAX,
     WORKLIST_SOURCES_MAX,
     Heartbeat,
+    HeartbeatCommitment,
+    HeartbeatCommitmentRequester,
     HeartbeatWorklistSource,
 )
 from ..https import http_hint, ssl_context
 from .status import StatusService
-from .status_doc import StatusDoc, WorklistSource
+from .status_doc import CommitmentStatus, StatusDoc, WorklistSource
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ def compact(doc: StatusDoc, ae_title: str) -> Heartbeat:
             "failed": m.failed,
             "oldest_pending_at": m.oldest_pending_at,
         },
+        "commitment": _commitment(doc.commitment),
     }
 
 
@@ -85,6 +89,26 @@ def _worklist_source(w: WorklistSource) -> HeartbeatWorklistSource:
     if w.refresh_interval_seconds is not None and w.refresh_interval_seconds > 0:
         out["refresh_interval_seconds"] = float(w.refresh_interval_seconds)
     return out
+
+
+def _commitment(c: CommitmentStatus) -> HeartbeatCommitment:
+    # The longest waiting first, so the cut keeps what CommitmentReportsStuck asks.
+    # An AE title the receiver would refuse (a DICOM one has 1 to 16 characters) stays
+    # home rather than costing the box its whole heartbeat.
+    undelivered: list[HeartbeatCommitmentRequester] = [
+        {"requesting_ae": u.requesting_ae, "reports_due": u.reports_due,
+         "due_since_at": u.due_since_at}
+        for u in c.undelivered
+        if 0 < len(u.requesting_ae) <= 16
+    ]  # fmt: skip
+    return {
+        "waiting": c.waiting,
+        "due": c.due,
+        "reporting": c.reporting,
+        "reported": c.reported,
+        "oldest_unreported_at": c.oldest_unreported_at,
+        "undelivered": undelivered[:COMMITMENT_AES_MAX],
+    }
 
 
 async def run_heartbeat(config: Config, status: StatusService) -> None:

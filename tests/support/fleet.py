@@ -244,6 +244,7 @@ def heartbeat(
     """A healthy box's heartbeat, as gateway/web/heartbeat.py sends it; *changes* replace
     top-level keys.  :data:`LATER_KEYS` are what a box of an earlier release lacks."""
     when = sent_at or datetime.now(UTC)
+    minute_ago = when - timedelta(minutes=1)
     beat: dict[str, Any] = {
         "ae_title": ae_title,
         "version": "0.test",
@@ -264,13 +265,19 @@ def heartbeat(
         "worklist": [{"source": "upstream", "last_success_at": when.isoformat(),
                       "refresh_interval_seconds": 60.0}],
         "mpps": {"pending": 0, "sending": 0, "failed": 0, "oldest_pending_at": None},
+        # One report due to a modality for a minute (not yet CommitmentReportsStuck).
+        "commitment": {"waiting": 2, "due": 1, "reporting": 0, "reported": 30,
+                       "oldest_unreported_at": (when - timedelta(minutes=3)).isoformat(),
+                       "undelivered": [{"requesting_ae": "CT_ROOM1", "reports_due": 1,
+                                        "due_since_at": minute_ago.isoformat()}]},
     }  # fmt: skip
     beat.update(changes)
     return beat  # type: ignore[return-value]
 
 
-#: Keys a heartbeat gained in issue 16: a box of an earlier release sends none of them.
-LATER_KEYS = ("uploads_window_open", "worklist", "mpps")
+#: Keys a heartbeat gained in issue 16 (and ``commitment`` after issue 17): a box of
+#: an earlier release sends none of them.
+LATER_KEYS = ("uploads_window_open", "worklist", "mpps", "commitment")
 
 
 def earlier_release(beat: Heartbeat) -> dict[str, Any]:
