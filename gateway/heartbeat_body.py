@@ -33,8 +33,9 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 Instant = Annotated[str, msgspec.Meta(min_length=10, max_length=40)]
 Short = Annotated[str, msgspec.Meta(max_length=64)]
 Reason = Annotated[str, msgspec.Meta(max_length=REASON_CHARS)]
-#: A DICOM AE title (at most 16 characters).
-AeTitle = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+#: A DICOM AE title has at most so many characters.
+AE_TITLE_CHARS = 16
+AeTitle = Annotated[str, msgspec.Meta(min_length=1, max_length=AE_TITLE_CHARS)]
 
 #: The box's view of its archive (gateway/web/status_doc.py ``ArchiveState``).
 ArchiveState = Literal["not configured", "unreachable", "reachable", "unknown"]

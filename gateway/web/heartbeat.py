@@ -26,6 +26,7 @@ from .. import auth as auth_module
 from ..auth import AuthError
 from ..config import Config
 from ..heartbeat_body import (
+    AE_TITLE_CHARS,
     COMMITMENT_AES_MAX,
     REASON_CHARS,
     REASONS_MAX,
@@ -99,7 +100,7 @@ def _commitment(c: CommitmentStatus) -> HeartbeatCommitment:
         {"requesting_ae": u.requesting_ae, "reports_due": u.reports_due,
          "due_since_at": u.due_since_at}
         for u in c.undelivered
-        if 0 < len(u.requesting_ae) <= 16
+        if 0 < len(u.requesting_ae) <= AE_TITLE_CHARS
     ]  # fmt: skip
     return {
         "waiting": c.waiting,
