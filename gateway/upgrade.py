@@ -9,6 +9,7 @@ a rename, once nobody else has it open) or uses it where it is, and logs which.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
@@ -86,6 +87,9 @@ def _move(old: Path, new: Path) -> None:
         if new.exists():
             raise FileExistsError(f"{new} appeared meanwhile")
         os.rename(old, new)
+        # The writers' lock file (gateway/store.py) holds no data; nobody has it now.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{old}-writers")
         for directory in {new.parent, old.parent}:
             fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
             try:
