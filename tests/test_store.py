@@ -305,3 +305,30 @@ def test_outbox_reads_for_the_status(store: Store) -> None:
     assert store.read(mpps_outbox.oldest_waiting_at) == "2020-01-02"
     failed = store.read(lambda c: mpps_outbox.failed_messages(c, 1))
     assert [m["sop_instance_uid"] for m in failed] == ["1.4"]
+
+
+def test_a_write_waits_for_its_turn_and_takes_it_when_freed(tmp_path: Path) -> None:
+    """The writers' turn (another process's writer holding ``<database>-writers``)
+    is waited for, and taken as soon as it is released: without the turn, SQLite's
+    lock is free here and the write would commit at once."""
+    import fcntl
+    import os
+
+    from gateway.spool import ofd_lock
+
+    store = Store(tmp_path / "q.sqlite3")
+    store.open()
+    other = os.open(tmp_path / "q.sqlite3-writers", os.O_RDWR)
+    try:
+        assert ofd_lock(other, fcntl.F_WRLCK, 0, wait=False)
+        future = store.submit(lambda conn: conn.execute("SELECT 1").fetchone()[0])
+        with pytest.raises(TimeoutError):
+            future.result(timeout=0.3)
+        ofd_lock(other, fcntl.F_UNLCK, 0, wait=False)
+        assert future.result(timeout=10) == 1
+        # And the store lets go of it after each batch: another writer can take it.
+        store.submit(lambda conn: None).result(timeout=10)
+        assert ofd_lock(other, fcntl.F_WRLCK, 0, wait=True)
+    finally:
+        os.close(other)
+        store.close()
