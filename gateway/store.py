@@ -40,7 +40,6 @@ import os
 import queue
 import sqlite3
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError
@@ -63,8 +62,6 @@ WriteFn = Callable[[sqlite3.Connection], T]
 RemoveFile = Callable[[str, Callable[[], bool]], bool]
 
 _BATCH_MAX = 256
-#: SQLite's busy_timeout: how long a write waits for another process's.
-BUSY_TIMEOUT_S = 30.0
 #: How long :meth:`Store.close` waits for the writer by default: the last queued writes,
 #: each bounded by SQLite's busy_timeout (30 s) for a lock another process holds.
 CLOSE_TIMEOUT_S = 30.0
@@ -80,8 +77,7 @@ class _WriterTurn:
     commit that took a few (tests/bench/commitment.py: N-ACTION p99 124 ms).  So each
     writer first takes an open-file-description lock on ``<database>-writers``, which
     the kernel hands over the moment it is released; SQLite's own lock is then free.
-    A holder that never lets go is waited for as long as SQLite would have waited
-    (its busy_timeout), then the write goes on to SQLite's lock as before.
+    Only a store's writer thread takes it, around one batch's transaction.
     """
 
     def __init__(self, database: Path) -> None:
@@ -89,18 +85,15 @@ class _WriterTurn:
 
     @contextmanager
     def taken(self) -> Iterator[None]:
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        taken = False
-        while not (taken := ofd_lock(self._fd, fcntl.F_WRLCK, 0, wait=False)):
-            if time.monotonic() > deadline:
-                log.error("another writer has held the queue database for %.0f s", BUSY_TIMEOUT_S)
-                break
-            time.sleep(0.0005)
+        # A blocking wait: the kernel hands the lock over the moment it is released.
+        # Bounded, because every holder is: it holds the turn only for one batch,
+        # whose statements are each bounded by SQLite's busy_timeout, and a holder
+        # that dies releases it with its descriptor.
+        ofd_lock(self._fd, fcntl.F_WRLCK, 0, wait=True)
         try:
             yield
         finally:
-            if taken:
-                ofd_lock(self._fd, fcntl.F_UNLCK, 0, wait=False)
+            ofd_lock(self._fd, fcntl.F_UNLCK, 0, wait=False)
 
     def close(self) -> None:
         os.close(self._fd)
