@@ -125,6 +125,8 @@ def bad_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]
 _OBJECT_PATH = re.compile(r"spool/objects/([0-9a-f]{2})/\1[0-9a-f]{62}\.dcm")
 _STATE_FILES = {"gateway.toml", "gateway.log", "gateway.sqlite3"}
 _STATE_FILES |= {f"gateway.sqlite3{s}" for s in ("-wal", "-shm", "-journal")}
+# The queue writers' turn (gateway/store.py _WriterTurn): a lock file, no data.
+_STATE_FILES.add("gateway.sqlite3-writers")
 # The lock files of the cross-process spool pins and association slots (no data).
 _STATE_FILES |= {f"spool/{PINS_FILE}", f"spool/{SLOTS_FILE}", f"spool/{INSTANCE_FILE}"}
 
