@@ -627,20 +627,31 @@ def confirmations(conn: sqlite3.Connection, uids: Sequence[str]) -> dict[str, Co
 #: Rows :func:`prune` clears per writer transaction (their files are unlinked by the writer).
 PRUNE_MAX_ROWS = 500
 
+#: Of the given SOP Instance UIDs, those whose files stay whatever the cache says (those
+#: of a Storage Commitment not yet reported: gateway.commitment.requests.held_among).
+HeldAmong = Callable[[sqlite3.Connection, Sequence[str]], set[str]]
 
-def prune(
+
+@dataclass(frozen=True)
+class PruneCandidate:
+    """An uploaded instance beyond the local cache, as a read saw it."""
+
+    sop_instance_uid: str
+    uploaded_at: str
+
+
+def prune_candidates(
     keep_bytes: int,
     keep_hours: float,
+    held: HeldAmong | None = None,
     max_rows: int = PRUNE_MAX_ROWS,
-    held: Callable[[sqlite3.Connection], set[str]] | None = None,
-) -> Callable[[sqlite3.Connection], list[str]]:
-    """Uploaded instances beyond the local cache (newest kept first) lose their files,
-    at most *max_rows* per call: the writer unlinks them, and C-STOREs wait for it.
-    *held* gives SOP Instance UIDs whose files stay whatever the cache says (those of
-    a Storage Commitment not yet reported: gateway.commitment.requests.held_instances)."""
+) -> Callable[[sqlite3.Connection], list[PruneCandidate]]:
+    """A read: uploaded instances beyond the local cache (newest kept first), not
+    *held*, at most *max_rows*.  The choice is made here, on a reader connection, so
+    that the write (:func:`prune`) holds the database's write lock, which C-STOREs and
+    N-ACTIONs wait for, only to check and clear these rows."""
 
-    def write(conn: sqlite3.Connection) -> list[str]:
-        keep = held(conn) if held is not None else set()
+    def read(conn: sqlite3.Connection) -> list[PruneCandidate]:
         rows = conn.execute(
             "SELECT sop_instance_uid, path, upload_path, size, upload_size, uploaded_at"
             " FROM instances WHERE state = ? AND (path IS NOT NULL OR upload_path IS NOT NULL)"
@@ -649,20 +660,53 @@ def prune(
         ).fetchall()
         oldest_kept = utc_in(-keep_hours * 3600) if keep_hours else ""
         total = 0
-        doomed: list[str] = []
-        files: list[str] = []
+        beyond: list[PruneCandidate] = []
         for r in rows:
             total += (r["size"] or 0) + (
                 r["upload_size"] or 0 if r["upload_path"] not in (None, r["path"]) else 0
             )
-            if total <= keep_bytes and r["uploaded_at"] >= oldest_kept:
-                continue
-            if r["sop_instance_uid"] in keep:
-                continue
-            doomed.append(r["sop_instance_uid"])
-            files += [p for p in {r["path"], r["upload_path"]} if p]
-            if len(doomed) >= max_rows:
+            if total > keep_bytes or r["uploaded_at"] < oldest_kept:
+                beyond.append(PruneCandidate(r["sop_instance_uid"], r["uploaded_at"]))
+        chosen: list[PruneCandidate] = []
+        for at in range(0, len(beyond), max_rows):
+            chunk = beyond[at : at + max_rows]
+            keep = held(conn, [c.sop_instance_uid for c in chunk]) if held else set()
+            chosen += [c for c in chunk if c.sop_instance_uid not in keep]
+            if len(chosen) >= max_rows:
                 break
+        return chosen[:max_rows]
+
+    return read
+
+
+def prune(
+    candidates: Sequence[PruneCandidate], held: HeldAmong | None = None
+) -> Callable[[sqlite3.Connection], list[str]]:
+    """The write after :func:`prune_candidates`: each candidate still uploaded at the
+    same time (not received again since) and not *held* (a commitment request may have
+    named it since) loses its files, which the writer unlinks; C-STOREs wait for it."""
+
+    def write(conn: sqlite3.Connection) -> list[str]:
+        if not candidates:
+            return []
+        uids = [c.sop_instance_uid for c in candidates]
+        keep = held(conn, uids) if held is not None else set()
+        seen = {c.sop_instance_uid: c.uploaded_at for c in candidates}
+        # "+state": look the rows up by primary key, not through an index on state.
+        rows = conn.execute(
+            "SELECT sop_instance_uid, path, upload_path, uploaded_at FROM instances"
+            " WHERE sop_instance_uid IN (SELECT value FROM json_each(?)) AND +state = ?"
+            " AND (path IS NOT NULL OR upload_path IS NOT NULL)",
+            (json.dumps(uids), QueueState.UPLOADED),
+        ).fetchall()
+        doomed: list[str] = []
+        files: list[str] = []
+        for r in rows:
+            uid = r["sop_instance_uid"]
+            if r["uploaded_at"] != seen[uid] or uid in keep:
+                continue
+            doomed.append(uid)
+            files += [p for p in {r["path"], r["upload_path"]} if p]
         conn.executemany(
             "UPDATE instances SET path = NULL, upload_path = NULL WHERE sop_instance_uid = ?",
             [(uid,) for uid in doomed],

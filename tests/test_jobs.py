@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 from gateway.backoff import backoff_seconds
 from gateway.config import ConfigError, UploadConfig, from_dict
 from gateway.https import ssl_context
-from gateway.instances import Claimed, QueueState, ReceivedInstance, prune, retry_failed
+from gateway.instances import (
+    Claimed,
+    HeldAmong,
+    QueueState,
+    ReceivedInstance,
+    prune,
+    prune_candidates,
+    retry_failed,
+)
 from gateway.pipeline.jobs import (
     _ENCODER_NICENESS,
     GiveUp,
@@ -43,6 +51,18 @@ def _add(store: Store, uid: str, size: int, state: str, hours_ago: float = 0.0) 
     ).result()
 
 
+def _prune(
+    store: Store, keep_bytes: int, keep_hours: float, held: HeldAmong | None = None
+) -> list[str]:
+    """What the retention loop does: choose on a reader, then clear in a write."""
+    candidates = store.read(prune_candidates(keep_bytes, keep_hours, held))
+    return store.submit(prune(candidates, held)).result()
+
+
+def _held(*uids: str) -> HeldAmong:
+    return lambda conn, among: set(uids) & set(among)
+
+
 def _paths(store: Store) -> dict[str, str | None]:
     return {r["sop_instance_uid"]: r["path"] for r in store.rows("SELECT * FROM instances")}
 
@@ -51,7 +71,7 @@ def test_prune_without_cache_deletes_every_confirmed_file(store: Store) -> None:
     _add(store, "1.1", 1000, QueueState.UPLOADED)
     _add(store, "1.2", 1000, QueueState.COMPRESSED)  # not confirmed: never deleted
     _add(store, "1.3", 1000, QueueState.FAILED)  # kept for the operator
-    files = store.submit(prune(0, 0)).result()
+    files = _prune(store, 0, 0)
     assert sorted(files) == ["objects/00/1.1.dcm", "objects/01/1.1.j2k"]
     assert _paths(store) == {"1.1": None, "1.2": "objects/00/1.2.dcm", "1.3": "objects/00/1.3.dcm"}
 
@@ -59,20 +79,34 @@ def test_prune_without_cache_deletes_every_confirmed_file(store: Store) -> None:
 def test_prune_never_takes_the_files_a_commitment_holds(store: Store) -> None:
     _add(store, "1.1", 1000, QueueState.UPLOADED)
     _add(store, "1.2", 1000, QueueState.UPLOADED)
-    files = store.submit(prune(0, 0, held=lambda conn: {"1.2"})).result()
+    files = _prune(store, 0, 0, _held("1.2"))
     assert sorted(files) == ["objects/00/1.1.dcm", "objects/01/1.1.j2k"]
     assert _paths(store) == {"1.1": None, "1.2": "objects/00/1.2.dcm"}
     # Released (the report was delivered): it goes with the next round.
-    assert sorted(store.submit(prune(0, 0, held=lambda conn: set())).result()) == [
+    assert sorted(_prune(store, 0, 0, _held())) == [
         "objects/00/1.2.dcm", "objects/01/1.2.j2k",
     ]  # fmt: skip
+
+
+def test_prune_rechecks_what_changed_after_the_choice(store: Store) -> None:
+    """The choice is a read; the write clears only candidates that are still uploaded
+    at the same time and that no commitment request has named since."""
+    for uid in ("1.1", "1.2", "1.3"):
+        _add(store, uid, 1000, QueueState.UPLOADED)
+    candidates = store.read(prune_candidates(0, 0))
+    assert sorted(c.sop_instance_uid for c in candidates) == ["1.1", "1.2", "1.3"]
+    # Between the read and the write: 1.1 is received again, 1.2 is named by a request.
+    _add(store, "1.1", 1000, QueueState.RECEIVED)
+    files = store.submit(prune(candidates, _held("1.2"))).result()
+    assert sorted(files) == ["objects/00/1.3.dcm", "objects/01/1.3.j2k"]
+    assert _paths(store) == {"1.1": "objects/00/1.1.dcm", "1.2": "objects/00/1.2.dcm", "1.3": None}
 
 
 def test_prune_keeps_the_newest_within_the_cache_size(store: Store) -> None:
     for i, age in enumerate([5, 4, 3, 2, 1]):  # 1.0 oldest ... 1.4 newest
         _add(store, f"1.{i}", 1000, QueueState.UPLOADED, hours_ago=age)
     # Each instance counts 1000 + 500 (its J2K copy): 3000 bytes keep the newest two.
-    store.submit(prune(3000, 0)).result()
+    _prune(store, 3000, 0)
     kept = {uid for uid, path in _paths(store).items() if path}
     assert kept == {"1.3", "1.4"}
 
@@ -80,7 +114,7 @@ def test_prune_keeps_the_newest_within_the_cache_size(store: Store) -> None:
 def test_prune_age_limit_applies_within_the_cache(store: Store) -> None:
     _add(store, "1.1", 10, QueueState.UPLOADED, hours_ago=30)
     _add(store, "1.2", 10, QueueState.UPLOADED, hours_ago=1)
-    store.submit(prune(10**9, 24)).result()
+    _prune(store, 10**9, 24)
     assert _paths(store) == {"1.1": None, "1.2": "objects/00/1.2.dcm"}
 
 

@@ -246,7 +246,8 @@ def test_pruned_file_goes_when_nothing_refers_to_it(spool: Spool, wired: Store) 
         )
     ).result()
     paths = {r["sop_instance_uid"]: r["path"] for r in store.rows("SELECT * FROM instances")}
-    store.submit(instances.prune(0, 0), durable=True).result()
+    candidates = store.read(instances.prune_candidates(0, 0))
+    store.submit(instances.prune(candidates), durable=True).result()
     _settle(store)
     assert spool.path_of(paths["1.2"]).exists()  # 1.2 (not uploaded) still refers to it
     assert not spool.path_of(paths["1.3"]).exists()
@@ -545,7 +546,8 @@ def test_prune_works_in_bounded_passes(spool: Spool, wired: Store) -> None:
         )
     ).result()
     passes = []
-    while files := store.submit(instances.prune(0, 0, max_rows=2), durable=True).result():
+    while candidates := store.read(instances.prune_candidates(0, 0, max_rows=2)):
+        files = store.submit(instances.prune(candidates), durable=True).result()
         passes.append(len(files))
     _settle(store)
     assert passes == [2, 2, 1]

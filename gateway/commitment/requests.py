@@ -14,13 +14,14 @@ Reason.  A crash while ``reporting`` leaves the row there; at start it is ``due`
 with ``maybe_reported`` set (the modality may have the report: it gets it again).
 
 The SCP (gateway/commitment/scp.py), the deciding round (decide.py), the reporter
-(reporter.py), retention (gateway/instances.py's prune asks :func:`held_instances`),
+(reporter.py), retention (gateway/instances.py's prune asks :func:`held_among`),
 the per-study view (gateway/studies.py), the CLI and the status call the functions
 here; nothing else writes SQL against these tables.
 """
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ class RequestState(StrEnum):
     REPORTED = "reported"  # the modality answered the N-EVENT-REPORT with success
 
 
-#: Not yet acknowledged by the modality: what retention keeps (held_instances).
+#: Not yet acknowledged by the modality: what retention keeps (held_among).
 UNREPORTED = (RequestState.WAITING, RequestState.DUE, RequestState.REPORTING)
 
 
@@ -353,16 +354,20 @@ def prune(conn: sqlite3.Connection, cutoff: str) -> int:
 # -- retention (inside gateway/instances.py's prune) -------------------------------------
 
 
-def held_instances(conn: sqlite3.Connection) -> set[str]:
-    """SOP Instance UIDs named by a request the modality has not yet acknowledged a
-    report of: their spool files stay."""
+def held_among(conn: sqlite3.Connection, uids: Sequence[str]) -> set[str]:
+    """Of *uids*, the SOP Instance UIDs named by a request the modality has not yet
+    acknowledged a report of: their spool files stay (retention's
+    :func:`gateway.instances.prune_candidates` and :func:`~gateway.instances.prune`)."""
+    if not uids:
+        return set()
     return {
         r[0]
         for r in conn.execute(
-            "SELECT DISTINCT i.sop_instance_uid FROM commitment_requests r"
-            " JOIN commitment_items i ON i.transaction_uid = r.transaction_uid"
-            f" WHERE r.state IN ({','.join('?' * len(UNREPORTED))})",
-            UNREPORTED,
+            "SELECT DISTINCT i.sop_instance_uid FROM commitment_items i"
+            " JOIN commitment_requests r ON r.transaction_uid = i.transaction_uid"
+            " WHERE i.sop_instance_uid IN (SELECT value FROM json_each(?))"
+            f" AND r.state IN ({','.join('?' * len(UNREPORTED))})",
+            (json.dumps(list(uids)), *UNREPORTED),
         )
     }
 

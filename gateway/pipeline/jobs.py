@@ -797,13 +797,16 @@ class Pipeline:
         r = self.config.retention
         while True:
             try:
-                # Durable before any file goes: a row must never point at a deleted file.
-                # The writer itself removes the files (see gateway.store.discard_files).
-                prune = instances.prune(
-                    r.keep_bytes, r.keep_hours, held=commitment_requests.held_instances
+                # Chosen on a reader, so the write lock is held only to clear the rows.
+                held = commitment_requests.held_among
+                candidates = await asyncio.to_thread(
+                    self.store.read, instances.prune_candidates(r.keep_bytes, r.keep_hours, held)
                 )
-                files = await self._db(prune, durable=True)
-                if len(files) >= instances.PRUNE_MAX_ROWS:
+                if candidates:
+                    # Durable before any file goes: a row must never point at a deleted
+                    # file.  The writer removes the files (gateway.store.discard_files).
+                    await self._db(instances.prune(candidates, held), durable=True)
+                if len(candidates) >= instances.PRUNE_MAX_ROWS:
                     continue  # more are due: go on at once
             except Exception:
                 # A file left behind costs disk, not data: tried again next round.
