@@ -602,23 +602,24 @@ class Confirmation:
 
 
 def confirmations(conn: sqlite3.Connection, uids: Sequence[str]) -> dict[str, Confirmation]:
-    """The rows of *uids* that exist (one lookup each: the primary key)."""
-    found = {}
-    for uid in dict.fromkeys(uids):
-        r = conn.execute(
-            "SELECT sop_class_uid, study_instance_uid, state, confirmed_at, last_error"
-            " FROM instances WHERE sop_instance_uid = ?",
-            (uid,),
-        ).fetchone()
-        if r is not None:
-            found[uid] = Confirmation(
-                r["sop_class_uid"],
-                r["study_instance_uid"],
-                QueueState(r["state"]),
-                r["confirmed_at"] is not None and r["state"] == QueueState.UPLOADED,
-                r["last_error"],
-            )
-    return found
+    """The rows of *uids* that exist (one statement: primary key lookups)."""
+    if not uids:
+        return {}
+    rows = conn.execute(
+        "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, state, confirmed_at,"
+        " last_error FROM instances WHERE sop_instance_uid IN (SELECT value FROM json_each(?))",
+        (json.dumps(list(dict.fromkeys(uids))),),
+    ).fetchall()
+    return {
+        r["sop_instance_uid"]: Confirmation(
+            r["sop_class_uid"],
+            r["study_instance_uid"],
+            QueueState(r["state"]),
+            r["confirmed_at"] is not None and r["state"] == QueueState.UPLOADED,
+            r["last_error"],
+        )
+        for r in rows
+    }
 
 
 # -- retention ----------------------------------------------------------------------------

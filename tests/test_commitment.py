@@ -392,6 +392,33 @@ def test_the_deadline_fails_what_never_came(store: Store) -> None:
     assert [(i.sop_instance_uid, i.failure_reason) for i in report.items] == [("1.6.1", 0x0112)]
 
 
+def test_a_round_decides_each_item_of_an_instance_on_its_own_terms(store: Store) -> None:
+    """A round asks once per instance (and SOP class) with the earliest deadline, then
+    decides each item naming it: the late one fails, the one with time left waits, the
+    one naming another SOP class fails on that, and other instances are untouched."""
+    past, future = "2001-01-01T00:00:00.000000+00:00", "2999-01-01T00:00:00+00:00"
+    record = requests.record_request
+    store.submit(record("1.7", "CT_ROOM1", "p", [RequestedItem(CT, "1.7.1")], past, past)).result()
+    store.submit(record("1.8", "CT_ROOM1", "p", [RequestedItem(CT, "1.7.1")], NOW, future)).result()
+    store.submit(record("1.9", "CT_ROOM1", "p", [RequestedItem(MR, "1.7.1")], NOW, future)).result()
+    store.submit(record("2.0", "CT_ROOM1", "p", [RequestedItem(CT, "1.7.2")], NOW, future)).result()
+    _receive(store, "1.7.1")  # received (as CT), not uploaded
+    waited_on = {(u.sop_instance_uid, u.sop_class_uid, u.deadline_at)
+                 for u in store.read(requests.undecided_instances)}  # fmt: skip
+    assert waited_on == {("1.7.1", CT, past), ("1.7.1", MR, future), ("1.7.2", CT, future)}
+    assert sorted(_round(store)) == ["1.7", "1.9"]
+    rows = {
+        r["transaction_uid"]: (r["outcome"], r["failure_reason"])
+        for r in store.rows("SELECT * FROM commitment_items")
+    }
+    assert rows == {
+        "1.7": (ItemOutcome.FAILED, 0x0110),  # received, not confirmed by its deadline
+        "1.8": (None, None),  # the same instance, time left: waits
+        "1.9": (ItemOutcome.FAILED, 0x0119),  # held as CT, asked as MR
+        "2.0": (None, None),  # never received, time left
+    }
+
+
 @pytest.mark.asyncio
 async def test_a_qido_search_finds_what_the_archive_stored(
     archive_lab: ArchiveLab, tmp_path: Path

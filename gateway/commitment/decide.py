@@ -70,11 +70,22 @@ def decide(item: Undecided, row: Confirmation | None, now: str) -> Decision | No
 
 def evaluate(conn: sqlite3.Connection) -> list[Decision]:
     """A read: the decisions that can be made now on the undecided items (on a reader
-    connection, so the writer and the C-STOREs that wait for it are not held)."""
+    connection, so the writer and the C-STOREs that wait for it are not held).
+
+    It first asks, once per instance, whether an item naming it with the earliest
+    deadline could be decided; only for those instances does it read the items.  That
+    test is enough: an item with a later deadline is late only if that one is too,
+    and nothing else in :func:`decide` depends on the item."""
     now = utcnow()
-    pending = requests.undecided(conn)
-    rows = instances.confirmations(conn, [i.sop_instance_uid for i in pending])
-    return [d for i in pending if (d := decide(i, rows.get(i.sop_instance_uid), now)) is not None]
+    instances_waited_on = requests.undecided_instances(conn)
+    rows = instances.confirmations(conn, [i.sop_instance_uid for i in instances_waited_on])
+    ready = [
+        i.sop_instance_uid
+        for i in instances_waited_on
+        if decide(i, rows.get(i.sop_instance_uid), now) is not None
+    ]
+    items = requests.undecided_items(conn, list(dict.fromkeys(ready)))
+    return [d for i in items if (d := decide(i, rows.get(i.sop_instance_uid), now)) is not None]
 
 
 def record(decisions: list[Decision]) -> Callable[[sqlite3.Connection], list[str]]:

@@ -196,14 +196,35 @@ def _settle(conn: sqlite3.Connection, transaction_uids: Collection[str], now: st
 # -- deciding (gateway/commitment/decide.py) ---------------------------------------------
 
 
-def undecided(conn: sqlite3.Connection) -> list[Undecided]:
-    """Every item of the waiting requests still to decide."""
+def undecided_instances(conn: sqlite3.Connection) -> list[Undecided]:
+    """Each SOP instance (with its SOP class) that items of waiting requests still
+    wait on, once, with the earliest deadline among those requests
+    (``transaction_uid`` empty, ``position`` -1): enough to tell whether any of them can
+    be decided now (decide.py), without reading every item."""
+    rows = conn.execute(
+        "SELECT i.sop_instance_uid, i.sop_class_uid, MIN(r.deadline_at) AS deadline_at"
+        " FROM commitment_items i INDEXED BY commitment_items_undecided"
+        " JOIN commitment_requests r ON r.transaction_uid = i.transaction_uid"
+        " WHERE i.outcome IS NULL AND r.state = ?"
+        " GROUP BY i.sop_instance_uid, i.sop_class_uid",
+        (RequestState.WAITING,),
+    ).fetchall()
+    return [
+        Undecided("", -1, r["sop_class_uid"], r["sop_instance_uid"], r["deadline_at"]) for r in rows
+    ]
+
+
+def undecided_items(conn: sqlite3.Connection, sop_instance_uids: Sequence[str]) -> list[Undecided]:
+    """The items of waiting requests still to decide that name one of *sop_instance_uids*."""
+    if not sop_instance_uids:
+        return []
     rows = conn.execute(
         "SELECT i.transaction_uid, i.position, i.sop_class_uid, i.sop_instance_uid,"
-        " r.deadline_at FROM commitment_items i INDEXED BY commitment_items_undecided"
+        " r.deadline_at FROM commitment_items i INDEXED BY commitment_items_instance"
         " JOIN commitment_requests r ON r.transaction_uid = i.transaction_uid"
-        " WHERE i.outcome IS NULL AND r.state = ?",
-        (RequestState.WAITING,),
+        " WHERE i.sop_instance_uid IN (SELECT value FROM json_each(?))"
+        " AND i.outcome IS NULL AND r.state = ?",
+        (json.dumps(list(sop_instance_uids)), RequestState.WAITING),
     ).fetchall()
     return [Undecided(**dict(r)) for r in rows]
 
