@@ -43,7 +43,8 @@ bench: $(VENV)/.test-installed
 	$(BIN)/python tests/bench/e2e.py --repeats 3
 	$(BIN)/python tests/bench/transcode.py
 	$(BIN)/python tests/bench/mpps.py --steps 200
-	$(BIN)/python tests/bench/commitment.py --studies 20 --instances 50
+	$(BIN)/python tests/bench/commitment.py --studies 20 --instances 50 --scu stock
+	$(BIN)/python tests/bench/commitment.py --studies 20 --instances 50 --scu woken
 	$(BIN)/python tests/bench/crash_run.py --kills 200
 	$(BIN)/python tests/bench/status.py
 	$(BIN)/python tests/bench/worklist.py
