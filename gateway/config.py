@@ -450,6 +450,17 @@ def check_bind(source: str, key: str, bind: str) -> None:
         raise ConfigError(source, key, f"must be an IP address, got {bind!r}") from None
 
 
+#: logging.level values (the gateway's file and the fleet receiver's).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def check_logging(source: str, section: LoggingConfig) -> None:
+    if section.level.upper() not in LOG_LEVELS:
+        raise ConfigError(
+            source, "logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {section.level!r}"
+        )
+
+
 def is_loopback(bind: str) -> bool:
     return bind == "localhost" or ipaddress.ip_address(bind).is_loopback
 
@@ -730,7 +741,4 @@ def _check(c: Config) -> None:
         raise ConfigError(s, "upload.client_key", "client_cert and client_key go together")
     if c.worklist.drop_scan_seconds < 1:
         raise ConfigError(s, "worklist.drop_scan_seconds", "must be at least 1")
-    if c.logging.level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(
-            s, "logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {c.logging.level!r}"
-        )
+    check_logging(s, c.logging)

@@ -2,8 +2,9 @@
 
 One thread owns the write connection and is fed by a queue; every caller gets a
 :class:`concurrent.futures.Future` back (or awaits :meth:`Store.run` on the loop).  The
-writer takes everything waiting, runs it inside one ``BEGIN IMMEDIATE`` transaction (a
-savepoint each, so one failing write does not undo its neighbours) and commits once:
+writer (with the parts in gateway/write_batches.py) takes everything waiting, runs it
+inside one ``BEGIN IMMEDIATE`` transaction (a savepoint each, so one failing write
+does not undo its neighbours) and commits once:
 with ``synchronous=FULL`` that commit is the fsync that makes a queue row durable, and
 concurrent C-STOREs share it (group commit).  Reads use a connection per thread.
 
@@ -42,14 +43,14 @@ import sqlite3
 import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import sqlite_utils
 
-from . import instances
+from . import instances, write_batches
 from .clock import utcnow
 from .instances import ReceivedInstance
 from .spool import ofd_lock
@@ -349,16 +350,6 @@ class _Write(NamedTuple):
     durable: bool
 
 
-def _resolve(fut: Future[Any], ok: bool, value: Any) -> None:
-    try:
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
-    except InvalidStateError:  # resolved already (the writer error path): nothing to tell
-        pass
-
-
 class Store:
     def __init__(self, path: Path, remove_file: RemoveFile | None = None) -> None:
         """*remove_file* unlinks a spool file no row refers to any more (the spool's
@@ -491,21 +482,9 @@ class Store:
 
     def _writer(self, conn: sqlite3.Connection) -> None:
         try:
-            while True:
-                item = self._queue.get()
-                batch = []
-                stop = item is None
-                if item is not None:
-                    batch.append(item)
-                while not stop and len(batch) < _BATCH_MAX:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stop = True
-                    else:
-                        batch.append(more)
+            stop = False
+            while not stop:
+                batch, stop = write_batches.next_batch(self._queue, _BATCH_MAX)
                 if batch:
                     try:
                         self._run_batch(conn, batch)
@@ -513,21 +492,18 @@ class Store:
                         log.exception("queue database writer: batch of %d writes failed",
                                       len(batch))  # fmt: skip
                         for w in batch:
-                            _resolve(w.future, False, RuntimeError("queue database writer error"))
-                if stop:
-                    return
+                            write_batches.resolve(
+                                w.future, False, RuntimeError("queue database writer error")
+                            )
         finally:
             conn.close()
             if self._turn is not None:
                 self._turn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
-        # A future its caller cancelled while it waited is skipped; one that is running
-        # can no longer be cancelled, so setting its result below cannot fail.
-        batch = [w for w in batch if w.future.set_running_or_notify_cancel()]
+        batch = write_batches.started(batch)
         if not batch:
             return
-        results: list[tuple[Future[Any], bool, Any]] = []
         synchronous = "FULL" if any(w.durable for w in batch) else "NORMAL"
         try:
             if synchronous != self._synchronous:
@@ -537,16 +513,7 @@ class Store:
             with turn:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    for i, (fn, fut, _) in enumerate(batch):
-                        conn.execute(f"SAVEPOINT w{i}")
-                        try:
-                            value = fn(conn)
-                        except Exception as exc:  # handed to the caller through its future
-                            conn.execute(f"ROLLBACK TO w{i}")
-                            results.append((fut, False, exc))
-                        else:
-                            results.append((fut, True, value))
-                        conn.execute(f"RELEASE w{i}")
+                    results = write_batches.run_each(conn, batch)
                     # Decided inside the transaction: no row refers to these any more.
                     doomed = instances.unreferenced_discards(conn)
                     conn.execute("COMMIT")
@@ -557,11 +524,11 @@ class Store:
         except Exception as exc:
             log.error("queue database commit failed: %s", exc)
             for w in batch:
-                _resolve(w.future, False, exc)
+                write_batches.resolve(w.future, False, exc)
             return
         # Results first: their done-callbacks unpin the files of the rows just committed.
         for fut, ok, value in results:
-            _resolve(fut, ok, value)
+            write_batches.resolve(fut, ok, value)
         if doomed and synchronous != "FULL":
             # A file goes only once the state without it is on disk (SQLite refuses a
             # change of synchronous inside a transaction, hence the fsync here).

@@ -47,6 +47,7 @@ from ..dicom.dimse_status import (
     PROCESSING_FAILURE,
     RESOURCE_LIMITATION,
     SUCCESS,
+    Refused,
 )
 from ..store import Store
 from . import requests
@@ -74,21 +75,6 @@ N_ACTION_STATUSES: tuple[tuple[int, str], ...] = (
     ),
     (RESOURCE_LIMITATION, "the gateway is stopping or cannot commit (send again)"),
 )  # fmt: skip
-
-
-class Refused(Exception):
-    """An N-ACTION refused with *status*; ``str()`` is the Error Comment."""
-
-    def __init__(self, status: int, comment: str) -> None:
-        super().__init__(comment)
-        self.status = status
-        self.comment = comment
-
-    def as_status(self) -> Dataset:
-        ds = Dataset()
-        ds.Status = self.status
-        ds.ErrorComment = self.comment[:64]  # LO
-        return ds
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ gateway/dicom/conformance.py lists them.
 
 from __future__ import annotations
 
+from pydicom.dataset import Dataset
+
 SUCCESS = 0x0000
 
 # PS3.7 C: N-CREATE / N-SET (the MPPS SCP, PS3.4 F.7.2, and its upstream).
@@ -48,3 +50,20 @@ FAILURE_PROCESSING = 0x0110  # received, but the archive did not confirm it (in 
 FAILURE_NO_SUCH_OBJECT_INSTANCE = 0x0112  # never received (within the timeout)
 FAILURE_CLASS_INSTANCE_CONFLICT = 0x0119  # received under another SOP class
 FAILURE_SOP_CLASS_NOT_SUPPORTED = 0x0122  # a SOP class the gateway does not store
+
+
+class Refused(Exception):
+    """A DIMSE-N request (MPPS N-CREATE / N-SET, Storage Commitment N-ACTION) refused
+    with *status*; ``str()`` is the Error Comment."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment
+
+    def as_status(self) -> Dataset:
+        """The response's status: the code, with the comment as Error Comment."""
+        ds = Dataset()
+        ds.Status = self.status
+        ds.ErrorComment = self.comment[:64]  # LO
+        return ds

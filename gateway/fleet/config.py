@@ -16,9 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, build_section, check_bind, check_port, is_loopback, read_toml
-
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+from ..config import (
+    ConfigError,
+    LoggingConfig,
+    build_section,
+    check_bind,
+    check_logging,
+    check_port,
+    is_loopback,
+    read_toml,
+)
 
 
 @dataclass(frozen=True)
@@ -55,11 +62,6 @@ class BoxesConfig:
 @dataclass(frozen=True)
 class DatabaseConfig:
     path: Path = Path("var/fleet/fleet.sqlite3")
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    level: str = "INFO"
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,4 @@ def _check(c: FleetConfig) -> None:
         raise ConfigError(s, "view.refresh_seconds", "must be at least 1")
     if c.boxes.stale_after_seconds <= 0:
         raise ConfigError(s, "boxes.stale_after_seconds", "must be a positive number of seconds")
-    if c.logging.level.upper() not in LOG_LEVELS:
-        raise ConfigError(
-            s, "logging.level", f"must be DEBUG, INFO, WARNING or ERROR, got {c.logging.level!r}"
-        )
+    check_logging(s, c.logging)

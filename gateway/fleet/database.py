@@ -1,9 +1,10 @@
 """The fleet receiver's SQLite file: WAL, one writer thread fed by a queue, readers on
 their own connections, never on the event loop.
 
-As in gateway/store.py: the writer takes every write waiting, runs them in one
-``BEGIN IMMEDIATE`` transaction (a savepoint each, so one failing write does not undo
-its neighbours) and commits once, so a burst of heartbeats shares one commit.  Unlike
+As in gateway/store.py, and with its parts (gateway/write_batches.py): the writer
+takes every write waiting, runs them in one ``BEGIN IMMEDIATE`` transaction (a
+savepoint each, so one failing write does not undo its neighbours) and commits once,
+so a burst of heartbeats shares one commit.  Unlike
 the queue database it commits with ``synchronous=NORMAL``: a box's last state is
 replaced by its next heartbeat anyway, so a power cut may cost the last second of
 them, never anything a box cannot send again.  Reads (the page, ``/metrics``) run in
@@ -21,10 +22,11 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+from .. import write_batches
 from . import boxes
 
 log = logging.getLogger(__name__)
@@ -50,16 +52,6 @@ def _connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA synchronous = NORMAL")
     return conn
-
-
-def _resolve(fut: Future[Any], ok: bool, value: Any) -> None:
-    try:
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
-    except InvalidStateError:
-        pass
 
 
 class FleetDatabase:
@@ -117,19 +109,9 @@ class FleetDatabase:
 
     def _writer(self, conn: sqlite3.Connection) -> None:
         try:
-            while True:
-                item = self._queue.get()
-                stop = item is None
-                batch = [] if item is None else [item]
-                while not stop and len(batch) < _BATCH_MAX:
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stop = True
-                    else:
-                        batch.append(more)
+            stop = False
+            while not stop:
+                batch, stop = write_batches.next_batch(self._queue, _BATCH_MAX)
                 if batch:
                     try:
                         self._run_batch(conn, batch)
@@ -137,39 +119,27 @@ class FleetDatabase:
                         log.exception("fleet database writer: batch of %d writes failed",
                                       len(batch))  # fmt: skip
                         for w in batch:
-                            _resolve(w.future, False, exc)
-                if stop:
-                    return
+                            write_batches.resolve(w.future, False, exc)
         finally:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
-        batch = [w for w in batch if w.future.set_running_or_notify_cancel()]
+        batch = write_batches.started(batch)
         if not batch:
             return
-        results: list[tuple[Future[Any], bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for i, (fn, fut) in enumerate(batch):
-                conn.execute(f"SAVEPOINT w{i}")
-                try:
-                    value = fn(conn)
-                except Exception as exc:  # handed to its caller through the future
-                    conn.execute(f"ROLLBACK TO w{i}")
-                    results.append((fut, False, exc))
-                else:
-                    results.append((fut, True, value))
-                conn.execute(f"RELEASE w{i}")
+            results = write_batches.run_each(conn, batch)
             conn.execute("COMMIT")
         except Exception as exc:
             log.error("fleet database commit failed: %s", exc)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             for w in batch:
-                _resolve(w.future, False, exc)
+                write_batches.resolve(w.future, False, exc)
             return
         for fut, ok, value in results:
-            _resolve(fut, ok, value)
+            write_batches.resolve(fut, ok, value)
 
     # -- reads (blocking: call from a worker thread) -------------------------------------
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:

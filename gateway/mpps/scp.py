@@ -37,6 +37,7 @@ from ..dicom.dimse_status import (
     PROCESSING_FAILURE,
     RESOURCE_LIMITATION,
     SUCCESS,
+    Refused,
 )
 from ..store import Store, WriteFn
 from ..worklist import cache as worklist_cache
@@ -60,21 +61,6 @@ SET = "set"
 
 #: How long a handler waits for its commit before answering failure.
 COMMIT_TIMEOUT_S = 60.0
-
-
-class Refused(Exception):
-    """An MPPS request refused with *status*; ``str()`` is the Error Comment."""
-
-    def __init__(self, status: int, comment: str) -> None:
-        super().__init__(comment)
-        self.status = status
-        self.comment = comment
-
-    def as_status(self) -> Dataset:
-        ds = Dataset()
-        ds.Status = self.status
-        ds.ErrorComment = self.comment[:64]  # LO
-        return ds
 
 
 # -- the rules (pure) -------------------------------------------------------------------

@@ -21,7 +21,7 @@ import trustme
 
 from gateway.heartbeat_body import Heartbeat
 
-from .gateway_proc import READY_MARK, _toml
+from .gateway_proc import _toml, start_until_ready
 from .peers import free_port
 
 
@@ -119,24 +119,10 @@ class FleetReceiverProcess:
         return f"https://localhost:{self.port}/heartbeat"
 
     def start(self, timeout: float = 30.0) -> FleetReceiverProcess:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        offset = log.tell()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "fleet", "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
-            if READY_MARK in text:
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"fleet receiver exited with {self.proc.returncode}:\n{text}")
-            time.sleep(0.05)
-        raise TimeoutError(f"fleet receiver not ready after {timeout} s:\n{self.log}")
+        command = [sys.executable, "-m", "gateway", "fleet", "serve", "--config",
+                   str(self.config_path)]  # fmt: skip
+        self.proc = start_until_ready(command, self.log_path, "fleet receiver", timeout)
+        return self
 
     @property
     def log(self) -> str:

@@ -16,6 +16,38 @@ from .peers import free_port
 READY_MARK = " ready: "
 
 
+def start_until_ready(
+    command: list[str],
+    log_path: Path,
+    what: str,
+    timeout: float,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start *command* with its output appended to *log_path*, and wait until it logs
+    :data:`READY_MARK`; raise, with what it logged, if it exits or times out first."""
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+    offset = log.tell()
+    proc = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
+        cwd=cwd,
+    )
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log_path.read_bytes()[offset:].decode(errors="replace")
+        if READY_MARK in text:
+            return proc
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{text}")
+        time.sleep(0.05)
+    text = log_path.read_text(errors="replace")
+    raise TimeoutError(f"{what} not ready after {timeout} s:\n{text}")
+
+
 def write_config(path: Path, root: Path, port: int, **sections: dict[str, Any]) -> Path:
     """A config with state under *root*; *sections* override or add keys."""
     base: dict[str, dict[str, Any]] = {
@@ -70,34 +102,12 @@ class GatewayProcess:
         # Past the gateway's own 60 s for its receiver processes to come up (receivers.
         # _READY_TIMEOUT_S): on a loaded 2-core box their start took over 30 s.
         self.starts += 1
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
-        offset = log.tell()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen(
-            [
-                *self.prefix,
-                sys.executable,
-                "-m",
-                "gateway",
-                "run",
-                "--config",
-                str(self.config_path),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.cwd,
+        command = [*self.prefix, sys.executable, "-m", "gateway", "run", "--config",
+                   str(self.config_path)]  # fmt: skip
+        self.proc = start_until_ready(
+            command, self.log_path, "gateway", timeout, env=env, cwd=self.cwd
         )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            text = self.log_path.read_bytes()[offset:].decode(errors="replace")
-            if READY_MARK in text:
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{text}")
-            time.sleep(0.05)
-        raise TimeoutError(f"gateway not ready after {timeout} s:\n{self.log}")
+        return self
 
     @property
     def log(self) -> str:
