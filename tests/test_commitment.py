@@ -9,6 +9,8 @@ tests/test_commitment_e2e.py.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import socket
 import time
 import warnings
@@ -28,9 +30,10 @@ from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr
 
 from gateway import instances
 from gateway.commitment import decide as decide_module
+from gateway.commitment import reporter as reporter_module
 from gateway.commitment import requests
 from gateway.commitment.decide import decide
-from gateway.commitment.reporter import classify, event_information
+from gateway.commitment.reporter import Reporter, classify, event_information
 from gateway.commitment.requests import (
     Decision,
     ItemOutcome,
@@ -417,6 +420,42 @@ def test_a_round_decides_each_item_of_an_instance_on_its_own_terms(store: Store)
         "1.9": (ItemOutcome.FAILED, 0x0119),  # held as CT, asked as MR
         "2.0": (None, None),  # never received, time left
     }
+
+
+@pytest.mark.asyncio
+async def test_deciding_rounds_are_spaced_however_often_they_are_woken(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every confirmation and N-ACTION wakes the reporter, and a round reads every
+    instance waited on: rounds start at least _ROUND_GAP_S apart, and wait twice what
+    the last deciding step took (here 0.2 s: 0.4 s)."""
+    started: list[float] = []
+    slow = {"from": 3}
+
+    def evaluate(conn: Any) -> list[Any]:
+        started.append(time.monotonic())
+        if len(started) == slow["from"]:
+            time.sleep(0.2)
+        return []
+
+    monkeypatch.setattr(decide_module, "evaluate", evaluate)
+    reporter = Reporter(from_dict({}), store)
+    task = asyncio.create_task(reporter.run())
+    try:
+        for _ in range(300):  # woken about every 5 ms for 1.5 s
+            reporter.wake()
+            await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert len(started) >= 3, started
+    gaps = [b - a for a, b in itertools.pairwise(started)]
+    tolerance = 0.01  # the event loop's clock resolution
+    assert min(gaps) >= reporter_module._ROUND_GAP_S - tolerance, gaps
+    # After the slow step (0.2 s), the next round came no sooner than 0.2 + 2 x 0.2 s.
+    if len(started) > slow["from"]:
+        assert gaps[slow["from"] - 1] >= 0.6 - tolerance, gaps
 
 
 @pytest.mark.asyncio

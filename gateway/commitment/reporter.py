@@ -5,7 +5,8 @@ Runs in the gateway's main process as a supervised task (gateway/app.py), woken 
 the SCP accepted a request (a receiver process says so), when instances were
 confirmed or failed for good (the pipeline), and every second while a request waits
 for decisions (its deadline, ``commitment.timeout_hours``, passes without anyone
-saying so).  Each round:
+saying so); rounds are spaced by at least a quarter of a second, and by twice what the
+last deciding step took.  Each round:
 
 1. decides what can be decided (gateway/commitment/decide.py), on a reader
    connection, and records it: a request whose every instance is decided is ``due``;
@@ -71,6 +72,13 @@ _BATCH = 100
 #: While a request waits for decisions, a round at least this often (deadlines).
 _DECIDE_POLL_S = 1.0
 _IDLE_POLL_S = 5.0
+#: Rounds are woken by every upload confirmation and N-ACTION, and each reads every
+#: instance still waited on: the next round starts no sooner than _ROUND_GAP_S after
+#: the last one started, nor than _ROUND_COST_FACTOR times its deciding step's own
+#: time after that step ended, so that a large backlog confirmed in a burst (the WAN
+#: back after an outage) costs at most a third of a core.
+_ROUND_GAP_S = 0.25
+_ROUND_COST_FACTOR = 2.0
 #: Reported requests are kept this long (``commitment ls``, the per-study view).
 _KEEP_DAYS = 30
 _PRUNE_INTERVAL_S = 3600.0
@@ -131,6 +139,7 @@ class Reporter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._pruned_at = -_PRUNE_INTERVAL_S
+        self._next_round_at = 0.0
         #: Called on the loop when a report was delivered: retention may let its
         #: instances' files go now (set by the gateway).
         self.on_reported: Callable[[], None] | None = None
@@ -154,7 +163,15 @@ class Reporter:
                 await self.store.run(
                     lambda conn: requests.prune(conn, utc_in(-_KEEP_DAYS * 86400)), durable=False
                 )
+            pause = self._next_round_at - time.monotonic()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            started = time.monotonic()
             waiting = await self._decide()
+            ended = time.monotonic()
+            self._next_round_at = max(
+                started + _ROUND_GAP_S, ended + _ROUND_COST_FACTOR * (ended - started)
+            )
             reports = await asyncio.to_thread(
                 self.store.read, requests.due_reports(utcnow(), _BATCH)
             )
