@@ -34,7 +34,6 @@ committed row refers to it (:meth:`gateway.spool.Spool.remove_unpinned`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -363,8 +362,6 @@ class Store:
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._synchronous = "FULL"
-        #: The writers' turn, across processes (see :class:`_WriterTurn`).
-        self._turn: _WriterTurn | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     def open(self) -> None:
@@ -375,9 +372,10 @@ class Store:
             raise RuntimeError(f"{self.path}: could not enable WAL (journal_mode={mode})")
         self._migrate(conn)
         instances.create_discard_table(conn)
-        self._turn = _WriterTurn(self.path)
+        # The writers' turn, across processes (see :class:`_WriterTurn`): the writer's.
+        turn = _WriterTurn(self.path)
         self._thread = threading.Thread(
-            target=self._writer, args=(conn,), name="store-writer", daemon=True
+            target=self._writer, args=(conn, turn), name="store-writer", daemon=True
         )
         self._thread.start()
 
@@ -480,14 +478,14 @@ class Store:
         :func:`gateway.instances.discard_files`)."""
         return self.submit(instances.record_received(inst, utcnow()), when_done=when_done)
 
-    def _writer(self, conn: sqlite3.Connection) -> None:
+    def _writer(self, conn: sqlite3.Connection, turn: _WriterTurn) -> None:
         try:
             stop = False
             while not stop:
                 batch, stop = write_batches.next_batch(self._queue, _BATCH_MAX)
                 if batch:
                     try:
-                        self._run_batch(conn, batch)
+                        self._run_batch(conn, turn, batch)
                     except Exception:  # the writer must outlive anything a batch does
                         log.exception("queue database writer: batch of %d writes failed",
                                       len(batch))  # fmt: skip
@@ -497,10 +495,9 @@ class Store:
                             )
         finally:
             conn.close()
-            if self._turn is not None:
-                self._turn.close()
+            turn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+    def _run_batch(self, conn: sqlite3.Connection, turn: _WriterTurn, batch: list[_Write]) -> None:
         batch = write_batches.started(batch)
         if not batch:
             return
@@ -509,8 +506,7 @@ class Store:
             if synchronous != self._synchronous:
                 conn.execute(f"PRAGMA synchronous = {synchronous}")
                 self._synchronous = synchronous
-            turn = self._turn.taken() if self._turn is not None else contextlib.nullcontext()
-            with turn:
+            with turn.taken():
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     results = write_batches.run_each(conn, batch)
