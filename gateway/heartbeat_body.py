@@ -24,8 +24,8 @@ REASONS_MAX = 5
 REASON_CHARS = 300
 #: At most so many worklist sources travel (a box has three kinds).
 WORKLIST_SOURCES_MAX = 16
-#: At most so many requesting AEs with Storage Commitment reports due travel: as many
-#: as the status document lists (gateway/web/status.py ``COMMITMENT_AES_SHOWN``).
+#: At most so many requesting AEs with Storage Commitment reports due travel; the
+#: status document lists as many (gateway/web/status.py ``COMMITMENT_AES_SHOWN``).
 COMMITMENT_AES_MAX = 50
 
 Count = Annotated[int, msgspec.Meta(ge=0)]

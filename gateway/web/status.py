@@ -30,6 +30,7 @@ from .. import __version__, instances, studies
 from ..commitment import requests as commitment_requests
 from ..commitment.requests import RequestState
 from ..config import Config
+from ..heartbeat_body import COMMITMENT_AES_MAX
 from ..instances import QueueState
 from ..mpps import outbox as mpps_outbox
 from ..mpps.outbox import OutboxState
@@ -91,8 +92,8 @@ STUDIES_SHOWN = 10
 RESTART_SHOWN_S = 600.0
 #: A Storage Commitment report due and not delivered this long makes it "degraded".
 REPORT_STUCK_S = 3600.0
-#: Requesting AEs with undelivered reports listed (the [[dimse.remote]] table's size).
-COMMITMENT_AES_SHOWN = 50
+#: Requesting AEs with undelivered reports listed: as many as a heartbeat carries.
+COMMITMENT_AES_SHOWN = COMMITMENT_AES_MAX
 PENDING_STATES = (QueueState.RECEIVED, QueueState.COMPRESSING, QueueState.COMPRESSED)
 
 
