@@ -152,7 +152,10 @@ def test_success_is_reported_only_once_every_instance_is_in_the_archive(
     assert report is not None and report["Status"] == "Success", report
     assert successes(report) == uids(paths) and failures(report) == {}
     assert uids(paths) <= archive_lab.sop_instance_uids()
-    # Every instance was confirmed by the archive before the report went.
+    # Every instance was confirmed by the archive before the report went.  The gateway
+    # marks the request reported once the modality answered, so Orthanc can show the
+    # report a moment before the row says so.
+    wait_until("the request marked reported", lambda: s.request_row(tx)["reported_at"])
     row = s.request_row(tx)
     confirmed = s.gw.rows("SELECT confirmed_at FROM instances")
     assert len(confirmed) == 5
