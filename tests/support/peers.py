@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +43,36 @@ def tool(name: str) -> str:
     return path
 
 
+def _ports_below_ephemeral() -> Iterator[int]:
+    """Candidate ports below the kernel's ephemeral range, from a point of the range that
+    depends on the process, each once."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first, end = 10000, max(low, 11000)
+    start = first + (os.getpid() * 7919) % (end - first)
+    yield from range(start, end)
+    yield from range(first, start)
+
+
+_candidates = _ports_below_ephemeral()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port a server of the test can bind, never handed out twice in this process.
+
+    It is chosen below the ephemeral range: a port the kernel picked with ``bind(0)``
+    could be given to an outgoing connection (storescu, an upload) between this choice
+    and the server's bind, and the server then failed with "Address already in use"."""
+    for port in _candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left below the ephemeral range")
 
 
 def wait_for_port(port: int, timeout: float = 15.0, host: str = "127.0.0.1") -> None:
