@@ -184,8 +184,12 @@ def test_archive_answering_503_is_retried(
 def test_kill_during_uploads_everything_arrives_once(
     gateway_factory: GatewayFactory, archive_lab: ArchiveLab, tmp_path: Path
 ) -> None:
-    # Small batches and a slow-ish corpus so kills land mid-upload.
-    gw = _gateway(gateway_factory, archive_lab, batch_max_instances=3)
+    # Small batches, and the upload paced to 1 MB/s: the whole study takes many
+    # seconds to send, so kills land mid-upload however fast the codec and the box are
+    # (unpaced, a restarted gateway could send all that was left before the next kill).
+    gw = _gateway(
+        gateway_factory, archive_lab, batch_max_instances=3, max_bytes_per_second=1_000_000
+    )
     paths, sent = _study(tmp_path, ["MR2_UNCR.dcm"] * 10 + ["CT_small.dcm"] * 20)
     assert storescu(gw.port, paths).acknowledged == len(paths)
     rng = random.Random(7)
@@ -195,7 +199,9 @@ def test_kill_during_uploads_everything_arrives_once(
         # batch is then usually in flight.
         before = _states(gw).get("uploaded", 0)
         wait_until(
-            "an upload", lambda before=before: _states(gw).get("uploaded", 0) > before, timeout=60
+            "an upload",
+            lambda before=before: before < _states(gw).get("uploaded", 0) or before == len(paths),
+            timeout=60,
         )
         time.sleep(rng.uniform(0, 0.05))
         states = _states(gw)
