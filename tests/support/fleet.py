@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import trustme
 
 from gateway.heartbeat_body import Heartbeat
 
-from .gateway_proc import _toml, start_until_ready
+from .gateway_proc import ChildProcess, _toml, start_until_ready
 from .peers import free_port
 
 
@@ -78,7 +77,7 @@ def _slug(name: str) -> str:
 MARKER = "zz-settled-marker"
 
 
-class FleetReceiverProcess:
+class FleetReceiverProcess(ChildProcess):
     """`python -m gateway fleet serve --config <dir>/fleet.toml`."""
 
     def __init__(self, directory: Path, pki: FleetPki, **sections: dict[str, Any]) -> None:
@@ -123,21 +122,6 @@ class FleetReceiverProcess:
                    str(self.config_path)]  # fmt: skip
         self.proc = start_until_ready(command, self.log_path, "fleet receiver", timeout)
         return self
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
 
     # -- the view ----------------------------------------------------------------------
     def view(self, path: str) -> tuple[int, str]:

@@ -80,7 +80,31 @@ def _toml(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-class GatewayProcess:
+class ChildProcess:
+    """A child started with :func:`start_until_ready`: its log, a graceful stop, a kill."""
+
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, then its exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL, if it still runs."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+class GatewayProcess(ChildProcess):
     def __init__(self, root: Path, **sections: dict[str, Any]) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -108,21 +132,6 @@ class GatewayProcess:
             command, self.log_path, "gateway", timeout, env=env, cwd=self.cwd
         )
         return self
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self, timeout: float = 30.0) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(timeout=10)
 
     def enqueue_unchecked(self, path: Path) -> None:
         """Put the DICOM file *path* in the queue as if received, without C-STORE.
