@@ -159,7 +159,9 @@ def run(root: Path, studies: int, per_study: int, extra: int, scu: str, archive_
         from gateway.dicom import patches
 
         patches.install()
-    lab = ArchiveLab(root / "archive", niceness=archive_nice).start()
+    lab = ArchiveLab(root / "archive")
+    lab.prefix = ["nice", "-n", str(archive_nice)]
+    lab.start()
     sink = ReportSink()
     remote = {"ae_title": MODALITY_AE, "host": "127.0.0.1", "port": sink.port}
     gw = GatewayProcess(

@@ -103,11 +103,12 @@ class ArchiveLab:
     #: Orthanc refuses instances with this PatientID (see the module docstring).
     rejected_patient_id = "ARCHIVE-REFUSES-ME"
 
-    def __init__(self, workdir: Path, niceness: int = 0) -> None:
+    def __init__(self, workdir: Path) -> None:
         self.work = workdir
-        #: Orthanc and nginx run at this niceness: a benchmark that times the gateway
-        #: gives the archive, a remote server in the field, only the CPU it leaves.
-        self.niceness = niceness
+        #: A command Orthanc and nginx run under, as GatewayProcess.prefix; e.g. a
+        #: benchmark that times the gateway runs the archive, a remote server in the
+        #: field, under ``nice``, so that it takes only the CPU the gateway leaves.
+        self.prefix: list[str] = []
         workdir.mkdir(parents=True, exist_ok=True)
         self.orthanc_port = free_port()
         self.nginx_port = free_port()
@@ -185,7 +186,7 @@ class ArchiveLab:
                 raise RuntimeError(f"{binary} missing: install orthanc, orthanc-dicomweb, nginx")
         log = open(self.work / "orthanc.log", "ab")  # noqa: SIM115 - the child owns it
         self._orthanc = subprocess.Popen(
-            [*self._nice(), ORTHANC, str(self.work / "orthanc.json")],
+            [*self.prefix, ORTHANC, str(self.work / "orthanc.json")],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -204,14 +205,11 @@ class ArchiveLab:
         self.start_nginx()
         return self
 
-    def _nice(self) -> list[str]:
-        return ["nice", "-n", str(self.niceness)] if self.niceness else []
-
     def start_nginx(self) -> None:
         if self._nginx is not None and self._nginx.poll() is None:
             return
         self._nginx = subprocess.Popen(
-            [*self._nice(), NGINX, "-c", str(self.work / "nginx.conf"), "-p", str(self.work)],
+            [*self.prefix, NGINX, "-c", str(self.work / "nginx.conf"), "-p", str(self.work)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
